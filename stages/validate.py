@@ -1,0 +1,64 @@
+"""validate: run the task's Great Expectations suite on every split; stop the pipeline
+with a readable summary when the data breaks it.
+
+    python -m stages.validate tabular               # validate (creates the suite if missing)
+    python -m stages.validate tabular --new-suite   # (re)create the suite from the training split
+
+The suite lives in data/expectations/<task>/<source name>.json: commit it and edit it.
+Outputs: metrics/<task>/validation.json and GX Data Docs in metrics/<task>/datadocs/.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from stages.common import StageError, atomic_dir, load_params, log, read_json, run_main, task_from_argv, write_json
+from stages.expectations import load_suite, run_suite, save_suite, summarise, tabular_suite
+
+SPLITS = ("train", "val", "test")
+
+
+def suite_path(task: str, source: str) -> Path:
+    """One suite per data source, so switching the CSV never validates against a stale suite."""
+    return Path("data/expectations") / task / f"{Path(source).stem}.json"
+
+
+def validate_tabular(params: dict, new_suite: bool = False) -> dict:
+    prepared = Path("data/prepared/tabular")
+    schema = read_json(prepared / "schema.json")
+    tables = {name: pd.read_parquet(prepared / f"{name}.parquet") for name in SPLITS}
+    path = suite_path("tabular", schema["source"])
+    if new_suite or not path.exists():
+        v = params["tabular"]["validate"]
+        save_suite(path, tabular_suite(tables["train"], schema, v["range_margin"], v["null_margin"]))
+        log(f"created {path} from the training split: review it, edit it, commit it")
+    return check(load_suite(path), tables, "tabular", path,
+                 {name: str(prepared / f"{name}.parquet") for name in SPLITS})
+
+
+def check(suite: dict, tables: dict[str, pd.DataFrame], task: str, path: Path, sources: dict[str, str]) -> dict:
+    """Run the suite, write the report and Data Docs, and fail loudly if any table breaks it."""
+    with atomic_dir(Path("metrics") / task / "datadocs") as docs:
+        report = run_suite(suite, tables, docs_dir=docs)
+    report["suite_file"] = str(path)
+    write_json(Path("metrics") / task / "validation.json", report)
+    total = sum(len(t["results"]) for t in report["tables"].values())
+    if not report["success"]:
+        raise StageError(f"data does not meet the expectations in {path}\n{summarise(report, sources)}\n"
+                         f"Fix the data, or edit {path} if the change is intended. "
+                         f"Full report: metrics/{task}/validation.json, metrics/{task}/datadocs/index.html")
+    log(f"validation passed: {total} checks over {', '.join(tables)} ({path})")
+    return report
+
+
+def main(argv: list[str]) -> None:
+    new_suite = "--new-suite" in argv
+    task = task_from_argv([a for a in argv if a != "--new-suite"])
+    params = load_params()
+    if task == "tabular":
+        validate_tabular(params, new_suite)
+
+
+if __name__ == "__main__":
+    run_main(main)
