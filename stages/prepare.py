@@ -31,6 +31,7 @@ def prepare_tabular(params: dict, out_dir: str) -> dict:
         "features": [{"name": c, "type": k} for c, k in kinds.items()],
         "classes": sorted(df[target].unique().tolist()) if task == "classification" else None,
         "rows": {name: len(part) for name, part in splits.items()},
+        "params": {"seed": params["seed"], "tabular.data": p},
     }
     with atomic_dir(out_dir) as tmp:
         for name, part in splits.items():

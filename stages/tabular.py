@@ -216,7 +216,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def decode_outputs(outputs: np.ndarray, card: dict) -> pd.DataFrame:
     """Model outputs → a predictions table: class and per-class probabilities, or the value."""
-    if card["task"] == "classification":
+    if card["kind"] == "classification":
         probs = softmax(outputs.astype("float64"))
         classes = card["classes"]
         table = pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])
@@ -225,3 +225,38 @@ def decode_outputs(outputs: np.ndarray, card: dict) -> pd.DataFrame:
         return table
     scale = card["target_scaling"]
     return pd.DataFrame({"prediction": outputs[:, 0].astype("float64") * scale["std"] + scale["mean"]})
+
+
+def read_features(path: str | Path, features: list[dict]) -> pd.DataFrame:
+    """Read a CSV or parquet to predict on and type its feature columns as in training.
+
+    Numbers that don't parse are an error naming the lines; extra columns are kept (and
+    ignored by the preprocessor); missing feature columns are an error."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise StageError(f"{path}: no such file")
+        df = pd.read_parquet(path)
+    else:
+        df = read_csv(path)
+    missing = [f["name"] for f in features if f["name"] not in df.columns]
+    if missing:
+        raise StageError(f"{path}: missing feature columns: {', '.join(missing)}")
+    if df.empty:
+        raise StageError(f"{path}: no rows to predict")
+    for f in features:
+        col = f["name"]
+        if f["type"] == "numeric":
+            if pd.api.types.is_numeric_dtype(df[col]):
+                df[col] = df[col].astype("float64")
+                continue
+            text = df[col].astype("string").str.strip().replace("", pd.NA)
+            numbers = pd.to_numeric(text, errors="coerce")
+            bad = _bad_numbers(text, numbers)
+            if len(bad):
+                raise StageError(f"{path}: column {col!r} must be numeric but has text in {len(bad)} rows "
+                                 f"({describe_cells(bad)})")
+            df[col] = numbers.astype("float64")
+        else:
+            df[col] = df[col].astype("string").str.strip().replace("", pd.NA).astype("str")
+    return df

@@ -79,7 +79,8 @@ def train_tabular(params: dict, out_dir: Path = Path("models/tabular"), live_dir
         if rt.is_main:
             best = load_checkpoint(ckpt_dir / "best.pt")
             meta = {"task": "tabular", "arch": arch, "preprocessor": pre.to_dict(), "schema": schema,
-                    "target_scaling": scaling, "train": summary}
+                    "target_scaling": scaling, "train": summary,
+                    "params": {"seed": params["seed"], "tabular.train": p}}
             with atomic_path(out_dir / "model.pt") as tmp:
                 torch.save({"state_dict": best["model"], "meta": meta}, tmp)
             live.end()

@@ -1,0 +1,104 @@
+"""evaluate: score the trained model on the test split, beside a scikit-learn baseline.
+
+    python -m stages.evaluate tabular
+
+Outputs: metrics/<task>/metrics.json and plot data in metrics/<task>/plots/
+(confusion matrix, micro-averaged ROC and PR curves; predicted vs actual for regression).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stages.common import load_params, log, run_main, task_from_argv, write_json
+from stages.models import build_model
+from stages.tabular import Preprocessor, softmax
+from stages.trainer import load_checkpoint
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    ck = load_checkpoint(Path(path))
+    model = build_model(ck["meta"]["arch"])
+    model.load_state_dict(ck["state_dict"])
+    return model.eval(), ck["meta"]
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    return model(torch.from_numpy(x)).float().numpy()
+
+
+def classification_report(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> tuple[dict, dict]:
+    """Metrics and plot rows. ROC/PR are micro-averaged (one curve for any number of classes)."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    pred = probs.argmax(1)
+    onehot = np.eye(len(classes))[y]
+    if len(classes) == 2:
+        auc = roc_auc_score(y, probs[:, 1])
+        scores, truth = probs[:, 1], y
+    else:
+        auc = roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(len(classes))))
+        scores, truth = probs.ravel(), onehot.ravel()
+    fpr, tpr, _ = roc_curve(truth, scores)
+    precision, recall, _ = precision_recall_curve(truth, scores)
+    metrics = {"accuracy": accuracy_score(y, pred), "f1_macro": f1_score(y, pred, average="macro"), "roc_auc": auc}
+    plots = {
+        "confusion": [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(y, pred)],
+        "roc": [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr)],
+        "pr": [{"recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)],
+    }
+    return {k: float(v) for k, v in metrics.items()}, plots
+
+
+def regression_report(y: np.ndarray, pred: np.ndarray) -> tuple[dict, dict]:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    metrics = {"rmse": float(np.sqrt(mean_squared_error(y, pred))), "mae": float(mean_absolute_error(y, pred)),
+               "r2": float(r2_score(y, pred))}
+    return metrics, {"predicted": [{"actual": float(a), "predicted": float(p)} for a, p in zip(y, pred)]}
+
+
+def evaluate_tabular(params: dict, out_dir: Path = Path("metrics/tabular")) -> dict:
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+
+    model, meta = load_model("models/tabular/model.pt")
+    schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
+    prepared = Path("data/prepared/tabular")
+    train_df, test_df = (pd.read_parquet(prepared / f"{s}.parquet") for s in ("train", "test"))
+    x_train, x_test = pre.transform(train_df), pre.transform(test_df)
+    target = schema["target"]
+    out = predict(model, x_test)
+    if schema["task"] == "classification":
+        classes = schema["classes"]
+        y_train, y_test = (pd.Categorical(d[target], categories=classes).codes for d in (train_df, test_df))
+        metrics, plots = classification_report(y_test, softmax(out.astype("float64")), classes)
+        baseline = HistGradientBoostingClassifier(random_state=params["seed"]).fit(x_train, y_train)
+        base_metrics, _ = classification_report(y_test, baseline.predict_proba(x_test), classes)
+    else:
+        scale = meta["target_scaling"]
+        y_train, y_test = train_df[target].to_numpy("float64"), test_df[target].to_numpy("float64")
+        metrics, plots = regression_report(y_test, out[:, 0] * scale["std"] + scale["mean"])
+        baseline = HistGradientBoostingRegressor(random_state=params["seed"]).fit(x_train, y_train)
+        base_metrics, _ = regression_report(y_test, baseline.predict(x_test))
+    result = {"test": metrics, "baseline_hgb": base_metrics, "test_rows": len(test_df)}
+    write_json(out_dir / "metrics.json", result)
+    for name, rows in plots.items():
+        write_json(out_dir / "plots" / f"{name}.json", rows)
+    log("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        + " | HistGradientBoosting: " + " ".join(f"{k}={v:.4f}" for k, v in base_metrics.items()))
+    return result
+
+
+def main(argv: list[str]) -> None:
+    task = task_from_argv(argv)
+    params = load_params()
+    if task == "tabular":
+        evaluate_tabular(params)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,104 @@
+"""export: the trained model → ONNX (dynamic batch) + a model card, checked against torch.
+
+    python -m stages.export tabular
+
+Fails when onnxruntime and torch disagree on the test split beyond `export.parity_atol`
+or on any predicted class. Outputs: models/<task>/model.onnx, models/<task>/model.json,
+and models/<task>/model.ts when `export.torchscript` is on.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stages.common import StageError, atomic_path, git_revision, load_params, log, read_json, run_main, \
+    task_from_argv, write_json
+from stages.evaluate import load_model, predict
+from stages.onnx_session import open_session, run_batches
+from stages.tabular import Preprocessor
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Dynamo export with a symbolic batch dimension; everything else stays fixed."""
+    batch = torch.export.Dim("batch", min=1, max=1_000_000)
+    with atomic_path(path) as tmp:
+        program = torch.onnx.export(model, (example,), dynamic_shapes=({0: batch},), input_names=["input"],
+                                    output_names=["output"], dynamo=True, verbose=False)
+        program.save(str(tmp))
+
+
+def check_parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol: float, classify: bool) -> dict:
+    """onnxruntime vs torch on the same inputs: batch 1, batch N, and max abs difference."""
+    session = open_session(onnx_path)
+    expected = predict(model, x)
+    got = run_batches(session, x, batch_size=len(x))
+    single = run_batches(session, x[:1], batch_size=1)
+    if got.shape != expected.shape or single.shape != expected[:1].shape:
+        raise StageError(f"{onnx_path}: output shape {got.shape} (batch {len(x)}) / {single.shape} (batch 1) "
+                         f"differs from torch's {expected.shape}")
+    diff = float(np.abs(got - expected).max())
+    agree = float((got.argmax(1) == expected.argmax(1)).mean()) if classify else 1.0
+    result = {"max_abs_diff": diff, "class_agreement": agree, "rows": len(x), "atol": atol}
+    if diff > atol or agree < 1.0:
+        raise StageError(f"{onnx_path}: onnxruntime disagrees with torch on {len(x)} test rows "
+                         f"(max abs diff {diff:.3g} > {atol} or class agreement {agree:.4f} < 1)")
+    return result
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_tabular(params: dict, out_dir: Path = Path("models/tabular")) -> dict:
+    p = params["tabular"]["export"]
+    model, meta = load_model(out_dir / "model.pt")
+    schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
+    x_test = pre.transform(pd.read_parquet("data/prepared/tabular/test.parquet"))
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path)
+    parity = check_parity(model, onnx_path, x_test, p["parity_atol"], schema["task"] == "classification")
+    if p["torchscript"]:
+        with atomic_path(out_dir / "model.ts") as tmp:
+            torch.jit.trace(model, torch.from_numpy(x_test[:2])).save(str(tmp))
+    validation = read_json("metrics/tabular/validation.json")
+    card = {
+        "task": "tabular",
+        "kind": schema["task"],
+        "git_revision": git_revision(),
+        "onnx": {"file": onnx_path.name, "sha256": sha256(onnx_path), "input": "input", "output": "output",
+                 "input_shape": ["batch", pre.n_features]},
+        "target": schema["target"],
+        "classes": schema["classes"],
+        "features": [{**f, **({"categories": pre.categories[f["name"]]} if f["type"] == "categorical" else {})}
+                     for f in schema["features"]],
+        "preprocessing": pre.to_dict(),
+        "preprocessing_notes": "numeric: median-impute, then (x - mean) / std; categorical: one-hot in the "
+                               "listed order (missing = all zeros, unseen = error); see stages/tabular.py",
+        "target_scaling": meta["target_scaling"],
+        "postprocessing": "softmax over output" if schema["task"] == "classification"
+                          else "output * target_scaling.std + target_scaling.mean",
+        "metrics": read_json("metrics/tabular/metrics.json"),
+        "training": meta["train"],
+        "params": {**schema["params"], **meta["params"], "tabular.export": p},
+        "validation": {"success": validation["success"], "suite_file": validation["suite_file"]},
+        "parity": parity,
+        "data": {"source": schema["source"], "rows": schema["rows"]},
+    }
+    write_json(out_dir / "model.json", card)
+    log(f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e} over {parity['rows']} rows)")
+    return card
+
+
+def main(argv: list[str]) -> None:
+    task = task_from_argv(argv)
+    params = load_params()
+    if task == "tabular":
+        export_tabular(params)
+
+
+if __name__ == "__main__":
+    run_main(main)
