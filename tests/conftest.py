@@ -21,7 +21,7 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 
 # Small enough for seconds per stage, large enough to learn the penguins.
-TINY_TABULAR = {"tabular.train.hidden": [16], "tabular.train.epochs": 4, "tabular.train.patience": 0,
+TINY_TABULAR = {"tabular.train.hidden": [16], "tabular.train.epochs": 10, "tabular.train.lr": 0.01, "tabular.train.patience": 0,
                 "tabular.train.amp": "off"}
 
 

@@ -1,0 +1,99 @@
+"""ONNX export (dynamic batch, parity with torch) and torch-free onnxruntime inference."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY_TABULAR, copy_repo, run, set_params, stage
+from stages.common import StageError
+from stages.export import check_parity, export_onnx
+from stages.models import build_model
+from stages.onnx_session import open_session, physical_cores, run_batches
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("trained"))
+    set_params(repo, TINY_TABULAR)
+    for name in ("prepare", "validate", "train", "evaluate", "export"):
+        stage(repo, name)
+    return repo
+
+
+def test_export_has_a_dynamic_batch_and_matches_torch(tmp_path):
+    torch.manual_seed(0)
+    model = build_model({"kind": "mlp", "n_in": 6, "hidden": [8], "n_out": 3, "dropout": 0.5}).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, torch.randn(2, 6), path)
+    session = open_session(path, threads=1)
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for n in (1, 7, 64):
+        x = np.random.default_rng(n).normal(size=(n, 6)).astype(np.float32)
+        got = run_batches(session, x, batch_size=n)
+        np.testing.assert_allclose(got, model(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    x = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    assert check_parity(model, path, x, atol=1e-4, classify=True)["class_agreement"] == 1.0
+
+
+def test_parity_check_fails_on_a_different_model(tmp_path):
+    torch.manual_seed(0)
+    model = build_model({"kind": "mlp", "n_in": 4, "hidden": [8], "n_out": 2, "dropout": 0.0}).eval()
+    export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx")
+    other = build_model({"kind": "mlp", "n_in": 4, "hidden": [8], "n_out": 2, "dropout": 0.0}).eval()
+    with pytest.raises(StageError, match="disagrees with torch"):
+        check_parity(other, tmp_path / "m.onnx", np.ones((5, 4), np.float32), atol=1e-4, classify=True)
+
+
+def test_physical_cores_is_sane():
+    assert 1 <= physical_cores() <= (__import__("os").cpu_count() or 1)
+
+
+def test_model_card_describes_the_model(trained):
+    card = json.loads((trained / "models/tabular/model.json").read_text())
+    for key in ("features", "classes", "preprocessing", "metrics", "params", "git_revision", "validation", "parity"):
+        assert key in card, key
+    assert card["onnx"]["input_shape"][0] == "batch"
+    island = next(f for f in card["features"] if f["name"] == "island")
+    assert island["categories"] == ["Biscoe", "Dream", "Torgersen"]
+
+
+def test_infer_on_a_csv_imports_no_torch(trained, tmp_path):
+    rows = pd.read_parquet(trained / "data/prepared/tabular/test.parquet").drop(columns="species").head(5)
+    csv = tmp_path / "new.csv"
+    rows.to_csv(csv, index=False)
+    out = tmp_path / "pred.csv"
+    code = ("import sys; from pathlib import Path; from stages.common import load_params; "
+            "from stages.infer import infer_tabular; p = load_params(); "
+            f"p['tabular']['infer']['source'] = {str(csv)!r}; infer_tabular(p, out=Path({str(out)!r})); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics')); "
+            "assert not bad, bad; print('ok')")
+    assert run(trained, "python", "-c", code).stdout.strip().endswith("ok")
+    preds = pd.read_csv(out)
+    assert preds["line"].tolist() == [2, 3, 4, 5, 6]  # line numbers of the new CSV
+    # The same rows straight through onnxruntime give the same predictions.
+    card = json.loads((trained / "models/tabular/model.json").read_text())
+    from stages.tabular import Preprocessor, decode_outputs
+
+    x = Preprocessor.from_dict(card["preprocessing"]).transform(rows)
+    direct = decode_outputs(run_batches(open_session(trained / "models/tabular/model.onnx"), x, 2), card)
+    assert preds["prediction"].tolist() == direct["prediction"].tolist()
+    np.testing.assert_allclose(preds["probability"], direct["probability"], rtol=1e-5)
+
+
+def test_infer_stage_records_throughput(trained):
+    stage(trained, "infer")
+    stats = json.loads((trained / "metrics/tabular/infer.json").read_text())
+    assert stats["rows"] == len(pd.read_csv(trained / "data/predictions/tabular.csv")) > 0
+    assert stats["rows_per_s"] > 0
+
+
+def test_torchscript_is_optional(trained):
+    set_params(trained, {"tabular.export.torchscript": True})
+    stage(trained, "export")
+    ts = torch.jit.load(str(trained / "models/tabular/model.ts"))
+    assert ts(torch.zeros(3, json.loads((trained / "models/tabular/model.json").read_text())["onnx"]["input_shape"][1])).shape[0] == 3
+    set_params(trained, {"tabular.export.torchscript": False})
