@@ -28,8 +28,10 @@ def infer_tabular(params: dict, model_dir: Path = Path("models/tabular"),
     suite_file = card["validation"]["suite_file"]
     report = run_suite(for_inference(load_suite(suite_file)), {"input": df})
     if not report["success"]:
+        # read_csv numbers rows by CSV line ("row 5" is line 5, not the fifth data row): say so.
+        where = f"{source}, rows numbered by CSV line" if df.index.name == "line" else source
         raise StageError(f"{source} does not meet the expectations in {suite_file} (target checks excluded)\n"
-                         + summarise(report, {"input": source}))
+                         + summarise(report, {"input": where}))
     session = open_session(model_dir / card["onnx"]["file"])
     start = time.perf_counter()
     x = Preprocessor.from_dict(card["preprocessing"]).transform(df, source)

@@ -23,7 +23,7 @@ def prepare_tabular(params: dict, out_dir: str) -> dict:
     df, kinds = normalise_columns(raw, source, p["max_categories"])
     check_target(df, target, task, source)
     kinds.pop(target)
-    splits = split(df, target, task, p["split"]["val"], p["split"]["test"], params["seed"])
+    splits = split(df, target, task, p["split"]["val"], p["split"]["test"], params["seed"], source)
     schema = {
         "source": source,
         "target": target,

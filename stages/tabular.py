@@ -117,7 +117,8 @@ def check_target(df: pd.DataFrame, target: str, task: str, source: str) -> None:
         raise StageError(f"{source}: regression target {target!r} is not numeric")
 
 
-def split(df: pd.DataFrame, target: str, task: str, val: float, test: float, seed: int) -> dict[str, pd.DataFrame]:
+def split(df: pd.DataFrame, target: str, task: str, val: float, test: float, seed: int,
+          source: str = "data") -> dict[str, pd.DataFrame]:
     """Train/val/test split, stratified on the target for classification, fixed by `seed`."""
     from sklearn.model_selection import train_test_split
 
@@ -130,7 +131,7 @@ def split(df: pd.DataFrame, target: str, task: str, val: float, test: float, see
         train_df, val_df = train_test_split(rest, test_size=val / (1 - test), random_state=seed, stratify=strat)
     except ValueError as e:
         counts = df[target].value_counts()
-        raise StageError(f"cannot split {len(df)} rows into train/val/test ({e}); "
+        raise StageError(f"{source}: cannot split {len(df)} rows into train/val/test ({e}); "
                          f"smallest class: {counts.idxmin()!r} with {counts.min()} rows") from None
     return {"train": train_df.sort_index(), "val": val_df.sort_index(), "test": test_df.sort_index()}
 

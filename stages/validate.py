@@ -33,8 +33,11 @@ def validate_tabular(params: dict, new_suite: bool = False) -> dict:
         v = params["tabular"]["validate"]
         save_suite(path, tabular_suite(tables["train"], schema, v["range_margin"], v["null_margin"]))
         log(f"created {path} from the training split: review it, edit it, commit it")
+    # Failing rows are reported by index, which holds the source CSV's line numbers, not
+    # positions in the parquet files: say so.
     return check(load_suite(path), tables, "tabular", path,
-                 {name: str(prepared / f"{name}.parquet") for name in SPLITS})
+                 {name: f"{prepared}/{name}.parquet, rows numbered by line of {schema['source']}"
+                  for name in SPLITS})
 
 
 def check(suite: dict, tables: dict[str, pd.DataFrame], task: str, path: Path, sources: dict[str, str]) -> dict:
