@@ -31,9 +31,9 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict:
         return yaml.safe_load(f)
 
 
-def task_from_argv(argv: list[str]) -> str:
-    if len(argv) != 1 or argv[0] not in TASKS:
-        raise StageError(f"usage: python -m <stage> TASK, where TASK is one of: {', '.join(TASKS)}")
+def task_from_argv(argv: list[str], tasks=TASKS) -> str:
+    if len(argv) != 1 or argv[0] not in tasks:
+        raise StageError(f"usage: python -m <stage> TASK, where TASK is one of: {', '.join(tasks)}")
     return argv[0]
 
 
@@ -44,6 +44,11 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def run_stage(by_task: dict[str, Callable[[dict], Any]]) -> None:
+    """`python -m stages.<stage> TASK`: call by_task[TASK](params) through run_main."""
+    run_main(lambda argv: by_task[task_from_argv(argv, by_task)](load_params()))
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.common import load_params, log, run_main, task_from_argv, write_json
+from stages.common import log, run_stage, write_json
 from stages.models import build_model
 from stages.tabular import Preprocessor, softmax
 from stages.trainer import load_checkpoint
@@ -93,12 +93,5 @@ def evaluate_tabular(params: dict, out_dir: Path = Path("metrics/tabular")) -> d
     return result
 
 
-def main(argv: list[str]) -> None:
-    task = task_from_argv(argv)
-    params = load_params()
-    if task == "tabular":
-        evaluate_tabular(params)
-
-
 if __name__ == "__main__":
-    run_main(main)
+    run_stage({"tabular": evaluate_tabular})

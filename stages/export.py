@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.common import StageError, atomic_path, git_revision, load_params, log, read_json, run_main, \
-    task_from_argv, write_json
+from stages.common import StageError, atomic_path, git_revision, log, read_json, run_stage, write_json
 from stages.evaluate import load_model, predict
 from stages.onnx_session import open_session, run_batches
 from stages.tabular import Preprocessor
@@ -93,12 +92,5 @@ def export_tabular(params: dict, out_dir: Path = Path("models/tabular")) -> dict
     return card
 
 
-def main(argv: list[str]) -> None:
-    task = task_from_argv(argv)
-    params = load_params()
-    if task == "tabular":
-        export_tabular(params)
-
-
 if __name__ == "__main__":
-    run_main(main)
+    run_stage({"tabular": export_tabular})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from stages.common import StageError, atomic_path, load_params, log, read_json, run_main, task_from_argv, write_json
+from stages.common import StageError, atomic_path, log, read_json, run_stage, write_json
 from stages.expectations import for_inference, load_suite, run_suite, summarise
 from stages.onnx_session import open_session, run_batches
 from stages.tabular import Preprocessor, decode_outputs, read_features
@@ -47,12 +47,5 @@ def infer_tabular(params: dict, model_dir: Path = Path("models/tabular"),
     return stats
 
 
-def main(argv: list[str]) -> None:
-    task = task_from_argv(argv)
-    params = load_params()
-    if task == "tabular":
-        infer_tabular(params)
-
-
 if __name__ == "__main__":
-    run_main(main)
+    run_stage({"tabular": infer_tabular})

@@ -4,11 +4,11 @@
 """
 from __future__ import annotations
 
-from stages.common import atomic_dir, load_params, log, run_main, task_from_argv, write_json
+from stages.common import atomic_dir, log, run_stage, write_json
 from stages.tabular import check_target, normalise_columns, read_csv, split
 
 
-def prepare_tabular(params: dict, out_dir: str) -> dict:
+def prepare_tabular(params: dict, out_dir: str = "data/prepared/tabular") -> dict:
     p = params["tabular"]["data"]
     source, target, task = p["source"], p["target"], p["task"]
     raw = read_csv(source)
@@ -41,12 +41,5 @@ def prepare_tabular(params: dict, out_dir: str) -> dict:
     return schema
 
 
-def main(argv: list[str]) -> None:
-    task = task_from_argv(argv)
-    params = load_params()
-    if task == "tabular":
-        prepare_tabular(params, "data/prepared/tabular")
-
-
 if __name__ == "__main__":
-    run_main(main)
+    run_stage({"tabular": prepare_tabular})

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
-from stages.common import atomic_path, load_params, log, read_json, run_main, task_from_argv
+from stages.common import atomic_path, log, read_json, run_stage
 from stages.distributed import relaunch_under_torchrun, seed_everything, setup, teardown
 from stages.models import build_model
 from stages.tabular import Preprocessor
@@ -90,12 +90,5 @@ def train_tabular(params: dict, out_dir: Path = Path("models/tabular"), live_dir
         teardown()
 
 
-def main(argv: list[str]) -> None:
-    task = task_from_argv(argv)
-    params = load_params()
-    if task == "tabular":
-        train_tabular(params)
-
-
 if __name__ == "__main__":
-    run_main(main)
+    run_stage({"tabular": train_tabular})
