@@ -131,6 +131,18 @@ def _evaluate(model, loader, sums_fn: BatchSums, rt: Runtime, amp: tuple) -> dic
             out = model(x)
         for k, v in sums_fn(out, y).items():
             totals[k] = totals.get(k, 0) + v.detach().double().cpu()
+    if not totals:
+        # With fewer validation rows than ranks, this rank's strided shard is empty; it
+        # must still join the all-reduce below with the same keys (and make the same
+        # first forward call, in which DDP may sync buffers), else it crashed on
+        # torch.stack([]) and took the other ranks down. A zero-row batch sums to 0.
+        full = getattr(loader.dataset, "dataset", loader.dataset)
+        if len(full) == 0:
+            raise StageError("the validation set is empty")
+        x, y = (t[:0].to(rt.device) for t in torch.utils.data.default_collate([full[0]]))
+        with torch.autocast(rt.device.type, dtype=amp[1], enabled=amp[0]):
+            out = model(x)
+        totals = {k: v.detach().double().cpu() for k, v in sums_fn(out, y).items()}
     reduced = all_reduce_sums(totals, rt)
     count = max(reduced.pop("count"), 1.0)
     return {k: v / count for k, v in reduced.items()}
