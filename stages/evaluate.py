@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stages.common import log, run_stage, write_json
+from stages.common import log, read_json, run_stage, write_json
+from stages.image import contact_sheet, preprocess
 from stages.models import build_model
 from stages.tabular import Preprocessor, softmax
 from stages.trainer import load_checkpoint
@@ -27,8 +28,17 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    return model(torch.from_numpy(x)).float().numpy()
+def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return np.concatenate([model(torch.from_numpy(x[i:i + batch_size])).float().numpy()
+                           for i in range(0, max(len(x), 1), batch_size)])
+
+
+def split_images(schema: dict, split: str = "test") -> tuple[list[Path], np.ndarray]:
+    """A split's files and their class indices."""
+    index = pd.read_parquet("data/prepared/image/index.parquet")
+    rows = index[index["split"] == split]
+    labels = pd.Categorical(rows["label"], categories=schema["classes"]).codes
+    return [Path(schema["root"]) / p for p in rows.index], np.asarray(labels)
 
 
 def classification_report(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> tuple[dict, dict]:
@@ -93,5 +103,32 @@ def evaluate_tabular(params: dict, out_dir: Path = Path("metrics/tabular")) -> d
     return result
 
 
+def evaluate_image(params: dict, out_dir: Path = Path("metrics/image"), worst: int = 24) -> dict:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    model, meta = load_model("models/image/model.pt")
+    schema, classes = meta["schema"], meta["schema"]["classes"]
+    paths, y = split_images(schema)
+    probs = softmax(predict(model, preprocess(paths, schema)).astype("float64"))
+    metrics, plots = classification_report(y, probs, classes)
+    precision, recall, _, support = precision_recall_fscore_support(y, probs.argmax(1), labels=range(len(classes)),
+                                                                    zero_division=0)
+    metrics["per_class"] = {c: {"precision": float(p), "recall": float(r), "support": int(n)}
+                            for c, p, r, n in zip(classes, precision, recall, support)}
+    result = {"test": metrics, "test_images": len(paths)}
+    write_json(out_dir / "metrics.json", result)
+    for name, rows in plots.items():
+        write_json(out_dir / "plots" / f"{name}.json", rows)
+    # The worst mistakes: wrong predictions made with the most confidence.
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:worst]
+    contact_sheet([(paths[i], f"{classes[y[i]]}->{classes[pred[i]]} {probs[i, pred[i]]:.2f}") for i in wrong],
+                  out_dir / "plots" / "mistakes.png")
+    log(f"test: accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f} on {len(paths)} images, "
+        f"{len(np.flatnonzero(pred != y))} mistakes → {out_dir}/plots/mistakes.png")
+    return result
+
+
 if __name__ == "__main__":
-    run_stage({"tabular": evaluate_tabular})
+    run_stage({"tabular": evaluate_tabular, "image": evaluate_image})

@@ -54,6 +54,25 @@ def tabular_suite(train: pd.DataFrame, schema: dict, range_margin: float, null_m
             "meta": {"created_from": f"{schema['source']} (training split, {len(train)} rows)"}}
 
 
+def image_suite(classes: list[str], v: dict) -> dict:
+    """Expectations over the per-image table that `prepare` writes (one row per file)."""
+    between = "expect_column_values_to_be_between"
+    exps = [
+        {"type": "expect_column_values_to_be_null", "kwargs": {"column": "error"}, "meta": {"why": "every file decodes"}},
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "mode", "value_set": v["modes"]}, "meta": {}},
+        {"type": between, "kwargs": {"column": "width", "min_value": v["min_size"], "max_value": v["max_size"]},
+         "meta": {}},
+        {"type": between, "kwargs": {"column": "height", "min_value": v["min_size"], "max_value": v["max_size"]},
+         "meta": {}},
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "label", "value_set": classes}, "meta": {}},
+        {"type": between, "kwargs": {"column": "class_count", "min_value": v["min_per_class"]},
+         "meta": {"why": "a minimum number of images per class"}},
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "dup_across_splits", "value_set": [False]},
+         "meta": {"why": "the same file in two splits leaks test data into training"}},
+    ]
+    return {"name": "image", "expectations": exps, "meta": {"created_from": "params.yaml image.validate"}}
+
+
 def save_suite(path: str | Path, suite: dict) -> None:
     write_json(path, suite)
 

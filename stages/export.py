@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 
 from stages.common import StageError, atomic_path, git_revision, log, read_json, run_stage, write_json
-from stages.evaluate import load_model, predict
+from stages.evaluate import load_model, predict, split_images
+from stages.image import preprocess
 from stages.onnx_session import open_session, run_batches
 from stages.tabular import Preprocessor
 
@@ -30,11 +31,13 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
         program.save(str(tmp))
 
 
-def check_parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol: float, classify: bool) -> dict:
-    """onnxruntime vs torch on the same inputs: batch 1, batch N, and max abs difference."""
+def check_parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol: float, classify: bool,
+                 min_agreement: float = 1.0) -> dict:
+    """onnxruntime vs torch on the same inputs: batch 1, batch N, max abs difference and
+    (for classifiers) the share of identical top-1 classes."""
     session = open_session(onnx_path)
     expected = predict(model, x)
-    got = run_batches(session, x, batch_size=len(x))
+    got = run_batches(session, x, batch_size=min(len(x), 256))
     single = run_batches(session, x[:1], batch_size=1)
     if got.shape != expected.shape or single.shape != expected[:1].shape:
         raise StageError(f"{onnx_path}: output shape {got.shape} (batch {len(x)}) / {single.shape} (batch 1) "
@@ -42,14 +45,34 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol: f
     diff = float(np.abs(got - expected).max())
     agree = float((got.argmax(1) == expected.argmax(1)).mean()) if classify else 1.0
     result = {"max_abs_diff": diff, "class_agreement": agree, "rows": len(x), "atol": atol}
-    if diff > atol or agree < 1.0:
-        raise StageError(f"{onnx_path}: onnxruntime disagrees with torch on {len(x)} test rows "
-                         f"(max abs diff {diff:.3g} > {atol} or class agreement {agree:.4f} < 1)")
+    if diff > atol or agree < min_agreement:
+        raise StageError(f"{onnx_path}: onnxruntime disagrees with torch on {len(x)} test inputs "
+                         f"(max abs diff {diff:.3g}, limit {atol}; top-1 agreement {agree:.4f}, "
+                         f"minimum {min_agreement})")
     return result
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def card_common(task: str, kind: str, onnx_path: Path, input_shape: list, meta: dict, parity: dict,
+                export_params: dict) -> dict:
+    """The model-card fields every task shares."""
+    validation = read_json(f"metrics/{task}/validation.json")
+    return {
+        "task": task,
+        "kind": kind,
+        "git_revision": git_revision(),
+        "onnx": {"file": onnx_path.name, "sha256": sha256(onnx_path), "input": "input", "output": "output",
+                 "input_shape": input_shape},
+        "metrics": read_json(f"metrics/{task}/metrics.json"),
+        "training": meta["train"],
+        "params": {**meta["schema"]["params"], **meta["params"], f"{task}.export": export_params},
+        "validation": {"success": validation["success"], "suite_file": validation["suite_file"]},
+        "parity": parity,
+        "data": {"source": meta["schema"]["source"], "rows": meta["schema"]["rows"]},
+    }
 
 
 def export_tabular(params: dict, out_dir: Path = Path("models/tabular")) -> dict:
@@ -63,13 +86,8 @@ def export_tabular(params: dict, out_dir: Path = Path("models/tabular")) -> dict
     if p["torchscript"]:
         with atomic_path(out_dir / "model.ts") as tmp:
             torch.jit.trace(model, torch.from_numpy(x_test[:2])).save(str(tmp))
-    validation = read_json("metrics/tabular/validation.json")
     card = {
-        "task": "tabular",
-        "kind": schema["task"],
-        "git_revision": git_revision(),
-        "onnx": {"file": onnx_path.name, "sha256": sha256(onnx_path), "input": "input", "output": "output",
-                 "input_shape": ["batch", pre.n_features]},
+        **card_common("tabular", schema["task"], onnx_path, ["batch", pre.n_features], meta, parity, p),
         "target": schema["target"],
         "classes": schema["classes"],
         "features": [{**f, **({"categories": pre.categories[f["name"]]} if f["type"] == "categorical" else {})}
@@ -80,17 +98,35 @@ def export_tabular(params: dict, out_dir: Path = Path("models/tabular")) -> dict
         "target_scaling": meta["target_scaling"],
         "postprocessing": "softmax over output" if schema["task"] == "classification"
                           else "output * target_scaling.std + target_scaling.mean",
-        "metrics": read_json("metrics/tabular/metrics.json"),
-        "training": meta["train"],
-        "params": {**schema["params"], **meta["params"], "tabular.export": p},
-        "validation": {"success": validation["success"], "suite_file": validation["suite_file"]},
-        "parity": parity,
-        "data": {"source": schema["source"], "rows": schema["rows"]},
     }
     write_json(out_dir / "model.json", card)
     log(f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e} over {parity['rows']} rows)")
     return card
 
 
+def export_image(params: dict, out_dir: Path = Path("models/image")) -> dict:
+    p = params["image"]["export"]
+    model, meta = load_model(out_dir / "model.pt")
+    schema = meta["schema"]
+    paths, _ = split_images(schema)
+    x_test = preprocess(paths, schema)
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path)
+    parity = check_parity(model, onnx_path, x_test, p["parity_atol"], True, p["min_top1_agreement"])
+    size = schema["image_size"]
+    card = {
+        **card_common("image", "classification", onnx_path, ["batch", 3, size, size], meta, parity, p),
+        "classes": schema["classes"],
+        "preprocessing": {"image_size": size, "mean": schema["mean"], "std": schema["std"], "mode": "RGB",
+                          "resize": "bilinear to image_size x image_size (aspect ratio not kept)",
+                          "scale": "x / 255", "layout": "NCHW float32"},
+        "postprocessing": "softmax over output",
+    }
+    write_json(out_dir / "model.json", card)
+    log(f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e}, "
+        f"top-1 agreement {parity['class_agreement']:.4f} over {parity['rows']} images)")
+    return card
+
+
 if __name__ == "__main__":
-    run_stage({"tabular": export_tabular})
+    run_stage({"tabular": export_tabular, "image": export_image})

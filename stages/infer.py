@@ -1,6 +1,7 @@
-"""infer: batch predictions with onnxruntime, after validating the input. Imports no torch.
+"""infer: batch predictions with onnxruntime. Imports no torch.
 
     python -m stages.infer tabular
+    python -m stages.infer image
 
 Reads `tabular.infer.source` (CSV or parquet; a target column is ignored), checks it
 with the task's GX suite minus its target expectations, and writes
@@ -12,10 +13,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from stages.common import StageError, atomic_path, log, read_json, run_stage, write_json
 from stages.expectations import for_inference, load_suite, run_suite, summarise
+from stages.image import image_extensions, preprocess, top_k
 from stages.onnx_session import open_session, run_batches
-from stages.tabular import Preprocessor, decode_outputs, read_features
+from stages.tabular import Preprocessor, decode_outputs, read_features, softmax
 
 
 def infer_tabular(params: dict, model_dir: Path = Path("models/tabular"),
@@ -47,5 +51,67 @@ def infer_tabular(params: dict, model_dir: Path = Path("models/tabular"),
     return stats
 
 
+def list_inputs(source: str | Path) -> tuple[list[str], Path]:
+    """Image files under a folder (recursive, every extension PIL opens), or the `path`
+    column of a CSV manifest (relative to the manifest). Returns paths and their root."""
+    source = Path(source)
+    if source.is_dir():
+        exts = image_extensions()
+        files = sorted(f.relative_to(source).as_posix() for f in source.rglob("*")
+                       if f.is_file() and f.suffix.lower() in exts)
+        if not files:
+            raise StageError(f"{source}: no image files (searched recursively)")
+        return files, source
+    if source.is_file() and source.suffix.lower() == ".csv":
+        import pandas as pd
+
+        table = pd.read_csv(source, dtype=str, keep_default_na=False)
+        if "path" not in table.columns:
+            raise StageError(f"{source}: a manifest needs a 'path' column")
+        return table["path"].tolist(), source.parent
+    raise StageError(f"{source}: not found (expected an image folder or a CSV manifest with a path column)")
+
+
+def infer_image(params: dict, model_dir: Path = Path("models/image"),
+                out: Path = Path("data/predictions/image.csv")) -> dict:
+    """Predict every image; one that can't be read gets a row with its error, and the batch goes on."""
+    import pandas as pd
+
+    p = params["image"]["infer"]
+    card = read_json(model_dir / "model.json")
+    files, root = list_inputs(p["source"])
+    session = open_session(model_dir / card["onnx"]["file"])
+    classes = card["classes"]
+    rows, start = [], time.perf_counter()
+    for i in range(0, len(files), p["batch_size"]):
+        good, errors = [], {}
+        for name in files[i:i + p["batch_size"]]:
+            try:
+                good.append((name, preprocess([root / name], card["preprocessing"])))
+            except Exception as e:  # noqa: BLE001 - unreadable file: report it, keep going
+                errors[name] = f"{type(e).__name__}: {e}"
+        probs = softmax(run_batches(session, np.concatenate([x for _, x in good]), len(good)).astype("float64")) \
+            if good else np.zeros((0, len(classes)))
+        ranked = dict(zip([n for n, _ in good], zip(probs, top_k(probs, classes, p["top_k"]))))
+        for name in files[i:i + p["batch_size"]]:
+            if name in errors:
+                rows.append({"path": name, "prediction": None, "probability": None, "top_k": None,
+                             "error": errors[name]})
+            else:
+                prob, best = ranked[name]
+                rows.append({"path": name, "prediction": classes[int(prob.argmax())],
+                             "probability": round(float(prob.max()), 6), "top_k": best, "error": None})
+    seconds = time.perf_counter() - start
+    with atomic_path(out) as tmp:
+        pd.DataFrame(rows, columns=["path", "prediction", "probability", "top_k", "error"]).to_csv(tmp, index=False)
+    failed = sum(r["error"] is not None for r in rows)
+    stats = {"images": len(rows), "failed": failed, "seconds": round(seconds, 4),
+             "images_per_s": round(len(rows) / max(seconds, 1e-9), 1)}
+    write_json(Path("metrics/image/infer.json"), stats)
+    log(f"predicted {len(rows) - failed} images from {p['source']} → {out} ({stats['images_per_s']} images/s)"
+        + (f"; {failed} could not be read (see the error column)" if failed else ""))
+    return stats
+
+
 if __name__ == "__main__":
-    run_stage({"tabular": infer_tabular})
+    run_stage({"tabular": infer_tabular, "image": infer_image})

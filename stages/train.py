@@ -1,28 +1,44 @@
 """train: fit the task's torch model with the shared loop (stages/trainer.py).
 
-    python -m stages.train tabular     # one process, or train.nproc under torchrun
-    torchrun --nproc-per-node=2 -m stages.train tabular   # the same, launched by hand
+    python -m stages.train tabular     # one process, or <task>.train.nproc under torchrun
+    torchrun --nproc-per-node=2 -m stages.train image   # the same, launched by hand
 
 Outputs: models/<task>/model.pt (best weights + everything needed to rebuild and
-serve them), models/<task>/checkpoints/ (full state for resume; kept between runs),
-metrics/<task>/train/ (DVCLive, rank 0 only).
+serve them), metrics/<task>/train/ (DVCLive, rank 0 only), and the scratch folder
+models/<task>/checkpoints/ (full state for resume; kept between runs).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from stages.common import atomic_path, log, read_json, run_stage
 from stages.distributed import relaunch_under_torchrun, seed_everything, setup, teardown
+from stages.image import load_rgb, normalise
 from stages.models import build_model
 from stages.tabular import Preprocessor
 from stages.trainer import LoopConfig, classification_sums, fit, load_checkpoint, regression_sums, resumable
+
+
+@dataclass
+class Job:
+    """What a task hands the shared training driver."""
+
+    model: torch.nn.Module
+    arch: dict
+    train_set: Dataset
+    val_set: Dataset
+    sums_fn: Callable
+    data_files: list[Path]  # hashed into the run's fingerprint
+    meta: dict  # stored beside the weights for evaluate/export
 
 
 def fingerprint(params: dict, files: list[Path], world_size: int) -> str:
@@ -43,44 +59,94 @@ def tabular_tensors(df: pd.DataFrame, pre: Preprocessor, schema: dict, scaling: 
     return TensorDataset(x, y)
 
 
-def train_tabular(params: dict, out_dir: Path = Path("models/tabular"), live_dir: Path = Path("metrics/tabular/train")):
+def tabular_job(params: dict) -> Job:
     p = params["tabular"]["train"]
-    cfg = LoopConfig.from_params(p, "tabular.train")
-    if relaunch_under_torchrun(cfg.nproc, "stages.train", ["tabular"]):
+    prepared = Path("data/prepared/tabular")
+    schema = read_json(prepared / "schema.json")
+    train_df = pd.read_parquet(prepared / "train.parquet")
+    val_df = pd.read_parquet(prepared / "val.parquet")
+    pre = Preprocessor.fit(train_df, {f["name"]: f["type"] for f in schema["features"]})
+    scaling = None
+    if schema["task"] == "regression":
+        t = train_df[schema["target"]]
+        scaling = {"mean": float(t.mean()), "std": float(t.std(ddof=0)) or 1.0}
+    n_out = len(schema["classes"]) if schema["task"] == "classification" else 1
+    arch = {"kind": "mlp", "n_in": pre.n_features, "hidden": list(p["hidden"]), "n_out": n_out,
+            "dropout": float(p["dropout"])}
+    return Job(build_model(arch), arch, tabular_tensors(train_df, pre, schema, scaling),
+               tabular_tensors(val_df, pre, schema, scaling),
+               classification_sums if schema["task"] == "classification" else regression_sums,
+               [prepared / "train.parquet", prepared / "val.parquet"],
+               {"preprocessor": pre.to_dict(), "schema": schema, "target_scaling": scaling})
+
+
+class ImageSet(Dataset):
+    """Images decoded by the serving code (load_rgb, normalise); augmentation in between."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, schema: dict, augment: dict | None):
+        self.paths, self.labels, self.schema = paths, torch.from_numpy(labels), schema
+        self.augment = None
+        if augment:
+            from torchvision.transforms import v2
+
+            ops = [v2.RandomAffine(degrees=augment["rotate"], translate=(augment["translate"],) * 2,
+                                   scale=tuple(augment["scale"]))]
+            if augment["hflip"]:
+                ops.append(v2.RandomHorizontalFlip())
+            self.augment = v2.Compose(ops)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        rgb = load_rgb(self.paths[i], self.schema["image_size"])
+        if self.augment is not None:
+            rgb = self.augment(torch.from_numpy(rgb).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+        x = normalise(rgb[None], self.schema["mean"], self.schema["std"])[0]
+        return torch.from_numpy(x), self.labels[i]
+
+
+def image_job(params: dict) -> Job:
+    p = params["image"]["train"]
+    prepared = Path("data/prepared/image")
+    schema = read_json(prepared / "schema.json")
+    index = pd.read_parquet(prepared / "index.parquet")
+    root = Path(schema["root"])
+
+    def subset(split: str, augment: dict | None) -> ImageSet:
+        rows = index[index["split"] == split]
+        labels = pd.Categorical(rows["label"], categories=schema["classes"]).codes.astype(np.int64)
+        return ImageSet([root / p for p in rows.index], labels, schema, augment)
+
+    arch = {"kind": p["arch"], "num_classes": len(schema["classes"])}
+    return Job(build_model(arch, pretrained=p["pretrained"]), arch, subset("train", p["augment"]), subset("val", None),
+               classification_sums, [prepared / "index.parquet"], {"schema": schema})
+
+
+def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
+    p = params[task]["train"]
+    cfg = LoopConfig.from_params(p, f"{task}.train")
+    if relaunch_under_torchrun(cfg.nproc, "stages.train", [task]):
         return
+    out_dir, live_dir = Path("models") / task, Path("metrics") / task / "train"
     rt = setup(cfg.device)
     try:
         seed_everything(params["seed"], rt.rank)
-        prepared = Path("data/prepared/tabular")
-        schema = read_json(prepared / "schema.json")
-        train_df = pd.read_parquet(prepared / "train.parquet")
-        val_df = pd.read_parquet(prepared / "val.parquet")
-        pre = Preprocessor.fit(train_df, {f["name"]: f["type"] for f in schema["features"]})
-        scaling = None
-        if schema["task"] == "regression":
-            t = train_df[schema["target"]]
-            scaling = {"mean": float(t.mean()), "std": float(t.std(ddof=0)) or 1.0}
-        n_out = len(schema["classes"]) if schema["task"] == "classification" else 1
-        arch = {"kind": "mlp", "n_in": pre.n_features, "hidden": list(p["hidden"]), "n_out": n_out,
-                "dropout": float(p["dropout"])}
-        model = build_model(arch)
+        job = make_job(params)
         ckpt_dir = out_dir / "checkpoints"
-        fp = fingerprint({"train": p, "seed": params["seed"]}, [prepared / "train.parquet", prepared / "val.parquet"],
-                         rt.world_size)
+        fp = fingerprint({"train": p, "seed": params["seed"]}, job.data_files, rt.world_size)
         live = None
         if rt.is_main:
             from dvclive import Live
 
             live = Live(str(live_dir), resume=resumable(ckpt_dir, fp), dvcyaml=False, save_dvc_exp=False)
-            live.log_params({"tabular.train": p, "seed": params["seed"], "world_size": rt.world_size})
-        summary = fit(model, tabular_tensors(train_df, pre, schema, scaling), tabular_tensors(val_df, pre, schema, scaling),
-                      sums_fn=classification_sums if schema["task"] == "classification" else regression_sums,
-                      cfg=cfg, rt=rt, seed=params["seed"], ckpt_dir=ckpt_dir, fingerprint=fp, live=live)
+            live.log_params({f"{task}.train": p, "seed": params["seed"], "world_size": rt.world_size})
+        summary = fit(job.model, job.train_set, job.val_set, sums_fn=job.sums_fn, cfg=cfg, rt=rt,
+                      seed=params["seed"], ckpt_dir=ckpt_dir, fingerprint=fp, live=live)
         if rt.is_main:
             best = load_checkpoint(ckpt_dir / "best.pt")
-            meta = {"task": "tabular", "arch": arch, "preprocessor": pre.to_dict(), "schema": schema,
-                    "target_scaling": scaling, "train": summary,
-                    "params": {"seed": params["seed"], "tabular.train": p}}
+            meta = {"task": task, "arch": job.arch, **job.meta, "train": summary,
+                    "params": {"seed": params["seed"], f"{task}.train": p}}
             with atomic_path(out_dir / "model.pt") as tmp:
                 torch.save({"state_dict": best["model"], "meta": meta}, tmp)
             live.end()
@@ -90,5 +156,13 @@ def train_tabular(params: dict, out_dir: Path = Path("models/tabular"), live_dir
         teardown()
 
 
+def train_tabular(params: dict) -> None:
+    train("tabular", params, tabular_job)
+
+
+def train_image(params: dict) -> None:
+    train("image", params, image_job)
+
+
 if __name__ == "__main__":
-    run_stage({"tabular": train_tabular})
+    run_stage({"tabular": train_tabular, "image": train_image})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from stages.common import StageError, atomic_dir, load_params, log, read_json, run_main, task_from_argv, write_json
-from stages.expectations import load_suite, run_suite, save_suite, summarise, tabular_suite
+from stages.expectations import image_suite, load_suite, run_suite, save_suite, summarise, tabular_suite
 
 SPLITS = ("train", "val", "test")
 
@@ -40,6 +40,19 @@ def validate_tabular(params: dict, new_suite: bool = False) -> dict:
                   for name in SPLITS})
 
 
+def validate_image(params: dict, new_suite: bool = False) -> dict:
+    prepared = Path("data/prepared/image")
+    schema = read_json(prepared / "schema.json")
+    index = pd.read_parquet(prepared / "index.parquet")
+    tables = {name: index[index["split"] == name] for name in SPLITS}
+    path = suite_path("image", schema["source"])
+    if new_suite or not path.exists():
+        save_suite(path, image_suite(schema["classes"], params["image"]["validate"]))
+        log(f"created {path} from params.yaml image.validate: review it, edit it, commit it")
+    return check(load_suite(path), tables, "image", path,
+                 {name: f"{schema['source']}, {name} split; rows are file paths" for name in SPLITS})
+
+
 def check(suite: dict, tables: dict[str, pd.DataFrame], task: str, path: Path, sources: dict[str, str]) -> dict:
     """Run the suite, write the report and Data Docs, and fail loudly if any table breaks it."""
     with atomic_dir(Path("metrics") / task / "datadocs") as docs:
@@ -58,9 +71,7 @@ def check(suite: dict, tables: dict[str, pd.DataFrame], task: str, path: Path, s
 def main(argv: list[str]) -> None:
     new_suite = "--new-suite" in argv
     task = task_from_argv([a for a in argv if a != "--new-suite"])
-    params = load_params()
-    if task == "tabular":
-        validate_tabular(params, new_suite)
+    {"tabular": validate_tabular, "image": validate_image}[task](load_params(), new_suite)
 
 
 if __name__ == "__main__":
