@@ -19,7 +19,7 @@ import yaml
 PARAMS_FILE = "params.yaml"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-TASKS = ("tabular", "image")
+TASKS = ("tabular", "image", "detect")
 
 
 class StageError(Exception):

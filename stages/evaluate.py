@@ -7,13 +7,14 @@ Outputs: metrics/<task>/metrics.json and plot data in metrics/<task>/plots/
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from stages.common import log, read_json, run_stage, write_json
+from stages.common import StageError, log, read_json, run_stage, write_json
 from stages.image import contact_sheet, preprocess
 from stages.models import build_model
 from stages.tabular import Preprocessor, softmax
@@ -80,30 +81,36 @@ def evaluate_tabular(params: dict, out_dir: Path = Path("metrics/tabular")) -> d
     prepared = Path("data/prepared/tabular")
     train_df, test_df = (pd.read_parquet(prepared / f"{s}.parquet") for s in ("train", "test"))
     x_train, x_test = pre.transform(train_df), pre.transform(test_df)
-    target = schema["target"]
+    target, classify = schema["target"], schema["task"] == "classification"
     out = predict(model, x_test)
-    if schema["task"] == "classification":
+    if classify:
         classes = schema["classes"]
         y_train, y_test = (pd.Categorical(d[target], categories=classes).codes for d in (train_df, test_df))
         metrics, plots = classification_report(y_test, softmax(out.astype("float64")), classes)
-        baseline = HistGradientBoostingClassifier(random_state=params["seed"]).fit(x_train, y_train)
-        base_metrics, _ = classification_report(y_test, baseline.predict_proba(x_test), classes)
     else:
         scale = meta["target_scaling"]
         y_train, y_test = train_df[target].to_numpy("float64"), test_df[target].to_numpy("float64")
         metrics, plots = regression_report(y_test, out[:, 0] * scale["std"] + scale["mean"])
-        baseline = HistGradientBoostingRegressor(random_state=params["seed"]).fit(x_train, y_train)
-        base_metrics, _ = regression_report(y_test, baseline.predict(x_test))
+    base_metrics = {}
+    if params["tabular"]["evaluate"]["baseline"]:
+        # The baseline sees the same split and the same preprocessed features as the MLP.
+        if classify:
+            hgb = HistGradientBoostingClassifier(random_state=params["seed"]).fit(x_train, y_train)
+            base_metrics = classification_report(y_test, hgb.predict_proba(x_test), classes)[0]
+        else:
+            hgb = HistGradientBoostingRegressor(random_state=params["seed"]).fit(x_train, y_train)
+            base_metrics = regression_report(y_test, hgb.predict(x_test))[0]
     result = {"test": metrics, "baseline_hgb": base_metrics, "test_rows": len(test_df)}
     write_json(out_dir / "metrics.json", result)
     for name, rows in plots.items():
         write_json(out_dir / "plots" / f"{name}.json", rows)
     log("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        + " | HistGradientBoosting: " + " ".join(f"{k}={v:.4f}" for k, v in base_metrics.items()))
+        + (" | HistGradientBoosting: " + " ".join(f"{k}={v:.4f}" for k, v in base_metrics.items())
+           if base_metrics else ""))
     return result
 
 
-def evaluate_image(params: dict, out_dir: Path = Path("metrics/image"), worst: int = 24) -> dict:
+def evaluate_image(params: dict, out_dir: Path = Path("metrics/image")) -> dict:
     from sklearn.metrics import precision_recall_fscore_support
 
     model, meta = load_model("models/image/model.pt")
@@ -122,7 +129,7 @@ def evaluate_image(params: dict, out_dir: Path = Path("metrics/image"), worst: i
     # The worst mistakes: wrong predictions made with the most confidence.
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y)
-    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:worst]
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:params["image"]["evaluate"]["worst"]]
     contact_sheet([(paths[i], f"{classes[y[i]]}->{classes[pred[i]]} {probs[i, pred[i]]:.2f}") for i in wrong],
                   out_dir / "plots" / "mistakes.png")
     log(f"test: accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f} on {len(paths)} images, "
@@ -130,5 +137,89 @@ def evaluate_image(params: dict, out_dir: Path = Path("metrics/image"), worst: i
     return result
 
 
+def coco_ground_truth(images_dir: Path, labels_dir: Path, n_classes: int) -> dict:
+    """The YOLO labels of a split as a COCO ground-truth dict (ids 1..N in file order)."""
+    from PIL import Image
+
+    from stages.detect import parse_yolo_label
+
+    images, anns = [], []
+    for i, f in enumerate(sorted(p for p in images_dir.iterdir() if p.is_file()), start=1):
+        with Image.open(f) as im:
+            w, h = im.size
+        images.append({"id": i, "file_name": f.name, "width": w, "height": h})
+        label = labels_dir / f"{f.stem}.txt"
+        for row in parse_yolo_label(label) if label.exists() else []:
+            bw, bh = row["w"] * w, row["h"] * h
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(row["cls"]) + 1, "iscrowd": 0,
+                         "bbox": [row["x"] * w - bw / 2, row["y"] * h - bh / 2, bw, bh], "area": bw * bh})
+    return {"images": images, "annotations": anns, "categories": [{"id": c + 1} for c in range(n_classes)]}
+
+
+def coco_map(ground_truth: dict, predictions: list[dict]) -> dict:
+    """pycocotools' COCOeval (bbox) of predictions whose `file_name` names a ground-truth image."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ids = {im["file_name"]: im["id"] for im in ground_truth["images"]}
+    dets = [{**d, "image_id": ids[d["file_name"]]} for d in predictions]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
+        gt = COCO()
+        gt.dataset = ground_truth
+        gt.createIndex()
+        result = COCOeval(gt, gt.loadRes(dets) if dets else COCO(), "bbox")
+        result.evaluate()
+        result.accumulate()
+        result.summarize()
+    return {"mAP50-95": float(result.stats[0]), "mAP50": float(result.stats[1])}
+
+
+def evaluate_detect(params: dict, out_dir: Path = Path("metrics/detect")) -> dict:
+    """Ultralytics' validator on the test split, and the same predictions scored again by
+    pycocotools. The two mAPs must agree within evaluate.coco_tolerance."""
+    from stages import yolo
+
+    p = params["detect"]["evaluate"]
+    yolo.configure()
+    from ultralytics import YOLO
+
+    dataset = read_json("data/prepared/detect/dataset.json")
+    names = dataset["names"]
+    data, runs = yolo.dataset_view(names), yolo.run_dir("evaluate")
+    model = YOLO("models/detect/model.pt")
+    # save_json: the validator writes its predictions (COCO style, original pixels) for pycocotools.
+    m = model.val(data=str(data), split="test", imgsz=model.ckpt["train_args"]["imgsz"], batch=16, conf=p["conf"],
+                  iou=p["iou"], device=yolo.device("auto"), save_json=True, plots=False, project=str(runs.parent),
+                  name=runs.name, exist_ok=True, verbose=False)
+    box = m.box
+    per_class = {names[int(c)]: {"ap50": float(box.ap50[i]), "ap50_95": float(box.ap[i])}
+                 for i, c in enumerate(box.ap_class_index)}
+    ours = {"mAP50": float(box.map50), "mAP50-95": float(box.map), "precision": float(box.mp), "recall": float(box.mr)}
+    predictions = json.loads((runs / "predictions.json").read_text()) if (runs / "predictions.json").exists() else []
+    prepared = Path("data/prepared/detect")
+    coco = coco_map(coco_ground_truth(prepared / "images/test", prepared / "labels/test", len(names)), predictions)
+    gap = {k: round(ours[k] - coco[k], 4) for k in coco}
+    result = {"test": {**ours, "per_class": per_class}, "pycocotools": coco, "ultralytics_minus_pycocotools": gap,
+              "tolerance": p["coco_tolerance"], "test_images": dataset["rows"].get("test", 0)}
+    write_json(out_dir / "metrics.json", result)
+    px, curves = box.curves_results[0][0], np.asarray(box.curves_results[0][1])
+    step = max(1, len(px) // 100)
+    write_json(out_dir / "plots" / "pr.json",
+               [{"recall": float(px[j]), "precision": float(curves[:, j].mean()) if curves.size else 0.0,
+                 **{names[int(c)]: float(curves[i, j]) for i, c in enumerate(box.ap_class_index)}}
+                for j in range(0, len(px), step)])
+    write_json(out_dir / "plots" / "per_class_ap.json",
+               [{"class": n, "ap50": v["ap50"], "ap50_95": v["ap50_95"]} for n, v in per_class.items()])
+    log(f"test: mAP50={ours['mAP50']:.4f} mAP50-95={ours['mAP50-95']:.4f} (pycocotools: mAP50={coco['mAP50']:.4f} "
+        f"mAP50-95={coco['mAP50-95']:.4f})")
+    if max(abs(v) for v in gap.values()) > p["coco_tolerance"]:
+        raise StageError(f"Ultralytics and pycocotools disagree by more than {p['coco_tolerance']}: {gap} "
+                         f"(see {out_dir}/metrics.json)")
+    return result
+
+
 if __name__ == "__main__":
-    run_stage({"tabular": evaluate_tabular, "image": evaluate_image})
+    run_stage({"tabular": evaluate_tabular, "image": evaluate_image, "detect": evaluate_detect})

@@ -73,6 +73,38 @@ def image_suite(classes: list[str], v: dict) -> dict:
     return {"name": "image", "expectations": exps, "meta": {"created_from": "params.yaml image.validate"}}
 
 
+def detect_suites(names: list[str], v: dict) -> list[dict]:
+    """Two suites: one over the per-image table, one over the per-box table."""
+    between = "expect_column_values_to_be_between"
+    images = [
+        {"type": "expect_column_values_to_be_null", "kwargs": {"column": "error"}, "meta": {"why": "every image decodes"}},
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "has_image", "value_set": [True]},
+         "meta": {"why": "a label file without an image"}},
+        {"type": "expect_column_values_to_be_in_set",
+         "kwargs": {"column": "has_label", "value_set": [True], "mostly": v["min_labelled"]},
+         "meta": {"why": "images without labels are backgrounds; too many means a broken layout"}},
+        {"type": between, "kwargs": {"column": "width", "min_value": v["min_size"], "max_value": v["max_size"]},
+         "meta": {}},
+        {"type": between, "kwargs": {"column": "height", "min_value": v["min_size"], "max_value": v["max_size"]},
+         "meta": {}},
+    ]
+    boxes = [
+        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "fields", "value_set": [5]},
+         "meta": {"why": "class x y w h, all numbers"}},
+        {"type": between, "kwargs": {"column": "cls", "min_value": 0, "max_value": len(names) - 1},
+         "meta": {"why": "class id in range"}},
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "class_name"},
+         "meta": {"why": "class id is a whole number naming a class"}},
+        *({"type": between, "kwargs": {"column": c, "min_value": 0, "max_value": 1}, "meta": {}} for c in "xy"),
+        *({"type": between, "kwargs": {"column": c, "min_value": 0, "max_value": 1, "strict_min": True},
+           "meta": {"why": "width and height > 0"}} for c in "wh"),
+        {"type": "expect_column_distinct_values_to_contain_set", "kwargs": {"column": "class_name", "value_set": names},
+         "meta": {"why": "every class has boxes"}},
+    ]
+    return [{"name": "images", "expectations": images, "meta": {"created_from": "params.yaml detect.validate"}},
+            {"name": "boxes", "expectations": boxes, "meta": {"created_from": "params.yaml detect.validate"}}]
+
+
 def save_suite(path: str | Path, suite: dict) -> None:
     write_json(path, suite)
 
@@ -111,28 +143,36 @@ def run_suite(suite: dict, tables: dict[str, pd.DataFrame], docs_dir: str | Path
 
     With `docs_dir`, GX Data Docs HTML for the run is written there.
     """
+    return run_suites([(suite, tables)], docs_dir)
+
+
+def run_suites(pairs: list[tuple[dict, dict[str, pd.DataFrame]]], docs_dir: str | Path | None = None) -> dict:
+    """Several suites, each over its own tables, in one GX context (so one set of Data Docs).
+    With more than one suite, table names are prefixed `<suite name>/`."""
     import great_expectations as gx
 
     ctx = _context()
-    gx_suite = ctx.suites.add(gx.ExpectationSuite(name=suite["name"], expectations=suite["expectations"]))
     asset = ctx.data_sources.add_pandas("tables").add_dataframe_asset("table")
     batch = asset.add_batch_definition_whole_dataframe("whole")
     result_format = {"result_format": "COMPLETE", "partial_unexpected_count": 5}
-    report = {"success": True, "suite": suite["name"], "tables": {}}
+    report = {"success": True, "suites": [suite["name"] for suite, _ in pairs], "tables": {}}
     if docs_dir is not None:
         ctx.add_data_docs_site(site_name="docs", site_config=_docs_site(docs_dir))
-    for name, df in tables.items():
-        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=gx_suite))
-        if docs_dir is None:
-            res = vd.run(batch_parameters={"dataframe": _gx_frame(df)}, result_format=result_format)
-        else:
-            cp = ctx.checkpoints.add(gx.Checkpoint(
-                name=f"checkpoint_{name}", validation_definitions=[vd], result_format=result_format,
-                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["docs"])]))
-            res = next(iter(cp.run(batch_parameters={"dataframe": _gx_frame(df)}).run_results.values()))
-        table = {"success": bool(res.success), "rows": len(df), "results": [_result(r) for r in res.results]}
-        report["tables"][name] = table
-        report["success"] &= table["success"]
+    for suite, tables in pairs:
+        gx_suite = ctx.suites.add(gx.ExpectationSuite(name=suite["name"], expectations=suite["expectations"]))
+        for name, df in tables.items():
+            key = f"{suite['name']}/{name}" if len(pairs) > 1 else name
+            vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=key, data=batch, suite=gx_suite))
+            if docs_dir is None:
+                res = vd.run(batch_parameters={"dataframe": _gx_frame(df)}, result_format=result_format)
+            else:
+                cp = ctx.checkpoints.add(gx.Checkpoint(
+                    name=f"checkpoint_{key}", validation_definitions=[vd], result_format=result_format,
+                    actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["docs"])]))
+                res = next(iter(cp.run(batch_parameters={"dataframe": _gx_frame(df)}).run_results.values()))
+            table = {"success": bool(res.success), "rows": len(df), "results": [_result(r) for r in res.results]}
+            report["tables"][key] = table
+            report["success"] &= table["success"]
     return report
 
 

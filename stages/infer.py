@@ -113,5 +113,59 @@ def infer_image(params: dict, model_dir: Path = Path("models/image"),
     return stats
 
 
+def infer_detect(params: dict, model_dir: Path = Path("models/detect"),
+                 out: Path = Path("data/predictions/detect.json"),
+                 rendered: Path = Path("data/predictions/detect_rendered")) -> dict:
+    """COCO-style results ({file, category_id, category, bbox [x, y, w, h] in pixels, score})
+    for every image; unreadable files are listed in metrics/detect/infer.json and skipped."""
+    import json
+
+    from stages.common import atomic_dir
+    from stages.detect import decode, draw_boxes, load_for_detection
+
+    p = params["detect"]["infer"]
+    card = read_json(model_dir / "model.json")
+    names, size = card["classes"], card["preprocessing"]["imgsz"]
+    files, root = list_inputs(p["source"])
+    session = open_session(model_dir / card["onnx"]["file"])
+    name = session.get_inputs()[0].name
+    results, errors, shown = [], [], []
+    start = time.perf_counter()
+    for i in range(0, len(files), p["batch_size"]):
+        batch, metas = [], []
+        for f in files[i:i + p["batch_size"]]:
+            try:
+                x, meta = load_for_detection(root / f, size)
+            except Exception as e:  # noqa: BLE001 - unreadable file: report it, keep going
+                errors.append({"file": f, "error": f"{type(e).__name__}: {e}"})
+                continue
+            batch.append(x)
+            metas.append((f, meta))
+        if not batch:
+            continue
+        outputs = session.run(None, {name: np.stack(batch)})[0]
+        for output, (f, meta) in zip(outputs, metas):
+            dets = decode(output, meta, p["conf"], p["iou"])
+            if len(shown) < p["render"]:
+                shown.append((f, dets))
+            results += [{"file": f, "category_id": int(c), "category": names[int(c)],
+                         "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2),
+                                  round(float(y2 - y1), 2)], "score": round(float(s), 5)}
+                        for x1, y1, x2, y2, s, c in dets]
+    seconds = time.perf_counter() - start
+    with atomic_path(out) as tmp:
+        tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n")  # one detection a line
+    with atomic_dir(rendered) as tmp:
+        for f, dets in shown:
+            draw_boxes(root / f, dets, names).save(tmp / (f.replace("/", "__").rsplit(".", 1)[0] + ".png"))
+    n = len(files) - len(errors)
+    stats = {"images": n, "failed": len(errors), "detections": len(results), "seconds": round(seconds, 4),
+             "images_per_s": round(n / max(seconds, 1e-9), 1), "errors": errors}
+    write_json(Path("metrics/detect/infer.json"), stats)
+    log(f"detected {len(results)} objects in {n} images from {p['source']} → {out} ({stats['images_per_s']} images/s)"
+        + (f"; {len(errors)} could not be read (see metrics/detect/infer.json)" if errors else ""))
+    return stats
+
+
 if __name__ == "__main__":
-    run_stage({"tabular": infer_tabular, "image": infer_image})
+    run_stage({"tabular": infer_tabular, "image": infer_image, "detect": infer_detect})

@@ -1,6 +1,7 @@
 """The torch models. Chosen by a plain if/elif on params; no registry."""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -67,8 +68,13 @@ def torchvision_model(arch: str, num_classes: int, pretrained: bool | str) -> nn
         model = builder(weights=None)
         try:
             model.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
-        except (RuntimeError, KeyError) as e:
-            raise StageError(f"{pretrained}: not a {arch} state dict ({str(e).splitlines()[0]})") from None
+        except (RuntimeError, KeyError, TypeError, pickle.UnpicklingError, EOFError) as e:
+            # A file that is not a torch save (or is cut short, or empty) fails inside
+            # torch.load with UnpicklingError / EOFError, not RuntimeError: that was a
+            # traceback instead of this line (so did a saved tensor, not a dict: TypeError).
+            # An empty file's EOFError has no message.
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise StageError(f"{pretrained}: not a {arch} state dict ({first})") from None
     _replace_head(model, arch, num_classes)
     return model
 

@@ -181,7 +181,13 @@ def fit(
     sampler = DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
     loader_kw = dict(num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
                      persistent_workers=cfg.num_workers > 0)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, **loader_kw)
+    # A last batch of one sample crashes BatchNorm in training mode wherever the feature
+    # map is 1×1 ("Expected more than 1 value per channel"): resnet18, mobilenet_v3_small,
+    # efficientnet_b0 at image_size <= 32. Drop that one sample (a different one each
+    # epoch: the order is shuffled); models without BatchNorm (the MLP) are unaffected.
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    drop_last = has_bn and len(sampler) > cfg.batch_size and len(sampler) % cfg.batch_size == 1
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **loader_kw)
     # Each rank scores its own strided shard; sums are all-reduced, so nothing is counted twice.
     val_loader = DataLoader(Subset(val_set, range(rt.rank, len(val_set), rt.world_size)),
                             batch_size=cfg.batch_size * 2, **loader_kw)
