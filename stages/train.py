@@ -183,7 +183,8 @@ def train_detect(params: dict, out_dir: Path = Path("models/detect"),
     if weights and not Path(p["model"]).is_file():
         raise StageError(f"detect.train.model: {p['model']}: no such file (a .yaml trains from scratch)")
     model = YOLO(p["model"])
-    model.train(data=str(data), epochs=p["epochs"], imgsz=p["imgsz"], batch=p["batch"], lr0=p["lr0"],
+    model.train(data=str(data), epochs=p["epochs"], imgsz=p["imgsz"], batch=p["batch"], optimizer=p["optimizer"],
+                lr0=p["lr0"],
                 patience=p["patience"], device=yolo.device(p["device"]), workers=p["workers"], amp=p["amp"],
                 seed=params["seed"], deterministic=True, pretrained=weights, project=str(runs.parent),
                 name=runs.name, exist_ok=True, plots=False, verbose=False)
