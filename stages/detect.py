@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from stages.common import StageError
 from stages.image import image_extensions, inspect_image
@@ -70,7 +70,7 @@ def parse_yolo_label(path: Path) -> list[dict]:
         if not fields:
             continue
         row = {"line": n, "fields": len(fields), "cls": np.nan, "x": np.nan, "y": np.nan, "w": np.nan, "h": np.nan,
-               "text": line.strip()[:80]}
+               "text": line.strip()}  # in full: prepare writes the label files from it (a cut line is a wrong box)
         if len(fields) == 5:
             try:
                 row.update(zip(("cls", "x", "y", "w", "h"), map(float, fields)))
@@ -146,6 +146,9 @@ def coco_to_yolo(json_path: Path, images_dir: Path, out_labels: Path) -> tuple[d
         raise StageError(f"{json_path}: {len(bad)} annotations have an unknown category_id, e.g. ids {bad[:3]}")
     data = {**data, "categories": [{**c, "id": renumber[c["id"]]} for c in cats],
             "annotations": [{**a, "category_id": renumber[a["category_id"]]} for a in anns]}
+    from stages import yolo
+
+    yolo.configure()  # before importing ultralytics: otherwise it writes its settings file under $HOME
     from ultralytics.data.converter import convert_coco
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,7 +242,7 @@ def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[floa
     Returns the size × size image, the scale, and the (left, top) padding."""
     h, w = rgb.shape[:2]
     r = min(size / h, size / w)
-    nw, nh = round(w * r), round(h * r)
+    nw, nh = max(round(w * r), 1), max(round(h * r), 1)  # as Ultralytics: a very thin image keeps 1 pixel
     dw, dh = (size - nw) / 2, (size - nh) / 2
     out = np.full((size, size, 3), 114, np.uint8)
     top, left = round(dh - 0.1), round(dw - 0.1)
@@ -250,7 +253,9 @@ def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[floa
 def load_for_detection(path: str | Path, size: int) -> tuple[np.ndarray, dict]:
     """A file → (3 × size × size float32 in [0, 1], what undoing the letterbox needs)."""
     with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))
+        # Upright, as OpenCV decodes it for Ultralytics (training, validation, predict): PIL alone
+        # ignores the EXIF orientation, and a rotated photo was then served sideways.
+        rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     boxed, r, pad = letterbox(rgb, size)
     return np.ascontiguousarray(boxed.transpose(2, 0, 1), dtype=np.float32) / 255.0, \
         {"scale": r, "pad": pad, "width": rgb.shape[1], "height": rgb.shape[0]}
@@ -302,9 +307,14 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
 
 
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation (5-8 turn the image by 90 degrees)."""
+    return im.size[::-1] if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size
+
+
 def draw_boxes(path: str | Path, dets: np.ndarray, names: list[str]) -> Image.Image:
     with Image.open(path) as im:
-        img = im.convert("RGB")
+        img = ImageOps.exif_transpose(im).convert("RGB")  # boxes are in upright pixels (load_for_detection)
     draw = ImageDraw.Draw(img)
     for x1, y1, x2, y2, score, cls in dets:
         draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=2)

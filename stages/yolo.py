@@ -31,13 +31,20 @@ def configure() -> None:
 
 
 def dataset_view(names: list[str], prepared: Path = Path("data/prepared/detect")) -> Path:
-    """data.yaml over symlinks to the prepared splits; returns its absolute path."""
+    """data.yaml over symlinks to the prepared files; returns its absolute path.
+
+    The split folders are real folders of per-file links, not links to the prepared
+    folders: Ultralytics resolve()s the split paths of data.yaml, so with a linked folder
+    it wrote its label cache (labels/<split>.cache) into data/prepared/detect itself, and
+    `dvc status` then reported prepare's output as modified after every train/evaluate."""
     view = (CACHE / "detect" / "dataset").resolve()
     shutil.rmtree(view, ignore_errors=True)
     for kind in ("images", "labels"):
-        (view / kind).mkdir(parents=True)
         for split in ("train", "val", "test"):
-            (view / kind / split).symlink_to((prepared / kind / split).resolve(), target_is_directory=True)
+            (view / kind / split).mkdir(parents=True)
+            source = (prepared / kind / split).resolve()
+            for f in sorted(source.iterdir()) if source.is_dir() else []:
+                (view / kind / split / f.name).symlink_to(f)
     data = view / "data.yaml"
     data.write_text(f"path: {view}\ntrain: images/train\nval: images/val\ntest: images/test\nnames:\n"
                     + "".join(f"  {i}: {n!r}\n" for i, n in enumerate(names)))
