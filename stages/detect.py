@@ -58,8 +58,14 @@ def yolo_line(cls: int, x: float, y: float, w: float, h: float) -> str:
 def _images_under(folder: Path) -> dict[str, Path]:
     """{path relative to folder, without extension: file} for every image file below folder."""
     exts = image_extensions()
-    return {f.relative_to(folder).with_suffix("").as_posix(): f
-            for f in sorted(folder.rglob("*")) if f.is_file() and f.suffix.lower() in exts}
+    found: dict[str, Path] = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.suffix.lower() in exts and not f.name.startswith("."):
+            key = f.relative_to(folder).with_suffix("").as_posix()
+            if key in found:  # cat.png and cat.jpg would share one label file
+                raise StageError(f"{found[key]} and {f}: two images with one name; rename one")
+            found[key] = f
+    return found
 
 
 def parse_yolo_label(path: Path) -> list[dict]:
@@ -144,8 +150,12 @@ def coco_to_yolo(json_path: Path, images_dir: Path, out_labels: Path) -> tuple[d
     bad = [a.get("id") for a in anns if a.get("category_id") not in renumber]
     if bad:
         raise StageError(f"{json_path}: {len(bad)} annotations have an unknown category_id, e.g. ids {bad[:3]}")
+    # Ultralytics' converter also wants integer image ids; COCO allows any, so number them too.
+    image_ids = {im["id"]: i for i, im in enumerate(imgs, start=1)}
     data = {**data, "categories": [{**c, "id": renumber[c["id"]]} for c in cats],
-            "annotations": [{**a, "category_id": renumber[a["category_id"]]} for a in anns]}
+            "images": [{**im, "id": image_ids[im["id"]]} for im in imgs],
+            "annotations": [{**a, "category_id": renumber[a["category_id"]], "image_id": image_ids[a["image_id"]]}
+                            for a in anns]}
     from stages import yolo
 
     yolo.configure()  # before importing ultralytics: otherwise it writes its settings file under $HOME

@@ -174,7 +174,8 @@ def coco_map(ground_truth: dict, predictions: list[dict]) -> dict:
         result.evaluate()
         result.accumulate()
         result.summarize()
-    return {"mAP50-95": float(result.stats[0]), "mAP50": float(result.stats[1])}
+    # pycocotools says -1 when the split has no boxes at all; Ultralytics says 0.
+    return {"mAP50-95": max(float(result.stats[0]), 0.0), "mAP50": max(float(result.stats[1]), 0.0)}
 
 
 def evaluate_detect(params: dict, out_dir: Path = Path("metrics/detect")) -> dict:

@@ -230,9 +230,7 @@ def decode_outputs(outputs: np.ndarray, card: dict) -> pd.DataFrame:
 
 def read_features(path: str | Path, features: list[dict]) -> pd.DataFrame:
     """Read a CSV or parquet to predict on and type its feature columns as in training.
-
-    Numbers that don't parse are an error naming the lines; extra columns are kept (and
-    ignored by the preprocessor); missing feature columns are an error."""
+    Extra columns are kept (and ignored by the preprocessor)."""
     path = Path(path)
     if path.suffix == ".parquet":
         if not path.is_file():
@@ -240,22 +238,29 @@ def read_features(path: str | Path, features: list[dict]) -> pd.DataFrame:
         df = pd.read_parquet(path)
     else:
         df = read_csv(path)
+    return type_features(df, features, str(path))
+
+
+def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.DataFrame:
+    """Numbers that don't parse are an error naming the rows; missing feature columns
+    are an error. Used by `infer` (files) and the app (JSON rows, uploads) alike."""
     missing = [f["name"] for f in features if f["name"] not in df.columns]
     if missing:
-        raise StageError(f"{path}: missing feature columns: {', '.join(missing)}")
+        raise StageError(f"{source}: missing feature columns: {', '.join(missing)}")
     if df.empty:
-        raise StageError(f"{path}: no rows to predict")
+        raise StageError(f"{source}: no rows to predict")
+    df = df.copy()
     for f in features:
         col = f["name"]
         if f["type"] == "numeric":
-            if pd.api.types.is_numeric_dtype(df[col]):
+            if pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col]):
                 df[col] = df[col].astype("float64")
                 continue
             text = df[col].astype("string").str.strip().replace("", pd.NA)
             numbers = pd.to_numeric(text, errors="coerce")
             bad = _bad_numbers(text, numbers)
             if len(bad):
-                raise StageError(f"{path}: column {col!r} must be numeric but has text in {len(bad)} rows "
+                raise StageError(f"{source}: column {col!r} must be numeric but has text in {len(bad)} rows "
                                  f"({describe_cells(bad)})")
             df[col] = numbers.astype("float64")
         else:
