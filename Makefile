@@ -9,7 +9,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 TASK ?= tabular
 
-.PHONY: install run test suite sweep report clean-checkpoints
+.PHONY: install run test suite sweep report serve clean-checkpoints
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ run: install
 
 test: install
 	python -m pytest
+
+# The REST API + Gradio app over models/*/model.onnx (after `make run`): http://127.0.0.1:7860
+serve: install
+	python -m app.server
 
 # (Re)create the Great Expectations suite for TASK from its training split.
 suite: install

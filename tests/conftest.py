@@ -74,3 +74,60 @@ def run(repo: Path, *cmd: str, check: bool = True, timeout: float = 600) -> subp
 
 def stage(repo: Path, name: str, task: str = "tabular", check: bool = True) -> subprocess.CompletedProcess:
     return run(repo, "python", "-m", f"stages.{name}", task, check=check)
+
+
+# Every task, tiny: the served repo's models exist but are not meant to be good.
+TINY_ALL = {**TINY_TABULAR,
+            "image.demo.size": 16, "image.data.image_size": 16, "image.train.epochs": 1,
+            "image.train.batch_size": 128,
+            "detect.demo.images": 30, "detect.demo.size": 64, "detect.train.imgsz": 64, "detect.train.epochs": 1,
+            "detect.train.batch": 8, "detect.train.workers": 0, "detect.evaluate.coco_tolerance": 0.01,
+            "detect.export.conf": 0.002, "detect.export.min_matched": 0.9, "detect.infer.conf": 0.002}
+
+
+@pytest.fixture(scope="session")
+def served_repo(tmp_path_factory) -> Path:
+    """A repo copy with all three tasks reproduced on tiny params: models to serve."""
+    repo = copy_repo(tmp_path_factory.mktemp("served"))
+    set_params(repo, TINY_ALL)
+    run(repo, "dvc", "repro", timeout=900)
+    return repo
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(served_repo):
+    """`python -m app.server` on a free port of 127.0.0.1 in the served repo; yields its URL."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, "APP_HOST": "127.0.0.1", "APP_PORT": str(port)}
+    log = served_repo / ".cache" / f"server-{port}.log"  # a file, not a pipe: a full pipe would stall the server
+    log.parent.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "app.server"], cwd=served_repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

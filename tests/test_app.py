@@ -1,0 +1,208 @@
+"""Serving: the REST API (TestClient, every endpoint, bad input), the Gradio handlers
+through gradio_client against a launched server, schemathesis against its OpenAPI
+schema, parity with the `infer` stage, no torch, and the Dockerfile lint."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(served_repo, monkeypatch_module):
+    from fastapi.testclient import TestClient
+
+    monkeypatch_module.chdir(served_repo)
+    from app.server import create_app
+
+    return TestClient(create_app(ui=False), raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def a_row(repo) -> dict:
+    df = pd.read_parquet(repo / "data/prepared/tabular/test.parquet").drop(columns="species")
+    return json.loads(df.head(1).to_json(orient="records"))[0]
+
+
+def png_bytes(repo, task="image") -> bytes:
+    folder = repo / ("data/demo/digits/3" if task == "image" else "data/prepared/detect/images/test")
+    return sorted(folder.iterdir())[0].read_bytes()
+
+
+def test_health_ready_info_and_openapi(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["loaded"] == ["detect", "image", "tabular"]
+    info = client.get("/model/info").json()["models"]
+    assert info["tabular"]["classes"] == ["Adelie", "Chinstrap", "Gentoo"] and info["detect"]["kind"] == "detection"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/predict/tabular", "/predict/image", "/predict/detect", "/ready", "/metrics"} <= set(paths)
+
+
+def test_tabular_predictions_and_schema_checks(client, served_repo):
+    row = a_row(served_repo)
+    ok = client.post("/predict/tabular", json={"rows": [row, {**row, "sex": None, "bill_length_mm": None}]})
+    assert ok.status_code == 200
+    preds = ok.json()["predictions"]
+    assert len(preds) == 2 and preds[0]["prediction"] in ("Adelie", "Chinstrap", "Gentoo")
+    assert abs(sum(preds[0][f"p_{c}"] for c in ("Adelie", "Chinstrap", "Gentoo")) - 1) < 1e-6
+    bad = {
+        "missing field": {"rows": [{k: v for k, v in row.items() if k != "island"}]},
+        "extra field": {"rows": [{**row, "colour": "blue"}]},
+        "wrong type": {"rows": [{**row, "body_mass_g": "heavy"}]},
+        "unknown category": {"rows": [{**row, "island": "Atlantis"}]},
+        "no rows": {"rows": []},
+        "not a list": {"rows": "x"},
+        "no body field": {"data": [row]},
+        "huge number": {"rows": [{**row, "body_mass_g": 1e308}]},
+    }
+    for what, body in bad.items():
+        r = client.post("/predict/tabular", json=body)
+        assert r.status_code == 422, (what, r.status_code, r.text)
+    too_many = client.post("/predict/tabular", json={"rows": [row] * 10001})
+    assert too_many.status_code == 422 and "10000" in too_many.text
+
+
+def test_image_and_detect_uploads(client, served_repo):
+    r = client.post("/predict/image?top_k=2", files={"file": ("d.png", png_bytes(served_repo))})
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["top_k"]) == 2 and body["prediction"] == body["top_k"][0]["class"]
+    d = client.post("/predict/detect?conf=0.002", files={"file": ("s.png", png_bytes(served_repo, "detect"))})
+    assert d.status_code == 200 and d.json()["count"] == len(d.json()["detections"])
+    for det in d.json()["detections"]:
+        assert set(det) == {"category_id", "category", "score", "bbox"} and len(det["bbox"]) == 4
+
+
+@pytest.mark.parametrize("path", ["/predict/image", "/predict/detect"])
+def test_upload_bad_inputs_are_4xx(client, path):
+    assert client.post(path, files={"file": ("x.png", b"not an image at all")}).status_code == 415
+    assert client.post(path, files={"file": ("x.png", b"")}).status_code == 422
+    assert client.post(path).status_code == 422  # no file
+    big = client.post(path, files={"file": ("x.png", b"\0" * (10 * 1024 * 1024 + 10))})
+    assert big.status_code == 413
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (6000, 5000)).save(buf, format="PNG")  # 30 M pixels > max_pixels, tiny file
+    r = client.post(path, files={"file": ("huge.png", buf.getvalue())})
+    assert r.status_code == 413 and "pixels" in r.json()["detail"]
+    assert client.post(f"{path}?{'top_k=0' if 'image' in path else 'conf=2'}",
+                       files={"file": ("x.png", b"x")}).status_code == 422
+
+
+def test_metrics_count_requests_errors_and_latency(client):
+    text = client.get("/metrics").text
+    assert 'requests_total{status="200",task="tabular"}' in text
+    assert 'request_errors_total{task="image"}' in text
+    assert 'request_latency_seconds_bucket{le="0.01",task="tabular"}' in text
+
+
+def test_missing_models_do_not_stop_the_server(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from app.server import create_app
+
+    monkeypatch.chdir(ROOT)
+    c = TestClient(create_app(models_dir=tmp_path, ui=True), raise_server_exceptions=False)
+    ready = c.get("/ready")
+    assert ready.status_code == 503 and set(ready.json()["missing"]) == {"tabular", "image", "detect"}
+    r = c.post("/predict/image", files={"file": ("x.png", b"x")})
+    assert r.status_code == 503 and "make run" in r.json()["detail"]
+    assert c.get("/").status_code == 200  # the UI still serves, each tab saying how to train
+
+
+def test_app_imports_no_torch(served_repo):
+    code = ("import sys; from app.server import create_app; create_app(); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics')]; "
+            "assert not bad, bad; print('ok')")
+    assert run(served_repo, "python", "-c", code).stdout.strip().endswith("ok")
+
+
+def test_app_and_infer_give_identical_results(client, served_repo):
+    """The same inputs through the REST API and through the `infer` stage's outputs."""
+    preds = pd.read_csv(served_repo / "data/predictions/tabular.csv")
+    test = pd.read_parquet(served_repo / "data/prepared/tabular/test.parquet").drop(columns="species")
+    rows = json.loads(test.to_json(orient="records"))
+    api = client.post("/predict/tabular", json={"rows": rows}).json()["predictions"]
+    assert [p["prediction"] for p in api] == preds["prediction"].tolist()
+    np.testing.assert_allclose([p["probability"] for p in api], preds["probability"], rtol=1e-5)
+
+    images = pd.read_csv(served_repo / "data/predictions/image.csv").head(20)
+    root = served_repo / "data/prepared/image"
+    for row in images.itertuples():
+        r = client.post("/predict/image", files={"file": ("x.png", (root / row.path).read_bytes())}).json()
+        assert r["prediction"] == str(row.prediction) and abs(r["probability"] - row.probability) < 1e-5
+
+    dets = json.loads((served_repo / "data/predictions/detect.json").read_text())
+    folder = served_repo / "data/prepared/detect/images/test"
+    for f in sorted(folder.iterdir())[:5]:
+        r = client.post("/predict/detect?conf=0.002&iou=0.7", files={"file": (f.name, f.read_bytes())}).json()
+        expected = [d for d in dets if d["file"] == f.name]
+        assert [(d["category_id"], d["bbox"]) for d in r["detections"]] == \
+            [(d["category_id"], d["bbox"]) for d in expected]
+
+
+def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
+    from gradio_client import Client, handle_file
+
+    c = Client(server + "/", verbose=False)
+    row = a_row(served_repo)
+    card = json.loads((served_repo / "models/tabular/model.json").read_text())
+    label = c.predict(*[row[f["name"]] for f in card["features"]], api_name="/tabular_form")
+    assert label["label"] in ("Adelie", "Chinstrap", "Gentoo")
+
+    csv = tmp_path / "rows.csv"
+    pd.read_parquet(served_repo / "data/prepared/tabular/test.parquet").head(7).to_csv(csv, index=False)
+    out = pd.read_csv(c.predict(handle_file(str(csv)), api_name="/tabular_csv"))
+    assert len(out) == 7 and list(out.columns[:3]) == ["line", "prediction", "probability"]
+
+    digit = sorted((served_repo / "data/demo/digits/5").iterdir())[0]
+    assert c.predict(handle_file(str(digit)), api_name="/image_one")["label"] in [str(i) for i in range(10)]
+
+    archive = tmp_path / "digits.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(digit, "a/five.png")
+        z.writestr("../../evil.png", b"not an image")  # a hostile name: read in memory, never extracted
+    table = pd.read_csv(c.predict(handle_file(str(archive)), api_name="/image_zip"))
+    assert table["name"].tolist() == ["a/five.png", "../../evil.png"]
+    assert table["error"].isna().tolist() == [True, False]
+    assert not (tmp_path.parent / "evil.png").exists()
+
+    scene = sorted((served_repo / "data/prepared/detect/images/test").iterdir())[0]
+    drawn, objects = c.predict(handle_file(str(scene)), 0.002, 0.7, api_name="/detect_one")
+    assert drawn and set(objects["headers"]) == {"category", "score", "x", "y", "width", "height"}
+
+
+def test_schemathesis_finds_no_server_errors(server):
+    res = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", "25", "--phases", "examples,coverage,fuzzing", "--no-color", "--suppress-health-check",
+         "all", "--request-timeout", "20"],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def test_dockerfile_passes_hadolint():
+    res = subprocess.run([str(Path(sys.executable).parent / "hadolint"),
+                          str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert '".[serve]"' in text and "torch" not in text.split("pip install")[1].split("\n")[0]
