@@ -53,12 +53,14 @@ def tabular_request(card: dict | None, max_rows: int):
 
 
 def create_app(models_dir: str | Path = "models", params_path: str | Path = "params.yaml", ui: bool = True) -> FastAPI:
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
+                                   generate_latest)
 
     cfg = serve_config(params_path)
     models, missing = load_models(models_dir)
     max_bytes = int(cfg["max_upload_mb"] * 1024 * 1024)
     registry = CollectorRegistry()  # per app, so tests can build several
+    ProcessCollector(registry=registry)  # resident memory, CPU seconds, open files
     requests = Counter("requests", "HTTP requests", ["task", "status"], registry=registry)
     errors = Counter("request_errors", "HTTP requests answered 4xx or 5xx", ["task"], registry=registry)
     latency = Histogram("request_latency_seconds", "request latency", ["task"], registry=registry,
@@ -128,6 +130,11 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
     @app.get("/model/info", summary="The model cards of the loaded models")
     def model_info() -> dict:
         return {"models": {t: m.card for t, m in models.items()}, "missing": missing}
+
+    @app.get("/model/info/{task}", summary="One model card")
+    def model_info_task(task: Literal["tabular", "image", "detect"]) -> dict:
+        # A closed set of names: "../x" or any other value is a 422, never a path on disk.
+        return model(task).card
 
     TabularRequest = tabular_request(models["tabular"].card if "tabular" in models else None, cfg["max_rows"])
 

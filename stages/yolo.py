@@ -3,7 +3,8 @@
 - Settings, weights and runs live in .cache/ (git- and DVC-ignored), never in $HOME,
   so queued experiments (each in its own copy of the repo) don't share or leak them.
 - Its integrations are off: its DVCLive callback (we log through our own DVCLive),
-  Platform sync and the rest; auto-install of missing packages is off too.
+  Platform sync and the rest; auto-install of missing packages is off too; weights load
+  through its safe (weights_only) loader.
 - It reads a data.yaml with an absolute `path:` written at run time into .cache/, over a
   view of data/prepared/detect made of symlinks, so its label caches (written beside the
   labels folder) land in .cache/ and not inside the DVC-tracked output.
@@ -22,6 +23,8 @@ def configure() -> None:
     cfg = (CACHE / "ultralytics").resolve()
     os.environ["YOLO_CONFIG_DIR"] = str(cfg)
     os.environ["YOLO_AUTOINSTALL"] = "false"
+    # Checkpoints load with torch.load(weights_only=True) and an allow-list of model classes.
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
     from ultralytics import settings
 
     settings.update({"sync": False, "dvc": False, "clearml": False, "comet": False, "mlflow": False,

@@ -206,3 +206,31 @@ def test_dockerfile_passes_hadolint():
     assert res.returncode == 0, res.stdout + res.stderr
     text = (ROOT / "Dockerfile").read_text()
     assert '".[serve]"' in text and "torch" not in text.split("pip install")[1].split("\n")[0]
+
+
+def test_paths_cannot_leave_their_folders(client, server):
+    import urllib.error
+    import urllib.request
+
+    assert client.get("/model/info/tabular").json()["kind"] == "classification"
+    for bad in ("../tabular", "..%2F..%2Fetc%2Fpasswd", "passwd"):
+        assert client.get(f"/model/info/{bad}").status_code in (404, 422), bad
+    # Gradio serves uploads and outputs only: not the repo, not the system.
+    for probe in ("/gradio_api/file=/etc/passwd", "/gradio_api/file=../../../etc/passwd",
+                  "/gradio_api/file=params.yaml", "/file=/etc/passwd"):
+        try:
+            with urllib.request.urlopen(server + probe, timeout=10) as r:
+                body = r.read()
+                assert b"root:" not in body and b"seed:" not in body, probe
+        except urllib.error.HTTPError as e:
+            assert e.code in (403, 404, 405), (probe, e.code)
+
+
+def test_checkpoints_load_without_unpickling_code():
+    """Every torch.load in the project is weights_only=True; Ultralytics loads through its safe loader."""
+    import re
+
+    for path in (ROOT / "stages").glob("*.py"):
+        for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
+            assert "weights_only=True" in call, (path.name, call)
+    assert 'ULTRALYTICS_SAFE_LOAD"] = "1"' in (ROOT / "stages/yolo.py").read_text()
