@@ -9,7 +9,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 TASK ?= tabular
 
-.PHONY: install run test suite sweep report serve clean-checkpoints
+.PHONY: install run test suite sweep report serve push pull clean-checkpoints
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,13 @@ sweep: install
 BASE ?= main
 report: install
 	python -m stages.report --base $(BASE)
+
+# DVC-tracked data and models to / from the default remote (.dvc/config; README "Data versioning")
+push: install
+	dvc push
+
+pull: install
+	dvc pull
 
 clean-checkpoints:
 	rm -rf models/*/checkpoints
