@@ -1,12 +1,10 @@
 """infer: batch predictions with onnxruntime. Imports no torch.
 
-    python -m stages.infer tabular
-    python -m stages.infer image
+    python -m stages.infer tabular   # CSV/parquet, checked by the GX suite (no target checks) → data/predictions/tabular.csv
+    python -m stages.infer image     # a folder or manifest → data/predictions/image.csv; unreadable files get an error row
+    python -m stages.infer detect    # a folder or manifest → data/predictions/detect.json (COCO-style results)
 
-Reads `tabular.infer.source` (CSV or parquet; a target column is ignored), checks it
-with the task's GX suite minus its target expectations, and writes
-data/predictions/tabular.csv (line, prediction, probability, p_<class>...) and
-metrics/tabular/infer.json (rows, seconds, rows/s).
+Each also writes metrics/<task>/infer.json with its throughput.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ DONE = ("Success", "Failed")
 
 
 def dvc(*args: str, check: bool = True) -> str:
-    res = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    res = subprocess.run(["dvc", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if check and res.returncode:
         raise StageError(f"dvc {' '.join(args)} failed:\n{res.stderr.strip() or res.stdout.strip()}")
     return res.stdout
@@ -68,7 +68,10 @@ def run_sweep(spec_path: str, poll: float = 5.0) -> dict[str, str]:
         dvc("exp", "run", "--queue", "-n", name, *sets, f"infer@{task}")
         names.append(name)
         print(f"queued {name}: {combo}", flush=True)
-    dvc("queue", "start", "-j", str(spec.get("jobs", 1)))
+    # `dvc queue start` stays in the foreground while its workers run: start it beside us,
+    # so that we can watch the queue (and notice when it stalls) instead of waiting blind.
+    starter = subprocess.Popen(["dvc", "queue", "start", "-j", str(spec.get("jobs", 1))],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     stall = spec.get("stall_minutes", 15) * 60
     last_change, last, states = time.monotonic(), None, {}
     while True:
@@ -82,11 +85,16 @@ def run_sweep(spec_path: str, poll: float = 5.0) -> dict[str, str]:
         if done == len(names):
             break
         if time.monotonic() - last_change > stall:
+            starter.poll()  # the workers go on: they may still be wanted (logs, a slow but healthy run)
             raise StageError(f"the queue made no progress for {spec.get('stall_minutes', 15)} minutes ({summary}). "
                              "See `dvc queue status` and `dvc queue logs NAME` (worker logs: "
                              ".dvc/tmp/exps/celery/*.out); stop it with `dvc queue stop --kill` and clear it with "
                              "`dvc exp clean` and `dvc queue remove --all`, then run the sweep again")
         time.sleep(poll)
+    try:
+        starter.wait(timeout=120)  # the workers stop once the queue is empty
+    except subprocess.TimeoutExpired:
+        starter.terminate()
     failed = [n for n in names if states.get(n) == "Failed"]
     for name in failed:
         print(f"\n--- {name} failed; its log (dvc queue logs {name}):", file=sys.stderr)

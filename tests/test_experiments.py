@@ -87,3 +87,17 @@ def test_queued_sweep_runs_both_experiments(baseline):
     assert set(results) == {0.001, 0.05}, json.dumps(shown)[:3000]
     assert results[0.001][:2] != results[0.05][:2]  # different params, different numbers
     shutil.rmtree(baseline / ".dvc/tmp/exps", ignore_errors=True)
+
+
+def test_a_stalled_queue_is_reported_with_the_way_out(baseline):
+    (baseline / "sweeps/stall.yaml").write_text(
+        "task: tabular\ngrid:\n  tabular.train.epochs: [5000]\njobs: 1\nstall_minutes: 0.1\n")
+    git(baseline, "add", "sweeps/stall.yaml")
+    git(baseline, "commit", "-q", "-m", "a sweep that cannot progress within 6 s")
+    try:
+        res = run(baseline, "python", "-m", "stages.sweep", "sweeps/stall.yaml", check=False, timeout=300)
+        assert res.returncode == 1
+        assert "made no progress for 0.1 minutes" in res.stderr and "dvc queue stop --kill" in res.stderr
+        assert "dvc exp clean" in res.stderr
+    finally:
+        run(baseline, "dvc", "queue", "stop", "--kill", check=False)
