@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,35 @@ def run_stage(by_task: dict[str, Callable[[dict], Any]]) -> None:
     run_main(lambda argv: by_task[task_from_argv(argv, by_task)](load_params()))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete the temporary siblings `.NAME.PID.XXXXXXXX.tmp` of `path` whose writer is gone.
+
+    SIGKILL (or a power cut) skips the clean-up below, and each kill used to leave one
+    more copy of the output beside it (in models/<task>/checkpoints/ a whole model each).
+    The PID in the name spares writers that are still running; names without one are from
+    before it was added.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp")
+    for p in path.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and not (m.group(1) and _pid_alive(int(m.group(1)))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds.
@@ -60,7 +90,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
@@ -76,11 +107,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Like atomic_path, for a directory: build it under a temporary name, then swap it in."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    _remove_stale_temps(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)  # killed between the two renames below: the previous version is back
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
-        old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)

@@ -26,7 +26,7 @@ from stages.distributed import relaunch_under_torchrun, seed_everything, setup, 
 from stages.image import load_rgb, normalise
 from stages.models import build_model
 from stages.tabular import Preprocessor
-from stages.trainer import LoopConfig, classification_sums, fit, load_checkpoint, regression_sums, resumable
+from stages.trainer import LoopConfig, classification_sums, fit, load_checkpoint, regression_sums
 
 
 @dataclass
@@ -140,7 +140,9 @@ def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
         if rt.is_main:
             from dvclive import Live
 
-            live = Live(str(live_dir), resume=resumable(ckpt_dir, fp), dvcyaml=False, save_dvc_exp=False)
+            # Never DVCLive's resume (it appends to whatever a killed run left, torn or not):
+            # start the folder afresh; a resumed fit() rewrites the earlier epochs from last.pt.
+            live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
             live.log_params({f"{task}.train": p, "seed": params["seed"], "world_size": rt.world_size})
         summary = fit(job.model, job.train_set, job.val_set, sums_fn=job.sums_fn, cfg=cfg, rt=rt,
                       seed=params["seed"], ckpt_dir=ckpt_dir, fingerprint=fp, live=live)

@@ -118,7 +118,8 @@ def resumable(ckpt_dir: str | Path, fingerprint: str) -> bool:
     if not last.exists():
         return False
     ck = load_checkpoint(last)
-    return ck.get("fingerprint") == fingerprint and not ck.get("finished")
+    # Checkpoints without the metrics history (older code) cannot rebuild the DVCLive log.
+    return ck.get("fingerprint") == fingerprint and not ck.get("finished") and "history" in ck.get("state", {})
 
 
 @torch.no_grad()
@@ -166,6 +167,8 @@ def fit(
 
     Resumes from `ckpt_dir/last.pt` when it belongs to an unfinished run with the same
     `fingerprint` (params + data); `stop_after_epoch` ends early on purpose (tests).
+    `live`: a DVCLive Live started afresh (resume=False); a resumed run rewrites the
+    epochs it skips from the checkpoint's history.
     Returns a summary: best epoch, its metrics, epochs run, whether it stopped early.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -179,8 +182,12 @@ def fit(
 
     # The sampler's shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
     sampler = DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
-    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda",
-                     persistent_workers=cfg.num_workers > 0)
+    # No persistent_workers: with them each worker seeds its RNG (augmentation) once, from a
+    # draw on the main RNG when the loader is first iterated, and carries it across epochs;
+    # a resumed run would draw at another point and augment differently from an uninterrupted
+    # one (and shift the dropout stream). A fresh iterator per epoch seeds its workers from
+    # the main RNG, which the checkpoint restores, so a resumed run repeats the same epochs.
+    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda")
     # A last batch of one sample crashes BatchNorm in training mode wherever the feature
     # map is 1×1 ("Expected more than 1 value per channel"): resnet18, mobilenet_v3_small,
     # efficientnet_b0 at image_size <= 32. Drop that one sample (a different one each
@@ -192,7 +199,7 @@ def fit(
     val_loader = DataLoader(Subset(val_set, range(rt.rank, len(val_set), rt.world_size)),
                             batch_size=cfg.batch_size * 2, **loader_kw)
 
-    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}}
+    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}, "history": []}
     last = ckpt_dir / "last.pt"
     if resumable(ckpt_dir, fingerprint):
         ck = load_checkpoint(last)
@@ -205,6 +212,16 @@ def fit(
             torch.set_rng_state(ck["rng"][rt.rank])
         if rt.is_main:
             log(f"resuming from {last} after epoch {state['epoch']}")
+        if live is not None:
+            # DVCLive appends each epoch's rows after last.pt is saved, in plain (non-atomic)
+            # writes: a kill can leave them a step short of the checkpoint, cut mid-row, or
+            # metrics.json cut short (which DVCLive's own resume cannot even read). So the
+            # checkpoint is the record: write every epoch it holds again, then go on.
+            for step, metrics in enumerate(state["history"]):
+                live.step = step
+                for k, v in metrics.items():
+                    live.log_metric(k, v)
+            live.make_summary()
 
     show_bar = rt.is_main and sys.stderr.isatty()
     stopped_early = False
@@ -248,6 +265,7 @@ def fit(
         if not all(math.isfinite(v) for v in metrics.values()):
             raise StageError(f"training diverged at epoch {epoch + 1} ({metrics}); lower train.lr or enable grad_clip")
 
+        state["history"].append(metrics)
         value = metrics[cfg.monitor]
         improved = state["best"] is None or (value < state["best"] if cfg.minimize else value > state["best"])
         if improved:
