@@ -9,7 +9,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 TASK ?= tabular
 
-.PHONY: install run test suite sweep report serve push pull clean-checkpoints
+.PHONY: install run test bench suite sweep report serve push pull clean-checkpoints
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ run: install
 
 test: install
 	python -m pytest
+
+# The benchmark suite, not part of `make test` (after `make run`): onnxruntime vs torch,
+# serving overhead, batch inference, training loop, validation, pipeline overhead, each
+# measured side by side in one run; under 10 minutes on 2 cores → metrics/bench.json
+bench: install
+	python -m bench
 
 # The REST API + Gradio app over models/*/model.onnx (after `make run`): http://127.0.0.1:7860
 serve: install
