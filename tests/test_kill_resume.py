@@ -48,8 +48,9 @@ pytestmark = pytest.mark.slow
 PARAMS = {
     "tabular": {"tabular.train.hidden": [64], "tabular.train.epochs": 30, "tabular.train.batch_size": 8,
                 "tabular.train.patience": 0, "tabular.evaluate.baseline": False},  # amp stays 'auto'
-    "image": {"image.demo.size": 16, "image.data.image_size": 16, "image.data.split.test": 0.6,  # a smaller train split
-              "image.train.epochs": 5, "image.train.batch_size": 16, "image.train.patience": 0,
+    "image": {"image.demo.size": 16, "image.data.image_size": 16,
+              "image.data.split.val": 0.1, "image.data.split.test": 0.7,  # 360 training images
+              "image.train.epochs": 4, "image.train.batch_size": 16, "image.train.patience": 0,
               "image.train.amp": "off", "image.train.num_workers": 1},
 }
 KILL_AFTER = 2  # epochs checkpointed before the kill
