@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "quick": args.quick,
               "machine": {**machine(), "load_average_at_start": os.getloadavg()}, "sections": {}}
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: other work is running, the numbers "
+              "will be noisy (the ratios less so) and torch's much slower", flush=True)
     start, failed = time.perf_counter(), []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for name in names:

@@ -3,6 +3,7 @@ round), each is repeated, and what is compared is the median. Plus the rows ever
 prints and the description of the machine that bench.json records."""
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -12,12 +13,12 @@ from typing import Any, Callable
 
 
 def alternate(contenders: dict[str, Callable[[], Any]], rounds: int, number: int | None = 1,
-              warmup: int = 1, sample_s: float = 0.05, max_s: float | None = None,
+              warmup: int = 1, sample_s: float = 0.05, max_s: float | None = None, min_rounds: int = 3,
               before: Callable[[str], Any] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each contender: `rounds` samples of `number` calls each, the
     contenders interleaved within a round and their order rotated from round to round.
     number=None: as many calls per sample as fill about `sample_s` (fast calls).
-    max_s: no new round after that many seconds, once 3 rounds are done (slow calls).
+    max_s: no new round after that many seconds, once `min_rounds` are done (slow calls).
     before(name), if given, runs untimed before each sample of that contender."""
     names = list(contenders)
     before = before or (lambda name: None)
@@ -35,7 +36,7 @@ def alternate(contenders: dict[str, Callable[[], Any]], rounds: int, number: int
     times: dict[str, list[float]] = {name: [] for name in names}
     began = time.perf_counter()
     for r in range(rounds):
-        if max_s is not None and r >= 3 and time.perf_counter() - began > max_s:
+        if max_s is not None and r >= min_rounds and time.perf_counter() - began > max_s:
             break
         for name in names[r % len(names):] + names[:r % len(names)]:
             fn, count = contenders[name], counts[name]
@@ -116,6 +117,7 @@ def machine() -> dict:
     import onnxruntime
     import torch
 
+    from stages.distributed import cpu_supports_bf16
     from stages.onnx_session import physical_cores
 
     model = platform.processor()
@@ -126,8 +128,6 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    import os
-
     return {"cpu": model, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
-            "python": platform.python_version(), "torch": torch.__version__,
+            "native_bf16": cpu_supports_bf16(), "python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}

@@ -9,18 +9,17 @@ import sys
 
 import pytest
 
-from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
 SECTIONS = {"inference", "serving", "batch", "training", "validation", "pipeline"}
 
 
-@pytest.mark.skipif(not all((ROOT / "models" / t / "model.onnx").exists() for t in ("tabular", "image", "detect")),
-                    reason="the bench measures the trained models: run `make run` first")
-def test_quick_bench_writes_every_section(tmp_path):
+def test_quick_bench_writes_every_section(tmp_path, served_repo):
+    # In the served repo (tiny models of all three tasks, up to date), so that a fresh clone
+    # without `make run` runs it too.
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=served_repo,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -29,7 +28,8 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert set(result["sections"]) == SECTIONS
     for name, section in result["sections"].items():
         assert "error" not in section, (name, section.get("error"))
-        assert section["rows"] and section["seconds"] >= 0, name
+        # (the pipeline is not measured while someone else's dvc command holds the repository's lock)
+        assert (section["rows"] or section["details"].get("busy")) and section["seconds"] >= 0, name
         for row in section["rows"]:
             assert {"what", "a", "b", "ratio", "target", "holds"} <= set(row), row
             assert row["a"]["value"] > 0 and row["a"]["unit"], row
