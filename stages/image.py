@@ -76,10 +76,14 @@ def inspect_image(path: Path) -> dict:
                 info.update(width=im.width, height=im.height, mode=im.mode)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         info["error"] = f"decompression bomb: {e}"
+    except ImportError as e:
+        # Ultralytics, once imported, registers a HEIF opener that PIL tries on files no other
+        # plugin recognises; without pi_heif that is an ImportError, not "not an image".
+        info["error"] = f"UnidentifiedImageError: cannot identify image file {str(path)!r} ({e})"
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's error, reported per file
         info["error"] = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        if not data:
-            info["error"] = "empty file (0 bytes)"
+    if info["error"] and not data:
+        info["error"] = "empty file (0 bytes)"
     return info
 
 
