@@ -15,7 +15,7 @@ import numpy as np
 
 from stages.common import StageError, atomic_path, log, read_json, run_stage, write_json
 from stages.expectations import for_inference, load_suite, run_suite, summarise
-from stages.image import image_extensions, preprocess, top_k
+from stages.image import image_extensions, load_rgb, normalise, top_k
 from stages.onnx_session import open_session, run_batches
 from stages.tabular import Preprocessor, decode_outputs, read_features, softmax
 
@@ -86,17 +86,18 @@ def infer_image(params: dict, model_dir: Path = Path("models/image"),
     card = read_json(model_dir / "model.json")
     files, root = list_inputs(p["source"])
     session = open_session(model_dir / card["onnx"]["file"])
-    classes = card["classes"]
+    classes, spec = card["classes"], card["preprocessing"]
     rows, start = [], time.perf_counter()
     for i in range(0, len(files), p["batch_size"]):
         good, errors = [], {}
         for name in files[i:i + p["batch_size"]]:
             try:
-                good.append((name, preprocess([root / name], card["preprocessing"])))
+                good.append((name, load_rgb(root / name, spec["image_size"])))
             except Exception as e:  # noqa: BLE001 - unreadable file: report it, keep going
                 errors[name] = f"{type(e).__name__}: {e}"
-        probs = softmax(run_batches(session, np.concatenate([x for _, x in good]), len(good)).astype("float64")) \
-            if good else np.zeros((0, len(classes)))
+        # preprocess() in two steps: decode file by file (to catch unreadable ones), normalise the batch at once
+        x = normalise(np.stack([rgb for _, rgb in good]), spec["mean"], spec["std"]) if good else None
+        probs = softmax(run_batches(session, x, len(good)).astype("float64")) if good else np.zeros((0, len(classes)))
         ranked = dict(zip([n for n, _ in good], zip(probs, top_k(probs, classes, p["top_k"]))))
         for name in files[i:i + p["batch_size"]]:
             if name in errors:

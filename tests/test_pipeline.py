@@ -1,4 +1,5 @@
-"""End to end: `dvc repro` of the tabular stages in a fresh copy of the repo."""
+"""End to end: `dvc repro` of the tabular stages in a fresh copy of the repo (targets
+limit each run to the tabular chain; the other tasks have their own end-to-end tests)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ def read(repo, rel):
 
 
 def test_repro_runs_every_stage_and_is_reproducible(repo):
-    out = run(repo, "dvc", "repro")
+    out = run(repo, "dvc", "repro", "infer@tabular")
     for name in ("prepare", "validate", "train", "evaluate", "export", "infer"):
         assert f"Running stage '{name}@tabular'" in out.stdout
     for rel in ("data/prepared/tabular/train.parquet", "data/prepared/tabular/schema.json",
@@ -40,14 +41,14 @@ def test_repro_runs_every_stage_and_is_reproducible(repo):
     assert (preds[["p_Adelie", "p_Chinstrap", "p_Gentoo"]].sum(axis=1) - 1).abs().max() < 1e-4
     assert len((repo / "metrics/tabular/train/plots/metrics/val_loss.tsv").read_text().splitlines()) == 1 + 10
 
-    assert "Data and pipelines are up to date" in run(repo, "dvc", "status").stdout
-    assert "didn't change, skipping" in run(repo, "dvc", "repro").stdout
+    assert "Data and pipelines are up to date" in run(repo, "dvc", "status", "infer@tabular").stdout
+    assert "didn't change, skipping" in run(repo, "dvc", "repro", "infer@tabular").stdout
     shown = json.loads(run(repo, "dvc", "metrics", "show", "--json").stdout)
     assert "metrics/tabular/metrics.json" in json.dumps(shown)
 
     # Same params, same data, CPU: the same numbers, to the bit.
     before = {rel: (repo / rel).read_bytes() for rel in METRICS}
-    run(repo, "dvc", "repro", "--force")
+    run(repo, "dvc", "repro", "--force", "infer@tabular")
     assert {rel: (repo / rel).read_bytes() for rel in METRICS} == before
 
 
@@ -59,7 +60,7 @@ def test_another_classification_csv_by_editing_only_data_params(repo):
     wine.to_csv(repo / "data/tabular/wine.csv", sep=";", index=False)  # a different delimiter, too
     set_params(repo, {"tabular.data.source": "data/tabular/wine.csv", "tabular.data.target": "target",
                       "tabular.infer.source": "data/prepared/tabular/test.parquet"})
-    run(repo, "dvc", "repro")
+    run(repo, "dvc", "repro", "infer@tabular")
     assert (repo / "data/expectations/tabular/wine.json").exists()  # a suite made for this data
     card = read(repo, "models/tabular/model.json")
     assert card["classes"] == ["barbera", "barolo", "grignolino"] and card["kind"] == "classification"
@@ -72,7 +73,7 @@ def test_a_regression_csv_by_editing_only_data_params(repo):
     load_diabetes(as_frame=True, scaled=False).frame.to_csv(repo / "data/tabular/diabetes.csv", index=False)
     set_params(repo, {"tabular.data.source": "data/tabular/diabetes.csv", "tabular.data.target": "target",
                       "tabular.data.task": "regression", "tabular.train.epochs": 30})
-    run(repo, "dvc", "repro")
+    run(repo, "dvc", "repro", "infer@tabular")
     metrics = read(repo, "metrics/tabular/metrics.json")
     assert set(metrics["test"]) == {"rmse", "mae", "r2"} and set(metrics["baseline_hgb"]) == {"rmse", "mae", "r2"}
     assert metrics["test"]["r2"] > 0.2
