@@ -39,7 +39,7 @@ test: install
 # serving overhead, batch inference, training loop, validation, pipeline overhead, each
 # measured side by side in one run; under 10 minutes on 2 cores → metrics/bench.json
 bench: install
-	python -m bench
+	python -m tools.bench
 
 # The REST API + Gradio app over models/*/model.onnx (after `make run`): http://127.0.0.1:7860
 serve: install
@@ -47,17 +47,17 @@ serve: install
 
 # (Re)create the Great Expectations suite for TASK from its training split.
 suite: install
-	python -m stages.validate $(TASK) --new-suite
+	python -m stages validate $(TASK) --new-suite
 
 # Queue a grid of experiments and rank them: make sweep SWEEP=sweeps/tabular-lr.yaml
 SWEEP ?= sweeps/tabular-lr.yaml
 sweep: install
-	python -m stages.sweep $(SWEEP)
+	python -m tools.sweep $(SWEEP)
 
 # report.md + report/*.png against BASE (what CML posts on a pull request)
 BASE ?= main
 report: install
-	python -m stages.report --base $(BASE)
+	python -m tools.report --base $(BASE)
 
 # DVC-tracked data and models to / from the default remote (.dvc/config; README "Data versioning")
 push: install

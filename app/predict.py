@@ -1,8 +1,8 @@
 """Serving core: load the exported models and predict, torch-free.
 
-The same preprocessing and onnxruntime code as the `infer` stage (stages/tabular.py,
-stages/image.py, stages/detect.py), so the app and `infer` give identical results.
-Nothing here unpickles: models are ONNX files and JSON model cards.
+Each task's `predict` hook (stages/<task>/infer.py) is the one `infer` calls, so the app
+and `infer` give identical results. Nothing here unpickles: models are ONNX files and
+JSON model cards.
 """
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from stages.common import StageError
-from stages.detect import decode, load_for_detection
-from stages.image import preprocess, top_k
-from stages.onnx_session import open_session, run_batches
-from stages.tabular import Preprocessor, decode_outputs, softmax, type_features
-
-TASKS = ("tabular", "image", "detect")
+from stages.core.common import TASKS, StageError
+from stages.core.inference import open_session
+from stages.detect import infer as detect
+from stages.detect.boxes import load_for_detection, to_records
+from stages.image import infer as image
+from stages.image.data import load_rgb, top_k
+from stages.tabular import infer as tabular
+from stages.tabular.data import type_features
 HOW_TO_TRAIN = "run `make run` (or `dvc repro infer@{task}`, or `dvc pull` from a remote that has it)"
 
 
@@ -71,25 +72,19 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict]:
-    card = model.card
     df = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows
     try:
-        df = type_features(df, card["features"], "request")
-        x = Preprocessor.from_dict(card["preprocessing"]).transform(df, "request")
+        table = tabular.predict(model.card, model.session, type_features(df, model.card["features"], "request"),
+                                "request")
     except StageError as e:
         raise BadInput(str(e)) from None
-    outputs = run_batches(model.session, x, 4096)
-    if not np.isfinite(outputs).all():
-        raise BadInput("some values are so far out of range that the model gives no finite prediction")
-    table = decode_outputs(outputs, card)
     return json.loads(table.to_json(orient="records"))
 
 
 def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     card = model.card
     open_image(data, max_pixels)  # checked first; then the very bytes go through infer's loader
-    x = preprocess([io.BytesIO(data)], card["preprocessing"])
-    probs = softmax(run_batches(model.session, x, 1).astype("float64"))[0]
+    probs = image.predict(card, model.session, load_rgb(io.BytesIO(data), card["preprocessing"]["image_size"])[None])[0]
     classes = card["classes"]
     order = np.argsort(-probs)[:k]
     return {"prediction": classes[int(order[0])], "probability": float(probs[order[0]]),
@@ -97,12 +92,11 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
             "top_k_text": top_k(probs[None], classes, k)[0]}
 
 
-def predict_detect(model: Loaded, data: bytes, conf: float, iou: float, max_pixels: int) -> list[dict]:
+def predict_detect(model: Loaded, data: bytes, conf: float | None, iou: float | None, max_pixels: int) -> list[dict]:
+    """conf and iou default to the model card's (what export checked parity at)."""
     card = model.card
     open_image(data, max_pixels)
-    x, meta = load_for_detection(io.BytesIO(data), card["preprocessing"]["imgsz"])
-    out = model.session.run(None, {model.session.get_inputs()[0].name: x[None]})[0][0]
-    names = card["classes"]
-    return [{"category_id": int(c), "category": names[int(c)], "score": round(float(s), 5),
-             "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2), round(float(y2 - y1), 2)]}
-            for x1, y1, x2, y2, s, c in decode(out, meta, conf, iou)]
+    conf = card["postprocessing"]["conf"] if conf is None else conf
+    iou = card["postprocessing"]["iou"] if iou is None else iou
+    loaded = load_for_detection(io.BytesIO(data), card["preprocessing"]["imgsz"])
+    return to_records(detect.predict(model.session, [loaded], conf, iou)[0], card["classes"])

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict, Field, create_model
 
 from app.predict import BadInput, Loaded, load_models, predict_detect, predict_image, predict_tabular
-from stages.common import load_params
+from stages.core.common import TASKS, load_params
 
 log = logging.getLogger("app.access")
 
@@ -132,7 +132,7 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
         return {"models": {t: m.card for t, m in models.items()}, "missing": missing}
 
     @app.get("/model/info/{task}", summary="One model card")
-    def model_info_task(task: Literal["tabular", "image", "detect"]) -> dict:
+    def model_info_task(task: Literal[TASKS]) -> dict:
         # A closed set of names: "../x" or any other value is a 422, never a path on disk.
         return model(task).card
 
@@ -151,8 +151,8 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
 
     @app.post("/predict/detect", summary="Detect objects in one image (multipart upload)")
     def detect(file: Annotated[UploadFile, File(description="an image PIL can read")],
-               conf: Annotated[float, Query(ge=0, le=1)] = 0.25,
-               iou: Annotated[float, Query(ge=0, le=1)] = 0.7) -> dict:
+               conf: Annotated[float | None, Query(ge=0, le=1, description="default: the model card's")] = None,
+               iou: Annotated[float | None, Query(ge=0, le=1, description="default: the model card's")] = None) -> dict:
         m = model("detect")
         found = predict_detect(m, read_upload(file), conf, iou, cfg["max_pixels"])
         return {"detections": found, "count": len(found)}

@@ -2,7 +2,6 @@
 (tested directly and through gradio_client); nothing is loaded at import."""
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 import zipfile
@@ -12,10 +11,10 @@ import numpy as np
 import pandas as pd
 
 from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
-from stages.common import StageError
-from stages.detect import draw_boxes
-from stages.image import image_extensions
-from stages.tabular import read_csv
+from stages.core.common import StageError
+from stages.core.images import image_extensions
+from stages.detect.boxes import draw_boxes
+from stages.tabular.data import read_csv
 
 HEADLINE = ("accuracy", "f1_macro", "roc_auc", "rmse", "mae", "r2", "mAP50", "mAP50-95")
 MAX_ZIP_IMAGES = 1000
@@ -160,8 +159,9 @@ def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: dict):
                 with gr.Row():
                     det_in = gr.Image(type="filepath", label="image", elem_id="det-in")
                     det_img = gr.Image(type="pil", label="detections", elem_id="det-img")
-                conf = gr.Slider(0, 1, value=0.25, step=0.01, label="confidence")
-                iou = gr.Slider(0, 1, value=0.7, step=0.01, label="NMS IoU")
+                post = m.card["postprocessing"]  # the thresholds export checked parity at
+                conf = gr.Slider(0, 1, value=post["conf"], step=0.01, label="confidence")
+                iou = gr.Slider(0, 1, value=post["iou"], step=0.01, label="NMS IoU")
                 table = gr.Dataframe(label="objects", elem_id="det-table")
                 run = gr.Button("Detect", variant="primary", elem_id="det-run")
                 for trigger in (det_in.upload, run.click):

@@ -63,7 +63,7 @@ def set_params(repo: Path, values: dict) -> None:
 
 
 def run(repo: Path, *cmd: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run a command in repo (stages as `python -m stages.X task`), capturing output."""
+    """Run a command in repo (stages as `python -m stages X task`), capturing output."""
     if cmd[0] == "python":
         cmd = (sys.executable, *cmd[1:])
     res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)
@@ -73,7 +73,7 @@ def run(repo: Path, *cmd: str, check: bool = True, timeout: float = 600) -> subp
 
 
 def stage(repo: Path, name: str, task: str = "tabular", check: bool = True) -> subprocess.CompletedProcess:
-    return run(repo, "python", "-m", f"stages.{name}", task, check=check)
+    return run(repo, "python", "-m", "stages", name, task, check=check)
 
 
 # Every task, tiny: the served repo's models exist but are not meant to be good.

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc-per-node=2 tests/ddp_worker.py OUT_DIR [--batchnorm] [--n-val=N]
 
 Builds the same small dataset on every rank (no randomness outside the seed), trains it
-with stages.trainer.fit on the CPU (gloo), and writes:
+with stages.core.trainer.fit on the CPU (gloo), and writes:
   OUT_DIR/init.pt         rank 0's weights before training (DDP broadcasts them to all ranks)
   OUT_DIR/rank{RANK}.pt   each rank's final weights
   OUT_DIR/summary{RANK}.json  fit's return value on each rank
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.distributed import seed_everything, setup, teardown
-from stages.models import MLP
-from stages.trainer import LoopConfig, classification_sums, fit
+from stages.core.distributed import seed_everything, setup, teardown
+from stages.tabular.model import MLP
+from stages.core.trainer import LoopConfig, classification_sums, fit
 
 SEED = 7
 EPOCHS = 3

@@ -218,5 +218,5 @@ def test_validate_names_expectation_column_value_and_line(good: Path):
 
 
 def test_stage_usage_error_is_one_line(good: Path):
-    res = run(good, "python", "-m", "stages.prepare", "images", check=False)
+    res = run(good, "python", "-m", "stages", "prepare", "images", check=False)
     assert res.returncode == 1 and res.stderr.startswith("error: usage:") and "Traceback" not in res.stderr

@@ -19,7 +19,7 @@ def test_quick_bench_writes_every_section(tmp_path, served_repo):
     # In the served repo (tiny models of all three tasks, up to date), so that a fresh clone
     # without `make run` runs it too.
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=served_repo,
+    res = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--out", str(out)], cwd=served_repo,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads(out.read_text())

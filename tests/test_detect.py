@@ -24,9 +24,10 @@ import pytest
 from PIL import Image
 
 from conftest import copy_repo, run, set_params, stage
-from stages.detect import SHAPES, decode, letterbox, load_for_detection, nms, read_yolo, resize_bilinear, \
-    shapes_scene, yolo_line
-from stages.evaluate import coco_ground_truth, coco_map
+from stages.detect.boxes import decode, letterbox, load_for_detection, nms, resize_bilinear
+from stages.detect.demo import SHAPES, shapes_scene
+from stages.detect.labels import read_yolo, yolo_line
+from stages.detect.evaluate import coco_ground_truth, coco_map
 
 SPLITS = ("train", "val", "test")
 CONF = 0.002  # between the stride-32 prior (~0.0041) and the stride-16 one (~0.0010): see above
@@ -227,8 +228,8 @@ def test_onnx_model_and_card(e2e):
 
 @pytest.mark.slow
 def test_infer_outputs(e2e):
-    from stages.export import detections_onnx
-    from stages.onnx_session import open_session
+    from stages.detect.export import detections_onnx
+    from stages.core.inference import open_session
 
     repo, _, _ = e2e
     preds = read_json(repo / "data/predictions/detect.json")
@@ -292,8 +293,8 @@ def test_infer_skips_unreadable_files_and_imports_no_torch(trained, fake_home):
 
     # The same, in one process that must not have imported torch, torchvision, ultralytics or OpenCV.
     out = trained / "direct.json"
-    code = ("import sys; from pathlib import Path; from stages.common import load_params; "
-            f"from stages.infer import infer_detect; infer_detect(load_params(), out=Path({str(out)!r})); "
+    code = ("import sys; from pathlib import Path; from stages.core.common import load_params; "
+            f"from stages.detect.infer import run; run(load_params(), out=Path({str(out)!r})); "
             "bad = sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics', 'cv2')); "
             "assert not bad, bad; print('ok')")

@@ -194,7 +194,7 @@ def test_train_stage_with_nproc_2(repo, tmp_path, monkeypatch):
     stage(repo, "validate")
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the copy's stages/, from the cwd
-    [result] = launch([[sys.executable, "-m", "stages.train", "tabular"]], cwd=repo, log_dir=tmp_path / "logs",
+    [result] = launch([[sys.executable, "-m", "stages", "train", "tabular"]], cwd=repo, log_dir=tmp_path / "logs",
                       env=env)
     assert_ok([result])
 

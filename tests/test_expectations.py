@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from stages.expectations import for_inference, run_suite, summarise, tabular_suite
-from stages.tabular import normalise_columns, read_csv, split
+from stages.core.expectations import for_inference, run_suite, summarise
+from stages.tabular.validate import suite as tabular_suite
+from stages.core.splits import split
+from stages.tabular.data import normalise_columns, read_csv
 
 
 @pytest.fixture(scope="module")

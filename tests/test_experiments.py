@@ -53,7 +53,7 @@ def test_report_between_two_commits(baseline):
     set_params(baseline, {"tabular.train.lr": 0.03})
     run(baseline, "dvc", "repro", "infer@tabular")
     git(baseline, "commit", "-q", "-am", "higher lr")
-    run(baseline, "python", "-m", "stages.report", "--base", "HEAD~1")
+    run(baseline, "python", "-m", "tools.report", "--base", "HEAD~1")
     text = (baseline / "report.md").read_text()
     assert "Against `HEAD~1`" in text
     assert re.search(r"\| tabular\.train\.lr \| 0\.01 \| 0\.03 \|", text), text
@@ -63,7 +63,7 @@ def test_report_between_two_commits(baseline):
     assert "report/tabular_training.png" in links and "report/tabular_confusion.png" in links
     for link in links:
         assert (baseline / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
-    bad = run(baseline, "python", "-m", "stages.report", "--base", "no-such-rev", check=False)
+    bad = run(baseline, "python", "-m", "tools.report", "--base", "no-such-rev", check=False)
     assert bad.returncode == 1 and "no such git revision" in bad.stderr
 
 
@@ -72,7 +72,7 @@ def test_queued_sweep_runs_both_experiments(baseline):
         "task: tabular\ngrid:\n  tabular.train.lr: [0.001, 0.05]\njobs: 2\nstall_minutes: 8\n")
     git(baseline, "add", "sweeps/tiny.yaml")
     git(baseline, "commit", "-q", "-m", "sweep file")
-    out = run(baseline, "python", "-m", "stages.sweep", "sweeps/tiny.yaml", timeout=900)
+    out = run(baseline, "python", "-m", "tools.sweep", "sweeps/tiny.yaml", timeout=900)
     assert "2/2 done, 0 running, 0 failed" in out.stdout
     shown = json.loads(run(baseline, "dvc", "exp", "show", "--json").stdout)
     exps = [e for rev in shown for e in (rev.get("experiments") or [])]
@@ -95,7 +95,7 @@ def test_a_stalled_queue_is_reported_with_the_way_out(baseline):
     git(baseline, "add", "sweeps/stall.yaml")
     git(baseline, "commit", "-q", "-m", "a sweep that cannot progress within 6 s")
     try:
-        res = run(baseline, "python", "-m", "stages.sweep", "sweeps/stall.yaml", check=False, timeout=300)
+        res = run(baseline, "python", "-m", "tools.sweep", "sweeps/stall.yaml", check=False, timeout=300)
         assert res.returncode == 1
         assert "made no progress for 0.1 minutes" in res.stderr and "dvc queue stop --kill" in res.stderr
         assert "dvc exp clean" in res.stderr

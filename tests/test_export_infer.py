@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import TINY_TABULAR, copy_repo, run, set_params, stage
-from stages.common import StageError
-from stages.export import check_parity, export_onnx
-from stages.models import build_model
-from stages.onnx_session import open_session, physical_cores, run_batches
+from stages.core.common import StageError
+from stages.core.models import check_parity, export_onnx
+from stages.tabular.model import build_model
+from stages.core.inference import open_session, physical_cores, run_batches
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def test_infer_on_a_csv_imports_no_torch(trained, tmp_path):
     csv = tmp_path / "new.csv"
     rows.to_csv(csv, index=False)
     out = tmp_path / "pred.csv"
-    code = ("import sys; from pathlib import Path; from stages.common import load_params; "
-            "from stages.infer import infer_tabular; p = load_params(); "
+    code = ("import sys; from pathlib import Path; from stages.core.common import load_params; "
+            "from stages.tabular.infer import run as infer_tabular; p = load_params(); "
             f"p['tabular']['infer']['source'] = {str(csv)!r}; infer_tabular(p, out=Path({str(out)!r})); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics')); "
             "assert not bad, bad; print('ok')")
@@ -76,7 +76,7 @@ def test_infer_on_a_csv_imports_no_torch(trained, tmp_path):
     assert preds["line"].tolist() == [2, 3, 4, 5, 6]  # line numbers of the new CSV
     # The same rows straight through onnxruntime give the same predictions.
     card = json.loads((trained / "models/tabular/model.json").read_text())
-    from stages.tabular import Preprocessor, decode_outputs
+    from stages.tabular.data import Preprocessor, decode_outputs
 
     x = Preprocessor.from_dict(card["preprocessing"]).transform(rows)
     direct = decode_outputs(run_batches(open_session(trained / "models/tabular/model.onnx"), x, 2), card)

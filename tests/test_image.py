@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 from conftest import copy_repo, run, set_params, stage
-from stages.common import StageError
-from stages.image import image_extensions, inspect_image, list_images, load_rgb, normalise, preprocess, top_k
+from stages.core.common import StageError
+from stages.core.images import image_extensions, inspect_image, list_images
+from stages.image.data import load_rgb, normalise, preprocess, top_k
 
 # Four classes that survive grayscale, JPEG and resizing: they differ in pattern, not colour.
 PATTERNS = ("checker", "hstripes", "square", "vstripes")
@@ -140,9 +141,12 @@ def test_list_images_reads_a_manifest_relative_to_itself(tmp_path: Path):
     assert all((base / p).is_file() for p in table["path"])
 
 
-def test_list_inputs_for_inference(tmp_path: Path):
-    from stages.infer import list_inputs
+def list_inputs(source):
+    table, root = list_images(source, labelled=False)
+    return table["path"].tolist(), root
 
+
+def test_list_inputs_for_inference(tmp_path: Path):
     folder = tmp_path / "in"
     save_image(pattern("checker", 16, 16, 0), folder / "z", 0)
     save_image(pattern("checker", 16, 16, 1), folder / "a" / "b" / "deep", 1)
@@ -157,7 +161,7 @@ def test_list_inputs_for_inference(tmp_path: Path):
     cases = {"empty": r"empty: no image files \(searched recursively\)",
              "nothing.csv": r"nothing\.csv: not found", "blank.csv": r"blank\.csv: not a readable manifest",
              "header.csv": r"header\.csv: the manifest lists no images",
-             "nopath.csv": r"nopath\.csv: a manifest needs a 'path' column"}
+             "nopath.csv": r"nopath\.csv: manifest needs columns path; missing: path"}
     (tmp_path / "blank.csv").write_text("")
     (tmp_path / "header.csv").write_text("path\n")
     (tmp_path / "nopath.csv").write_text("file\nin/z.png\n")
@@ -258,7 +262,7 @@ def test_top_k_lists_the_most_likely_classes():
 def test_every_arch_runs_on_small_images(size: int):
     import torch
 
-    from stages.models import IMAGE_ARCHS, build_model
+    from stages.image.model import IMAGE_ARCHS, build_model
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, size, size)
@@ -276,7 +280,7 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path: Path):
     import torch
     import torchvision
 
-    from stages.models import build_model
+    from stages.image.model import build_model
 
     torch.manual_seed(1)
     saved = torchvision.models.resnet18(weights=None).state_dict()  # 1000 ImageNet classes
@@ -315,9 +319,9 @@ def test_training_survives_a_last_batch_of_one_with_batchnorm(tmp_path: Path):
     import torch
     from torch.utils.data import TensorDataset
 
-    from stages.distributed import Runtime, seed_everything
-    from stages.models import build_model
-    from stages.trainer import LoopConfig, classification_sums, fit
+    from stages.core.distributed import Runtime, seed_everything
+    from stages.image.model import build_model
+    from stages.core.trainer import LoopConfig, classification_sums, fit
 
     seed_everything(0)
     g = torch.Generator().manual_seed(0)
@@ -413,7 +417,7 @@ def test_repro_writes_every_output(pipeline):
     assert card["preprocessing"]["image_size"] == 16 and card["validation"]["success"] is True
     assert card["data"]["source"] == SOURCE and card["params"]["image.train"]["epochs"] == 3
     # The ONNX file itself: a symbolic batch, fixed 3 × 16 × 16, any batch size runs.
-    from stages.onnx_session import open_session, run_batches
+    from stages.core.inference import open_session, run_batches
 
     session = open_session(repo / "models/image/model.onnx", threads=1)
     batch, *chw = session.get_inputs()[0].shape
@@ -642,8 +646,8 @@ def test_infer_reports_unreadable_files_and_goes_on(pipeline, tmp_path: Path):
               "sub/zero.png": "UnidentifiedImageError: ", "sub/deeper/bomb.png": "DecompressionBombWarning: "}
     set_params(repo, {"image.infer.source": str(folder), "image.infer.batch_size": 3})
     out = tmp_path / "pred.csv"
-    code = ("import sys; from pathlib import Path; from stages.common import load_params; "
-            "from stages.infer import infer_image; "
+    code = ("import sys; from pathlib import Path; from stages.core.common import load_params; "
+            "from stages.image.infer import run as infer_image; "
             f"infer_image(load_params(), out=Path({str(out)!r})); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')); "
             "assert not bad, bad; print('ok')")

@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from conftest import copy_repo, run, set_params
-from stages.common import atomic_dir, atomic_path
+from stages.core.common import atomic_dir, atomic_path
 
 pytestmark = pytest.mark.slow
 
@@ -306,7 +306,7 @@ def big_penguins(repo: Path, rows: int = 300_000) -> None:
 
 
 def test_killed_prepare_leaves_the_old_or_the_new_output_and_no_scratch_behind(spawn, tmp_path):
-    """SIGKILL `python -m stages.prepare tabular` (run by hand: `dvc repro` deletes outputs
+    """SIGKILL `python -m stages prepare tabular` (run by hand: `dvc repro` deletes outputs
     before it runs a stage) while atomic_dir writes data/prepared/tabular, several times at
     random points of the write: the folder must hold exactly the old files or exactly the
     new ones. The scratch folders those kills leave beside it are expected; the next
@@ -331,7 +331,7 @@ def test_killed_prepare_leaves_the_old_or_the_new_output_and_no_scratch_behind(s
     for attempt in range(8):
         log = tmp_path / f"prepare-{attempt}.log"
         before = scratch(out_dir)
-        proc = spawn(repo, log, "python", "-m", "stages.prepare", "tabular")
+        proc = spawn(repo, log, "python", "-m", "stages", "prepare", "tabular")
         deadline = time.monotonic() + 120
         while not scratch(out_dir) - before and proc.poll() is None:  # until this run's write began
             assert time.monotonic() < deadline, "prepare never started writing"

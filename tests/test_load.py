@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_two_thousand_requests_no_errors_flat_memory(server, served_repo):
     out = served_repo / "metrics/load.json"
-    res = run(served_repo, "python", "-m", "app.loadtest", server, "--clients", "50", "--requests", "2000",
+    res = run(served_repo, "python", "-m", "tools.loadtest", server, "--clients", "50", "--requests", "2000",
               "--out", str(out), check=False, timeout=300)
     result = json.loads(out.read_text())
     assert res.returncode == 0 and result["errors"] == 0, result["error_samples"]

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT
-from stages.common import StageError
-from stages.tabular import Preprocessor, check_target, decode_outputs, normalise_columns, read_csv, read_features, split
+from stages.core.common import StageError
+from stages.core.splits import split
+from stages.tabular.data import Preprocessor, check_target, decode_outputs, normalise_columns, read_csv, read_features
 
 PENGUINS = ROOT / "data/tabular/penguins.csv"
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from stages.common import StageError
-from stages.distributed import Runtime, amp_policy, seed_everything
-from stages.models import MLP, build_model
-from stages.trainer import LoopConfig, classification_sums, fit, load_checkpoint, regression_sums, resumable
+from stages.core.common import StageError
+from stages.core.distributed import Runtime, amp_policy, seed_everything
+from stages.tabular.model import MLP, build_model
+from stages.core.trainer import LoopConfig, classification_sums, fit, load_checkpoint, regression_sums, resumable
 
 CPU = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 BASE = dict(epochs=6, batch_size=16, lr=0.05, weight_decay=0.0, scheduler="cosine", step_size=2, gamma=0.5,

@@ -1,0 +1,37 @@
+"""The one entry point of the pipeline: `python -m stages STAGE TASK`.
+
+    python -m stages prepare tabular
+    python -m stages validate image --new-suite   # (re)create the suite from the training split
+    python -m stages train detect
+
+STAGE runs `stages/<task>/<stage>.py:run(params)`; dvc.yaml calls nothing else, and each
+stage depends on stages/core/ and stages/<task>/ as folders, so a code change anywhere a
+stage can reach reruns it (tests/test_deps.py keeps that true).
+"""
+from __future__ import annotations
+
+import importlib
+
+from stages.core.common import TASKS, StageError, load_params, run_main
+
+STAGES = ("demo", "prepare", "validate", "train", "evaluate", "export", "infer")
+DEMOS = ("image", "detect")  # tabular's demo data is a file in git
+
+
+def main(argv: list[str]) -> None:
+    flags = [a for a in argv if a.startswith("--")]
+    args = [a for a in argv if not a.startswith("--")]
+    if len(args) != 2 or args[0] not in STAGES or args[1] not in TASKS:
+        raise StageError(f"usage: python -m stages STAGE TASK, where STAGE is one of: {', '.join(STAGES)} "
+                         f"and TASK one of: {', '.join(TASKS)}")
+    stage, task = args
+    if stage == "demo" and task not in DEMOS:
+        raise StageError(f"there is no demo stage for {task}; tasks with one: {', '.join(DEMOS)}")
+    if flags and (stage, flags) != ("validate", ["--new-suite"]):
+        raise StageError(f"unknown option {' '.join(flags)} (only `validate TASK --new-suite` takes one)")
+    run = importlib.import_module(f"stages.{task}.{stage}").run
+    run(load_params(), **({"new_suite": True} if flags else {}))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,35 @@
+"""Test metrics and plot rows shared by the classifiers and the regressor (scikit-learn)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def classification_report(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> tuple[dict, dict]:
+    """Metrics and plot rows. ROC/PR are micro-averaged (one curve for any number of classes)."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    pred = probs.argmax(1)
+    onehot = np.eye(len(classes))[y]
+    if len(classes) == 2:
+        auc = roc_auc_score(y, probs[:, 1])
+        scores, truth = probs[:, 1], y
+    else:
+        auc = roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(len(classes))))
+        scores, truth = probs.ravel(), onehot.ravel()
+    fpr, tpr, _ = roc_curve(truth, scores)
+    precision, recall, _ = precision_recall_curve(truth, scores)
+    metrics = {"accuracy": accuracy_score(y, pred), "f1_macro": f1_score(y, pred, average="macro"), "roc_auc": auc}
+    plots = {
+        "confusion": [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(y, pred)],
+        "roc": [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr)],
+        "pr": [{"recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)],
+    }
+    return {k: float(v) for k, v in metrics.items()}, plots
+
+
+def regression_report(y: np.ndarray, pred: np.ndarray) -> tuple[dict, dict]:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    metrics = {"rmse": float(np.sqrt(mean_squared_error(y, pred))), "mae": float(mean_absolute_error(y, pred)),
+               "r2": float(r2_score(y, pred))}
+    return metrics, {"predicted": [{"actual": float(a), "predicted": float(p)} for a, p in zip(y, pred)]}

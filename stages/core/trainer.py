@@ -1,0 +1,309 @@
+"""The one training loop behind every torch model (tabular MLP, image CNNs).
+
+Follows torchvision's reference recipe and nanoGPT's AMP path: DistributedSampler with
+set_epoch, DDP on torchrun, a single autocast/GradScaler code path, gradient
+accumulation with no_sync, clipping after unscale_, cosine/step/plateau schedules,
+early stopping on a validation metric, and full-state checkpoints (model, optimizer,
+scheduler, scaler, epoch, RNG) written atomically by rank 0 so a killed run resumes
+where it stopped and ends with the same weights as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from stages.core.common import StageError, atomic_path, log
+from stages.core.distributed import Runtime, all_reduce_sums, amp_policy
+
+SCHEDULERS = ("cosine", "step", "plateau", "none")
+LOWER_IS_BETTER = ("loss", "rmse", "mae", "error")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The `<task>.train` keys the loop reads (model keys such as `hidden` live beside them)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    scheduler: str
+    step_size: int
+    gamma: float
+    grad_clip: float
+    grad_accum: int
+    amp: str
+    patience: int
+    monitor: str
+    num_workers: int
+    device: str
+    nproc: int
+
+    @classmethod
+    def from_params(cls, params: dict, section: str) -> "LoopConfig":
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise StageError(f"params.yaml: {section} is missing: {', '.join(missing)}")
+        cfg = cls(**{n: params[n] for n in names})
+        if cfg.scheduler not in SCHEDULERS:
+            raise StageError(f"{section}.scheduler is {cfg.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+            raise StageError(f"{section}: epochs, batch_size and grad_accum must be at least 1")
+        return cfg
+
+    @property
+    def minimize(self) -> bool:
+        return any(word in self.monitor for word in LOWER_IS_BETTER)
+
+
+BatchSums = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def classification_sums(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    loss = torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+    return {"loss": loss, "acc": (logits.argmax(1) == y).sum(), "count": torch.tensor(len(y))}
+
+
+def regression_sums(pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    err = pred.float().reshape(y.shape) - y
+    return {"loss": (err**2).sum(), "mae": err.abs().sum(), "count": torch.tensor(len(y))}
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: LoopConfig):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min" if cfg.minimize else "max", factor=cfg.gamma, patience=cfg.step_size)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _gather_rng(rt: Runtime) -> list[torch.Tensor]:
+    """Every rank's torch RNG state, so each rank's dropout stream resumes exactly."""
+    state = torch.get_rng_state()
+    if not rt.distributed:
+        return [state]
+    states = [None] * rt.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _save(path: Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    # Checkpoints hold tensors, numbers and strings only: nothing to unpickle.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resumable(ckpt_dir: str | Path, fingerprint: str) -> bool:
+    """True when ckpt_dir/last.pt is an unfinished run with this fingerprint."""
+    last = Path(ckpt_dir) / "last.pt"
+    if not last.exists():
+        return False
+    ck = load_checkpoint(last)
+    # Checkpoints without the metrics history (older code) cannot rebuild the DVCLive log.
+    return ck.get("fingerprint") == fingerprint and not ck.get("finished") and "history" in ck.get("state", {})
+
+
+@torch.no_grad()
+def _evaluate(model, loader, sums_fn: BatchSums, rt: Runtime, amp: tuple) -> dict[str, float]:
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    for x, y in loader:
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        with torch.autocast(rt.device.type, dtype=amp[1], enabled=amp[0]):
+            out = model(x)
+        for k, v in sums_fn(out, y).items():
+            totals[k] = totals.get(k, 0) + v.detach().double().cpu()
+    if not totals:
+        # With fewer validation rows than ranks, this rank's strided shard is empty; it
+        # must still join the all-reduce below with the same keys (and make the same
+        # first forward call, in which DDP may sync buffers), else it crashed on
+        # torch.stack([]) and took the other ranks down. A zero-row batch sums to 0.
+        full = getattr(loader.dataset, "dataset", loader.dataset)
+        if len(full) == 0:
+            raise StageError("the validation set is empty")
+        x, y = (t[:0].to(rt.device) for t in torch.utils.data.default_collate([full[0]]))
+        with torch.autocast(rt.device.type, dtype=amp[1], enabled=amp[0]):
+            out = model(x)
+        totals = {k: v.detach().double().cpu() for k, v in sums_fn(out, y).items()}
+    reduced = all_reduce_sums(totals, rt)
+    count = max(reduced.pop("count"), 1.0)
+    return {k: v / count for k, v in reduced.items()}
+
+
+def fit(
+    model: torch.nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    *,
+    sums_fn: BatchSums,
+    cfg: LoopConfig,
+    rt: Runtime,
+    seed: int,
+    ckpt_dir: str | Path,
+    fingerprint: str,
+    live=None,
+    stop_after_epoch: int | None = None,
+) -> dict:
+    """Train `model` in place and leave the best weights in `ckpt_dir/best.pt`.
+
+    Resumes from `ckpt_dir/last.pt` when it belongs to an unfinished run with the same
+    `fingerprint` (params + data); `stop_after_epoch` ends early on purpose (tests).
+    `live`: a DVCLive Live started afresh (resume=False); a resumed run rewrites the
+    epochs it skips from the checkpoint's history.
+    Returns a summary: best epoch, its metrics, epochs run, whether it stopped early.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    model.to(rt.device)
+    net = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) \
+        if rt.distributed else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = make_scheduler(opt, cfg)
+    amp = amp_policy(cfg.amp, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp[2])
+
+    # The sampler's shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
+    sampler = DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
+    # No persistent_workers: with them each worker seeds its RNG (augmentation) once, from a
+    # draw on the main RNG when the loader is first iterated, and carries it across epochs;
+    # a resumed run would draw at another point and augment differently from an uninterrupted
+    # one (and shift the dropout stream). A fresh iterator per epoch seeds its workers from
+    # the main RNG, which the checkpoint restores, so a resumed run repeats the same epochs.
+    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda")
+    # A last batch of one sample crashes BatchNorm in training mode wherever the feature
+    # map is 1×1 ("Expected more than 1 value per channel"): resnet18, mobilenet_v3_small,
+    # efficientnet_b0 at image_size <= 32. Drop that one sample (a different one each
+    # epoch: the order is shuffled); models without BatchNorm (the MLP) are unaffected.
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    drop_last = has_bn and len(sampler) > cfg.batch_size and len(sampler) % cfg.batch_size == 1
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **loader_kw)
+    # Each rank scores its own strided shard; sums are all-reduced, so nothing is counted twice.
+    val_loader = DataLoader(Subset(val_set, range(rt.rank, len(val_set), rt.world_size)),
+                            batch_size=cfg.batch_size * 2, **loader_kw)
+
+    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}, "history": []}
+    last = ckpt_dir / "last.pt"
+    if resumable(ckpt_dir, fingerprint):
+        ck = load_checkpoint(last)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        state = ck["state"]
+        if len(ck["rng"]) == rt.world_size:
+            torch.set_rng_state(ck["rng"][rt.rank])
+        if rt.is_main:
+            log(f"resuming from {last} after epoch {state['epoch']}")
+        if live is not None:
+            # DVCLive appends each epoch's rows after last.pt is saved, in plain (non-atomic)
+            # writes: a kill can leave them a step short of the checkpoint, cut mid-row, or
+            # metrics.json cut short (which DVCLive's own resume cannot even read). So the
+            # checkpoint is the record: write every epoch it holds again, then go on.
+            for step, metrics in enumerate(state["history"]):
+                live.step = step
+                for k, v in metrics.items():
+                    live.log_metric(k, v)
+            live.make_summary()
+
+    show_bar = rt.is_main and sys.stderr.isatty()
+    stopped_early = False
+    for epoch in range(state["epoch"], cfg.epochs):
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        net.train()
+        train_totals = {"loss": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64)}
+        batches = loader
+        if show_bar:
+            from tqdm import tqdm
+
+            batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        n_batches = len(loader)
+        for i, (x, y) in enumerate(batches):
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+            step_now = (i + 1) % cfg.grad_accum == 0 or i + 1 == n_batches
+            # Skip the gradient all-reduce on accumulation steps; DDP syncs on the last one.
+            sync = contextlib.nullcontext() if step_now or not rt.distributed else net.no_sync()
+            with sync:
+                with torch.autocast(rt.device.type, dtype=amp[1], enabled=amp[0]):
+                    out = net(x)
+                sums = sums_fn(out, y)
+                loss = sums["loss"] / len(y)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            if step_now:
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+            train_totals["loss"] += sums["loss"].detach().double().cpu()
+            train_totals["count"] += len(y)
+        train = all_reduce_sums(train_totals, rt)
+        metrics = {"train_loss": train["loss"] / max(train["count"], 1.0)}
+        metrics.update({f"val_{k}": v for k, v in _evaluate(net, val_loader, sums_fn, rt, amp).items()})
+        metrics["lr"] = opt.param_groups[0]["lr"]
+        if cfg.monitor not in metrics:
+            raise StageError(f"train.monitor is {cfg.monitor!r}; choose one of: {', '.join(metrics)}")
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise StageError(f"training diverged at epoch {epoch + 1} ({metrics}); lower train.lr or enable grad_clip")
+
+        state["history"].append(metrics)
+        value = metrics[cfg.monitor]
+        improved = state["best"] is None or (value < state["best"] if cfg.minimize else value > state["best"])
+        if improved:
+            state.update(best=value, best_epoch=epoch, bad_epochs=0, best_metrics=metrics)
+        else:
+            state["bad_epochs"] += 1
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            sched.step(value)
+        else:
+            sched.step()
+        state["epoch"] = epoch + 1
+        stopped_early = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
+        finished = stopped_early or state["epoch"] == cfg.epochs
+
+        rng = _gather_rng(rt)
+        if rt.is_main:
+            ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(), "state": state, "rng": rng, "fingerprint": fingerprint,
+                    "finished": finished}
+            if improved:
+                _save(ckpt_dir / "best.pt", ckpt)
+            # last.pt is written after best.pt: a kill between the two resumes this epoch again.
+            _save(last, ckpt)
+            if live is not None:
+                live.step = epoch
+                for k, v in metrics.items():
+                    live.log_metric(k, v)
+                live.next_step()
+            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            log(f"epoch {epoch + 1}/{cfg.epochs} {shown} ({time.perf_counter() - t0:.1f}s)"
+                + (" *" if improved else ""))
+        if rt.distributed:
+            dist.barrier()  # no rank starts the next epoch (or exits) before the checkpoint exists
+        if stopped_early:
+            if rt.is_main:
+                log(f"early stop: {cfg.monitor} did not improve for {cfg.patience} epochs")
+            break
+        if stop_after_epoch is not None and state["epoch"] >= stop_after_epoch:
+            break
+    return {"best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "stopped_early": stopped_early,
+            "best_metrics": state["best_metrics"]}

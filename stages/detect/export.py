@@ -1,0 +1,89 @@
+"""export: Ultralytics' ONNX exporter, then the input fixed to imgsz × imgsz with a dynamic
+batch; parity: our numpy pipeline (letterbox, decode, NMS) vs Ultralytics' predict.
+
+    python -m stages export detect
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from stages.core.common import StageError, atomic_path, log, read_json, write_json
+from stages.core.inference import open_session
+from stages.core.models import card_common
+from stages.detect import yolo
+from stages.detect.boxes import box_iou, load_for_detection
+from stages.detect.infer import predict
+
+
+def detections_onnx(session, files: list[Path], size: int, conf: float, iou: float) -> list[np.ndarray]:
+    """Our torch-free path: letterbox, onnxruntime, decode + NMS (the same code as infer)."""
+    return [predict(session, [load_for_detection(f, size)], conf, iou)[0] for f in files]
+
+
+def match_share(reference: list[np.ndarray], candidate: list[np.ndarray], min_iou: float) -> float:
+    """Share of reference boxes with a same-class candidate box at IoU >= min_iou (one-to-one)."""
+    total = matched = 0
+    for ref, cand in zip(reference, candidate):
+        total += len(ref)
+        used = np.zeros(len(cand), bool)
+        ious = box_iou(ref[:, :4], cand[:, :4]) if len(ref) and len(cand) else np.zeros((len(ref), 0))
+        for i in np.argsort(-ref[:, 4]):
+            ok = (~used) & (cand[:, 5] == ref[i, 5]) & (ious[i] >= min_iou) if len(cand) else np.zeros(0, bool)
+            if ok.any():
+                used[np.flatnonzero(ok)[np.argmax(ious[i][ok])]] = True
+                matched += 1
+    return matched / total if total else 1.0
+
+
+def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
+    """Ultralytics' ONNX exporter (dynamic axes), then the input fixed to imgsz × imgsz with
+    a dynamic batch; parity: our numpy pipeline vs Ultralytics' predict on the val images."""
+    import onnx
+
+    p = params["detect"]["export"]
+    yolo.configure()
+    from ultralytics import YOLO
+
+    model = YOLO(out_dir / "model.pt")
+    size = int(model.ckpt["train_args"]["imgsz"])
+    onnx_path = out_dir / "model.onnx"
+    with tempfile.TemporaryDirectory(dir=yolo.CACHE) as tmp:
+        shutil.copy2(out_dir / "model.pt", Path(tmp) / "model.pt")
+        exported = YOLO(Path(tmp) / "model.pt").export(format="onnx", imgsz=size, dynamic=True, simplify=False,
+                                                        device="cpu", verbose=False)
+        graph = onnx.load(exported)
+        dims = graph.graph.input[0].type.tensor_type.shape.dim
+        dims[2].dim_value = dims[3].dim_value = size  # fixed imgsz; the batch stays symbolic
+        with atomic_path(onnx_path) as out:
+            onnx.save(graph, str(out))
+    files = sorted(f for f in Path("data/prepared/detect/images/val").iterdir() if f.is_file())
+    theirs = [np.concatenate([r.boxes.xyxy.numpy(), r.boxes.conf.numpy()[:, None], r.boxes.cls.numpy()[:, None]], 1)
+              for r in model.predict([str(f) for f in files], imgsz=size, conf=p["conf"], iou=p["iou"],
+                                     device="cpu", verbose=False, stream=True)]
+    ours = detections_onnx(open_session(onnx_path), files, size, p["conf"], p["iou"])
+    parity = {"images": len(files), "boxes_ultralytics": int(sum(len(t) for t in theirs)),
+              "boxes_onnx": int(sum(len(o) for o in ours)),
+              "matched_of_ultralytics": match_share(theirs, ours, p["match_iou"]),
+              "matched_of_onnx": match_share(ours, theirs, p["match_iou"]), "match_iou": p["match_iou"]}
+    if min(parity["matched_of_ultralytics"], parity["matched_of_onnx"]) < p["min_matched"]:
+        raise StageError(f"{onnx_path}: onnxruntime + numpy decoding matches Ultralytics on too few boxes: {parity}")
+    names = read_json("data/prepared/detect/dataset.json")["names"]
+    args = model.ckpt["train_args"]
+    meta = {"train": {k: args.get(k) for k in ("model", "epochs", "imgsz", "batch", "lr0", "patience", "seed")},
+            "schema": read_json("data/prepared/detect/dataset.json"), "params": {"seed": args.get("seed")}}
+    card = {
+        **card_common("detect", "detection", onnx_path, ["batch", 3, size, size], meta, parity, p),
+        "classes": names,
+        "preprocessing": {"imgsz": size, "letterbox": "keep aspect ratio, bilinear (as cv2.INTER_LINEAR), "
+                          "centre, pad with 114", "mode": "RGB", "scale": "x / 255", "layout": "NCHW float32"},
+        "postprocessing": {"output": "(batch, 4 + classes, anchors): cx, cy, w, h in input pixels, then class scores",
+                           "nms": "per class, greedy", "conf": p["conf"], "iou": p["iou"], "max_det": 300},
+    }
+    write_json(out_dir / "model.json", card)
+    log(f"exported {onnx_path} (parity on {len(files)} val images: {parity['matched_of_ultralytics']:.3f} of "
+        f"Ultralytics' boxes matched at IoU >= {p['match_iou']})")
+    return card

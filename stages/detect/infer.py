@@ -1,0 +1,69 @@
+"""infer: batch detection with onnxruntime, and the serving hook the app calls. Imports no torch.
+
+    python -m stages infer detect   # a folder or manifest → data/predictions/detect.json (COCO-style results)
+
+Also writes metrics/detect/infer.json with its throughput and the files it could not read.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stages.core.common import atomic_dir, atomic_path, log, read_json, write_json
+from stages.core.images import list_images
+from stages.core.inference import open_session
+from stages.detect.boxes import decode, draw_boxes, load_for_detection, to_records
+
+
+def predict(session, images: list[tuple[np.ndarray, dict]], conf: float, iou: float) -> list[np.ndarray]:
+    """Letterboxed images with their meta (load_for_detection) → per image, N × 6 [x1, y1, x2,
+    y2, score, class] in original pixels. `infer`, the app and the export parity check call this."""
+    if not images:
+        return []
+    outputs = session.run(None, {session.get_inputs()[0].name: np.stack([x for x, _ in images])})[0]
+    return [decode(out, meta, conf, iou) for out, (_, meta) in zip(outputs, images)]
+
+
+def run(params: dict, model_dir: Path = Path("models/detect"),
+        out: Path = Path("data/predictions/detect.json"),
+        rendered: Path = Path("data/predictions/detect_rendered")) -> dict:
+    """COCO-style results ({file, category_id, category, bbox [x, y, w, h] in pixels, score})
+    for every image; unreadable files are listed in metrics/detect/infer.json and skipped."""
+    p = params["detect"]["infer"]
+    card = read_json(model_dir / "model.json")
+    names, size = card["classes"], card["preprocessing"]["imgsz"]
+    table, root = list_images(p["source"], labelled=False)
+    files = table["path"].tolist()
+    session = open_session(model_dir / card["onnx"]["file"])
+    results, errors, shown = [], [], []
+    start = time.perf_counter()
+    for i in range(0, len(files), p["batch_size"]):
+        batch, names_ok = [], []
+        for f in files[i:i + p["batch_size"]]:
+            try:
+                x, meta = load_for_detection(root / f, size)
+            except Exception as e:  # noqa: BLE001 - unreadable file: report it, keep going
+                errors.append({"file": f, "error": f"{type(e).__name__}: {e}"})
+                continue
+            batch.append((x, meta))
+            names_ok.append(f)
+        for f, dets in zip(names_ok, predict(session, batch, p["conf"], p["iou"])):
+            if len(shown) < p["render"]:
+                shown.append((f, dets))
+            results += [{"file": f, **r} for r in to_records(dets, names)]
+    seconds = time.perf_counter() - start
+    with atomic_path(out) as tmp:
+        tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n")  # one detection a line
+    with atomic_dir(rendered) as tmp:
+        for f, dets in shown:
+            draw_boxes(root / f, dets, names).save(tmp / (f.replace("/", "__").rsplit(".", 1)[0] + ".png"))
+    n = len(files) - len(errors)
+    stats = {"images": n, "failed": len(errors), "detections": len(results), "seconds": round(seconds, 4),
+             "images_per_s": round(n / max(seconds, 1e-9), 1), "errors": errors}
+    write_json(Path("metrics/detect/infer.json"), stats)
+    log(f"detected {len(results)} objects in {n} images from {p['source']} → {out} ({stats['images_per_s']} images/s)"
+        + (f"; {len(errors)} could not be read (see metrics/detect/infer.json)" if errors else ""))
+    return stats

@@ -1,0 +1,39 @@
+"""export: the image model → models/image/model.onnx (dynamic batch) + model.json, failing
+when onnxruntime and torch disagree on the test images.
+
+    python -m stages export image
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stages.core.common import log, write_json
+from stages.core.models import card_common, check_parity, export_onnx, load_model
+from stages.image.data import preprocess, split_images
+from stages.image.model import build_model
+
+
+def run(params: dict, out_dir: Path = Path("models/image")) -> dict:
+    p = params["image"]["export"]
+    model, meta = load_model(out_dir / "model.pt", build_model)
+    schema = meta["schema"]
+    paths, _ = split_images(schema)
+    x_test = preprocess(paths, schema)
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path)
+    parity = check_parity(model, onnx_path, x_test, p["parity_atol"], True, p["min_top1_agreement"])
+    size = schema["image_size"]
+    card = {
+        **card_common("image", "classification", onnx_path, ["batch", 3, size, size], meta, parity, p),
+        "classes": schema["classes"],
+        "preprocessing": {"image_size": size, "mean": schema["mean"], "std": schema["std"], "mode": "RGB",
+                          "resize": "bilinear to image_size x image_size (aspect ratio not kept)",
+                          "scale": "x / 255", "layout": "NCHW float32"},
+        "postprocessing": "softmax over output",
+    }
+    write_json(out_dir / "model.json", card)
+    log(f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e}, "
+        f"top-1 agreement {parity['class_agreement']:.4f} over {parity['rows']} images)")
+    return card

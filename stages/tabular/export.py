@@ -1,0 +1,45 @@
+"""export: the MLP → models/tabular/model.onnx (dynamic batch) + model.json (the model card
+that serving reads), failing when onnxruntime and torch disagree on the test split.
+
+    python -m stages export tabular
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from stages.core.common import atomic_path, log, write_json
+from stages.core.models import card_common, check_parity, export_onnx, load_model
+from stages.tabular.data import Preprocessor
+from stages.tabular.model import build_model
+
+
+def run(params: dict, out_dir: Path = Path("models/tabular")) -> dict:
+    p = params["tabular"]["export"]
+    model, meta = load_model(out_dir / "model.pt", build_model)
+    schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
+    x_test = pre.transform(pd.read_parquet("data/prepared/tabular/test.parquet"))
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path)
+    parity = check_parity(model, onnx_path, x_test, p["parity_atol"], schema["task"] == "classification")
+    if p["torchscript"]:
+        with atomic_path(out_dir / "model.ts") as tmp:
+            torch.jit.trace(model, torch.from_numpy(x_test[:2])).save(str(tmp))
+    card = {
+        **card_common("tabular", schema["task"], onnx_path, ["batch", pre.n_features], meta, parity, p),
+        "target": schema["target"],
+        "classes": schema["classes"],
+        "features": [{**f, **({"categories": pre.categories[f["name"]]} if f["type"] == "categorical" else {})}
+                     for f in schema["features"]],
+        "preprocessing": pre.to_dict(),
+        "preprocessing_notes": "numeric: median-impute, then (x - mean) / std; categorical: one-hot in the "
+                               "listed order (missing = all zeros, unseen = error); see stages/tabular/data.py",
+        "target_scaling": meta["target_scaling"],
+        "postprocessing": "softmax over output" if schema["task"] == "classification"
+                          else "output * target_scaling.std + target_scaling.mean",
+    }
+    write_json(out_dir / "model.json", card)
+    log(f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e} over {parity['rows']} rows)")
+    return card
