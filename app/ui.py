@@ -107,7 +107,7 @@ def cards_markdown(models: dict[str, Loaded], missing: dict[str, str]) -> str:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k in HEADLINE)
         parts.append(f"### {task} ({c['kind']})\n\n- **test metrics**: {metrics}\n"
                      f"- **validation**: {'passed' if c['validation']['success'] else 'FAILED'} "
-                     f"(`{c['validation']['suite_file']}`)\n- **git revision**: `{c.get('git_revision', '?')}`\n"
+                     f"(`{c['validation']['suite_file']}`)\n- **model md5**: `{c.get('provenance', {}).get('model_md5', '?')}`\n"
                      f"- **data**: `{c['data']['source']}` ({c['data']['rows']})\n"
                      f"- **parity (ONNX vs training framework)**: `{json.dumps(c['parity'])}`\n"
                      f"- **params**: `{json.dumps(c['params'])[:600]}`\n")

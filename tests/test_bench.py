@@ -1,4 +1,4 @@
-"""The benchmark suite (`make bench`, bench/) in its quick mode: every section runs and
+"""The benchmark suite (`make bench`, tools/bench/) in its quick mode: every section runs and
 bench.json has the structure the full run writes. The numbers themselves are not checked
 here (they are machine- and load-dependent): this keeps the bench code from rotting."""
 from __future__ import annotations

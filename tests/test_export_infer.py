@@ -54,7 +54,7 @@ def test_physical_cores_is_sane():
 
 def test_model_card_describes_the_model(trained):
     card = json.loads((trained / "models/tabular/model.json").read_text())
-    for key in ("features", "classes", "preprocessing", "metrics", "params", "git_revision", "validation", "parity"):
+    for key in ("features", "classes", "preprocessing", "metrics", "params", "provenance", "validation", "parity"):
         assert key in card, key
     assert card["onnx"]["input_shape"][0] == "batch"
     island = next(f for f in card["features"] if f["name"] == "island")
@@ -88,7 +88,8 @@ def test_infer_stage_records_throughput(trained):
     stage(trained, "infer")
     stats = json.loads((trained / "metrics/tabular/infer.json").read_text())
     assert stats["rows"] == len(pd.read_csv(trained / "data/predictions/tabular.csv")) > 0
-    assert stats["rows_per_s"] > 0
+    assert set(stats) == {"rows"}  # timings stay out of the tracked output: they differ on every run
+    assert json.loads((trained / ".cache/timings/infer-tabular.json").read_text())["rows_per_s"] > 0
 
 
 def test_torchscript_is_optional(trained):

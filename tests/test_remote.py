@@ -29,7 +29,6 @@ pytestmark = pytest.mark.slow
 CACHED = {
     "data/demo/digits", "data/demo/shapes",
     *(f"data/prepared/{t}" for t in ("tabular", "image", "detect")),
-    *(f"metrics/{t}/datadocs" for t in ("tabular", "image", "detect")),
     *(f"models/{t}/{f}" for t in ("tabular", "image", "detect") for f in ("model.pt", "model.onnx", "model.json")),
     "data/predictions/tabular.csv", "data/predictions/image.csv", "data/predictions/detect.json",
 }

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from stages.core.common import StageError
-from stages.core.distributed import Runtime, amp_policy, seed_everything
+from stages.core.distributed import AmpPolicy, Runtime, amp_policy, seed_everything
 from stages.tabular.model import MLP, build_model
 from stages.core.trainer import LoopConfig, classification_sums, fit, load_checkpoint, regression_sums, resumable
 
@@ -94,11 +94,11 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
 
 def test_amp_policy():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert amp_policy("off", cpu) == (False, torch.float32, False)
-    assert amp_policy("fp16", cuda) == (True, torch.float16, True)  # fp16 needs GradScaler
-    assert amp_policy("auto", cuda) == (True, torch.float16, True)
-    assert amp_policy("bf16", cpu) == (True, torch.bfloat16, False)
-    assert amp_policy("auto", cpu)[0] in (True, False)
+    assert amp_policy("off", cpu) == AmpPolicy(enabled=False, dtype=torch.float32, scaler=False)
+    assert amp_policy("fp16", cuda) == AmpPolicy(enabled=True, dtype=torch.float16, scaler=True)  # needs GradScaler
+    assert amp_policy("auto", cuda) == AmpPolicy(enabled=True, dtype=torch.float16, scaler=True)
+    assert amp_policy("bf16", cpu) == AmpPolicy(enabled=True, dtype=torch.bfloat16, scaler=False)
+    assert amp_policy("auto", cpu).enabled in (True, False)
     with pytest.raises(StageError, match="needs a CUDA device"):
         amp_policy("fp16", cpu)
     with pytest.raises(StageError, match="choose one of"):

@@ -157,9 +157,9 @@ def build_report(base: str, out_md: Path = Path("report.md"), plots_dir: Path = 
         if onnx.exists() and card_path.exists():
             card = read_json(card_path)
             parts.append("### Model\n\n" + table(
-                ["file", "size (MB)", "onnxruntime p50 latency, batch 1 (ms)", "git revision"],
+                ["file", "size (MB)", "onnxruntime p50 latency, batch 1 (ms)", "model.pt md5"],
                 [[onnx.as_posix(), round(onnx.stat().st_size / 1e6, 2), round(latency_ms(onnx, card), 3),
-                  card.get("git_revision", "")[:12]]]) + "\n")
+                  card.get("provenance", {}).get("model_md5", "")[:12]]]) + "\n")
         for title, path in plot_curves(task, plots_dir):
             parts.append(f"**{title}**\n\n![{task} {title}]({path})\n")
     text = "\n".join(parts)

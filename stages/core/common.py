@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -124,15 +123,10 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
-def git_revision() -> str:
-    """HEAD's commit, with `-dirty` when tracked files differ; `unknown` outside git."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + ("-dirty" if dirty else "")
+def write_timing(name: str, stats: dict) -> None:
+    """A run's timings go to .cache/timings/<name>.json (git- and DVC-ignored), never into
+    a tracked output: they differ on every run and would make every rerun look like a change."""
+    write_json(Path(".cache/timings") / f"{name}.json", stats)
 
 
 def log(msg: str) -> None:

@@ -1,10 +1,10 @@
 """Process-group, device, AMP and seeding setup shared by every torch model.
 
-One process: `python -m stages.train TASK`. Several: the same command with
+One process: `python -m stages train TASK`. Several: the same command with
 `train.nproc: N` in params.yaml re-launches itself under torchrun, which sets
 RANK / LOCAL_RANK / WORLD_SIZE; multi-node runs call torchrun directly, e.g.
 `torchrun --nnodes=2 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400
---nproc-per-node=1 -m stages.train tabular` on each node.
+--nproc-per-node=1 -m stages train tabular` on each node.
 """
 from __future__ import annotations
 
@@ -88,11 +88,21 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def amp_policy(mode: str, device: torch.device) -> tuple[bool, torch.dtype, bool]:
-    """(autocast enabled, autocast dtype, use GradScaler) for `train.amp`.
+@dataclass(frozen=True)
+class AmpPolicy:
+    """What `train.amp` means on this device: autocast on or off, its dtype, and whether
+    the loss is scaled (GradScaler)."""
 
-    auto: fp16 + GradScaler on CUDA; bf16 on a CPU with native bf16; else off.
-    """
+    enabled: bool
+    dtype: torch.dtype
+    scaler: bool
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.enabled)
+
+
+def amp_policy(mode: str, device: torch.device) -> AmpPolicy:
+    """auto: fp16 + GradScaler on CUDA; bf16 on a CPU with native bf16; else off."""
     if mode is False:
         mode = "off"  # YAML 1.1 (PyYAML) reads an unquoted `off` as false; DVC's -S writes it unquoted
     if mode not in AMP_MODES:
@@ -102,10 +112,9 @@ def amp_policy(mode: str, device: torch.device) -> tuple[bool, torch.dtype, bool
     if mode == "fp16" and device.type != "cuda":
         raise StageError("train.amp 'fp16' needs a CUDA device; use 'bf16', 'auto' or 'off' on CPU")
     if mode == "off":
-        return False, torch.float32, False
-    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+        return AmpPolicy(False, torch.float32, False)
     # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
-    return True, dtype, mode == "fp16"
+    return AmpPolicy(True, torch.float16 if mode == "fp16" else torch.bfloat16, mode == "fp16")
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

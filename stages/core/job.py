@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from stages.core.common import atomic_path, log
+from stages.core.common import log
 from stages.core.distributed import relaunch_under_torchrun, seed_everything, setup, teardown
-from stages.core.trainer import LoopConfig, fit, load_checkpoint
+from stages.core.trainer import LoopConfig, fit, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -72,8 +72,7 @@ def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
             best = load_checkpoint(ckpt_dir / "best.pt")
             meta = {"task": task, "arch": job.arch, **job.meta, "train": summary,
                     "params": {"seed": params["seed"], f"{task}.train": p}}
-            with atomic_path(out_dir / "model.pt") as tmp:
-                torch.save({"state_dict": best["model"], "meta": meta}, tmp)
+            save_checkpoint(out_dir / "model.pt", {"state_dict": best["model"], "meta": meta})
             live.end()
             log(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: "
                 + " ".join(f"{k}={v:.4g}" for k, v in summary["best_metrics"].items()) + f" → {out_dir}/model.pt")

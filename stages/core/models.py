@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from stages.core.common import StageError, atomic_path, git_revision, read_json
+from stages.core.common import StageError, atomic_path, read_json
 from stages.core.inference import open_session, run_batches
 from stages.core.trainer import load_checkpoint
 
@@ -58,6 +58,24 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol: f
     return result
 
 
+def provenance(task: str, model_file: Path, lock_file: Path = Path("dvc.lock")) -> dict:
+    """What produced the model, in a form that does not depend on the workspace being clean:
+    the md5 of model.pt, and the deps (code folders, data) and params of the train stage as
+    dvc.lock records them, when that stage wrote this very model.pt. A git commit is left
+    out on purpose: `dvc repro` rewrites dvc.lock while it runs (so the tree is never clean
+    then), and a commit in the card would change model.json, and so dvc.lock, on every commit."""
+    import yaml
+
+    md5 = hashlib.md5(model_file.read_bytes()).hexdigest()
+    stage = f"train@{task}"
+    entry = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}).get(stage) if lock_file.is_file() else None
+    if not entry or not any(o["path"] == model_file.as_posix() and o.get("md5") == md5 for o in entry.get("outs", [])):
+        return {"model_md5": md5, "stage": stage, "deps": None, "params": None,
+                "note": f"dvc.lock does not record this model.pt as the output of {stage} (trained outside `dvc repro`?)"}
+    return {"model_md5": md5, "stage": stage, "deps": {d["path"]: d.get("md5") for d in entry.get("deps", [])},
+            "params": entry.get("params", {})}
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -70,7 +88,7 @@ def card_common(task: str, kind: str, onnx_path: Path, input_shape: list, meta: 
     return {
         "task": task,
         "kind": kind,
-        "git_revision": git_revision(),
+        "provenance": provenance(task, Path("models") / task / "model.pt"),
         "onnx": {"file": onnx_path.name, "sha256": sha256(onnx_path), "input": session.get_inputs()[0].name,
                  "output": session.get_outputs()[0].name, "input_shape": input_shape},
         "metrics": read_json(f"metrics/{task}/metrics.json"),

@@ -10,6 +10,7 @@ where it stopped and ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import sys
 import time
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from stages.core.common import StageError, atomic_path, log
-from stages.core.distributed import Runtime, all_reduce_sums, amp_policy
+from stages.core.distributed import AmpPolicy, Runtime, all_reduce_sums, amp_policy
 
 SCHEDULERS = ("cosine", "step", "plateau", "none")
 LOWER_IS_BETTER = ("loss", "rmse", "mae", "error")
@@ -102,9 +103,14 @@ def _gather_rng(rt: Runtime) -> list[torch.Tensor]:
     return states
 
 
-def _save(path: Path, obj: dict) -> None:
+def save_checkpoint(path: Path, obj: dict) -> None:
+    """torch.save, atomically and byte for byte reproducible: saved to a file, the archive's
+    records are named after the file, and the atomic write's temporary name is random;
+    saved to a buffer they are always named `archive/`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -123,12 +129,12 @@ def resumable(ckpt_dir: str | Path, fingerprint: str) -> bool:
 
 
 @torch.no_grad()
-def _evaluate(model, loader, sums_fn: BatchSums, rt: Runtime, amp: tuple) -> dict[str, float]:
+def _evaluate(model, loader, sums_fn: BatchSums, rt: Runtime, amp: AmpPolicy) -> dict[str, float]:
     model.eval()
     totals: dict[str, torch.Tensor] = {}
     for x, y in loader:
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        with torch.autocast(rt.device.type, dtype=amp[1], enabled=amp[0]):
+        with amp.autocast(rt.device):
             out = model(x)
         for k, v in sums_fn(out, y).items():
             totals[k] = totals.get(k, 0) + v.detach().double().cpu()
@@ -141,12 +147,131 @@ def _evaluate(model, loader, sums_fn: BatchSums, rt: Runtime, amp: tuple) -> dic
         if len(full) == 0:
             raise StageError("the validation set is empty")
         x, y = (t[:0].to(rt.device) for t in torch.utils.data.default_collate([full[0]]))
-        with torch.autocast(rt.device.type, dtype=amp[1], enabled=amp[0]):
+        with amp.autocast(rt.device):
             out = model(x)
         totals = {k: v.detach().double().cpu() for k, v in sums_fn(out, y).items()}
     reduced = all_reduce_sums(totals, rt)
     count = max(reduced.pop("count"), 1.0)
     return {k: v / count for k, v in reduced.items()}
+
+
+def _loaders(train_set: Dataset, val_set: Dataset, model: torch.nn.Module, cfg: LoopConfig, rt: Runtime,
+             seed: int) -> tuple[DistributedSampler, DataLoader, DataLoader]:
+    # The sampler's shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
+    sampler = DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
+    # No persistent_workers: with them each worker seeds its RNG (augmentation) once, from a
+    # draw on the main RNG when the loader is first iterated, and carries it across epochs;
+    # a resumed run would draw at another point and augment differently from an uninterrupted
+    # one (and shift the dropout stream). A fresh iterator per epoch seeds its workers from
+    # the main RNG, which the checkpoint restores, so a resumed run repeats the same epochs.
+    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda")
+    # A last batch of one sample crashes BatchNorm in training mode wherever the feature
+    # map is 1×1 ("Expected more than 1 value per channel"): resnet18, mobilenet_v3_small,
+    # efficientnet_b0 at image_size <= 32. Drop that one sample (a different one each
+    # epoch: the order is shuffled); models without BatchNorm (the MLP) are unaffected.
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    drop_last = has_bn and len(sampler) > cfg.batch_size and len(sampler) % cfg.batch_size == 1
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **loader_kw)
+    # Each rank scores its own strided shard; sums are all-reduced, so nothing is counted twice.
+    val_loader = DataLoader(Subset(val_set, range(rt.rank, len(val_set), rt.world_size)),
+                            batch_size=cfg.batch_size * 2, **loader_kw)
+    return sampler, loader, val_loader
+
+
+def _resume(ckpt_dir: Path, fingerprint: str, model, opt, sched, scaler, rt: Runtime, live) -> dict:
+    """The loop state to start from: a fresh one, or that of ckpt_dir/last.pt when it is an
+    unfinished run with this fingerprint (model, optimizer, scheduler, scaler and RNG restored)."""
+    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}, "history": []}
+    last = ckpt_dir / "last.pt"
+    if not resumable(ckpt_dir, fingerprint):
+        return state
+    ck = load_checkpoint(last)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    scaler.load_state_dict(ck["scaler"])
+    if len(ck["rng"]) == rt.world_size:
+        torch.set_rng_state(ck["rng"][rt.rank])
+    if rt.is_main:
+        log(f"resuming from {last} after epoch {ck['state']['epoch']}")
+    if live is not None:
+        # DVCLive appends each epoch's rows after last.pt is saved, in plain (non-atomic)
+        # writes: a kill can leave them a step short of the checkpoint, cut mid-row, or
+        # metrics.json cut short (which DVCLive's own resume cannot even read). So the
+        # checkpoint is the record: write every epoch it holds again, then go on.
+        for step, metrics in enumerate(ck["state"]["history"]):
+            _log_live(live, step, metrics)
+        live.make_summary()
+    return ck["state"]
+
+
+def _train_one_epoch(net, model, loader, opt, scaler, sums_fn: BatchSums, cfg: LoopConfig, rt: Runtime,
+                     amp: AmpPolicy, desc: str) -> float:
+    """One pass over this rank's shard; returns the mean training loss over all ranks."""
+    net.train()
+    totals = {"loss": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64)}
+    batches = loader
+    if rt.is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc=desc, leave=False)
+    n_batches = len(loader)
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        step_now = (i + 1) % cfg.grad_accum == 0 or i + 1 == n_batches
+        # Skip the gradient all-reduce on accumulation steps; DDP syncs on the last one.
+        sync = contextlib.nullcontext() if step_now or not rt.distributed else net.no_sync()
+        with sync:
+            with amp.autocast(rt.device):
+                out = net(x)
+            sums = sums_fn(out, y)
+            scaler.scale(sums["loss"] / len(y) / cfg.grad_accum).backward()
+        if step_now:
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        totals["loss"] += sums["loss"].detach().double().cpu()
+        totals["count"] += len(y)
+    reduced = all_reduce_sums(totals, rt)
+    return reduced["loss"] / max(reduced["count"], 1.0)
+
+
+def _checkpoint(ckpt_dir: Path, model, opt, sched, scaler, state: dict, fingerprint: str, finished: bool,
+                improved: bool, rt: Runtime) -> None:
+    """Full state to last.pt (and best.pt when the epoch improved); every rank must call it
+    (the RNG states are gathered), rank 0 writes."""
+    rng = _gather_rng(rt)
+    if not rt.is_main:
+        return
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "state": state, "rng": rng, "fingerprint": fingerprint,
+            "finished": finished}
+    if improved:
+        save_checkpoint(ckpt_dir / "best.pt", ckpt)
+    # last.pt is written after best.pt: a kill between the two resumes this epoch again.
+    save_checkpoint(ckpt_dir / "last.pt", ckpt)
+
+
+def _log_live(live, step: int, metrics: dict[str, float]) -> None:
+    live.step = step
+    for k, v in metrics.items():
+        live.log_metric(k, v)
+
+
+def _record(state: dict, metrics: dict[str, float], cfg: LoopConfig, epoch: int) -> bool:
+    """Add the epoch to the history and the early-stopping state; True if it is the best so far."""
+    state["history"].append(metrics)
+    value = metrics[cfg.monitor]
+    improved = state["best"] is None or (value < state["best"] if cfg.minimize else value > state["best"])
+    if improved:
+        state.update(best=value, best_epoch=epoch, bad_epochs=0, best_metrics=metrics)
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = epoch + 1
+    return improved
 
 
 def fit(
@@ -178,125 +303,36 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, cfg)
     amp = amp_policy(cfg.amp, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp[2])
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp.scaler)
+    sampler, loader, val_loader = _loaders(train_set, val_set, model, cfg, rt, seed)
+    state = _resume(ckpt_dir, fingerprint, model, opt, sched, scaler, rt, live)
 
-    # The sampler's shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
-    sampler = DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
-    # No persistent_workers: with them each worker seeds its RNG (augmentation) once, from a
-    # draw on the main RNG when the loader is first iterated, and carries it across epochs;
-    # a resumed run would draw at another point and augment differently from an uninterrupted
-    # one (and shift the dropout stream). A fresh iterator per epoch seeds its workers from
-    # the main RNG, which the checkpoint restores, so a resumed run repeats the same epochs.
-    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=rt.device.type == "cuda")
-    # A last batch of one sample crashes BatchNorm in training mode wherever the feature
-    # map is 1×1 ("Expected more than 1 value per channel"): resnet18, mobilenet_v3_small,
-    # efficientnet_b0 at image_size <= 32. Drop that one sample (a different one each
-    # epoch: the order is shuffled); models without BatchNorm (the MLP) are unaffected.
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    drop_last = has_bn and len(sampler) > cfg.batch_size and len(sampler) % cfg.batch_size == 1
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **loader_kw)
-    # Each rank scores its own strided shard; sums are all-reduced, so nothing is counted twice.
-    val_loader = DataLoader(Subset(val_set, range(rt.rank, len(val_set), rt.world_size)),
-                            batch_size=cfg.batch_size * 2, **loader_kw)
-
-    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}, "history": []}
-    last = ckpt_dir / "last.pt"
-    if resumable(ckpt_dir, fingerprint):
-        ck = load_checkpoint(last)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        state = ck["state"]
-        if len(ck["rng"]) == rt.world_size:
-            torch.set_rng_state(ck["rng"][rt.rank])
-        if rt.is_main:
-            log(f"resuming from {last} after epoch {state['epoch']}")
-        if live is not None:
-            # DVCLive appends each epoch's rows after last.pt is saved, in plain (non-atomic)
-            # writes: a kill can leave them a step short of the checkpoint, cut mid-row, or
-            # metrics.json cut short (which DVCLive's own resume cannot even read). So the
-            # checkpoint is the record: write every epoch it holds again, then go on.
-            for step, metrics in enumerate(state["history"]):
-                live.step = step
-                for k, v in metrics.items():
-                    live.log_metric(k, v)
-            live.make_summary()
-
-    show_bar = rt.is_main and sys.stderr.isatty()
     stopped_early = False
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
-        net.train()
-        train_totals = {"loss": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64)}
-        batches = loader
-        if show_bar:
-            from tqdm import tqdm
-
-            batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        n_batches = len(loader)
-        for i, (x, y) in enumerate(batches):
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            step_now = (i + 1) % cfg.grad_accum == 0 or i + 1 == n_batches
-            # Skip the gradient all-reduce on accumulation steps; DDP syncs on the last one.
-            sync = contextlib.nullcontext() if step_now or not rt.distributed else net.no_sync()
-            with sync:
-                with torch.autocast(rt.device.type, dtype=amp[1], enabled=amp[0]):
-                    out = net(x)
-                sums = sums_fn(out, y)
-                loss = sums["loss"] / len(y)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            if step_now:
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-            train_totals["loss"] += sums["loss"].detach().double().cpu()
-            train_totals["count"] += len(y)
-        train = all_reduce_sums(train_totals, rt)
-        metrics = {"train_loss": train["loss"] / max(train["count"], 1.0)}
+        metrics = {"train_loss": _train_one_epoch(net, model, loader, opt, scaler, sums_fn, cfg, rt, amp,
+                                                  f"epoch {epoch + 1}/{cfg.epochs}")}
         metrics.update({f"val_{k}": v for k, v in _evaluate(net, val_loader, sums_fn, rt, amp).items()})
         metrics["lr"] = opt.param_groups[0]["lr"]
         if cfg.monitor not in metrics:
             raise StageError(f"train.monitor is {cfg.monitor!r}; choose one of: {', '.join(metrics)}")
         if not all(math.isfinite(v) for v in metrics.values()):
             raise StageError(f"training diverged at epoch {epoch + 1} ({metrics}); lower train.lr or enable grad_clip")
-
-        state["history"].append(metrics)
-        value = metrics[cfg.monitor]
-        improved = state["best"] is None or (value < state["best"] if cfg.minimize else value > state["best"])
-        if improved:
-            state.update(best=value, best_epoch=epoch, bad_epochs=0, best_metrics=metrics)
-        else:
-            state["bad_epochs"] += 1
+        improved = _record(state, metrics, cfg, epoch)
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(value)
+            sched.step(metrics[cfg.monitor])
         else:
             sched.step()
-        state["epoch"] = epoch + 1
         stopped_early = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
-        finished = stopped_early or state["epoch"] == cfg.epochs
-
-        rng = _gather_rng(rt)
+        _checkpoint(ckpt_dir, model, opt, sched, scaler, state, fingerprint,
+                    stopped_early or state["epoch"] == cfg.epochs, improved, rt)
         if rt.is_main:
-            ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "state": state, "rng": rng, "fingerprint": fingerprint,
-                    "finished": finished}
-            if improved:
-                _save(ckpt_dir / "best.pt", ckpt)
-            # last.pt is written after best.pt: a kill between the two resumes this epoch again.
-            _save(last, ckpt)
             if live is not None:
-                live.step = epoch
-                for k, v in metrics.items():
-                    live.log_metric(k, v)
+                _log_live(live, epoch, metrics)
                 live.next_step()
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            log(f"epoch {epoch + 1}/{cfg.epochs} {shown} ({time.perf_counter() - t0:.1f}s)"
-                + (" *" if improved else ""))
+            log(f"epoch {epoch + 1}/{cfg.epochs} {shown} ({time.perf_counter() - t0:.1f}s)" + (" *" if improved else ""))
         if rt.distributed:
             dist.barrier()  # no rank starts the next epoch (or exits) before the checkpoint exists
         if stopped_early:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.common import atomic_dir, atomic_path, log, read_json, write_json
+from stages.core.common import atomic_dir, atomic_path, log, read_json, write_json, write_timing
 from stages.core.images import list_images
 from stages.core.inference import open_session
 from stages.detect.boxes import decode, draw_boxes, load_for_detection, to_records
@@ -61,9 +61,10 @@ def run(params: dict, model_dir: Path = Path("models/detect"),
         for f, dets in shown:
             draw_boxes(root / f, dets, names).save(tmp / (f.replace("/", "__").rsplit(".", 1)[0] + ".png"))
     n = len(files) - len(errors)
-    stats = {"images": n, "failed": len(errors), "detections": len(results), "seconds": round(seconds, 4),
-             "images_per_s": round(n / max(seconds, 1e-9), 1), "errors": errors}
+    stats = {"images": n, "failed": len(errors), "detections": len(results), "errors": errors}
+    timing = {"seconds": round(seconds, 4), "images_per_s": round(n / max(seconds, 1e-9), 1)}
     write_json(Path("metrics/detect/infer.json"), stats)
-    log(f"detected {len(results)} objects in {n} images from {p['source']} → {out} ({stats['images_per_s']} images/s)"
+    write_timing("infer-detect", timing)
+    log(f"detected {len(results)} objects in {n} images from {p['source']} → {out} ({timing['images_per_s']} images/s)"
         + (f"; {len(errors)} could not be read (see metrics/detect/infer.json)" if errors else ""))
-    return stats
+    return {**stats, **timing}

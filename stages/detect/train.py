@@ -5,10 +5,9 @@ the data view, settings, weights and DVCLive log stay in our hands.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from stages.core.common import StageError, atomic_path, log, read_json
+from stages.core.common import StageError, log, read_json
 from stages.detect import yolo
 
 
@@ -38,7 +37,6 @@ def run(params: dict, out_dir: Path = Path("models/detect"),
     live.log_params({"detect.train": p, "seed": params["seed"]})
     yolo.results_to_live(runs / "results.csv", live)
     live.end()
-    with atomic_path(out_dir / "model.pt") as tmp:
-        shutil.copy2(runs / "weights" / "best.pt", tmp)
+    yolo.reproducible_weights(runs / "weights" / "best.pt", out_dir / "model.pt")
     log(f"trained {p['model']} for {p['epochs']} epochs → {out_dir}/model.pt")
     return {"run": str(runs)}

@@ -87,3 +87,30 @@ def results_to_live(results_csv: Path, live) -> None:
                 if name:
                     live.log_metric(name, float(value))
             live.next_step()
+
+
+def reproducible_weights(src: Path, dst: Path) -> None:
+    """Copy Ultralytics' final weights without what changes on every run or in every clone:
+    the save date, git details, elapsed times in the per-epoch results, and absolute paths
+    in train_args (where the repo happens to be). The weights and every setting that shaped
+    them stay, so two identical runs write identical bytes (dvc.lock does not churn)."""
+    import io
+
+    import torch
+    from ultralytics.nn.tasks import torch_safe_load
+
+    from stages.core.common import atomic_path
+
+    ckpt, _ = torch_safe_load(str(src))
+    ckpt = {k: v for k, v in ckpt.items() if k not in ("date", "git")}
+    results = ckpt.get("train_results")
+    if isinstance(results, dict):
+        ckpt["train_results"] = {k: v for k, v in results.items() if k != "time"}
+    here = Path.cwd().resolve()
+    ckpt["train_args"] = {k: os.path.relpath(v, here) if isinstance(v, str) and Path(v).is_absolute()
+                          and Path(v).resolve().is_relative_to(here) else v
+                          for k, v in ckpt.get("train_args", {}).items()}
+    buffer = io.BytesIO()  # a buffer, not the temporary file: torch names the archive after the file
+    torch.save(ckpt, buffer)
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(buffer.getbuffer())

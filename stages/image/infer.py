@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.common import atomic_path, log, read_json, write_json
+from stages.core.common import atomic_path, log, read_json, write_json, write_timing
 from stages.core.images import list_images
 from stages.core.inference import open_session, run_batches, softmax
 from stages.image.data import load_rgb, normalise, top_k
@@ -58,9 +58,10 @@ def run(params: dict, model_dir: Path = Path("models/image"),
     with atomic_path(out) as tmp:
         pd.DataFrame(rows, columns=["path", "prediction", "probability", "top_k", "error"]).to_csv(tmp, index=False)
     failed = sum(r["error"] is not None for r in rows)
-    stats = {"images": len(rows), "failed": failed, "seconds": round(seconds, 4),
-             "images_per_s": round(len(rows) / max(seconds, 1e-9), 1)}
+    stats = {"images": len(rows), "failed": failed}
+    timing = {"seconds": round(seconds, 4), "images_per_s": round(len(rows) / max(seconds, 1e-9), 1)}
     write_json(Path("metrics/image/infer.json"), stats)
-    log(f"predicted {len(rows) - failed} images from {p['source']} → {out} ({stats['images_per_s']} images/s)"
+    write_timing("infer-image", timing)
+    log(f"predicted {len(rows) - failed} images from {p['source']} → {out} ({timing['images_per_s']} images/s)"
         + (f"; {failed} could not be read (see the error column)" if failed else ""))
-    return stats
+    return {**stats, **timing}

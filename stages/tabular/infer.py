@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.common import StageError, atomic_path, log, read_json, write_json
+from stages.core.common import StageError, atomic_path, log, read_json, write_json, write_timing
 from stages.core.expectations import for_inference, load_suite, run_suite, summarise
 from stages.core.inference import open_session, run_batches
 from stages.tabular.data import Preprocessor, decode_outputs, read_features
@@ -49,7 +49,9 @@ def run(params: dict, model_dir: Path = Path("models/tabular"),
     table.insert(0, "line", df.index.to_numpy())
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
-    stats = {"rows": len(table), "seconds": round(seconds, 4), "rows_per_s": round(len(table) / max(seconds, 1e-9))}
+    stats = {"rows": len(table)}
+    timing = {"seconds": round(seconds, 4), "rows_per_s": round(len(table) / max(seconds, 1e-9))}
     write_json(Path("metrics/tabular/infer.json"), stats)
-    log(f"predicted {len(table)} rows from {source} → {out} ({stats['rows_per_s']} rows/s)")
-    return stats
+    write_timing("infer-tabular", timing)
+    log(f"predicted {len(table)} rows from {source} → {out} ({timing['rows_per_s']} rows/s)")
+    return {**stats, **timing}
