@@ -35,6 +35,22 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
         program = torch.onnx.export(model, (example,), dynamic_shapes=({0: batch},), input_names=["input"],
                                     output_names=["output"], dynamo=True, verbose=False)
         program.save(str(tmp))
+        strip_stack_traces(tmp)
+
+
+def strip_stack_traces(path: Path) -> None:
+    """Drop the Python stack traces the dynamo exporter stores on every node: they name the
+    absolute paths of the source files, so the same model exported from another clone (or
+    a temp copy) had other bytes. The graph, weights and names stay."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for graph_nodes in [model.graph.node, *(f.node for f in model.functions)]:
+        for node in graph_nodes:
+            kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    onnx.save(model, str(path))
 
 
 def check_parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol: float, classify: bool,

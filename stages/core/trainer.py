@@ -287,13 +287,16 @@ def fit(
     fingerprint: str,
     live=None,
     stop_after_epoch: int | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict:
     """Train `model` in place and leave the best weights in `ckpt_dir/best.pt`.
 
     Resumes from `ckpt_dir/last.pt` when it belongs to an unfinished run with the same
     `fingerprint` (params + data); `stop_after_epoch` ends early on purpose (tests).
     `live`: a DVCLive Live started afresh (resume=False); a resumed run rewrites the
-    epochs it skips from the checkpoint's history.
+    epochs it skips from the checkpoint's history. `on_epoch(epoch, metrics)` is called on
+    every rank after each epoch's checkpoint (e.g. to report to a hyperparameter search,
+    which may stop the run by raising).
     Returns a summary: best epoch, its metrics, epochs run, whether it stopped early.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -335,6 +338,8 @@ def fit(
             log(f"epoch {epoch + 1}/{cfg.epochs} {shown} ({time.perf_counter() - t0:.1f}s)" + (" *" if improved else ""))
         if rt.distributed:
             dist.barrier()  # no rank starts the next epoch (or exits) before the checkpoint exists
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
         if stopped_early:
             if rt.is_main:
                 log(f"early stop: {cfg.monitor} did not improve for {cfg.patience} epochs")

@@ -107,9 +107,15 @@ def reproducible_weights(src: Path, dst: Path) -> None:
     if isinstance(results, dict):
         ckpt["train_results"] = {k: v for k, v in results.items() if k != "time"}
     here = Path.cwd().resolve()
-    ckpt["train_args"] = {k: os.path.relpath(v, here) if isinstance(v, str) and Path(v).is_absolute()
-                          and Path(v).resolve().is_relative_to(here) else v
-                          for k, v in ckpt.get("train_args", {}).items()}
+
+    def relative(args: dict) -> dict:
+        return {k: os.path.relpath(v, here) if isinstance(v, str) and Path(v).is_absolute()
+                and Path(v).resolve().is_relative_to(here) else v for k, v in args.items()}
+
+    ckpt["train_args"] = relative(ckpt.get("train_args", {}))
+    model = ckpt.get("model")
+    if isinstance(getattr(model, "args", None), dict):  # the model keeps its own copy of the args
+        model.args = relative(model.args)
     buffer = io.BytesIO()  # a buffer, not the temporary file: torch names the archive after the file
     torch.save(ckpt, buffer)
     with atomic_path(dst) as tmp:
