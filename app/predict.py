@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +16,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from app.monitor import Monitor
 from stages.core.common import TASKS, StageError
-from stages.core.inference import open_session
+from stages.core.inference import open_session, physical_cores, run_batches
 from stages.detect import infer as detect
 from stages.detect.boxes import load_for_detection, to_records
 from stages.image import infer as image
 from stages.image.data import load_rgb, top_k
 from stages.tabular import infer as tabular
 from stages.tabular.data import type_features
+from stages.tabular.rows import Rows
 HOW_TO_TRAIN = "run `make run` (or `dvc repro infer@{task}`, or `dvc pull` from a remote that has it)"
 
 
@@ -34,21 +37,61 @@ class BadInput(ValueError):
         self.status = status
 
 
+class Limiter:
+    """At most `n` model runs at once in this worker process, whoever asks: the REST routes
+    and the Gradio handlers both run the models through predict_* below, which take a slot
+    here, so a burst on one side queues beside the other instead of starving it. A request
+    that waits longer than `timeout` s gets a 503."""
+
+    def __init__(self, n: int, timeout: float):
+        self.slots, self.timeout = threading.BoundedSemaphore(max(1, n)), timeout
+
+    def __enter__(self):
+        if not self.slots.acquire(timeout=self.timeout):
+            raise BadInput(f"the server is busy (no model free within {self.timeout:g} s); try again shortly", 503)
+
+    def __exit__(self, *exc):
+        self.slots.release()
+
+
 @dataclass
 class Loaded:
     card: dict
     session: object
+    monitor: Monitor | None = None
+    limit: Limiter | None = None
+    rows: Rows | None = None  # the tabular fast path
+
+    def __post_init__(self):
+        self.monitor = self.monitor or Monitor(self.card["task"], self.card, {})
+        self.limit = self.limit or Limiter(physical_cores(), 60)
+
+    def checked(self, rows: list[dict]) -> list[list[str]]:
+        """Warnings per row; with serve.strict on, any warning refuses the request (422)."""
+        warnings = self.monitor.warnings(rows)
+        if self.monitor.strict and any(warnings):
+            raise BadInput("; ".join(f"row {i + 1}: {w}" for i, ws in enumerate(warnings) for w in ws)
+                           + " (serve.strict is on)")
+        return warnings
 
 
-def load_models(models_dir: str | Path = "models") -> tuple[dict[str, Loaded], dict[str, str]]:
-    """({task: Loaded} for every exported model, {task: why it is missing} for the rest)."""
+def load_models(models_dir: str | Path = "models", cfg: dict | None = None) -> tuple[dict[str, Loaded], dict[str, str]]:
+    """({task: Loaded} for every exported model, {task: why it is missing} for the rest).
+    cfg: params.yaml `serve:` (workers, concurrency, strict, drift and request-log keys)."""
+    cfg = cfg or {}
+    workers = int(cfg.get("workers", 1))
+    # The cores (cgroup quota and affinity included) shared out between the worker processes.
+    threads = max(1, physical_cores() // workers)
+    limit = Limiter(int(cfg.get("concurrency", threads)), float(cfg.get("queue_timeout_s", 60)))
     loaded, missing = {}, {}
     for task in TASKS:
         card_path = Path(models_dir) / task / "model.json"
         try:
             card = json.loads(card_path.read_text())
             # Spinning threads would burn the cores between requests of a shared server.
-            loaded[task] = Loaded(card, open_session(card_path.parent / card["onnx"]["file"], spinning=False))
+            session = open_session(card_path.parent / card["onnx"]["file"], threads=threads, spinning=False)
+            loaded[task] = Loaded(card, session, Monitor(task, card, cfg), limit,
+                                  Rows(card) if task == "tabular" else None)
         except FileNotFoundError:
             missing[task] = f"no {card_path.parent}/model.onnx + model.json: " + HOW_TO_TRAIN.format(task=task)
         except Exception as e:  # noqa: BLE001 - a broken model must not stop the others from serving
@@ -72,31 +115,61 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict]:
-    df = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows
+    """Rows → one dict per row: prediction (and probabilities), and `warnings`. JSON rows
+    take the numpy fast path (stages/tabular/rows.py); a DataFrame, or a row it cannot type,
+    the pandas path that `infer` uses; both give identical answers."""
+    x = model.rows.transform(rows) if isinstance(rows, list) and model.rows else None
     try:
-        table = tabular.predict(model.card, model.session, type_features(df, model.card["features"], "request"),
-                                "request")
+        if x is None:
+            df = type_features(rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows), model.card["features"],
+                               "request")
+            records = df[[f["name"] for f in model.card["features"]]].to_dict("records")
+        else:
+            records = rows
+        warnings = model.checked(records)
+        with model.limit:
+            if x is None:
+                preds = tabular.predict(model.card, model.session, df, "request").to_dict("records")
+            else:
+                # One run up to infer's default batch (as run_batches would), without its lookups.
+                out = (model.session.run(None, {model.card["onnx"]["input"]: x})[0] if len(x) <= 4096
+                       else run_batches(model.session, x, 4096))
+                preds = model.rows.decode(out)
     except StageError as e:
         raise BadInput(str(e)) from None
-    return json.loads(table.to_json(orient="records"))
+    model.monitor.observe(records)  # the monitor reads the features it knows
+    return [{**p, "warnings": w} for p, w in zip(preds, warnings)]
 
 
 def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     card = model.card
-    open_image(data, max_pixels)  # checked first; then the very bytes go through infer's loader
-    probs = image.predict(card, model.session, load_rgb(io.BytesIO(data), card["preprocessing"]["image_size"])[None])[0]
+    im = open_image(data, max_pixels)  # checked first; then the very bytes go through infer's loader
+    rgb = load_rgb(io.BytesIO(data), card["preprocessing"]["image_size"])
+    seen = {"width": im.width, "height": im.height, "mode": im.mode, "brightness": float(rgb.mean() / 255)}
+    warnings = model.checked([seen])[0]
+    with model.limit:
+        probs = image.predict(card, model.session, rgb[None])[0]
+    model.monitor.observe([seen])
     classes = card["classes"]
     order = np.argsort(-probs)[:k]
     return {"prediction": classes[int(order[0])], "probability": float(probs[order[0]]),
             "top_k": [{"class": classes[int(i)], "probability": float(probs[i])} for i in order],
-            "top_k_text": top_k(probs[None], classes, k)[0]}
+            "top_k_text": top_k(probs[None], classes, k)[0], "warnings": warnings}
 
 
-def predict_detect(model: Loaded, data: bytes, conf: float | None, iou: float | None, max_pixels: int) -> list[dict]:
-    """conf and iou default to the model card's (what export checked parity at)."""
+def predict_detect(model: Loaded, data: bytes, conf: float | None, iou: float | None, max_pixels: int) -> dict:
+    """{detections, count, warnings}; conf and iou default to the model card's (what export
+    checked parity at)."""
     card = model.card
-    open_image(data, max_pixels)
+    im = open_image(data, max_pixels)
+    seen = {"width": im.width, "height": im.height, "mode": im.mode}
+    warnings = model.checked([seen])[0]
     conf = card["postprocessing"]["conf"] if conf is None else conf
     iou = card["postprocessing"]["iou"] if iou is None else iou
     loaded = load_for_detection(io.BytesIO(data), card["preprocessing"]["imgsz"])
-    return to_records(detect.predict(model.session, [loaded], conf, iou)[0], card["classes"])
+    with model.limit:
+        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card["classes"])
+    area = im.width * im.height
+    model.monitor.observe([{**seen, "boxes": len(found), "score": [d["score"] for d in found],
+                            "box_size": [float(np.sqrt(d["bbox"][2] * d["bbox"][3] / area)) for d in found]}])
+    return {"detections": found, "count": len(found), "warnings": warnings}

@@ -5,8 +5,12 @@ built at run time from the model card as a real type, not a string.)
 
     make serve          # = python -m app.server → http://127.0.0.1:7860 (UI), /docs (API)
 
-Host, port and limits come from params.yaml `serve:`; APP_HOST and APP_PORT override
-them. A missing model does not stop the server: /ready and its tab say what is missing.
+Host, port, workers and limits come from params.yaml `serve:`; APP_HOST, APP_PORT and
+APP_WORKERS override them. uvicorn builds the app in each worker process from the import
+string `app.server:create_app` (factory mode); with more than one worker the Prometheus
+metrics go through multiprocess mode (PROMETHEUS_MULTIPROC_DIR), so /metrics sums the
+counters of all workers. A missing model does not stop the server: /ready and its tab say
+what is missing.
 """
 
 import json
@@ -31,7 +35,13 @@ def serve_config(params_path: str | Path = "params.yaml") -> dict:
     cfg = dict(load_params(params_path)["serve"])
     cfg["host"] = os.environ.get("APP_HOST", cfg["host"])
     cfg["port"] = int(os.environ.get("APP_PORT", cfg["port"]))
+    cfg["workers"] = int(os.environ.get("APP_WORKERS", cfg.get("workers", 1)))
     return cfg
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def tabular_request(card: dict | None, max_rows: int):
@@ -53,14 +63,29 @@ def tabular_request(card: dict | None, max_rows: int):
 
 
 def create_app(models_dir: str | Path = "models", params_path: str | Path = "params.yaml", ui: bool = True) -> FastAPI:
-    from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector,
-                                   generate_latest)
+    from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                                   ProcessCollector, generate_latest)
 
     cfg = serve_config(params_path)
-    models, missing = load_models(models_dir)
+    # APP_MODELS_DIR: a registered version fetched by `make serve` (tools/registry.py fetch).
+    models, missing = load_models(os.environ.get("APP_MODELS_DIR", models_dir), cfg)
     max_bytes = int(cfg["max_upload_mb"] * 1024 * 1024)
     registry = CollectorRegistry()  # per app, so tests can build several
-    ProcessCollector(registry=registry)  # resident memory, CPU seconds, open files
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several workers: each writes its own files
+        from prometheus_client import multiprocess
+
+        scrape = CollectorRegistry()
+        multiprocess.MultiProcessCollector(scrape)
+    else:
+        scrape = registry
+        ProcessCollector(registry=registry)  # resident memory, CPU seconds, open files (one process only)
+    memory = Gauge("worker_resident_memory_bytes", "resident memory of the worker processes (summed)",
+                   registry=registry, multiprocess_mode="livesum")
+    drift = Gauge("input_drift_psi", "PSI of served inputs over the last serve.drift_window values against the "
+                  "training data (model card reference); > 0.25 is a shift", ["task", "feature"], registry=registry,
+                  multiprocess_mode="livemax")
+    warned = Counter("input_warnings", "served rows with values outside the validated range or unseen", ["task"],
+                     registry=registry)
     requests = Counter("requests", "HTTP requests", ["task", "status"], registry=registry)
     errors = Counter("request_errors", "HTTP requests answered 4xx or 5xx", ["task"], registry=registry)
     latency = Histogram("request_latency_seconds", "request latency", ["task"], registry=registry,
@@ -68,6 +93,18 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
     app = FastAPI(title="model-train", version="0.1.0",
                   description="Predictions from the exported ONNX models (tabular, image, detect).")
     app.state.models, app.state.missing, app.state.config = models, missing, cfg
+    last_refresh = [0.0]
+
+    def refresh() -> None:
+        """Push this worker's drift, warning count and memory into the metrics."""
+        last_refresh[0] = time.monotonic()
+        memory.set(resident_bytes())
+        for task, m in models.items():
+            for feature, value in m.monitor.drift().items():
+                drift.labels(task, feature).set(value)
+            new, m.monitor.warned_reported = m.monitor.warned - m.monitor.warned_reported, m.monitor.warned
+            if new:
+                warned.labels(task).inc(new)
     if cfg["cors_origins"]:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -93,6 +130,8 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
             latency.labels(task).observe(elapsed)
             if response.status_code >= 400:
                 errors.labels(task).inc()
+            if time.monotonic() - last_refresh[0] > 1:  # at most once a second per worker
+                refresh()
         log.info(json.dumps({"method": request.method, "path": request.url.path, "status": response.status_code,
                              "ms": round(elapsed * 1000, 2), "task": task, "bytes": size or None}))
         return response
@@ -120,12 +159,13 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
 
     @app.get("/ready", summary="Which models are loaded")
     def ready() -> JSONResponse:
-        body = {"ready": bool(models), "loaded": sorted(models), "missing": missing}
+        body = {"ready": bool(models), "loaded": sorted(models), "missing": missing, "workers": cfg["workers"]}
         return JSONResponse(body, 200 if models else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics: requests, errors, latency per task")
+    @app.get("/metrics", summary="Prometheus metrics: requests, errors, latency, input drift and warnings")
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        refresh()
+        return Response(generate_latest(scrape), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/model/info", summary="The model cards of the loaded models")
     def model_info() -> dict:
@@ -138,7 +178,8 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
 
     TabularRequest = tabular_request(models["tabular"].card if "tabular" in models else None, cfg["max_rows"])
 
-    @app.post("/predict/tabular", summary="Predict rows (JSON) with the tabular model")
+    @app.post("/predict/tabular", summary="Predict rows (JSON) with the tabular model; `warnings` per row name "
+              "values outside the validated range (serve.strict: a 422)")
     def tabular(body: TabularRequest) -> dict:  # type: ignore[valid-type]
         m = model("tabular")
         return {"predictions": predict_tabular(m, [r if isinstance(r, dict) else r.model_dump() for r in body.rows])}
@@ -153,9 +194,7 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
     def detect(file: Annotated[UploadFile, File(description="an image PIL can read")],
                conf: Annotated[float | None, Query(ge=0, le=1, description="default: the model card's")] = None,
                iou: Annotated[float | None, Query(ge=0, le=1, description="default: the model card's")] = None) -> dict:
-        m = model("detect")
-        found = predict_detect(m, read_upload(file), conf, iou, cfg["max_pixels"])
-        return {"detections": found, "count": len(found)}
+        return predict_detect(model("detect"), read_upload(file), conf, iou, cfg["max_pixels"])
 
     if ui:
         import gradio as gr
@@ -169,13 +208,23 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
 
 
 def main() -> None:
+    import tempfile
+
     import uvicorn
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
     cfg = serve_config()
-    print(f"serving on http://{cfg['host']}:{cfg['port']}  (UI: /, API docs: /docs)", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(), host=cfg["host"], port=cfg["port"], log_level="warning", access_log=False)
+    if cfg["workers"] > 1:
+        # Before any worker imports prometheus_client: a fresh folder, so no counts of an
+        # earlier run are summed in.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-")
+    print(f"serving on http://{cfg['host']}:{cfg['port']} with {cfg['workers']} worker(s)  (UI: /, API docs: /docs)",
+          file=sys.stderr, flush=True)
+    # A worker busy with models on a loaded machine can miss uvicorn's 5 s health ping and be
+    # killed mid-request: allow it 30 s.
+    uvicorn.run("app.server:create_app", factory=True, host=cfg["host"], port=cfg["port"], workers=cfg["workers"],
+                log_level="warning", access_log=False, timeout_worker_healthcheck=30)
 
 
 if __name__ == "__main__":

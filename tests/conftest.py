@@ -1,6 +1,7 @@
 """Shared fixtures: CPU only, tiny data, a fresh git + DVC copy of the repo per test."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -102,17 +103,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(served_repo):
-    """`python -m app.server` on a free port of 127.0.0.1 in the served repo; yields its URL."""
+@contextlib.contextmanager
+def serving(repo: Path, **env: str):
+    """`python -m app.server` on a free port of 127.0.0.1 in repo (env: e.g. APP_WORKERS="2"); yields its URL."""
     import time
     import urllib.request
 
     port = free_port()
-    env = {**os.environ, "APP_HOST": "127.0.0.1", "APP_PORT": str(port)}
-    log = served_repo / ".cache" / f"server-{port}.log"  # a file, not a pipe: a full pipe would stall the server
+    env = {**os.environ, "APP_HOST": "127.0.0.1", "APP_PORT": str(port), **env}
+    log = repo / ".cache" / f"server-{port}.log"  # a file, not a pipe: a full pipe would stall the server
     log.parent.mkdir(exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "app.server"], cwd=served_repo, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "app.server"], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -125,9 +126,52 @@ def server(served_repo):
                 proc.kill()
                 raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}")
             time.sleep(0.5)
-    yield url
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server the tests started; kill it if it does not go within 20 s."""
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(served_repo):
+    """`python -m app.server` on a free port of 127.0.0.1 in the served repo; yields its URL."""
+    with serving(served_repo) as url:
+        yield url
+
+
+# A tune study small enough for tests: lr from "learns nothing" to "learns", so some trials prune.
+TINY_TUNE = """task: tabular
+metric: val_acc
+trials: 6
+jobs: 2
+seed: 3
+pruner: {startup_trials: 1, warmup_epochs: 0}
+stall_minutes: 8
+space:
+  tabular.train.lr: {low: 0.000001, high: 0.05, log: true}
+"""
+
+
+@pytest.fixture(scope="session")
+def tuned_repo(tmp_path_factory) -> tuple[Path, str]:
+    """A repo copy on tiny params, validated and committed, then a 6-trial tune over
+    the DVC queue (sweeps/tiny-tune.yaml); (repo, the tune's stdout). Its experiments are
+    the registry tests' models."""
+    repo = copy_repo(tmp_path_factory.mktemp("tuned"))
+    set_params(repo, {**TINY_TABULAR, "tabular.train.epochs": 4, "tabular.evaluate.baseline": False})
+    (repo / "sweeps/tiny-tune.yaml").write_text(TINY_TUNE)
+    run(repo, "dvc", "repro", "validate@tabular")  # so that no trial prepares and validates again
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
+    run(repo, *git, "add", "-A")
+    run(repo, *git, "commit", "-q", "-m", "baseline + tune file")
+    return repo, run(repo, "python", "-m", "tools.tune", "sweeps/tiny-tune.yaml", timeout=900).stdout

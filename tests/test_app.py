@@ -62,6 +62,7 @@ def test_tabular_predictions_and_schema_checks(client, served_repo):
     assert ok.status_code == 200
     preds = ok.json()["predictions"]
     assert len(preds) == 2 and preds[0]["prediction"] in ("Adelie", "Chinstrap", "Gentoo")
+    assert preds[0]["warnings"] == [] and preds[1]["warnings"] == []  # missing values that training had
     assert abs(sum(preds[0][f"p_{c}"] for c in ("Adelie", "Chinstrap", "Gentoo")) - 1) < 1e-6
     bad = {
         "missing field": {"rows": [{k: v for k, v in row.items() if k != "island"}]},
@@ -85,8 +86,9 @@ def test_image_and_detect_uploads(client, served_repo):
     assert r.status_code == 200
     body = r.json()
     assert len(body["top_k"]) == 2 and body["prediction"] == body["top_k"][0]["class"]
+    assert body["warnings"] == []
     d = client.post("/predict/detect?conf=0.002", files={"file": ("s.png", png_bytes(served_repo, "detect"))})
-    assert d.status_code == 200 and d.json()["count"] == len(d.json()["detections"])
+    assert d.status_code == 200 and d.json()["count"] == len(d.json()["detections"]) and d.json()["warnings"] == []
     for det in d.json()["detections"]:
         assert set(det) == {"category_id", "category", "score", "bbox"} and len(det["bbox"]) == 4
 
@@ -113,6 +115,7 @@ def test_metrics_count_requests_errors_and_latency(client):
     assert 'requests_total{status="200",task="tabular"}' in text
     assert 'request_errors_total{task="image"}' in text
     assert 'request_latency_seconds_bucket{le="0.01",task="tabular"}' in text
+    assert "worker_resident_memory_bytes " in text and "input_drift_psi" in text
 
 
 def test_missing_models_do_not_stop_the_server(tmp_path, monkeypatch):
@@ -166,16 +169,26 @@ def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
     c = Client(server + "/", verbose=False)
     row = a_row(served_repo)
     card = json.loads((served_repo / "models/tabular/model.json").read_text())
-    label = c.predict(*[row[f["name"]] for f in card["features"]], api_name="/tabular_form")
-    assert label["label"] in ("Adelie", "Chinstrap", "Gentoo")
+    label, note = c.predict(*[row[f["name"]] for f in card["features"]], api_name="/tabular_form")
+    assert label["label"] in ("Adelie", "Chinstrap", "Gentoo") and note.startswith("All inputs are inside")
+    _, note = c.predict(*[0.0 if f["name"] == "body_mass_g" else row[f["name"]] for f in card["features"]],
+                        api_name="/tabular_form")
+    assert "body_mass_g = 0 is outside the validated range" in note
 
     csv = tmp_path / "rows.csv"
     pd.read_parquet(served_repo / "data/prepared/tabular/test.parquet").head(7).to_csv(csv, index=False)
     out = pd.read_csv(c.predict(handle_file(str(csv)), api_name="/tabular_csv"))
     assert len(out) == 7 and list(out.columns[:3]) == ["line", "prediction", "probability"]
+    assert out.columns[-1] == "warnings"
+    wrong = tmp_path / "notes.txt"
+    wrong.write_bytes(b"\x00\x01 not a table")
+    with pytest.raises(Exception) as bad:  # a sentence about the file, not a Python message
+        c.predict(handle_file(str(wrong)), api_name="/tabular_csv")
+    assert "NoneType" not in str(bad.value) and "PathLike" not in str(bad.value)
 
     digit = sorted((served_repo / "data/demo/digits/5").iterdir())[0]
-    assert c.predict(handle_file(str(digit)), api_name="/image_one")["label"] in [str(i) for i in range(10)]
+    label, note = c.predict(handle_file(str(digit)), api_name="/image_one")
+    assert label["label"] in [str(i) for i in range(10)] and note
 
     archive = tmp_path / "digits.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -187,8 +200,10 @@ def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
     assert not (tmp_path.parent / "evil.png").exists()
 
     scene = sorted((served_repo / "data/prepared/detect/images/test").iterdir())[0]
-    drawn, objects = c.predict(handle_file(str(scene)), 0.002, 0.7, api_name="/detect_one")
+    drawn, objects, note = c.predict(handle_file(str(scene)), 0.002, 0.7, api_name="/detect_one")
     assert drawn and set(objects["headers"]) == {"category", "score", "x", "y", "width", "height"}
+    _, objects, note = c.predict(handle_file(str(scene)), 1.0, 0.7, api_name="/detect_one")
+    assert objects["headers"] == ["category", "score", "x", "y", "width", "height"] and note.startswith("No objects")
 
 
 def test_schemathesis_finds_no_server_errors(server):

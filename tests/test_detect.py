@@ -328,10 +328,10 @@ COCO = {
 ZEBRA_A = (0.225, 0.4, 0.25, 0.4)
 ANT_A = (0.75, 0.5, 0.5, 1.0)
 ANT_B = (0.25, 0.17578125, 0.484375, 0.2578125)
-VOC_XML = {  # xmin, ymin, xmax, ymax: the same boxes in pixels
-    "a": [("zebra", 4, 6, 14, 18), ("ant", 20, 0, 40, 30)],
-    "b": [("ant", 0.5, 1.5, 31.5, 9.75)],
-    "c": [],
+VOC_XML = {  # xmin, ymin, xmax, ymax: the same boxes in VOC's 1-based inclusive pixels (xmin - 1 = COCO's x)
+    "a": [("zebra", 5, 7, 14, 18), ("ant", 21, 1, 40, 30), ("zebra", 1, 1, 3, 3, 1)],  # the last one: difficult
+    "b": [("ant", 1.5, 2.5, 31.5, 9.75)],
+    "c": [("zebra", 2, 2, 9, 9, 1)],  # only a difficult object: a background for training
 }
 
 
@@ -343,8 +343,9 @@ def write_images(folder: Path) -> None:
 
 def voc_xml(name: str, objects) -> str:
     w, h = SIZES[name]
-    objs = "".join(f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
-                   f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>" for n, x0, y0, x1, y1 in objects)
+    objs = "".join(f"<object><name>{n}</name><difficult>{hard[0] if hard else 0}</difficult><bndbox><xmin>{x0}</xmin>"
+                   f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+                   for n, x0, y0, x1, y1, *hard in objects)
     return (f"<annotation><folder>JPEGImages</folder><filename>{name}.png</filename>"
             f"<size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objs}</annotation>")
 
@@ -397,7 +398,22 @@ def test_voc_converter_box_by_box(repo: Path):
     stage(repo, "prepare", "detect")
     dataset = read_json(repo / "data/prepared/detect/dataset.json")
     assert dataset["names"] == ["ant", "zebra"] and dataset["format"] == "voc"  # VOC: names sorted
+    # 1-based pixels land on the COCO boxes; the two difficult objects are left out, and counted.
     assert_boxes(boxes_of(repo), {"a": [(1, *ZEBRA_A), (0, *ANT_A)], "b": [(0, *ANT_B)], "c": []})
+    assert dataset["voc_difficult_left_out"] == 2
+
+
+def test_voc_parser_refuses_entity_expansion(repo: Path):
+    """Annotations are untrusted: a billion-laughs XML is refused (defusedxml), in one line."""
+    root = write_voc(repo / "data/voc")
+    bomb = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>'
+            + voc_xml("a", VOC_XML["a"]).replace("<folder>JPEGImages</folder>", "<folder>&lol2;</folder>"))
+    (root / "Annotations/a.xml").write_text(bomb)
+    set_params(repo, {"detect.data.source": "data/voc", "detect.data.format": "voc"})
+    res = stage(repo, "prepare", "detect", check=False)
+    assert res.returncode == 1
+    assert re.search(r"^error: data/voc/Annotations/a\.xml: malformed VOC annotation \(EntitiesForbidden", res.stderr,
+                     re.M), res.stderr
 
 
 def test_read_yolo_with_a_relative_path(tmp_path: Path):

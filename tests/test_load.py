@@ -1,26 +1,48 @@
 """The server under load: 50 concurrent clients, 2,000 requests over the three tasks,
-on 127.0.0.1 only, bounded in count and time."""
+on 127.0.0.1 only, bounded in count and time; with one worker process and again with
+two (uvicorn factory mode, Prometheus multiprocess mode). Both results go to
+metrics/load.json."""
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 
 import pytest
 
-from conftest import run
+from conftest import run, serving
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_thousand_requests_no_errors_flat_memory(server, served_repo):
-    out = served_repo / "metrics/load.json"
-    res = run(served_repo, "python", "-m", "tools.loadtest", server, "--clients", "50", "--requests", "2000",
+def load(url, repo) -> dict:
+    out = repo / "metrics/load.json"
+    res = run(repo, "python", "-m", "tools.loadtest", url, "--clients", "50", "--requests", "2000",
               "--out", str(out), check=False, timeout=300)
-    result = json.loads(out.read_text())
+    workers = json.loads(urllib.request.urlopen(f"{url}/ready", timeout=10).read())["workers"]
+    result = json.loads(out.read_text())[f"workers_{workers}"]
     assert res.returncode == 0 and result["errors"] == 0, result["error_samples"]
     assert {t: s["n"] for t, s in result["latency"].items()} == {"tabular": 1000, "image": 600, "detect": 400}
     for stats in result["latency"].values():
         assert 0 < stats["p50_ms"] <= stats["p99_ms"]
     # Resident memory after warm-up (thread pool, arenas) stays flat: the last sample is
-    # within 40 MB of the first one taken under load (a leak of even 20 kB a request
-    # would add 40 MB over 2,000).
-    assert result["rss_growth_after_warmup_mb"] < 40, result["rss_mb"]
+    # within 40 MB per worker of the first one taken under load (a leak of even 20 kB a
+    # request would add 40 MB over 2,000).
+    assert result["rss_growth_after_warmup_mb"] < 40 * workers, result["rss_mb"]
+    return result
+
+
+def test_two_thousand_requests_no_errors_flat_memory(server, served_repo):
+    assert load(server, served_repo)["workers"] == 1
+
+
+def test_two_workers_share_the_load_and_sum_their_metrics(served_repo):
+    with serving(served_repo, APP_WORKERS="2") as url:
+        result = load(url, served_repo)
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    assert result["workers"] == 2
+    # Multiprocess mode: /metrics, answered by one worker, counts every worker's requests
+    # (50 warm-up requests + 2,000).
+    served = sum(float(v) for v in re.findall(r'^requests_total\{status="200",task="\w+"\} (\S+)$', text, re.M))
+    assert served == 2050, served
+    assert len(json.loads((served_repo / "metrics/load.json").read_text())) >= 2

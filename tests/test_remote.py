@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, run
+from conftest import free_port, run, stop
 
 pytestmark = pytest.mark.slow
 
@@ -181,12 +181,7 @@ def s3(tmp_path, monkeypatch):
         client.create_bucket(Bucket="bucket")
         yield url, client
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def bucket_keys(client, prefix: str) -> set[str]:

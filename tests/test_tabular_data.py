@@ -7,8 +7,11 @@ import pytest
 
 from conftest import ROOT
 from stages.core.common import StageError
-from stages.core.splits import split
-from stages.tabular.data import Preprocessor, check_target, decode_outputs, normalise_columns, read_csv, read_features
+import yaml
+
+from stages.core.splits import hash_assign, row_hash
+from stages.tabular import prepare
+from stages.tabular.data import Preprocessor, decode_outputs, read_csv, read_features
 
 PENGUINS = ROOT / "data/tabular/penguins.csv"
 
@@ -30,56 +33,108 @@ def test_read_csv_in_chunks_equals_one_read():
     assert len(whole) == 344
 
 
-def test_normalise_types_numbers_and_text():
-    df, kinds = normalise_columns(read_csv(PENGUINS), "penguins.csv", max_categories=50)
+def prepared(tmp_path, text: str | None = None, source=PENGUINS, **data) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """prepare.run on a CSV (the penguins, or `text`); returns (schema, splits)."""
+    if text is not None:
+        source = tmp_path / "t.csv"
+        source.write_text(text)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = params["tabular"]["data"]
+    p.update(source=str(source), **{k: v for k, v in data.items() if k not in ("val", "test", "method")})
+    p["split"].update({k: v for k, v in data.items() if k in ("val", "test", "method")})
+    out = tmp_path / "out"
+    schema = prepare.run(params, out_dir=str(out))
+    return schema, {n: pd.read_parquet(out / f"{n}.parquet") for n in ("train", "val", "test")}
+
+
+def test_prepare_types_numbers_and_text(tmp_path):
+    schema, parts = prepared(tmp_path)
+    kinds = {f["name"]: f["type"] for f in schema["features"]}
     assert kinds["bill_length_mm"] == "numeric" and kinds["island"] == "categorical"
+    df = pd.concat(parts.values()).sort_index()
     assert df["year"].dtype == "float64"
     assert df["sex"].isna().sum() == 11  # 'NA' cells stay missing, not the string 'nan'
+    assert list(df.index) == list(range(2, 346))  # every row once, named by its CSV line
+    raw = read_csv(PENGUINS)
+    assert df.loc[raw.index, "bill_length_mm"].equals(raw["bill_length_mm"].astype("float64"))
 
 
-def test_numbers_stored_as_text_become_numeric():
-    raw = pd.DataFrame({"x": [" 1", "2.5", None, "4 "], "c": ["a", "b", "a", "b"]}, index=[2, 3, 4, 5])
-    df, kinds = normalise_columns(raw, "t.csv", 50)
-    assert kinds == {"x": "numeric", "c": "categorical"}
-    assert df["x"].tolist()[:2] == [1.0, 2.5]
+def test_numbers_stored_as_text_become_numeric(tmp_path):
+    rows = "".join(f"\" {i}\",{'ab'[i % 2]},{'xy'[i % 2]}\n" for i in range(40))
+    schema, parts = prepared(tmp_path, "x,c,y\n" + rows, target="y")
+    assert {f["name"]: f["type"] for f in schema["features"]} == {"x": "numeric", "c": "categorical"}
+    assert sorted(pd.concat(parts.values())["x"]) == [float(i) for i in range(40)]
 
 
-def test_text_in_a_numeric_column_names_the_line():
-    raw = pd.DataFrame({"x": [str(i) for i in range(20)]}, index=range(2, 22))
-    raw.loc[7, "x"] = "abc"
+def test_text_in_a_numeric_column_names_the_line(tmp_path):
+    rows = [f"{i},{'ab'[i % 2]}" for i in range(40)]
+    rows[5] = "abc,b"  # line 7: header = line 1
     with pytest.raises(StageError, match=r"column 'x' is numeric but has text in 1 rows \(line 7: 'abc'\)"):
-        normalise_columns(raw, "t.csv", 50)
+        prepared(tmp_path, "x,y\n" + "\n".join(rows) + "\n", target="y")
 
 
-def test_too_many_categories_is_an_error():
-    raw = pd.DataFrame({"id": [f"u{i}" for i in range(60)]})
-    with pytest.raises(StageError, match="drop_columns"):
-        normalise_columns(raw, "t.csv", 50)
+def test_too_many_categories_is_an_error(tmp_path):
+    rows = "".join(f"u{i},{'ab'[i % 2]}\n" for i in range(60))
+    with pytest.raises(StageError, match="'id' has 60 distinct text values.*drop_columns"):
+        prepared(tmp_path, "id,y\n" + rows, target="y")
 
 
-def test_split_is_stratified_and_fixed_by_seed():
-    df, _ = normalise_columns(read_csv(PENGUINS), "p", 50)
-    a = split(df, "species", "classification", 0.15, 0.2, seed=1)
-    b = split(df, "species", "classification", 0.15, 0.2, seed=1)
-    c = split(df, "species", "classification", 0.15, 0.2, seed=2)
+@pytest.mark.parametrize("method", ["hash", "sklearn"])
+def test_split_is_stratified_and_fixed_by_seed(tmp_path, method):
+    parts = {seed: _split(tmp_path / str(seed), seed, method) for seed in (1, 2)}
+    a, c = parts[1], parts[2]
+    b = _split(tmp_path / "again", 1, method)
     assert all(a[k].index.equals(b[k].index) for k in a)
     assert not a["test"].index.equals(c["test"].index)
-    assert sum(len(v) for v in a.values()) == len(df)
+    assert sum(len(v) for v in a.values()) == 344
     assert not set(a["train"].index) & set(a["test"].index)
-    overall = df["species"].value_counts(normalize=True)
+    overall = pd.concat(a.values())["species"].value_counts(normalize=True)
     for part in a.values():
         share = part["species"].value_counts(normalize=True)
         assert (share - overall).abs().max() < 0.05
 
 
-def test_check_target_errors():
-    df = pd.DataFrame({"y": ["a", "a"], "x": [1.0, 2.0]})
+def _split(tmp_path, seed, method):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["seed"] = seed
+    params["tabular"]["data"].update(source=str(PENGUINS))
+    params["tabular"]["data"]["split"]["method"] = method
+    prepare.run(params, out_dir=str(tmp_path / "out"))
+    return {n: pd.read_parquet(tmp_path / "out" / f"{n}.parquet") for n in ("train", "val", "test")}
+
+
+def test_hash_split_has_exact_shares_per_class_and_is_a_hash_of_seed_and_line():
+    lines = np.arange(2, 10_002)
+    keys = row_hash(7, lines)
+    assert len(np.unique(keys)) == len(lines)  # a bijection: no ties
+    groups = (lines % 3 == 0).astype(np.int64)  # two classes
+    quota = [(1333, 1000), (667, 500)]
+    codes = hash_assign(keys, groups, quota)
+    for g, (n_test, n_val) in enumerate(quota):
+        n = int((groups == g).sum())
+        assert np.bincount(codes[groups == g], minlength=3).tolist() == [n - n_val - n_test, n_val, n_test]
+    # a row's split depends on (seed, line) and its class's cut only: dropping other rows moves no one
+    assert np.array_equal(row_hash(7, lines[::2]), keys[::2])
+
+
+def test_rows_whose_category_train_lacks_are_moved_to_train(tmp_path):
+    # categories with one row each, wherever the split draws them, end up in train
+    solo = {i: f"solo{i}" for i in range(0, 60, 7)}
+    rows = [f"{i},{solo.get(i, 'abc'[i % 3])},{'xy'[i % 2]}" for i in range(60)]
+    schema, parts = prepared(tmp_path, "n,c,y\n" + "\n".join(rows) + "\n", target="y")
+    assert set(parts["train"]["c"]) >= set(parts["val"]["c"]) | set(parts["test"]["c"])
+    assert set(solo.values()) <= set(parts["train"]["c"])
+    assert len(parts["val"]) and len(parts["test"])
+
+
+def test_check_target_errors(tmp_path):
     with pytest.raises(StageError, match="one class"):
-        check_target(df, "y", "classification", "t.csv")
+        prepared(tmp_path, "y,x\na,1\na,2\n", target="y")
     with pytest.raises(StageError, match="target column 'z' not found"):
-        check_target(df, "z", "classification", "t.csv")
+        prepared(tmp_path, "y,x\na,1\nb,2\n", target="z")
     with pytest.raises(StageError, match="not numeric"):
-        check_target(df, "y", "regression", "t.csv")
+        prepared(tmp_path, "y,x\na,1\nb,2\n", target="y", task="regression")
 
 
 def test_preprocessor_fits_train_only_and_round_trips():

@@ -1,8 +1,12 @@
 """A bounded load test against a running server (127.0.0.1 only): N concurrent clients
 send a fixed number of requests spread over the three tasks, then it reports errors,
-p50/p99 latency per task and the server's resident memory over the run.
+p50/p99 latency per task and the server's resident memory over the run (summed over its
+worker processes).
 
     python -m tools.loadtest http://127.0.0.1:7860 --clients 50 --requests 2000 --out metrics/load.json
+
+The result goes into the --out JSON under "workers_<n>" (n from the server's /ready), beside
+the runs with other worker counts already there.
 
 Inputs come from the repo: a test row, a demo digit, a demo scene (run `make run` first).
 """
@@ -35,7 +39,7 @@ def payloads(repo: Path) -> dict:
 
 async def rss_mb(client) -> float:
     text = (await client.get("/metrics")).text
-    return float(re.search(r"^process_resident_memory_bytes (\S+)$", text, re.M).group(1)) / 2**20
+    return float(re.search(r"^worker_resident_memory_bytes (\S+)$", text, re.M).group(1)) / 2**20
 
 
 async def run(url: str, clients: int, total: int, repo: Path, samples: int = 5) -> dict:
@@ -45,6 +49,7 @@ async def run(url: str, clients: int, total: int, repo: Path, samples: int = 5) 
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"{url}: this load test only targets this machine (127.0.0.1)")
     bodies = payloads(repo)
+    workers = httpx.get(f"{url}/ready", timeout=30).json().get("workers", 1)
     plan = [task for _ in range(total // 10 + 1) for task, n in MIX for _ in range(n)][:total]
     latencies: dict[str, list[float]] = {t: [] for t, _ in MIX}
     errors: list[str] = []
@@ -82,7 +87,7 @@ async def run(url: str, clients: int, total: int, repo: Path, samples: int = 5) 
         seconds = time.perf_counter() - start
     stats = {t: {"n": len(v), "p50_ms": round(float(np.percentile(v, 50)) * 1000, 2),
                  "p99_ms": round(float(np.percentile(v, 99)) * 1000, 2)} for t, v in latencies.items() if v}
-    return {"clients": clients, "requests": total, "errors": len(errors), "error_samples": errors[:5],
+    return {"workers": workers, "clients": clients, "requests": total, "errors": len(errors), "error_samples": errors[:5],
             "seconds": round(seconds, 2), "requests_per_s": round(total / seconds, 1), "latency": stats,
             "rss_mb": [round(m, 1) for m in memory],
             "rss_growth_after_warmup_mb": round(memory[-1] - memory[0], 1)}
@@ -97,8 +102,12 @@ def main() -> None:
     ap.add_argument("--out", default="metrics/load.json")
     args = ap.parse_args()
     result = asyncio.run(run(args.url, args.clients, args.requests, Path(args.repo)))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(out.read_text()) if out.is_file() else {}
+    runs = {k: v for k, v in runs.items() if k.startswith("workers_")}  # an older single-run file is replaced
+    runs[f"workers_{result['workers']}"] = result
+    out.write_text(json.dumps(dict(sorted(runs.items())), indent=2) + "\n")
     print(json.dumps(result, indent=2))
     raise SystemExit(1 if result["errors"] else 0)
 

@@ -7,7 +7,9 @@ and how long the queue may go without progress. Each combination becomes
 `dvc exp run --queue -S key=value ... infer@<task>` (only that task's chain runs); then
 `dvc queue start -j N` runs them, each in its own copy of the repo under .dvc/tmp/exps/.
 A failed experiment's worker log is printed; a queue that makes no progress for
-`stall_minutes` is reported with the way out instead of being waited on forever.
+`stall_minutes` is reported with the way out instead of being waited on forever. The queue
+is read through `dvc exp show --json`. tools/tune.py drives the queue with the same
+functions (queue_experiment, start_workers, experiments, Watch, print_failed_log).
 Promote the best one with `dvc exp apply NAME` (into the workspace) or
 `dvc exp branch NAME BRANCH`.
 """
@@ -28,7 +30,10 @@ from stages.core.common import StageError, run_main
 RANK_BY = {"tabular": ("metrics/tabular/metrics.json:test.accuracy", "desc"),
            "image": ("metrics/image/metrics.json:test.accuracy", "desc"),
            "detect": ("metrics/detect/metrics.json:test.mAP50-95", "desc")}
-DONE = ("Success", "Failed")
+DONE = ("success", "failed")
+STALLED = ("the queue made no progress for {minutes} minutes ({summary}). See `dvc queue status` and "
+           "`dvc queue logs NAME` (worker logs: .dvc/tmp/exps/celery/*.out); stop it with `dvc queue stop --kill` "
+           "and clear it with `dvc exp clean` and `dvc queue remove --all`, then run it again")
 
 
 def dvc(*args: str, check: bool = True) -> str:
@@ -43,15 +48,72 @@ def combinations(grid: dict) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def queue_states(names: list[str]) -> dict[str, str]:
-    """{experiment name: Queued | Running | Success | Failed} from `dvc queue status`."""
-    states = {}
-    for line in dvc("queue", "status", check=False).splitlines():
-        fields = line.split()
-        for name in names:
-            if name in fields and fields[-1] in ("Queued", "Running", *DONE):
-                states[name] = fields[-1]
-    return states
+def queue_experiment(name: str, task: str, values: dict) -> None:
+    """`dvc exp run --queue` of the task's chain (infer@task) with params.yaml keys overridden."""
+    # -S takes Hydra's override grammar: numbers, true/false and [lists] as JSON writes them;
+    # strings quoted, so that paths and colons stay one value.
+    sets = [a for k, v in values.items() for a in ("-S", f"{k}={json.dumps(v) if not isinstance(v, str) else repr(v)}")]
+    dvc("exp", "run", "--queue", "-n", name, *sets, f"infer@{task}")
+
+
+def start_workers(jobs: int) -> subprocess.Popen:
+    """`dvc queue start -j N`, beside us: it stays in the foreground while its workers run, and
+    we watch the queue (and notice when it stalls) instead of waiting blind. Starting again
+    while workers run adds none (they are named 1..N); idle workers exit after 10 s."""
+    return subprocess.Popen(["dvc", "queue", "start", "-j", str(jobs)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_workers(starter: subprocess.Popen) -> None:
+    try:
+        starter.wait(timeout=120)  # the workers stop once the queue is empty
+    except subprocess.TimeoutExpired:
+        starter.terminate()
+
+
+def experiments(names: list[str]) -> dict[str, tuple[str, dict]] | None:
+    """{name: (state, data)} for the named experiments, from `dvc exp show --json`: state is
+    queued | running | success | failed; data holds a finished one's params and metrics.
+    None when DVC could not answer this time (e.g. a worker held a lock)."""
+    res = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=False,
+                         stdin=subprocess.DEVNULL)
+    if res.returncode:
+        return None
+    found = {}
+    for baseline in json.loads(res.stdout):
+        for exp in baseline.get("experiments") or []:
+            if exp.get("name") in names:
+                # A successful experiment whose task record has been cleaned up has no executor.
+                state = (exp.get("executor") or {}).get("state") or "success"
+                found[exp["name"]] = (state, (exp.get("revs") or [{}])[0].get("data") or {})
+    return found
+
+
+class Watch:
+    """A queue's progress, printed when it changes; no change for `stall_minutes` is an
+    error that names the way out."""
+
+    def __init__(self, total: int, stall_minutes: float):
+        self.total, self.stall_minutes = total, stall_minutes
+        self.last, self.changed = None, time.monotonic()
+
+    def update(self, states: dict[str, str], note: str = "") -> bool:
+        """True once `total` experiments are done."""
+        done = sum(s in DONE for s in states.values())
+        summary = (f"{done}/{self.total} done, {sum(s == 'running' for s in states.values())} running, "
+                   f"{sum(s == 'failed' for s in states.values())} failed{note}")
+        if summary != self.last:
+            print(summary, flush=True)
+            self.last, self.changed = summary, time.monotonic()
+        elif time.monotonic() - self.changed > self.stall_minutes * 60:
+            # The workers go on: they may still be wanted (logs, a slow but healthy run).
+            raise StageError(STALLED.format(minutes=self.stall_minutes, summary=summary))
+        return done >= self.total
+
+
+def print_failed_log(name: str) -> None:
+    print(f"\n--- {name} failed; its log (dvc queue logs {name}):", file=sys.stderr)
+    print("\n".join(dvc("queue", "logs", name, check=False).splitlines()[-40:]), file=sys.stderr)
 
 
 def run_sweep(spec_path: str, poll: float = 5.0) -> dict[str, str]:
@@ -63,42 +125,21 @@ def run_sweep(spec_path: str, poll: float = 5.0) -> dict[str, str]:
     names = []
     for i, combo in enumerate(combinations(grid), start=1):
         name = f"{Path(spec_path).stem}-{i}-{stamp}"
-        # -S takes Hydra's override grammar: numbers, true/false and [lists] as JSON writes them.
-        sets = [a for k, v in combo.items() for a in ("-S", f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
-        dvc("exp", "run", "--queue", "-n", name, *sets, f"infer@{task}")
+        queue_experiment(name, task, combo)
         names.append(name)
         print(f"queued {name}: {combo}", flush=True)
-    # `dvc queue start` stays in the foreground while its workers run: start it beside us,
-    # so that we can watch the queue (and notice when it stalls) instead of waiting blind.
-    starter = subprocess.Popen(["dvc", "queue", "start", "-j", str(spec.get("jobs", 1))],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    stall = spec.get("stall_minutes", 15) * 60
-    last_change, last, states = time.monotonic(), None, {}
+    starter = start_workers(spec.get("jobs", 1))
+    watch, states = Watch(len(names), spec.get("stall_minutes", 15)), {}
     while True:
-        states = queue_states(names)
-        done = sum(s in DONE for s in states.values())
-        summary = (f"{done}/{len(names)} done, {sum(s == 'Running' for s in states.values())} running, "
-                   f"{sum(s == 'Failed' for s in states.values())} failed")
-        if summary != last:
-            print(summary, flush=True)
-            last, last_change = summary, time.monotonic()
-        if done == len(names):
+        found = experiments(names)
+        states = {n: s for n, (s, _) in found.items()} if found is not None else states
+        if watch.update(states):
             break
-        if time.monotonic() - last_change > stall:
-            starter.poll()  # the workers go on: they may still be wanted (logs, a slow but healthy run)
-            raise StageError(f"the queue made no progress for {spec.get('stall_minutes', 15)} minutes ({summary}). "
-                             "See `dvc queue status` and `dvc queue logs NAME` (worker logs: "
-                             ".dvc/tmp/exps/celery/*.out); stop it with `dvc queue stop --kill` and clear it with "
-                             "`dvc exp clean` and `dvc queue remove --all`, then run the sweep again")
         time.sleep(poll)
-    try:
-        starter.wait(timeout=120)  # the workers stop once the queue is empty
-    except subprocess.TimeoutExpired:
-        starter.terminate()
-    failed = [n for n in names if states.get(n) == "Failed"]
+    wait_workers(starter)
+    failed = [n for n in names if states.get(n) == "failed"]
     for name in failed:
-        print(f"\n--- {name} failed; its log (dvc queue logs {name}):", file=sys.stderr)
-        print("\n".join(dvc("queue", "logs", name, check=False).splitlines()[-40:]), file=sys.stderr)
+        print_failed_log(name)
     metric, order = spec.get("metric", RANK_BY[task][0]), spec.get("order", RANK_BY[task][1])
     print(dvc("exp", "show", "--no-pager", "--only-changed", "--sort-by", metric, "--sort-order", order, "--md"))
     print("Promote one: dvc exp apply NAME   or   dvc exp branch NAME BRANCH")

@@ -8,8 +8,11 @@ kwargs, meta}]}) that a person can edit. `meta.role` marks what inference skips:
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +20,9 @@ import pandas as pd
 from stages.core.common import StageError, atomic_dir, log, read_json, write_json
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+# GX imports pyspark when it is installed (the spark extra), which warns about pandas 3 on
+# every stage's stderr; the Spark paths here hand it no pandas frames.
+warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
 
 SPLITS = ("train", "val", "test")
 
@@ -59,7 +65,16 @@ def _context():
     return ctx
 
 
-def run_suite(suite: dict, tables: dict[str, pd.DataFrame], docs_dir: str | Path | None = None) -> dict:
+@functools.lru_cache(maxsize=None)
+def _cached(engine: str):
+    """GX's fixed cost, paid once per process (the app, `infer` over chunks, the bench): a
+    context with a datasource, and a counter for unique suite names within it."""
+    ctx = _context()
+    source = ctx.data_sources.add_spark("spark") if engine == "spark" else ctx.data_sources.add_pandas("tables")
+    return ctx, source.add_dataframe_asset("table").add_batch_definition_whole_dataframe("whole"), itertools.count()
+
+
+def run_suite(suite: dict, tables: dict, docs_dir: str | Path | None = None) -> dict:
     """Validate each named table; returns {success, tables: {name: {success, rows, results}}}.
 
     With `docs_dir`, GX Data Docs HTML for the run is written there.
@@ -67,48 +82,106 @@ def run_suite(suite: dict, tables: dict[str, pd.DataFrame], docs_dir: str | Path
     return run_suites([(suite, tables)], docs_dir)
 
 
-def run_suites(pairs: list[tuple[dict, dict[str, pd.DataFrame]]], docs_dir: str | Path | None = None) -> dict:
+def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = None) -> dict:
     """Several suites, each over its own tables, in one GX context (so one set of Data Docs).
-    With more than one suite, table names are prefixed `<suite name>/`."""
+    With more than one suite, table names are prefixed `<suite name>/`.
+
+    A table is a pandas DataFrame, a Spark DataFrame (with a `line` column naming failing
+    rows), or a function returning an iterator of pandas chunks: a table larger than memory,
+    validated chunk by chunk with the results added up (Data Docs show the first chunk)."""
     import great_expectations as gx
 
-    ctx = _context()
-    asset = ctx.data_sources.add_pandas("tables").add_dataframe_asset("table")
-    batch = asset.add_batch_definition_whole_dataframe("whole")
+    engine = "spark" if any(_is_spark(t) for _, tables in pairs for t in tables.values()) else "pandas"
+    if docs_dir is None:
+        ctx, batch, counter = _cached(engine)
+    else:  # a fresh context per docs site: Data Docs list every run of their context
+        ctx, batch, counter = _cached.__wrapped__(engine)
+        ctx.add_data_docs_site(site_name="docs", site_config=_docs_site(docs_dir))
     # The report keeps 5 unexpected values and rows per expectation; only Data Docs show
     # more (every unexpected row, and a query that lists them). Without docs, SUMMARY gives
     # the same report without GX collecting, copying and serialising every unexpected row
     # and filtering the whole table once more per expectation for the query (a fifth of
-    # the time on a million rows, more the more rows fail; `make bench`).
-    result_format = {"result_format": "COMPLETE", "partial_unexpected_count": 5} if docs_dir is not None else \
-        {"result_format": "SUMMARY", "partial_unexpected_count": 5, "return_unexpected_index_query": False}
+    # the time on a million rows, more the more rows fail; `make bench`). On Spark, COMPLETE
+    # would collect every failing row on the driver: SUMMARY always.
+    complete = docs_dir is not None and engine == "pandas"
+    result_format = {"result_format": "COMPLETE" if complete else "SUMMARY", "partial_unexpected_count": 5}
+    if not complete:
+        result_format["return_unexpected_index_query"] = False
+    if engine == "spark":
+        result_format["unexpected_index_column_names"] = ["line"]
     report = {"success": True, "suites": [suite["name"] for suite, _ in pairs], "tables": {}}
-    if docs_dir is not None:
-        ctx.add_data_docs_site(site_name="docs", site_config=_docs_site(docs_dir))
     for suite, tables in pairs:
-        gx_suite = ctx.suites.add(gx.ExpectationSuite(name=suite["name"], expectations=suite["expectations"]))
-        for name, df in tables.items():
+        if engine == "spark":
+            suite = _with_line(suite)
+        run_id = next(counter)
+        gx_suite = ctx.suites.add(gx.ExpectationSuite(name=f"{suite['name']}" + (f"#{run_id}" if run_id else ""),
+                                                      expectations=suite["expectations"]))
+        for name, table in tables.items():
             key = f"{suite['name']}/{name}" if len(pairs) > 1 else name
-            vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=key, data=batch, suite=gx_suite))
-            if docs_dir is None:
-                res = vd.run(batch_parameters={"dataframe": _gx_frame(df)}, result_format=result_format)
-            else:
-                cp = ctx.checkpoints.add(gx.Checkpoint(
-                    name=f"checkpoint_{key}", validation_definitions=[vd], result_format=result_format,
-                    actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["docs"])]))
-                res = next(iter(cp.run(batch_parameters={"dataframe": _gx_frame(df)}).run_results.values()))
-            table = {"success": bool(res.success), "rows": len(df), "results": [_result(r) for r in res.results]}
-            report["tables"][key] = table
-            report["success"] &= table["success"]
+            vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=key + (f"#{run_id}" if run_id else ""), data=batch,
+                                                                        suite=gx_suite))
+            chunks = table() if callable(table) else [table]
+            merged, rows = None, 0
+            for i, chunk in enumerate(chunks):
+                frame = chunk if engine == "spark" else _gx_frame(chunk)
+                if docs_dir is None or i:
+                    # Batch.validate, not vd.run: the same results without serialising them into
+                    # the context's results store (a quarter of a small run's time; `make bench`).
+                    res = batch.get_batch(batch_parameters={"dataframe": frame}).validate(
+                        gx_suite, result_format=result_format)
+                else:
+                    cp = ctx.checkpoints.add(gx.Checkpoint(
+                        name=f"checkpoint_{key}", validation_definitions=[vd], result_format=result_format,
+                        actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["docs"])]))
+                    res = next(iter(cp.run(batch_parameters={"dataframe": frame}).run_results.values()))
+                results = [_result(r) for r in res.results]
+                merged = results if merged is None else [_merge(a, b) for a, b in zip(merged, results)]
+                rows += chunk.count() if engine == "spark" else len(chunk)
+            table_report = {"success": all(r["success"] for r in merged or []), "rows": rows, "results": merged or []}
+            report["tables"][key] = table_report
+            report["success"] &= table_report["success"]
     return report
 
 
+def _with_line(suite: dict) -> dict:
+    """On Spark the `line` column names failing rows: the columns check allows it."""
+    exps = [{**e, "kwargs": {**e["kwargs"], "column_set": [*e["kwargs"]["column_set"], "line"]}}
+            if e.get("meta", {}).get("role") == "columns" else e for e in suite["expectations"]]
+    return {**suite, "expectations": exps}
+
+
+def _is_spark(table) -> bool:
+    return type(table).__module__.startswith("pyspark")
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """One expectation's results over two chunks, as if run over both at once: counts add
+    up, samples are the first five, and `mostly` is judged on the totals."""
+    if "considered" not in a:
+        return {**a, "success": a["success"] and b["success"]}  # table-level (columns): the same on every chunk
+    out = {**a, "considered": a["considered"] + b["considered"],
+           "unexpected_count": a["unexpected_count"] + b["unexpected_count"],
+           "sample_values": (a["sample_values"] + b["sample_values"])[:5],
+           "sample_rows": (a["sample_rows"] + b["sample_rows"])[:5]}
+    share = out["unexpected_count"] / out["considered"] if out["considered"] else 0.0
+    out["unexpected_percent"] = 100 * share
+    mostly = a["kwargs"].get("mostly")
+    out["success"] = (1 - share >= mostly - 1e-12) if mostly is not None else out["unexpected_count"] == 0
+    if "error" in a or "error" in b:
+        out["success"] = False
+    return out
+
+
 def _gx_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """GX 1.x compares pandas 3's `str` dtype against a default StringDtype() and never
-    matches it, so text columns are handed over as object. The index is unnamed so GX
-    reports failing rows as plain row labels (our CSV line numbers)."""
+    """Text columns (pandas 3's `str` dtype) are handed over as pandas' default StringDtype():
+    GX 1.x compares a column's dtype against the instances its type names create, and only
+    "StringDtype" creates one that matches (never `str`'s), so type lists name it (see
+    stages/tabular/validate.py) and GX checks the dtype once instead of every value in
+    Python (half of GX's time on a million rows; `make bench`). Object columns (mixed input)
+    stay object and are checked value by value. The index is unnamed so GX reports failing
+    rows as plain row labels (our CSV line numbers)."""
     text = [c for c in df.columns if pd.api.types.is_string_dtype(df[c]) and df[c].dtype != object]
-    return df.astype({c: object for c in text}).rename_axis(None)
+    return df.astype({c: pd.StringDtype() for c in text}).rename_axis(None)
 
 
 def _docs_site(docs_dir: str | Path) -> dict:
@@ -118,6 +191,8 @@ def _docs_site(docs_dir: str | Path) -> dict:
 
 def _plain(v):
     """numpy scalars and the like → JSON-friendly Python values."""
+    if v is pd.NA:
+        return None
     if hasattr(v, "item"):
         return v.item()
     if isinstance(v, float) and v != v:
@@ -133,8 +208,13 @@ def _result(r) -> dict:
     if "unexpected_count" in res:
         out["unexpected_count"] = int(res["unexpected_count"])
         out["unexpected_percent"] = _plain(res.get("unexpected_percent"))
+        # Rows a `mostly` share is taken of: all (not-null checks), else the non-missing ones.
+        missing = 0 if cfg.type == "expect_column_values_to_not_be_null" else int(res.get("missing_count") or 0)
+        out["considered"] = int(res.get("element_count") or 0) - missing
         out["sample_values"] = [_plain(v) for v in res.get("partial_unexpected_list", [])[:5]]
-        out["sample_rows"] = [_plain(v) for v in res.get("partial_unexpected_index_list", [])[:5]]
+        # pandas names a failing row by its index (the CSV line); Spark by the `line` column.
+        out["sample_rows"] = [_plain(v["line"] if isinstance(v, dict) else v)
+                              for v in res.get("partial_unexpected_index_list", [])[:5]]
     if "observed_value" in res:
         obs = res["observed_value"]
         out["observed"] = [_plain(v) for v in obs] if isinstance(obs, list) else _plain(obs)

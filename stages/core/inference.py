@@ -12,19 +12,51 @@ from pathlib import Path
 import numpy as np
 
 
-def physical_cores() -> int:
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs this container may use per the cgroup CPU quota (v2 cpu.max, v1 cfs_quota_us /
+    cfs_period_us); None when unlimited or unreadable."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        if (root / "cpu.max").is_file():
+            quota, _, period = (root / "cpu.max").read_text().partition(" ")
+            return None if quota == "max" else int(quota) / int(period)
+        for v1 in (root / "cpu", root / "cpu,cpuacct"):
+            if (v1 / "cpu.cfs_quota_us").is_file():
+                quota = int((v1 / "cpu.cfs_quota_us").read_text())
+                return None if quota <= 0 else quota / int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def physical_cores(cpuinfo: Path = Path("/proc/cpuinfo"), cgroup: Path = Path("/sys/fs/cgroup"),
+                   allowed: set[int] | None = None) -> int:
+    """Threads worth running: the physical cores among the CPUs this process may run on
+    (os.sched_getaffinity), capped by the cgroup CPU quota (rounded down: 1.5 CPUs of
+    quota is one thread that is never throttled). More threads than this oversubscribe
+    (onnxruntime and torch are several times slower)."""
+    if allowed is None:
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores, proc, phys = set(), None, "0"
+    try:
+        text = cpuinfo.read_text()
     except OSError:
-        return os.cpu_count() or 1
-    cores, phys = set(), "0"
-    for line in text.splitlines():
+        text = ""
+    for line in text.splitlines() + [""]:
         key, _, value = line.partition(":")
-        if key.strip() == "physical id":
+        key = key.strip()
+        if key == "processor":
+            proc, phys, core = int(value), "0", None
+        elif key == "physical id":
             phys = value.strip()
-        elif key.strip() == "core id":
-            cores.add((phys, value.strip()))
-    return max(len(cores), 1) if cores else (os.cpu_count() or 1)
+        elif key == "core id":
+            core = value.strip()
+        elif not key and proc is not None:  # the end of a processor's block
+            if proc in allowed:
+                cores.add((phys, core if core is not None else f"cpu{proc}"))
+            proc = None
+    n = len(cores) or len(allowed) or 1
+    limit = cgroup_cpu_limit(cgroup)
+    return max(1, min(n, int(limit))) if limit else n
 
 
 def open_session(path: str | Path, threads: int | None = None, spinning: bool = True):

@@ -8,6 +8,14 @@ torchrun, logs to DVCLive on rank 0, and writes models/<task>/model.pt.
 Outputs: models/<task>/model.pt (best weights + everything needed to rebuild and serve
 them), metrics/<task>/train/ (DVCLive), and the scratch folder models/<task>/checkpoints/
 (full state for resume; kept between runs).
+
+In an experiment queued by tools/tune.py, params `tune.trial` names an Optuna trial: each
+epoch's validation metric is reported to its study, and when the study prunes the trial
+the run stops there and ends normally, with the best weights so far and a `tune` block in
+metrics/<task>/train/metrics.json saying "pruned". Ending normally (not failing) is what
+lets the tuner tell a pruned trial from a broken one: DVC marks a failed stage's
+experiment Failed and keeps none of its outputs, while a pruned trial is a valid, shorter
+run whose numbers the tuner reads back with `dvc exp show --json` like any other.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from stages.core.common import log
+from stages.core.common import StageError, log
 from stages.core.distributed import relaunch_under_torchrun, seed_everything, setup, teardown
 from stages.core.trainer import LoopConfig, fit, load_checkpoint, save_checkpoint
 
@@ -46,6 +54,61 @@ def fingerprint(params: dict, files: list[Path], world_size: int) -> str:
     return h.hexdigest()[:16]
 
 
+class Pruned(Exception):
+    """Raised from fit's on_epoch when the tune study prunes the trial."""
+
+
+def tune_trial(pointer: str):
+    """(Optuna trial, metric name) for params `tune.trial` = 'STUDY_DB:STUDY:NUMBER', set by
+    tools/tune.py; None when empty, or when the study is not here or the trial has finished
+    (an applied tune experiment reruns as plain training)."""
+    if not pointer:
+        return None
+    import optuna
+
+    db, name, number = pointer.rsplit(":", 2)
+    if not Path(db).is_file():
+        log(f"tune.trial: no study at {db}; training without reporting")
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Queue workers write to the one SQLite file at the same time: wait for its lock.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}})
+    study_id = storage.get_study_id_from_name(name)
+    cfg = storage.get_study_user_attrs(study_id)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(number))
+    if storage.get_trial(trial_id).state != optuna.trial.TrialState.RUNNING:
+        log(f"tune.trial: trial {number} of {name} has finished; training without reporting")
+        return None
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg["startup_trials"], n_warmup_steps=cfg["warmup_epochs"])
+    study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
+    return optuna.trial.Trial(study, trial_id), cfg["metric"]
+
+
+def pruning_callback(pointer: str, rt) -> Callable | None:
+    """fit's on_epoch for a tune trial: rank 0 reports the metric and asks the study; every
+    rank gets the answer, so all of them stop at the same epoch."""
+    if not pointer:
+        return None
+    found = tune_trial(pointer) if rt.is_main else None
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        prune = False
+        if found is not None:
+            trial, metric = found
+            if metric not in metrics:
+                raise StageError(f"tune: metric {metric!r} is not one of this task's: {', '.join(metrics)}")
+            trial.report(metrics[metric], epoch)
+            prune = trial.should_prune()
+        if rt.distributed:
+            box = [prune]
+            torch.distributed.broadcast_object_list(box, src=0)
+            prune = box[0]
+        if prune:
+            raise Pruned(epoch + 1)
+
+    return on_epoch
+
+
 def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
     p = params[task]["train"]
     cfg = LoopConfig.from_params(p, f"{task}.train")
@@ -66,8 +129,22 @@ def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
             # start the folder afresh; a resumed fit() rewrites the earlier epochs from last.pt.
             live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
             live.log_params({f"{task}.train": p, "seed": params["seed"], "world_size": rt.world_size})
-        summary = fit(job.model, job.train_set, job.val_set, sums_fn=job.sums_fn, cfg=cfg, rt=rt,
-                      seed=params["seed"], ckpt_dir=ckpt_dir, fingerprint=fp, live=live)
+        pointer = params.get("tune", {}).get("trial", "")
+        try:
+            summary = fit(job.model, job.train_set, job.val_set, sums_fn=job.sums_fn, cfg=cfg, rt=rt,
+                          seed=params["seed"], ckpt_dir=ckpt_dir, fingerprint=fp, live=live,
+                          on_epoch=pruning_callback(pointer, rt))
+        except Pruned as e:
+            # last.pt holds the loop state of the epoch that was pruned (written before on_epoch).
+            state = load_checkpoint(ckpt_dir / "last.pt")["state"]
+            summary = {"best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "stopped_early": True,
+                       "best_metrics": state["best_metrics"], "pruned": True}
+            if rt.is_main:
+                log(f"pruned by the tune study after epoch {e}")
+        if rt.is_main and pointer:
+            live.summary["tune"] = {"trial": int(pointer.rsplit(":", 1)[1]),
+                                    "state": "pruned" if summary.get("pruned") else "complete",
+                                    "best": summary["best_metrics"], "epochs_run": summary["epochs_run"]}
         if rt.is_main:
             best = load_checkpoint(ckpt_dir / "best.pt")
             meta = {"task": task, "arch": job.arch, **job.meta, "train": summary,

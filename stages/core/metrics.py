@@ -33,3 +33,36 @@ def regression_report(y: np.ndarray, pred: np.ndarray) -> tuple[dict, dict]:
     metrics = {"rmse": float(np.sqrt(mean_squared_error(y, pred))), "mae": float(mean_absolute_error(y, pred)),
                "r2": float(r2_score(y, pred))}
     return metrics, {"predicted": [{"actual": float(a), "predicted": float(p)} for a, p in zip(y, pred)]}
+
+
+FIXES = {
+    "tabular": "more rows, more epochs (tabular.train.epochs), a higher learning rate (tabular.train.lr), "
+               "or features that carry the target",
+    "image": "start from weights (image.train.pretrained: a .pth state dict or an earlier models/image/model.pt), "
+             "more epochs (image.train.epochs), more images per class",
+    "detect": "start from weights (detect.train.model: a .pt such as an earlier models/detect/model.pt; training "
+              "from scratch needs thousands of images), more epochs (detect.train.epochs), more labelled images",
+}
+
+
+def learned_nothing(task: str, metric: str, value: float, floor: float, floor_name: str) -> list[str]:
+    """The "learned nothing" check of evaluate: [] when `value` beats `floor`, else one
+    warning sentence, printed; the caller writes it to metrics.json under `warnings` (export
+    copies metrics.json into the model card), then calls fail_if_untrained."""
+    if value > floor:
+        return []
+    text = (f"the {task} model learned nothing: test {metric} {value:.4g} is not above {floor_name} ({floor:.4g}); "
+            f"likely too little data or too few epochs for training from scratch. Try: {FIXES[task]}")
+    from stages.core.common import log
+
+    log(f"warning: {text}")
+    return [text]
+
+
+def fail_if_untrained(warnings: list[str], task: str, params: dict) -> None:
+    """`<task>.evaluate.fail_if_untrained: true` turns the warning into a failed stage
+    (after metrics.json is written, so the record says why)."""
+    if warnings and params[task]["evaluate"]["fail_if_untrained"]:
+        from stages.core.common import StageError
+
+        raise StageError(f"{warnings[0]} ({task}.evaluate.fail_if_untrained is true)")

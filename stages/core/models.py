@@ -114,3 +114,57 @@ def card_common(task: str, kind: str, onnx_path: Path, input_shape: list, meta: 
         "parity": parity,
         "data": {"source": meta["schema"]["source"], "rows": meta["schema"]["rows"]},
     }
+
+
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+def validated_ranges(task: str) -> dict:
+    """{column: [min, max] or [allowed values]} from the suite results in
+    metrics/<task>/validation.json (the first table that names the column wins)."""
+    found = {}
+    for table in read_json(f"metrics/{task}/validation.json").get("tables", {}).values():
+        for r in table.get("results", []):
+            kw, col = r.get("kwargs", {}), r.get("column")
+            if col in found or col is None:
+                continue
+            if r.get("expectation") == "expect_column_values_to_be_between":
+                found[col] = [kw.get("min_value"), kw.get("max_value")]
+            elif r.get("expectation") == "expect_column_values_to_be_in_set":
+                found[col] = list(kw.get("value_set", []))
+    return found
+
+
+def reference(columns: dict, valid: dict, source: str) -> dict:
+    """The card's `reference`: what the training data looked like, for input checks and
+    drift at serving time (app/monitor.py). Per column (a pandas Series each, lengths may
+    differ): numbers: range, quantiles, null share, the validated range (from the GX suite;
+    None where it has none) and decile bins with the share of values in each (bin i holds
+    edges[i-1] <= x < edges[i], np.searchsorted(..., side="right")), which PSI compares
+    with; categories: their shares, the mode, the null share and the allowed set."""
+    import pandas as pd
+
+    features = {}
+    for name, s in columns.items():
+        nulls = round(float(s.isna().mean()), 6) if len(s) else 0.0
+        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+            v = s.dropna().to_numpy("float64")
+            if not len(v):
+                features[name] = {"type": "numeric", "null_share": nulls, "valid": valid.get(name), "bins": [],
+                                  "shares": []}
+                continue
+            edges = np.unique(np.quantile(v, np.linspace(0.1, 0.9, 9)))
+            counts = np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(edges) + 1)
+            features[name] = {
+                "type": "numeric", "min": float(v.min()), "max": float(v.max()), "median": float(np.median(v)),
+                "quantiles": {f"p{round(q * 100):02d}": float(x) for q, x in zip(QUANTILES, np.quantile(v, QUANTILES))},
+                "null_share": nulls,
+                "valid": valid.get(name),  # None: the suite has no range for it, so no input check
+                "bins": edges.tolist(), "shares": (counts / len(v)).round(6).tolist()}
+        else:
+            counts = s.dropna().astype(str).value_counts()
+            shares = {k: round(float(counts[k]) / len(s.dropna()), 6) for k in sorted(counts.index)}
+            features[name] = {"type": "categorical", "shares": shares,
+                              "mode": min(shares, key=lambda k: -shares[k]) if shares else None,  # ties: first by name
+                              "null_share": nulls, "valid": sorted(map(str, valid[name])) if name in valid else None}
+    return {"source": source, "features": features}

@@ -2,6 +2,8 @@
 (detection images, whose boxes stay together)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -41,3 +43,80 @@ def split_keys(keys: list[str], val: float, test: float, seed: int, source: str)
     n_test, n_val = max(1, round(test * len(keys))), max(1, round(val * len(keys)))
     names = ["test"] * n_test + ["val"] * n_val + ["train"] * (len(keys) - n_test - n_val)
     return {keys[i]: names[j] for j, i in enumerate(order)}
+
+
+# ---- the hash split: the same rows in every engine, without the table in memory ----
+# A row's place is decided by (seed, line) alone: a 32-bit integer mix (Chris Wellons'
+# "hash prospector" constants), written so that Spark SQL can compute it in 64-bit integers
+# without overflow (every product stays below 2**59), and so that numpy computes it the same.
+# The mix is a bijection on 32 bits, so distinct lines never tie.
+MASK = 0xFFFFFFFF
+MIX = 0x45D9F3B
+TRAIN, VAL, TEST = 0, 1, 2
+NAMES = ("train", "val", "test")
+
+
+def _mix(x):
+    x = (((x >> 16) ^ x) * MIX) & MASK
+    x = (((x >> 16) ^ x) * MIX) & MASK
+    return (x >> 16) ^ x
+
+
+def row_hash(seed: int, lines: np.ndarray) -> np.ndarray:
+    """uint64 hash of each line (< 2**32) under `seed`."""
+    salt = _mix(np.uint64(seed & MASK))
+    return _mix((lines.astype(np.uint64) ^ salt) & np.uint64(MASK))
+
+
+def row_hash_sql(seed: int, line: str = "line") -> str:
+    """The same hash as a Spark SQL expression over the bigint column `line`."""
+    def mix(x: str) -> str:
+        x = f"((shiftright({x}, 16) ^ {x}) * {MIX}) & {MASK}"
+        x = f"((shiftright({x}, 16) ^ {x}) * {MIX}) & {MASK}"
+        return f"(shiftright({x}, 16) ^ {x})"
+    salt = int(_mix(np.uint64(seed & MASK)))
+    return mix(f"(({line} ^ {salt}) & {MASK})")
+
+
+def quotas(counts: dict, val: float, test: float, source: str, target: str | None) -> dict:
+    """{group: (n_test, n_val)}: each group's rows in test and val (the rest train), rounded
+    half up; one group (regression) or one per class (classification). Errors when a class
+    is too small to stratify or a split would be empty."""
+    check_fractions(val, test)
+    total = sum(counts.values())
+    if target is not None and min(counts.values()) < 2:
+        small = min(counts, key=lambda c: (counts[c], str(c)))
+        raise StageError(f"{source}: cannot split {total} rows into train/val/test (stratified on {target!r}, every "
+                         f"class needs at least 2 rows); smallest class: {small!r} with {counts[small]} rows")
+    out = {g: (math.floor(test * n + 0.5), math.floor(val * n + 0.5)) for g, n in counts.items()}
+    if not all(sum(q[i] for q in out.values()) for i in (0, 1)) or sum(sum(q) for q in out.values()) >= total:
+        raise StageError(f"{source}: cannot split {total} rows into train/val/test with val={val}, test={test}: "
+                         "a split would be empty")
+    return out
+
+
+def hash_assign(keys: np.ndarray, groups: np.ndarray, quota: list[tuple[int, int]]) -> np.ndarray:
+    """Split codes (TRAIN/VAL/TEST) per row: within each group, rows ranked by key (unique);
+    the first n_test go to test, the next n_val to val. `groups` are codes into `quota`.
+    A partition per group finds the two cut keys: no full sort."""
+    cut_test, cut_val = np.full(len(quota), -1, np.int64), np.full(len(quota), -1, np.int64)
+    for g, (n_test, n_val) in enumerate(quota):
+        k = keys[groups == g].astype(np.int64)
+        for cut, n in ((cut_test, n_test), (cut_val, n_test + n_val)):
+            if n:
+                cut[g] = np.partition(k, n - 1)[n - 1]
+    k = keys.astype(np.int64)
+    codes = np.where(k <= cut_val[groups], VAL, TRAIN).astype(np.uint8)
+    codes[k <= cut_test[groups]] = TEST
+    return codes
+
+
+def sklearn_assign(groups: np.ndarray, stratify: bool, val: float, test: float, seed: int,
+                   source: str) -> np.ndarray:
+    """The earlier split (scikit-learn's train_test_split, twice) as split codes per row."""
+    frame = pd.DataFrame({"g": groups})
+    parts = split(frame, "g", "classification" if stratify else "regression", val, test, seed, source)
+    codes = np.full(len(groups), TRAIN, np.uint8)
+    codes[parts["val"].index.to_numpy()] = VAL
+    codes[parts["test"].index.to_numpy()] = TEST
+    return codes

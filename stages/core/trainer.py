@@ -14,14 +14,14 @@ import io
 import math
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from stages.core.common import StageError, atomic_path, log
@@ -50,14 +50,14 @@ class LoopConfig:
     num_workers: int
     device: str
     nproc: int
+    compile: bool = False  # torch.compile; a default, so that loops configured in code need not name it
 
     @classmethod
     def from_params(cls, params: dict, section: str) -> "LoopConfig":
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in params]
+        missing = [f.name for f in fields(cls) if f.name not in params and f.default is MISSING]
         if missing:
             raise StageError(f"params.yaml: {section} is missing: {', '.join(missing)}")
-        cfg = cls(**{n: params[n] for n in names})
+        cfg = cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
         if cfg.scheduler not in SCHEDULERS:
             raise StageError(f"{section}.scheduler is {cfg.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
@@ -146,7 +146,7 @@ def _evaluate(model, loader, sums_fn: BatchSums, rt: Runtime, amp: AmpPolicy) ->
         full = getattr(loader.dataset, "dataset", loader.dataset)
         if len(full) == 0:
             raise StageError("the validation set is empty")
-        x, y = (t[:0].to(rt.device) for t in torch.utils.data.default_collate([full[0]]))
+        x, y = (t[:0].to(rt.device) for t in collate_of(full)([full[0]]))
         with amp.autocast(rt.device):
             out = model(x)
         totals = {k: v.detach().double().cpu() for k, v in sums_fn(out, y).items()}
@@ -158,7 +158,9 @@ def _evaluate(model, loader, sums_fn: BatchSums, rt: Runtime, amp: AmpPolicy) ->
 def _loaders(train_set: Dataset, val_set: Dataset, model: torch.nn.Module, cfg: LoopConfig, rt: Runtime,
              seed: int) -> tuple[DistributedSampler, DataLoader, DataLoader]:
     # The sampler's shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
-    sampler = DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
+    # A stream (tabular's parquet row groups) shards and shuffles itself alike (set_epoch).
+    sampler = train_set if isinstance(train_set, IterableDataset) else \
+        DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
     # No persistent_workers: with them each worker seeds its RNG (augmentation) once, from a
     # draw on the main RNG when the loader is first iterated, and carries it across epochs;
     # a resumed run would draw at another point and augment differently from an uninterrupted
@@ -171,11 +173,20 @@ def _loaders(train_set: Dataset, val_set: Dataset, model: torch.nn.Module, cfg: 
     # epoch: the order is shuffled); models without BatchNorm (the MLP) are unaffected.
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     drop_last = has_bn and len(sampler) > cfg.batch_size and len(sampler) % cfg.batch_size == 1
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last, **loader_kw)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, drop_last=drop_last, collate_fn=collate_of(train_set),
+                        **loader_kw, **({} if sampler is train_set else {"sampler": sampler}))
     # Each rank scores its own strided shard; sums are all-reduced, so nothing is counted twice.
     val_loader = DataLoader(Subset(val_set, range(rt.rank, len(val_set), rt.world_size)),
-                            batch_size=cfg.batch_size * 2, **loader_kw)
+                            batch_size=cfg.batch_size * 2, collate_fn=collate_of(val_set), **loader_kw)
     return sampler, loader, val_loader
+
+
+def collate_of(dataset: Dataset):
+    """A dataset's own batch function (`collate`: e.g. augmenting a whole batch at once), else
+    torch's default; looked up through Subset wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "collate", torch.utils.data.default_collate)
 
 
 def _resume(ckpt_dir: Path, fingerprint: str, model, opt, sched, scaler, rt: Runtime, live) -> dict:
@@ -209,7 +220,9 @@ def _train_one_epoch(net, model, loader, opt, scaler, sums_fn: BatchSums, cfg: L
                      amp: AmpPolicy, desc: str) -> float:
     """One pass over this rank's shard; returns the mean training loss over all ranks."""
     net.train()
-    totals = {"loss": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64)}
+    # The loss is summed on the device and read once per epoch: a .cpu() per step forced a
+    # sync on CUDA and cost a few small ops per step on CPU.
+    loss_sum, count = torch.zeros((), dtype=torch.float64, device=rt.device), 0
     batches = loader
     if rt.is_main and sys.stderr.isatty():
         from tqdm import tqdm
@@ -224,18 +237,23 @@ def _train_one_epoch(net, model, loader, opt, scaler, sums_fn: BatchSums, cfg: L
         with sync:
             with amp.autocast(rt.device):
                 out = net(x)
-            sums = sums_fn(out, y)
-            scaler.scale(sums["loss"] / len(y) / cfg.grad_accum).backward()
+            loss = sums_fn(out, y)["loss"]
+            scaled = loss / (len(y) * cfg.grad_accum)
+            (scaler.scale(scaled) if amp.scaler else scaled).backward()
         if step_now:
             if cfg.grad_clip > 0:
-                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+                if amp.scaler:
+                    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            if amp.scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
-        totals["loss"] += sums["loss"].detach().double().cpu()
-        totals["count"] += len(y)
-    reduced = all_reduce_sums(totals, rt)
+        loss_sum += loss.detach()
+        count += len(y)
+    reduced = all_reduce_sums({"loss": loss_sum, "count": torch.tensor(float(count))}, rt)
     return reduced["loss"] / max(reduced["count"], 1.0)
 
 
@@ -303,6 +321,10 @@ def fit(
     model.to(rt.device)
     net = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) \
         if rt.distributed else model
+    if cfg.compile:
+        # The compiled module runs forward and backward; `model` (sharing its parameters) is
+        # what is checkpointed and exported, so state dicts keep their plain names.
+        net = torch.compile(net)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, cfg)
     amp = amp_policy(cfg.amp, rt.device)

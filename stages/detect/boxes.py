@@ -68,9 +68,27 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.asarray(keep, dtype=int)
 
 
-def decode(output: np.ndarray, meta: dict, conf: float, iou: float, max_det: int = 300) -> np.ndarray:
-    """One image's raw YOLO output (4 + classes, anchors) → N × 6 [x1, y1, x2, y2, score,
-    class] in original pixels. Per-class NMS via Ultralytics' class-offset trick."""
+def unletterbox(xyxy: np.ndarray, meta: dict) -> np.ndarray:
+    """Boxes in letterboxed input pixels → original pixels, clipped to the image."""
+    left, top = meta["pad"]
+    xyxy = (xyxy - np.array([left, top, left, top])) / meta["scale"]
+    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, meta["width"])
+    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, meta["height"])
+    return xyxy
+
+
+def decode(output: np.ndarray, meta: dict, conf: float, iou: float, max_det: int = 300,
+           kind: str = "raw") -> np.ndarray:
+    """One image's YOLO output → N × 6 [x1, y1, x2, y2, score, class] in original pixels.
+
+    kind "raw": the head as trained (4 + classes, anchors): cx, cy, w, h and class scores;
+    per-class NMS here via Ultralytics' class-offset trick. "nms" (NMS inside the graph,
+    Ultralytics' export nms=True) and "end2end" (NMS-free heads: YOLO26, YOLOv10): already
+    final rows (N, 6) [x1, y1, x2, y2, score, class], padded or top-k, so only the
+    confidence filter applies (an NMS graph also applied its own export-time conf)."""
+    if kind != "raw":
+        dets = output[output[:, 4] > conf][:max_det].astype(np.float64)
+        return np.concatenate([unletterbox(dets[:, :4], meta), dets[:, 4:6]], axis=1)
     pred = output.T
     scores_all = pred[:, 4:]
     cls = scores_all.argmax(1)
@@ -80,11 +98,7 @@ def decode(output: np.ndarray, meta: dict, conf: float, iou: float, max_det: int
     xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
     keep = nms(xyxy + cls[:, None] * 7680.0, score, iou)[:max_det]
     xyxy, score, cls = xyxy[keep], score[keep], cls[keep]
-    left, top = meta["pad"]
-    xyxy = (xyxy - np.array([left, top, left, top])) / meta["scale"]
-    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, meta["width"])
-    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, meta["height"])
-    return np.concatenate([xyxy, score[:, None], cls[:, None].astype(np.float64)], axis=1)
+    return np.concatenate([unletterbox(xyxy, meta), score[:, None], cls[:, None].astype(np.float64)], axis=1)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

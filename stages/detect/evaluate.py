@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.core.common import StageError, log, read_json, write_json
+from stages.core.metrics import fail_if_untrained, learned_nothing
 from stages.detect import yolo
 from stages.detect.boxes import upright_size
 from stages.detect.labels import parse_yolo_label
@@ -79,8 +80,10 @@ def run(params: dict, out_dir: Path = Path("metrics/detect")) -> dict:
     prepared = Path("data/prepared/detect")
     coco = coco_map(coco_ground_truth(prepared / "images/test", prepared / "labels/test", len(names)), predictions)
     gap = {k: round(ours[k] - coco[k], 4) for k in coco}
+    warnings = learned_nothing("detect", "mAP50", ours["mAP50"], p["min_map50"], "the floor detect.evaluate.min_map50")
     result = {"test": {**ours, "per_class": per_class}, "pycocotools": coco, "ultralytics_minus_pycocotools": gap,
-              "tolerance": p["coco_tolerance"], "test_images": dataset["rows"].get("test", 0)}
+              "tolerance": p["coco_tolerance"], "test_images": dataset["rows"].get("test", 0),
+              "warnings": warnings}
     write_json(out_dir / "metrics.json", result)
     px, curves = box.curves_results[0][0], np.asarray(box.curves_results[0][1])
     step = max(1, len(px) // 100)
@@ -95,4 +98,5 @@ def run(params: dict, out_dir: Path = Path("metrics/detect")) -> dict:
     if max(abs(v) for v in gap.values()) > p["coco_tolerance"]:
         raise StageError(f"Ultralytics and pycocotools disagree by more than {p['coco_tolerance']}: {gap} "
                          f"(see {out_dir}/metrics.json)")
+    fail_if_untrained(warnings, "detect", params)
     return result

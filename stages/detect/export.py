@@ -13,10 +13,15 @@ import numpy as np
 
 from stages.core.common import StageError, atomic_path, log, read_json, write_json
 from stages.core.inference import open_session
-from stages.core.models import card_common
+from stages.core.models import card_common, reference, validated_ranges
 from stages.detect import yolo
 from stages.detect.boxes import box_iou, load_for_detection
-from stages.detect.infer import predict
+from stages.detect.infer import graph_kind, predict
+
+GRAPHS = {"raw": None, "nms": True, "end2end": False}  # detect.export.graph → Ultralytics' export(nms=...)
+OUTPUTS = {"raw": "(batch, 4 + classes, anchors): cx, cy, w, h in input pixels, then class scores",
+           "nms": "(batch, max_det, 6): x1, y1, x2, y2 in input pixels, score, class; zero rows pad",
+           "end2end": "(batch, max_det, 6): x1, y1, x2, y2 in input pixels, score, class (top-k, no NMS needed)"}
 
 
 def detections_onnx(session, files: list[Path], size: int, conf: float, iou: float) -> list[np.ndarray]:
@@ -39,6 +44,30 @@ def match_share(reference: list[np.ndarray], candidate: list[np.ndarray], min_io
     return matched / total if total else 1.0
 
 
+def detect_reference(files: list[Path], found: list[np.ndarray]) -> dict:
+    """Training images (width, height, mode) and what the exported model finds on the val
+    images at the card's conf: scores, box sizes (sqrt(box area / image area)) and boxes per
+    image, so served detections can be compared with the same kind of numbers."""
+    import pandas as pd
+    from PIL import Image
+
+    images = pd.read_parquet("data/prepared/detect/images.parquet")
+    train = images[images["split"] == "train"]
+    modes, scores, sizes = [], [], []
+    for f in train["file"]:
+        with Image.open(f) as im:
+            modes.append(im.mode)
+    for f, dets in zip(files, found):
+        with Image.open(f) as im:
+            area = im.width * im.height
+        scores += dets[:, 4].tolist()
+        sizes += np.sqrt((dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1]) / area).tolist()
+    return reference({"width": train["width"], "height": train["height"], "mode": pd.Series(modes, dtype=object),
+                      "boxes": pd.Series([len(d) for d in found], dtype="float64"),
+                      "score": pd.Series(scores, dtype="float64"), "box_size": pd.Series(sizes, dtype="float64")},
+                     validated_ranges("detect"), "data/prepared/detect (training images; detections on val images)")
+
+
 def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
     """Ultralytics' ONNX exporter (dynamic axes), then the input fixed to imgsz × imgsz with
     a dynamic batch; parity: our numpy pipeline vs Ultralytics' predict on the val images."""
@@ -53,18 +82,29 @@ def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
     onnx_path = out_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=yolo.CACHE) as tmp:
         shutil.copy2(out_dir / "model.pt", Path(tmp) / "model.pt")
+        if p["graph"] not in GRAPHS:
+            raise StageError(f"detect.export.graph is {p['graph']!r}; choose one of: {', '.join(GRAPHS)}")
+        # nms: None keeps the raw head; True puts NMS in the graph (conf, iou as below); False
+        # exports an NMS-free head end to end (YOLO26, YOLOv10; others stay raw).
         exported = YOLO(Path(tmp) / "model.pt").export(format="onnx", imgsz=size, dynamic=True, simplify=False,
-                                                        device="cpu", verbose=False)
+                                                        device="cpu", verbose=False, nms=GRAPHS[p["graph"]],
+                                                        conf=p["conf"], iou=p["iou"])
         graph = onnx.load(exported)
         dims = graph.graph.input[0].type.tensor_type.shape.dim
         dims[2].dim_value = dims[3].dim_value = size  # fixed imgsz; the batch stays symbolic
         with atomic_path(onnx_path) as out:
             onnx.save(graph, str(out))
+    session = open_session(onnx_path)
+    kind = graph_kind(session)
+    if kind != p["graph"]:
+        raise StageError(f"detect.export.graph is {p['graph']!r} but Ultralytics exported a {kind!r} graph for "
+                         f"{model.ckpt['train_args']['model']}: NMS inside needs a head with NMS (YOLOv8/11), "
+                         "end2end an NMS-free head (YOLO26, YOLOv10)")
     files = sorted(f for f in Path("data/prepared/detect/images/val").iterdir() if f.is_file())
     theirs = [np.concatenate([r.boxes.xyxy.numpy(), r.boxes.conf.numpy()[:, None], r.boxes.cls.numpy()[:, None]], 1)
               for r in model.predict([str(f) for f in files], imgsz=size, conf=p["conf"], iou=p["iou"],
                                      device="cpu", verbose=False, stream=True)]
-    ours = detections_onnx(open_session(onnx_path), files, size, p["conf"], p["iou"])
+    ours = detections_onnx(session, files, size, p["conf"], p["iou"])
     parity = {"images": len(files), "boxes_ultralytics": int(sum(len(t) for t in theirs)),
               "boxes_onnx": int(sum(len(o) for o in ours)),
               "matched_of_ultralytics": match_share(theirs, ours, p["match_iou"]),
@@ -80,8 +120,11 @@ def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
         "classes": names,
         "preprocessing": {"imgsz": size, "letterbox": "keep aspect ratio, bilinear (as cv2.INTER_LINEAR), "
                           "centre, pad with 114", "mode": "RGB", "scale": "x / 255", "layout": "NCHW float32"},
-        "postprocessing": {"output": "(batch, 4 + classes, anchors): cx, cy, w, h in input pixels, then class scores",
-                           "nms": "per class, greedy", "conf": p["conf"], "iou": p["iou"], "max_det": 300},
+        "postprocessing": {"graph": kind, "output": OUTPUTS[kind],
+                           "nms": "per class, greedy" + (" (inside the graph, at the conf and iou below)" if kind == "nms"
+                                                         else " (none: an NMS-free head)" if kind == "end2end" else ""),
+                           "conf": p["conf"], "iou": p["iou"], "max_det": 300},
+        "reference": detect_reference(files, ours),
     }
     write_json(out_dir / "model.json", card)
     log(f"exported {onnx_path} (parity on {len(files)} val images: {parity['matched_of_ultralytics']:.3f} of "

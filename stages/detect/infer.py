@@ -18,13 +18,35 @@ from stages.core.inference import open_session
 from stages.detect.boxes import decode, draw_boxes, load_for_detection, to_records
 
 
+def graph_kind(session) -> str:
+    """What the exported graph's output is: "raw" (the head, decoded and NMS'd here), "nms"
+    (Ultralytics' nms=True: NMS inside) or "end2end" (an NMS-free head). From Ultralytics'
+    ONNX metadata; without it, from the output shape: final rows are (batch, N, 6)."""
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get("end2end") == "True":
+        return "end2end"
+    if "'nms': True" in meta.get("args", ""):
+        return "nms"
+    if "args" in meta:
+        return "raw"
+    return "end2end" if session.get_outputs()[0].shape[-1] == 6 else "raw"
+
+
 def predict(session, images: list[tuple[np.ndarray, dict]], conf: float, iou: float) -> list[np.ndarray]:
     """Letterboxed images with their meta (load_for_detection) → per image, N × 6 [x1, y1, x2,
-    y2, score, class] in original pixels. `infer`, the app and the export parity check call this."""
+    y2, score, class] in original pixels. `infer`, the app and the export parity check call this;
+    any of the three graph kinds (graph_kind) is served."""
     if not images:
         return []
-    outputs = session.run(None, {session.get_inputs()[0].name: np.stack([x for x, _ in images])})[0]
-    return [decode(out, meta, conf, iou) for out, (_, meta) in zip(outputs, images)]
+    kind = graph_kind(session)
+    name = session.get_inputs()[0].name
+    x = np.stack([x for x, _ in images])
+    if kind == "nms":
+        # Ultralytics' NMS graph loops over the batch size it was traced with (1): one image a run.
+        outputs = np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+    else:
+        outputs = session.run(None, {name: x})[0]
+    return [decode(out, meta, conf, iou, kind=kind) for out, (_, meta) in zip(outputs, images)]
 
 
 def run(params: dict, model_dir: Path = Path("models/detect"),

@@ -6,7 +6,6 @@ Boxes are YOLO-style throughout: class id and normalised centre x, y, width, hei
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -138,22 +137,36 @@ def coco_to_yolo(json_path: Path, images_dir: Path, out_labels: Path) -> tuple[d
     return images, [c["name"] for c in cats]
 
 
-def voc_to_yolo(source: Path, out_labels: Path) -> tuple[dict[str, Path], list[str]]:
+def voc_to_yolo(source: Path, out_labels: Path) -> tuple[dict[str, Path], list[str], int]:
     """Pascal VOC (Annotations/*.xml beside JPEGImages/) → YOLO label files. Ultralytics
     has no VOC converter outside its VOC download script, so this one is ours.
-    Class names: sorted names found in the XML files."""
+
+    As VOC's own devkit: pixel coordinates are 1-based and inclusive (xmin = 1 is the first
+    pixel column, a box covers xmax - xmin + 1 pixels), so the box in continuous 0-based
+    coordinates is [xmin - 1, ymin - 1, xmax, ymax]; objects marked `difficult` are left
+    out (VOC's evaluation neither requires nor penalises them; Ultralytics' VOC script drops
+    them from training). The XML is parsed with defusedxml (entity expansion, external
+    entities and DTDs refused): annotations are untrusted input.
+    Class names: sorted names found in the XML files (difficult objects' included).
+    Returns images, names and the number of difficult objects left out."""
+    from xml.etree.ElementTree import ParseError
+
+    import defusedxml.ElementTree as SafeET
+    from defusedxml import DefusedXmlException
+
     ann_dir, img_dir = source / "Annotations", source / "JPEGImages"
     if not ann_dir.is_dir() or not img_dir.is_dir():
         raise StageError(f"{source}: a VOC dataset needs Annotations/ and JPEGImages/ folders")
     parsed = []
     for xml in sorted(ann_dir.glob("*.xml")):
         try:
-            root = ET.parse(xml).getroot()
+            root = SafeET.parse(xml).getroot()
             name = root.findtext("filename") or f"{xml.stem}.jpg"
             w, h = float(root.findtext("size/width")), float(root.findtext("size/height"))
-            objects = [(o.findtext("name").strip(), *(float(o.findtext(f"bndbox/{k}"))
-                        for k in ("xmin", "ymin", "xmax", "ymax"))) for o in root.iter("object")]
-        except (ET.ParseError, TypeError, ValueError, AttributeError) as e:
+            objects = [(o.findtext("name").strip(), (o.findtext("difficult") or "0").strip() == "1",
+                        *(float(o.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")))
+                       for o in root.iter("object")]
+        except (ParseError, DefusedXmlException, TypeError, ValueError, AttributeError) as e:
             raise StageError(f"{xml}: malformed VOC annotation ({type(e).__name__}: {e})") from None
         if w <= 0 or h <= 0:
             raise StageError(f"{xml}: image size {w:g}x{h:g} must be positive")
@@ -164,13 +177,18 @@ def voc_to_yolo(source: Path, out_labels: Path) -> tuple[dict[str, Path], list[s
         raise StageError(f"{ann_dir}: no .xml annotations")
     names = sorted({o[0] for *_, objects in parsed for o in objects})
     out_labels.mkdir(parents=True, exist_ok=True)
-    images = {}
+    images, difficult = {}, 0
     for xml, img, w, h, objects in parsed:
         images[xml.stem] = img
-        lines = [yolo_line(names.index(n), (x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h)
-                 for n, x0, y0, x1, y1 in objects]
+        lines = []
+        for n, hard, x0, y0, x1, y1 in objects:
+            difficult += hard
+            x0, y0 = max(x0 - 1, 0.0), max(y0 - 1, 0.0)  # 1-based → 0-based (xmin = 0 is seen in the wild)
+            if not hard:
+                lines.append(yolo_line(names.index(n), (x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w,
+                                       (y1 - y0) / h))
         (out_labels / f"{xml.stem}.txt").write_text("".join(lines))
-    return images, names
+    return images, names, difficult
 
 
 def label_tables(images: dict[str, Path], labels: dict[str, list[dict]], names: list[str],

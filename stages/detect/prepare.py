@@ -24,6 +24,7 @@ def run(params: dict, out_dir: str = "data/prepared/detect") -> dict:
     with tempfile.TemporaryDirectory() as converted:
         converted = Path(converted)
         orphans: list[str] = []
+        difficult = 0
         if fmt == "yolo":
             images, labels, names, orphans = read_yolo(source)
         else:
@@ -33,7 +34,7 @@ def run(params: dict, out_dir: str = "data/prepared/detect") -> dict:
                 images_dir = Path(p["images"]) if p["images"] else source.parent / "images"
                 images, names = coco_to_yolo(source, images_dir, converted)
             else:
-                images, names = voc_to_yolo(source, converted)
+                images, names, difficult = voc_to_yolo(source, converted)
             labels = {k: parse_yolo_label(converted / f"{k}.txt") for k in images if (converted / f"{k}.txt").is_file()}
         if not images:
             raise StageError(f"{source}: the dataset has no images")
@@ -56,6 +57,7 @@ def run(params: dict, out_dir: str = "data/prepared/detect") -> dict:
             schema = {"source": str(source), "format": fmt, "names": names,
                       "rows": image_table["split"].value_counts().to_dict(),
                       "boxes_per_class": {n: int(counts.get(n, 0)) for n in names},
+                      **({"voc_difficult_left_out": difficult} if fmt == "voc" else {}),
                       "params": {"seed": params["seed"], "detect.data": p}}
             write_json(tmp / "dataset.json", schema)
     log(f"prepared {len(keys)} images, {len(box_table)} boxes, {len(names)} classes from {source} ({fmt}): "

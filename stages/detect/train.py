@@ -2,6 +2,14 @@
 the data view, settings, weights and DVCLive log stay in our hands.
 
     python -m stages train detect
+
+- Watched: metrics/detect/train (DVCLive) gets a row as each epoch ends (yolo.LiveLog).
+- Resumed: a killed run continues from .cache/detect/runs/train/weights/last.pt when its
+  fingerprint (params, prepared data, starting weights, world size) is this run's; any
+  other run starts afresh.
+- Fine-tuned: `detect.train.model` may be any local .pt (an earlier models/detect/model.pt
+  copied aside, a registry version): its weights are transferred where the shapes match;
+  with another class count, the class head starts fresh (Ultralytics' transfer).
 """
 from __future__ import annotations
 
@@ -10,33 +18,47 @@ from pathlib import Path
 from stages.core.common import StageError, log, read_json
 from stages.detect import yolo
 
+PREPARED = Path("data/prepared/detect")
+
 
 def run(params: dict, out_dir: Path = Path("models/detect"),
         live_dir: Path = Path("metrics/detect/train")) -> dict:
-    """Ultralytics trains (its own loop, AMP and multi-GPU DDP); we keep the data view,
-    the settings, the weights and the DVCLive log in our hands."""
     p = params["detect"]["train"]
     yolo.configure()
-    from dvclive import Live
     from ultralytics import YOLO
 
-    names = read_json("data/prepared/detect/dataset.json")["names"]
-    data = yolo.dataset_view(names)
-    runs = yolo.run_dir("train")
-    weights = p["model"].endswith(".pt")
+    from stages.core.job import fingerprint
+
+    weights = str(p["model"]).endswith(".pt")
     if weights and not Path(p["model"]).is_file():
-        raise StageError(f"detect.train.model: {p['model']}: no such file (a .yaml trains from scratch)")
-    model = YOLO(p["model"])
-    model.train(data=str(data), epochs=p["epochs"], imgsz=p["imgsz"], batch=p["batch"], optimizer=p["optimizer"],
-                lr0=p["lr0"],
-                patience=p["patience"], device=yolo.device(p["device"]), workers=p["workers"], amp=p["amp"],
-                seed=params["seed"], deterministic=True, pretrained=weights, project=str(runs.parent),
-                name=runs.name, exist_ok=True, plots=False, verbose=False)
+        hint = " (dvc repro deletes models/detect/model.pt before training: copy it elsewhere and name the copy)" \
+            if Path(p["model"]) == out_dir / "model.pt" else ""
+        raise StageError(f"detect.train.model: {p['model']}: no such file (a .yaml trains from scratch){hint}")
+    names = read_json(PREPARED / "dataset.json")["names"]
+    data = yolo.dataset_view(names)
+    device = yolo.device(p["device"])
+    world = len(device.split(",")) if device not in ("cpu", "mps") else 1
+    files = [PREPARED / f for f in ("dataset.json", "images.parquet", "boxes.parquet")] \
+        + ([Path(p["model"])] if weights else [])
+    fp = fingerprint({"train": p, "seed": params["seed"]}, files, world)
+    runs = yolo.run_dir("train", fresh=False)
+    ckpt = yolo.resume_point(runs, fp, p["epochs"])
+    live = yolo.LiveLog(live_dir, {"detect.train": p, "seed": params["seed"], "world_size": world},
+                        yolo.history_rows(ckpt["train_results"]) if ckpt else [])
+    if ckpt:
+        log(f"resuming from {runs / 'weights/last.pt'} after epoch {ckpt['epoch'] + 1}")
+        model = YOLO(runs / "weights" / "last.pt")
+        live.attach(model)
+        # Everything else comes from the checkpoint's train_args; these are where it runs.
+        model.train(resume=True, data=str(data), device=device, workers=p["workers"])
+    else:
+        model = YOLO(p["model"])
+        live.attach(model)
+        model.train(data=str(data), epochs=p["epochs"], imgsz=p["imgsz"], batch=p["batch"], optimizer=p["optimizer"],
+                    lr0=p["lr0"], patience=p["patience"], device=device, workers=p["workers"], amp=p["amp"],
+                    seed=params["seed"], deterministic=True, pretrained=weights, project=str(runs.parent),
+                    name=runs.name, exist_ok=True, plots=False, verbose=False)
     # Ultralytics' DDP runs in child processes; only this (rank 0) process gets here.
-    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
-    live.log_params({"detect.train": p, "seed": params["seed"]})
-    yolo.results_to_live(runs / "results.csv", live)
-    live.end()
     yolo.reproducible_weights(runs / "weights" / "best.pt", out_dir / "model.pt")
     log(f"trained {p['model']} for {p['epochs']} epochs → {out_dir}/model.pt")
     return {"run": str(runs)}

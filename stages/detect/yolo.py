@@ -54,10 +54,11 @@ def dataset_view(names: list[str], prepared: Path = Path("data/prepared/detect")
     return data
 
 
-def run_dir(name: str) -> Path:
-    """A fresh Ultralytics project/name folder under .cache/detect/runs."""
+def run_dir(name: str, fresh: bool = True) -> Path:
+    """An Ultralytics project/name folder under .cache/detect/runs (emptied when fresh)."""
     path = (CACHE / "detect" / "runs" / name).resolve()
-    shutil.rmtree(path, ignore_errors=True)
+    if fresh:
+        shutil.rmtree(path, ignore_errors=True)
     return path
 
 
@@ -71,22 +72,98 @@ def device(choice: str) -> str:
     return "0" if torch.cuda.is_available() else "cpu"
 
 
-def results_to_live(results_csv: Path, live) -> None:
-    """Log Ultralytics' per-epoch results.csv through our DVCLive: losses, precision,
-    recall, mAP50, mAP50-95 and learning rate, one step per epoch."""
-    import csv
+RENAME = {"metrics/precision(B)": "precision", "metrics/recall(B)": "recall", "metrics/mAP50(B)": "mAP50",
+          "metrics/mAP50-95(B)": "mAP50-95", "lr/pg0": "lr"}
 
-    rename = {"metrics/precision(B)": "precision", "metrics/recall(B)": "recall", "metrics/mAP50(B)": "mAP50",
-              "metrics/mAP50-95(B)": "mAP50-95", "lr/pg0": "lr"}
-    with open(results_csv) as f:
-        for row in csv.DictReader(f):
-            row = {k.strip(): v for k, v in row.items()}
-            live.step = int(float(row["epoch"])) - 1
-            for key, value in row.items():
-                name = rename.get(key) or (key.replace("/", "_") if key.startswith(("train/", "val/")) else None)
-                if name:
-                    live.log_metric(name, float(value))
-            live.next_step()
+
+def _log_row(live, step: int, row: dict) -> None:
+    """One epoch of Ultralytics' results (its results.csv columns) as a DVCLive step: losses,
+    precision, recall, mAP50, mAP50-95 and learning rate. Values are rounded as results.csv
+    rounds them (6 significant digits), so rows rebuilt from a checkpoint on resume read
+    the same as rows logged live."""
+    live.step = step
+    for key, value in row.items():
+        name = RENAME.get(key) or (key.replace("/", "_") if key.startswith(("train/", "val/")) else None)
+        if name:
+            live.log_metric(name, float(f"{float(value):.6g}"))
+    live.next_step()
+
+
+def history_rows(train_results: dict) -> list[dict]:
+    """A checkpoint's `train_results` (results.csv as columns) → one dict per epoch."""
+    return [dict(zip(train_results, values)) for values in zip(*train_results.values())] if train_results else []
+
+
+class LiveLog:
+    """Ultralytics callbacks that write metrics/detect/train as each epoch ends, so a run
+    (a queued experiment too) can be watched in `dvc exp show` / `dvc plots` while it runs.
+
+    Only rank 0 writes (RANK is unset in a single process, 0..N-1 in Ultralytics' DDP
+    workers, which receive these callbacks pickled). The Live is opened on the first call
+    in the writing process, afresh; a resumed run first writes the epochs its checkpoint
+    holds (as the torch trainer does: DVCLive's own files may be torn by the kill).
+    Ultralytics calls on_fit_epoch_end once more after training, for its final validation
+    of best.pt; only calls preceded by on_train_epoch_start are epochs."""
+
+    def __init__(self, live_dir: Path, params: dict, history: list[dict]):
+        self.live_dir, self.params, self.history = str(live_dir), params, history
+        self.live, self.in_epoch = None, False
+
+    def epoch_start(self, trainer) -> None:
+        self.in_epoch = True
+
+    def epoch_end(self, trainer) -> None:
+        if int(os.environ.get("RANK", "-1")) > 0 or not self.in_epoch:
+            return
+        self.in_epoch = False
+        if self.live is None:
+            from dvclive import Live
+
+            self.live = Live(self.live_dir, dvcyaml=False, save_dvc_exp=False)
+            self.live.log_params(self.params)
+            for step, row in enumerate(self.history):
+                _log_row(self.live, step, row)
+        _log_row(self.live, trainer.epoch, {**trainer.label_loss_items(trainer.tloss, prefix="train"),
+                                            **trainer.metrics, **trainer.lr})
+
+    def train_end(self, trainer) -> None:
+        if self.live is not None:
+            self.live.end()
+
+    def attach(self, model) -> None:
+        model.add_callback("on_train_epoch_start", self.epoch_start)
+        model.add_callback("on_fit_epoch_end", self.epoch_end)
+        model.add_callback("on_train_end", self.train_end)
+
+
+def resume_point(run: Path, fingerprint: str, epochs: int) -> dict | None:
+    """The checkpoint to resume from: run/weights/last.pt when it is an unfinished epoch of
+    the run with this fingerprint (params, data, starting weights, world size). Otherwise
+    None, and the run folder is emptied for a fresh start with this fingerprint.
+
+    Ultralytics writes last.pt in place (a kill mid-write leaves it unreadable: then start
+    afresh) and strips the optimizer when a run ends (then it is finished). A checkpoint of
+    the last epoch is not resumed either (Ultralytics refuses: nothing left to train)."""
+    stamp, last = run / "fingerprint.txt", run / "weights" / "last.pt"
+    if stamp.is_file() and stamp.read_text() == fingerprint and last.is_file():
+        from ultralytics.nn.tasks import torch_safe_load
+
+        try:
+            ckpt, _ = torch_safe_load(str(last))
+        except Exception:  # noqa: BLE001 - a torn or foreign file: not resumable
+            ckpt = {}
+        if ckpt.get("optimizer") is not None and 0 <= ckpt.get("epoch", -1) < epochs - 1:
+            # results.csv may hold a row past the checkpoint (written before last.pt): cut it
+            # back to the checkpoint's own copy, or the resumed run would log that epoch twice.
+            rows = history_rows(ckpt.get("train_results") or {})
+            if rows:
+                (run / "results.csv").write_text(",".join(rows[0]) + "\n" + "".join(
+                    ",".join(f"{v:.6g}" for v in r.values()) + "\n" for r in rows))
+            return ckpt
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    stamp.write_text(fingerprint)
+    return None
 
 
 def reproducible_weights(src: Path, dst: Path) -> None:

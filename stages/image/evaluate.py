@@ -11,7 +11,7 @@ import numpy as np
 
 from stages.core.common import log, write_json
 from stages.core.inference import softmax
-from stages.core.metrics import classification_report
+from stages.core.metrics import classification_report, fail_if_untrained, learned_nothing
 from stages.core.models import load_model, predict
 from stages.image.data import contact_sheet, preprocess, split_images
 from stages.image.model import build_model
@@ -29,7 +29,9 @@ def run(params: dict, out_dir: Path = Path("metrics/image")) -> dict:
                                                                     zero_division=0)
     metrics["per_class"] = {c: {"precision": float(p), "recall": float(r), "support": int(n)}
                             for c, p, r, n in zip(classes, precision, recall, support)}
-    result = {"test": metrics, "test_images": len(paths)}
+    majority = float(np.bincount(y, minlength=len(classes)).max() / max(len(y), 1))  # always the commonest class
+    warnings = learned_nothing("image", "accuracy", metrics["accuracy"], majority, "the majority-class share")
+    result = {"test": metrics, "test_images": len(paths), "warnings": warnings}
     write_json(out_dir / "metrics.json", result)
     for name, rows in plots.items():
         write_json(out_dir / "plots" / f"{name}.json", rows)
@@ -41,4 +43,5 @@ def run(params: dict, out_dir: Path = Path("metrics/image")) -> dict:
                   out_dir / "plots" / "mistakes.png")
     log(f"test: accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f} on {len(paths)} images, "
         f"{len(np.flatnonzero(pred != y))} mistakes → {out_dir}/plots/mistakes.png")
+    fail_if_untrained(warnings, "image", params)
     return result

@@ -7,12 +7,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from stages.core.common import log, write_json
-from stages.core.models import card_common, check_parity, export_onnx, load_model
-from stages.image.data import preprocess, split_images
+from stages.core.models import card_common, check_parity, export_onnx, load_model, reference, validated_ranges
+from stages.image.data import load_rgb, preprocess, split_images
 from stages.image.model import build_model
+
+
+def image_reference(schema: dict, size: int, sample: int = 2000) -> dict:
+    """Per training image: width, height, mode (from the prepared index) and brightness, the
+    mean of the model's RGB input / 255 (on the first `sample` images: a bounded cost)."""
+    index = pd.read_parquet("data/prepared/image/index.parquet")
+    train = index[index["split"] == "train"]
+    paths, _ = split_images(schema, "train")
+    brightness = [float(load_rgb(p, size).mean() / 255) for p in paths[:sample]]
+    return reference({"width": train["width"], "height": train["height"], "mode": train["mode"],
+                      "brightness": pd.Series(brightness, dtype="float64")},
+                     validated_ranges("image"), "data/prepared/image/index.parquet (the training split)")
 
 
 def run(params: dict, out_dir: Path = Path("models/image")) -> dict:
@@ -32,6 +45,7 @@ def run(params: dict, out_dir: Path = Path("models/image")) -> dict:
                           "resize": "bilinear to image_size x image_size (aspect ratio not kept)",
                           "scale": "x / 255", "layout": "NCHW float32"},
         "postprocessing": "softmax over output",
+        "reference": image_reference(schema, size),
     }
     write_json(out_dir / "model.json", card)
     log(f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e}, "

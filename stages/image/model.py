@@ -71,9 +71,45 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
         model.classifier[-1] = nn.Linear(last.in_features, num_classes)
 
 
+def earlier_run(path: str) -> dict | None:
+    """The models/image/model.pt of an earlier run ({"state_dict", "meta"}) at path, else None."""
+    if not Path(path).is_file():
+        raise StageError(f"image.train.pretrained: {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not ours; torchvision_model names what is wrong with it
+        return None
+    return ckpt if isinstance(ckpt, dict) and {"state_dict", "meta"} <= set(ckpt) else None
+
+
+def fine_tune_from(model: nn.Module, kind: str, ckpt: dict, path: str) -> nn.Module:
+    """Start from an earlier run's weights (any arch, small_cnn included): every tensor whose
+    name and shape match; with another number of classes the head keeps its fresh weights."""
+    was = ckpt["meta"]["arch"]
+    if was["kind"] != kind:
+        raise StageError(f"image.train.pretrained: {path} is a {was['kind']} model; image.train.arch is {kind}")
+    own = model.state_dict()
+    matching = {k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matching, strict=False)
+    from stages.core.common import log
+
+    log(f"fine-tuning from {path}: {len(matching)} of {len(own)} tensors"
+        + (f"; the head starts fresh (was {was['num_classes']} classes)" if len(matching) < len(own) else ""))
+    return model
+
+
 def build_model(arch: dict, pretrained: bool | str = False) -> nn.Module:
-    """Rebuild a model from the `arch` dict that train stores beside its weights."""
+    """Rebuild a model from the `arch` dict that train stores beside its weights; `pretrained`
+    (image.train.pretrained): False, True (torchvision's weights), a torchvision state dict
+    file, or an earlier run's models/image/model.pt (copied aside) to fine-tune from."""
     kind = arch["kind"]
+    if isinstance(pretrained, str) and kind in IMAGE_ARCHS:
+        ckpt = earlier_run(pretrained)
+        if ckpt is not None:
+            return fine_tune_from(build_model(arch), kind, ckpt, pretrained)
+        if kind == "small_cnn":
+            raise StageError(f"image.train.pretrained: {pretrained}: small_cnn starts from an earlier run's "
+                             "models/image/model.pt only")
     if kind == "small_cnn":
         return SmallCNN(arch["num_classes"])
     if kind in IMAGE_ARCHS:

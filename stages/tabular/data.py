@@ -23,6 +23,16 @@ TASK_KINDS = ("classification", "regression")
 NUMERIC_SHARE = 0.9
 
 
+def open_csv(path: str | Path) -> tuple[Path, str]:
+    """(path, its sniffed delimiter), or the error for a missing or empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise StageError(f"{path}: the file is empty")
+    return path, sniff_delimiter(path)
+
+
 def sniff_delimiter(path: Path) -> str:
     with open(path, newline="", errors="replace") as f:
         sample = f.read(64 * 1024)
@@ -37,85 +47,197 @@ def sniff_delimiter(path: Path) -> str:
 def read_csv(path: str | Path, chunksize: int = 250_000) -> pd.DataFrame:
     """Read a CSV with a sniffed delimiter, in chunks so a large file never needs a second
     full-size copy of raw text in memory; index = CSV line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise StageError(f"{path}: the file is empty")
-    sep = sniff_delimiter(path)
+    return pd.concat(list(csv_chunks(path, chunksize)))
+
+
+def csv_chunks(path: str | Path, chunksize: int = 250_000):
+    """A CSV (sniffed delimiter) as pandas frames of `chunksize` rows; index = CSV line number."""
+    path, sep = open_csv(path)
+    line = 2
     try:
-        chunks = list(pd.read_csv(path, sep=sep, chunksize=chunksize, skipinitialspace=True))
+        for chunk in pd.read_csv(path, sep=sep, chunksize=chunksize, skipinitialspace=True):
+            if chunk.empty:
+                continue
+            chunk.index = pd.RangeIndex(line, line + len(chunk), name="line")
+            chunk.columns = [str(c).strip() for c in chunk.columns]
+            line += len(chunk)
+            yield chunk
     except pd.errors.EmptyDataError:
         raise StageError(f"{path}: the file is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise StageError(f"{path}: not a readable CSV ({str(e).strip()})") from None
-    df = pd.concat(chunks) if chunks else pd.DataFrame()
-    if df.empty:
+    if line == 2:
         raise StageError(f"{path}: no data rows (only a header)")
-    df.index = pd.RangeIndex(2, 2 + len(df), name="line")
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
 
 
 def _bad_numbers(values: pd.Series, numbers: pd.Series) -> pd.Series:
     return values[values.notna() & numbers.isna()]
 
 
-def describe_cells(bad: pd.Series, limit: int = 5) -> str:
+def describe_cells(bad: pd.Series, limit: int = 5, count: int | None = None) -> str:
+    """`line N: 'value'` for the first cells, and how many more (`count`: the total, when
+    `bad` holds only the first few)."""
+    count = len(bad) if count is None else count
     shown = ", ".join(f"line {i}: {v!r}" for i, v in bad.head(limit).items())
-    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+    more = f" and {count - limit} more" if count > limit else ""
     return shown + more
 
 
-def normalise_columns(df: pd.DataFrame, source: str, max_categories: int) -> tuple[pd.DataFrame, dict]:
-    """Numbers become float64, everything else stripped strings; returns the frame and
-    {column: "numeric" | "categorical"}. Mostly-numeric columns with stray strings are an error."""
-    out, kinds = {}, {}
-    for col in df.columns:
-        s = df[col]
-        if pd.api.types.is_bool_dtype(s):
-            s = s.astype("string")
-        if pd.api.types.is_numeric_dtype(s):
-            out[col], kinds[col] = s.astype("float64"), "numeric"
-            continue
-        text = s.astype("string").str.strip().replace("", pd.NA)
-        numbers = pd.to_numeric(text, errors="coerce")
-        present = int(text.notna().sum())
-        parsed = int(numbers.notna().sum())
-        if present and parsed == present:
-            out[col], kinds[col] = numbers.astype("float64"), "numeric"
-        elif present and parsed >= NUMERIC_SHARE * present:
-            bad = _bad_numbers(text, numbers)
-            raise StageError(f"{source}: column {col!r} is numeric but has text in "
-                             f"{len(bad)} rows ({describe_cells(bad)})")
-        else:
-            n_unique = text.nunique()
-            if n_unique > max_categories:
-                raise StageError(f"{source}: column {col!r} has {n_unique} distinct text values, more than "
-                                 f"tabular.data.max_categories={max_categories}; if it is an id or free text, "
-                                 "list it in tabular.data.drop_columns")
-            out[col], kinds[col] = text.astype("str"), "categorical"
-    frame = pd.DataFrame(out, index=df.index)
-    return frame, kinds
+# ---- typing rules, shared by the streaming reader (prepare.py, pyarrow) and Spark ----
+# Cells that are missing: pandas' default NA strings (what `read_csv` has always treated as
+# missing), compared after stripping spaces.
+NULLS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+         "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+# A number, as one regular expression that RE2 (pyarrow) and Java (Spark) read alike; both
+# engines then cast only matching cells, so both type every cell the same way.
+NUMBER_RE = r"(?i)^[+-]?(\d+\.?\d*(e[+-]?\d+)?|\.\d+(e[+-]?\d+)?|inf|infinity|nan)$"
+DISTINCT_CAP = 100_000  # distinct texts counted per column before the count stops ("more than")
 
 
-def check_target(df: pd.DataFrame, target: str, task: str, source: str) -> None:
+@dataclass
+class ColumnStats:
+    """What typing a column needs, gathered over all rows by either engine."""
+
+    present: int = 0  # non-missing cells
+    bad: int = 0  # present cells that are not numbers
+    bad_cells: list = field(default_factory=list)  # the first few (line, text) of them
+    distinct: int = 0  # distinct texts seen
+    counted_all: bool = True  # False: counting stopped, there are more than `distinct` - 1
+    missing: int = 0
+    missing_lines: list = field(default_factory=list)  # the first few missing lines (the target's)
+
+
+def column_kinds(stats: dict[str, ColumnStats], target: str, task: str, source: str,
+                 max_categories: int) -> dict[str, str]:
+    """{column: "numeric" | "categorical"}, or the first user error, in the order a person
+    fixes them: the target, then each column left to right. Numbers stored as text are
+    numbers; a mostly-numeric column with stray text is an error naming its lines."""
     if task not in TASK_KINDS:
         raise StageError(f"tabular.data.task is {task!r}; choose one of: {', '.join(TASK_KINDS)}")
-    if target not in df.columns:
-        raise StageError(f"{source}: target column {target!r} not found; columns are: {', '.join(df.columns)}")
-    missing = df[target].isna()
-    if missing.any():
-        lines = ", ".join(str(i) for i in df.index[missing][:5])
-        raise StageError(f"{source}: target {target!r} is empty in {int(missing.sum())} rows (lines {lines}); "
+    if target not in stats:
+        raise StageError(f"{source}: target column {target!r} not found; columns are: {', '.join(stats)}")
+    t = stats[target]
+    if t.missing:
+        lines = ", ".join(str(i) for i in t.missing_lines[:5])
+        raise StageError(f"{source}: target {target!r} is empty in {t.missing} rows (lines {lines}); "
                          "fill or remove those rows")
-    if task == "classification":
-        classes = df[target].astype(str).unique()
-        if len(classes) < 2:
-            raise StageError(f"{source}: target {target!r} has one class ({classes[0]!r}); "
-                             "classification needs at least two")
-    elif not pd.api.types.is_numeric_dtype(df[target]):
+    if task == "regression" and t.bad:
         raise StageError(f"{source}: regression target {target!r} is not numeric")
+    kinds = {}
+    for col, s in stats.items():
+        if col == target:  # class labels are names, even when they look like numbers (0/1, 1..5)
+            kinds[col] = "numeric" if task == "regression" else "categorical"
+        elif s.present and not s.bad:
+            kinds[col] = "numeric"
+        elif s.present and s.present - s.bad >= NUMERIC_SHARE * s.present:
+            cells = pd.Series([v for _, v in s.bad_cells], index=[i for i, _ in s.bad_cells], dtype=object)
+            raise StageError(f"{source}: column {col!r} is numeric but has text in {s.bad} rows "
+                             f"({describe_cells(cells, count=s.bad)})")
+        elif s.distinct > max_categories:
+            n = str(s.distinct) if s.counted_all else f"more than {s.distinct - 1}"
+            raise StageError(f"{source}: column {col!r} has {n} distinct text values, more than "
+                             f"tabular.data.max_categories={max_categories}; if it is an id or free text, "
+                             "list it in tabular.data.drop_columns")
+        else:
+            kinds[col] = "categorical"
+    return kinds
+
+
+def check_classes(classes: list, target: str, task: str, source: str) -> None:
+    if task == "classification" and len(classes) < 2:
+        raise StageError(f"{source}: target {target!r} has one class ({classes[0]!r}); "
+                         "classification needs at least two")
+
+
+def csv_header(path: Path, sep: str) -> list[str]:
+    with open(path, newline="", errors="replace") as f:
+        return next(csv.reader(f, delimiter=sep), [])
+
+
+def not_readable(path: Path, sep: str, error: Exception) -> StageError:
+    """The one-line error for a CSV the fast reader rejects: pandas' message when pandas
+    rejects it too (it names the line: 'Expected 8 fields in line 20, saw 9'), else pyarrow's.
+    pandas reads in chunks here, so a large file costs time, not memory, and only on this path."""
+    try:
+        for _ in pd.read_csv(path, sep=sep, chunksize=250_000, skipinitialspace=True, dtype=str):
+            pass
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        error = e
+    except pd.errors.EmptyDataError:
+        return StageError(f"{path}: the file is empty")
+    return StageError(f"{path}: not a readable CSV ({str(error).strip().splitlines()[0]})")
+
+
+BLOCK_BYTES = 16 << 20  # CSV bytes per record batch: a few hundred thousand rows
+
+
+def csv_batches(path: Path, sep: str, drop: list[str] = ()):
+    """Stream a CSV as (first line number, {column: stripped strings, missing cells null}) per
+    record batch; every cell is read as text, so typing is ours (column_kinds), not a guess
+    from the first block. Header = line 1, as in read_csv."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    header = csv_header(path, sep)
+    keep = [h for h in header if h.strip() not in drop]
+    nulls = pa.array(NULLS)
+    try:
+        reader = pacsv.open_csv(
+            path, read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter=sep),
+            convert_options=pacsv.ConvertOptions(column_types={h: pa.string() for h in header}, include_columns=keep,
+                                                 null_values=[], strings_can_be_null=False))
+        line = 2
+        for batch in reader:
+            cols = {}
+            for name, arr in zip(batch.schema.names, batch.columns):
+                v = pc.utf8_trim_whitespace(arr)
+                cols[name.strip()] = pc.if_else(pc.is_in(v, value_set=nulls), pa.scalar(None, pa.string()), v)
+            yield line, cols
+            line += batch.num_rows
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        raise not_readable(path, sep, e) from None
+
+
+def split_schema(kinds: dict[str, str], target: str):
+    """The arrow schema of a prepared split: numbers float64, text strings, and the CSV line as
+    the pandas index, so pd.read_parquet gives the frame the stages always had."""
+    import pyarrow as pa
+
+    frame = pd.DataFrame({c: pd.Series(dtype="float64" if k == "numeric" else "str") for c, k in kinds.items()},
+                         index=pd.Index([], dtype="int64", name="line"))
+    return pa.Schema.from_pandas(frame, preserve_index=True)
+
+
+def read_split(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A prepared split (a parquet file, or a folder of parts as Spark writes them) as a frame
+    indexed by CSV line."""
+    import pyarrow.dataset as ds
+
+    cols = None if columns is None else [*columns, "line"]
+    return _lined(ds.dataset(path, format="parquet").to_table(columns=cols))
+
+
+def split_chunks(path: str | Path, rows: int):
+    """A prepared split as frames of about `rows` rows (whole row groups), indexed by CSV line."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    batches, n = [], 0
+    for batch in ds.dataset(path, format="parquet").to_batches(batch_size=rows):
+        batches.append(batch)
+        n += batch.num_rows
+        if n >= rows:
+            yield _lined(pa.Table.from_batches(batches))
+            batches, n = [], 0
+    if batches:
+        yield _lined(pa.Table.from_batches(batches))
+
+
+def _lined(table) -> pd.DataFrame:
+    df = table.to_pandas()
+    return df.set_index("line").sort_index() if "line" in df.columns else df
 
 
 @dataclass
@@ -213,14 +335,26 @@ def decode_outputs(outputs: np.ndarray, card: dict) -> pd.DataFrame:
 def read_features(path: str | Path, features: list[dict]) -> pd.DataFrame:
     """Read a CSV or parquet to predict on and type its feature columns as in training.
     Extra columns are kept (and ignored by the preprocessor)."""
+    return pd.concat(list(feature_chunks(path, features, 10**12)))
+
+
+def feature_chunks(path: str | Path, features: list[dict], rows: int):
+    """read_features in frames of about `rows` rows, indexed by CSV line (a parquet file
+    without one is numbered as its CSV would be: 2, 3, ...)."""
     path = Path(path)
     if path.suffix == ".parquet":
-        if not path.is_file():
+        if not path.exists():
             raise StageError(f"{path}: no such file")
-        df = pd.read_parquet(path)
+        line, chunks = 2, split_chunks(path, rows)
     else:
-        df = read_csv(path)
-    return type_features(df, features, str(path))
+        line, chunks = 2, csv_chunks(path, min(rows, 1_000_000))
+    for df in chunks:
+        if df.index.name != "line":
+            df.index = pd.RangeIndex(line, line + len(df), name="line")
+        line += len(df)
+        yield type_features(df, features, str(path))
+    if line == 2:
+        raise StageError(f"{path}: no rows to predict")
 
 
 def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.DataFrame:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from stages.core.common import log, write_json
 from stages.core.inference import softmax
-from stages.core.metrics import classification_report, regression_report
+from stages.core.metrics import classification_report, fail_if_untrained, learned_nothing, regression_report
 from stages.core.models import load_model, predict
 from stages.tabular.data import Preprocessor
 from stages.tabular.model import build_model
@@ -34,10 +34,14 @@ def run(params: dict, out_dir: Path = Path("metrics/tabular")) -> dict:
         classes = schema["classes"]
         y_train, y_test = (pd.Categorical(d[target], categories=classes).codes for d in (train_df, test_df))
         metrics, plots = classification_report(y_test, softmax(out.astype("float64")), classes)
+        # Chance: always answering the test split's most common class.
+        warnings = learned_nothing("tabular", "accuracy", metrics["accuracy"],
+                                   float(pd.Series(y_test).value_counts(normalize=True).max()), "the majority-class share")
     else:
         scale = meta["target_scaling"]
         y_train, y_test = train_df[target].to_numpy("float64"), test_df[target].to_numpy("float64")
         metrics, plots = regression_report(y_test, out[:, 0] * scale["std"] + scale["mean"])
+        warnings = learned_nothing("tabular", "r2", metrics["r2"], 0.0, "predicting the mean")
     base_metrics = {}
     if params["tabular"]["evaluate"]["baseline"]:
         # The baseline sees the same split and the same preprocessed features as the MLP.
@@ -47,11 +51,12 @@ def run(params: dict, out_dir: Path = Path("metrics/tabular")) -> dict:
         else:
             hgb = HistGradientBoostingRegressor(random_state=params["seed"]).fit(x_train, y_train)
             base_metrics = regression_report(y_test, hgb.predict(x_test))[0]
-    result = {"test": metrics, "baseline_hgb": base_metrics, "test_rows": len(test_df)}
+    result = {"test": metrics, "baseline_hgb": base_metrics, "test_rows": len(test_df), "warnings": warnings}
     write_json(out_dir / "metrics.json", result)
     for name, rows in plots.items():
         write_json(out_dir / "plots" / f"{name}.json", rows)
     log("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         + (" | HistGradientBoosting: " + " ".join(f"{k}={v:.4f}" for k, v in base_metrics.items())
            if base_metrics else ""))
+    fail_if_untrained(warnings, "tabular", params)
     return result

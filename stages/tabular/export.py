@@ -11,9 +11,11 @@ import pandas as pd
 import torch
 
 from stages.core.common import atomic_path, log, write_json
-from stages.core.models import card_common, check_parity, export_onnx, load_model
+from stages.core.models import card_common, check_parity, export_onnx, load_model, reference, validated_ranges
 from stages.tabular.data import Preprocessor
 from stages.tabular.model import build_model
+
+TRAIN = "data/prepared/tabular/train.parquet"
 
 
 def run(params: dict, out_dir: Path = Path("models/tabular")) -> dict:
@@ -37,6 +39,8 @@ def run(params: dict, out_dir: Path = Path("models/tabular")) -> dict:
         "preprocessing_notes": "numeric: median-impute, then (x - mean) / std; categorical: one-hot in the "
                                "listed order (missing = all zeros, unseen = error); see stages/tabular/data.py",
         "target_scaling": meta["target_scaling"],
+        "reference": reference(dict(pd.read_parquet(TRAIN, columns=pre.columns).items()),
+                               validated_ranges("tabular"), f"{TRAIN} (the training split)"),
         "postprocessing": "softmax over output" if schema["task"] == "classification"
                           else "output * target_scaling.std + target_scaling.mean",
     }

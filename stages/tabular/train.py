@@ -1,51 +1,141 @@
 """train: the MLP on the preprocessed features, through the shared loop (stages/core/job.py).
 
     python -m stages train tabular
+
+The training split is streamed (RowGroups): each rank reads and preprocesses only its own
+share of parquet row groups, one at a time, so memory per rank stays bounded whatever the
+split's size. The preprocessor is fitted one column at a time; the validation split is held
+as preprocessed float32 features.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import IterableDataset, TensorDataset, get_worker_info
 
 from stages.core.common import read_json
 from stages.core.job import Job, train
 from stages.core.trainer import classification_sums, regression_sums
-from stages.tabular.data import Preprocessor
+from stages.tabular.data import Preprocessor, read_split, split_chunks
 from stages.tabular.model import build_model
 
 
-def tensors(df: pd.DataFrame, pre: Preprocessor, schema: dict, scaling: dict | None) -> TensorDataset:
-    x = torch.from_numpy(pre.transform(df))
+def targets(df: pd.DataFrame, schema: dict, scaling: dict | None) -> torch.Tensor:
     target = df[schema["target"]]
     if schema["task"] == "classification":
-        y = torch.from_numpy(pd.Categorical(target, categories=schema["classes"]).codes.astype(np.int64))
-    else:
-        y = torch.from_numpy(((target.to_numpy("float64") - scaling["mean"]) / scaling["std"]).astype(np.float32))
-    return TensorDataset(x, y)
+        return torch.from_numpy(pd.Categorical(target, categories=schema["classes"]).codes.astype(np.int64))
+    return torch.from_numpy(((target.to_numpy("float64") - scaling["mean"]) / scaling["std"]).astype(np.float32))
+
+
+def tensors(path: Path, pre: Preprocessor, schema: dict, scaling: dict | None) -> TensorDataset:
+    """A whole split as preprocessed tensors, read in chunks (float32 features only in memory)."""
+    xs, ys = [], []
+    for df in split_chunks(path, 1_000_000):
+        xs.append(torch.from_numpy(pre.transform(df)))
+        ys.append(targets(df, schema, scaling))
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+class RowGroups(IterableDataset):
+    """A prepared split streamed by parquet row group, sharded and shuffled as
+    DistributedSampler would: every epoch ((seed, epoch) alone decide the order, so a resumed
+    run repeats it) the row groups are put in a random order and each group's rows shuffled;
+    rank r takes positions [r*n, (r+1)*n) of that sequence, n = ceil(rows / ranks), wrapping
+    to the start to pad the last rank. Every rank has the same number of rows (DDP needs the
+    same number of steps), and reads only the row groups its positions fall in. With
+    DataLoader workers, worker w yields the rows of batches w, w+k, ...: the loader, which
+    takes batches from its workers in turn, then sees exactly the one-process order."""
+
+    def __init__(self, path: Path, pre: Preprocessor, schema: dict, scaling: dict | None, seed: int,
+                 batch_size: int, rank: int = 0, world_size: int = 1):
+        import pyarrow.dataset as ds
+
+        self.groups = [(f.path, rg.id, rg.num_rows) for f in sorted(ds.dataset(path, format="parquet").get_fragments(),
+                                                                    key=lambda f: f.path)
+                       for rg in f.row_groups if rg.num_rows]
+        self.rows = sum(g[2] for g in self.groups)
+        self.per_rank = math.ceil(self.rows / world_size)
+        self.pre, self.schema, self.scaling, self.seed = pre, schema, scaling, seed
+        self.batch_size, self.rank, self.epoch = batch_size, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def _pieces(self):
+        """(row group, its row permutation, slice of it) covering this rank's positions."""
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.groups))
+        sizes = np.array([self.groups[g][2] for g in order])
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        lo = self.rank * self.per_rank
+        for a, b in ((lo, min(lo + self.per_rank, self.rows)), (0, max(0, lo + self.per_rank - self.rows))):
+            for i in np.flatnonzero((starts[:-1] < b) & (starts[1:] > a)):
+                g = order[i]
+                perm = np.random.default_rng([self.seed, self.epoch, g]).permutation(sizes[i])
+                yield g, perm, slice(max(a, starts[i]) - starts[i], min(b, starts[i + 1]) - starts[i])
+
+    def __iter__(self):
+        import pyarrow.parquet as pq
+
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        position = 0
+        for g, perm, part in self._pieces():
+            rows = perm[part]
+            mine = ((position + np.arange(len(rows))) // self.batch_size) % workers == worker
+            position += len(rows)
+            if not mine.any():
+                continue
+            file, rg, _ = self.groups[g]
+            df = pq.ParquetFile(file).read_row_group(rg).to_pandas().take(rows[mine])
+            x, y = torch.from_numpy(self.pre.transform(df)), targets(df, self.schema, self.scaling)
+            yield from zip(x, y)
+
+
+def fit_preprocessor(path: Path, kinds: dict[str, str]) -> Preprocessor:
+    """Preprocessor.fit, one column in memory at a time (it fits each column on its own)."""
+    parts = [Preprocessor.fit(read_split(path, [c]), {c: k}) for c, k in kinds.items()]
+    pre = Preprocessor([c for c, k in kinds.items() if k == "numeric"], [c for c, k in kinds.items() if k != "numeric"])
+    for p in parts:
+        pre.medians += p.medians
+        pre.means += p.means
+        pre.stds += p.stds
+        pre.categories.update(p.categories)
+    return pre
+
+
+def data_files(path: Path) -> list[Path]:
+    """A split's file, or its parts (Spark), in a fixed order: hashed into the run's fingerprint."""
+    return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
 
 
 def job(params: dict) -> Job:
+    import torch.distributed as dist
+
     p = params["tabular"]["train"]
     prepared = Path("data/prepared/tabular")
     schema = read_json(prepared / "schema.json")
-    train_df = pd.read_parquet(prepared / "train.parquet")
-    val_df = pd.read_parquet(prepared / "val.parquet")
-    pre = Preprocessor.fit(train_df, {f["name"]: f["type"] for f in schema["features"]})
+    train_path, val_path = prepared / "train.parquet", prepared / "val.parquet"
+    pre = fit_preprocessor(train_path, {f["name"]: f["type"] for f in schema["features"]})
     scaling = None
     if schema["task"] == "regression":
-        t = train_df[schema["target"]]
+        t = read_split(train_path, [schema["target"]])[schema["target"]]
         scaling = {"mean": float(t.mean()), "std": float(t.std(ddof=0)) or 1.0}
     n_out = len(schema["classes"]) if schema["task"] == "classification" else 1
     arch = {"kind": "mlp", "n_in": pre.n_features, "hidden": list(p["hidden"]), "n_out": n_out,
             "dropout": float(p["dropout"])}
-    return Job(build_model(arch), arch, tensors(train_df, pre, schema, scaling),
-               tensors(val_df, pre, schema, scaling),
+    ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return Job(build_model(arch), arch,
+               RowGroups(train_path, pre, schema, scaling, params["seed"], p["batch_size"], *ranks),
+               tensors(val_path, pre, schema, scaling),
                classification_sums if schema["task"] == "classification" else regression_sums,
-               [prepared / "train.parquet", prepared / "val.parquet"],
+               data_files(train_path) + data_files(val_path),
                {"preprocessor": pre.to_dict(), "schema": schema, "target_scaling": scaling})
 
 

@@ -1,0 +1,129 @@
+"""What served inputs look like against the training data (the model card's `reference`,
+written by export from the training split and the validated GX suite): per-row warnings
+for values outside the validated range or never seen, drift (PSI) over a sliding window
+per feature, and a sampled, size-bounded, rotating JSON-lines request log for
+`python -m tools.drift`. Torch-free; one Monitor per task and worker process.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import math
+import os
+import random
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+EPS = 1e-4  # share given to an empty bin, so PSI stays finite
+
+
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Population stability index between two share vectors: < 0.1 stable, > 0.25 shifted."""
+    e, a = np.clip(expected, EPS, None), np.clip(actual, EPS, None)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def feature_shares(ref: dict, values: list) -> tuple[np.ndarray, np.ndarray]:
+    """(reference shares, served shares) over the reference's bins (numbers, with
+    np.searchsorted side="right" as stages/core/models.py reference() binned them) or its
+    categories plus one bucket for any other value. Missing values are left out."""
+    if ref["type"] == "numeric":
+        v = np.asarray(values, dtype="float64")  # None → NaN
+        v = v[~np.isnan(v)]
+        counts = np.bincount(np.searchsorted(ref["bins"], v, side="right"), minlength=len(ref["bins"]) + 1)
+        return np.asarray(ref["shares"]), counts / max(len(v), 1)
+    names = list(ref["shares"])
+    index = {k: i for i, k in enumerate(names)}
+    counts = np.zeros(len(names) + 1)
+    for x in values:
+        if x is not None:
+            counts[index.get(str(x), len(names))] += 1
+    return np.asarray([*ref["shares"].values(), 0.0]), counts / max(counts.sum(), 1)
+
+
+def value_warnings(ref: dict, row: dict) -> list[str]:
+    """Sentences for the values of one row outside the validated range, not in the
+    validated set, or missing where training never had a missing value."""
+    out = []
+    for name, r in ref.items():
+        if name not in row:
+            continue
+        v = row[name]
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            if r["null_share"] == 0 and r.get("valid") is not None:
+                out.append(f"{name} is missing, and it was never missing in training")
+        elif r["type"] == "numeric" and r.get("valid"):
+            lo, hi = r["valid"]
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                seen = f"; training had {r['min']:g} to {r['max']:g}" if "min" in r else ""
+                out.append(f"{name} = {v:g} is outside the validated range {lo:g} to {hi:g}{seen}")
+        elif r["type"] == "categorical" and str(v) not in (known := r.get("valid") or list(r["shares"])):
+            out.append(f"{name} = {v!r} was never seen in training (known: {', '.join(known)})")
+    return out
+
+
+class Monitor:
+    def __init__(self, task: str, card: dict, cfg: dict):
+        self.task = task
+        self.ref = (card.get("reference") or {}).get("features", {})
+        self.strict = bool(cfg.get("strict", False))
+        window = int(cfg.get("drift_window", 1000))
+        self.min_rows = max(1, window // 10)  # fewer values than this say nothing yet
+        self.window = {name: deque(maxlen=window) for name in self.ref}
+        self.lock = threading.Lock()  # request threads append while /metrics reads
+        self.sample = float(cfg.get("request_log_sample", 0))
+        self.log = request_logger(task, cfg) if self.sample > 0 else None
+        self.warned = self.warned_reported = 0  # rows with warnings; reported: already counted in /metrics
+
+    def warnings(self, rows: list[dict]) -> list[list[str]]:
+        out = [value_warnings(self.ref, r) for r in rows]
+        if any(out):
+            with self.lock:
+                self.warned += sum(1 for w in out if w)
+        return out
+
+    def observe(self, rows: list[dict]) -> None:
+        """Add served values (a list value adds each element, e.g. detection scores) to the
+        window, and log a sample of the rows."""
+        with self.lock:
+            for r in rows:
+                for name, v in r.items():
+                    if name in self.window:
+                        self.window[name].extend(v if isinstance(v, list) else [v])
+        if self.log:
+            for r in rows:
+                if random.random() < self.sample:
+                    self.log.info(json.dumps({"time": round(time.time(), 3), "task": self.task, "values": r}))
+
+    def drift(self) -> dict[str, float]:
+        """PSI per feature over the current window (features with too few values left out)."""
+        with self.lock:
+            windows = {k: list(v) for k, v in self.window.items()}
+        out = {}
+        for name, values in windows.items():
+            expected, actual = feature_shares(self.ref[name], values)
+            if len(expected) > 1 and sum(1 for v in values if v is not None) >= self.min_rows:
+                out[name] = psi(expected, actual)
+        return out
+
+
+def request_logger(task: str, cfg: dict) -> logging.Logger:
+    """JSON lines in <request_log_dir>/<task>-<pid>.jsonl, rotated at request_log_mb with
+    request_log_backups old files: one file per worker process, so no two processes ever
+    rotate the same file."""
+    folder = Path(cfg.get("request_log_dir", ".cache/requests"))
+    folder.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger(f"app.requests.{task}.{os.getpid()}.{id(cfg)}")
+    log.propagate, log.level = False, logging.INFO
+    if not log.handlers:
+        handler = logging.handlers.RotatingFileHandler(folder / f"{task}-{os.getpid()}.jsonl",
+                                                       maxBytes=int(cfg.get("request_log_mb", 10) * 2**20),
+                                                       backupCount=int(cfg.get("request_log_backups", 2)))
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    return log

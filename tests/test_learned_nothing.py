@@ -1,0 +1,45 @@
+"""evaluate says when a model learned nothing: at or below chance (the majority-class share,
+r2 0) or, for detection, below a mAP50 floor (tests/test_detect_long.py runs that one)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import copy_repo, set_params, stage, TINY_TABULAR
+from stages.core.common import StageError
+from stages.core.metrics import fail_if_untrained, learned_nothing
+
+
+def test_learned_nothing_at_or_below_the_floor(capsys):
+    assert learned_nothing("image", "accuracy", 0.31, 0.3, "the majority-class share") == []
+    [text] = learned_nothing("image", "accuracy", 0.3, 0.3, "the majority-class share")
+    assert text.startswith("the image model learned nothing: test accuracy 0.3 is not above the majority-class share")
+    assert "image.train.pretrained" in text and "image.train.epochs" in text
+    assert f"warning: {text}" in capsys.readouterr().err
+    fail_if_untrained([], "image", {"image": {"evaluate": {"fail_if_untrained": True}}})  # nothing to fail on
+    fail_if_untrained([text], "image", {"image": {"evaluate": {"fail_if_untrained": False}}})
+    with pytest.raises(StageError, match=r"learned nothing.*\(image\.evaluate\.fail_if_untrained is true\)$"):
+        fail_if_untrained([text], "image", {"image": {"evaluate": {"fail_if_untrained": True}}})
+
+
+@pytest.mark.slow
+def test_tabular_evaluate_warns_then_fails_on_an_untrained_model(tmp_path):
+    """An MLP that never moved (lr ~0, one epoch) scores at the majority-class share or below:
+    a warning in the log and in metrics.json; fail_if_untrained fails the stage, after
+    writing metrics.json."""
+    repo = copy_repo(tmp_path / "repo")
+    set_params(repo, {**TINY_TABULAR, "tabular.train.lr": 1e-12, "tabular.train.epochs": 1,
+                      "tabular.evaluate.baseline": False})
+    for name in ("prepare", "train"):
+        stage(repo, name, "tabular")
+    res = stage(repo, "evaluate", "tabular")
+    assert re.search(r"^warning: the tabular model learned nothing: test accuracy", res.stderr, re.M), res.stderr
+    metrics = json.loads((repo / "metrics/tabular/metrics.json").read_text())
+    assert len(metrics["warnings"]) == 1 and "majority-class share" in metrics["warnings"][0]
+    set_params(repo, {"tabular.evaluate.fail_if_untrained": True})
+    (repo / "metrics/tabular/metrics.json").unlink()
+    res = stage(repo, "evaluate", "tabular", check=False)
+    assert res.returncode == 1 and re.search(r"^error: the tabular model learned nothing: .*is true\)$", res.stderr, re.M)
+    assert json.loads((repo / "metrics/tabular/metrics.json").read_text())["warnings"]
