@@ -73,6 +73,16 @@ def run(repo: Path, *cmd: str, check: bool = True, timeout: float = 600) -> subp
     return res
 
 
+def run_python(repo: Path, code: str, **kw) -> subprocess.CompletedProcess:
+    """Run Python code in repo from a script file, not `python -c`: with pyspark installed, GX
+    imports pyspark.sql.connect, which takes a `-c` process (no __main__.__file__) for its own
+    doctest run and exits 0 on the spot ("Skipping doctests: No module named 'grpc'")."""
+    script = repo / ".cache" / f"snippet-{os.getpid()}.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(code)
+    return run(repo, "python", str(script), **kw)
+
+
 def stage(repo: Path, name: str, task: str = "tabular", check: bool = True) -> subprocess.CompletedProcess:
     return run(repo, "python", "-m", "stages", name, task, check=check)
 

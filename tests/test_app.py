@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run
+from conftest import ROOT, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,7 @@ def test_app_imports_no_torch(served_repo):
     code = ("import sys; from app.server import create_app; create_app(); "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics')]; "
             "assert not bad, bad; print('ok')")
-    assert run(served_repo, "python", "-c", code).stdout.strip().endswith("ok")
+    assert run_python(served_repo, code).stdout.strip().endswith("ok")
 
 
 def test_app_and_infer_give_identical_results(client, served_repo):

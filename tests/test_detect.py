@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import copy_repo, run, set_params, stage
+from conftest import copy_repo, run, run_python, set_params, stage
 from stages.detect.boxes import decode, letterbox, load_for_detection, nms, resize_bilinear
 from stages.detect.demo import SHAPES, shapes_scene
 from stages.detect.labels import read_yolo, yolo_line
@@ -299,7 +299,7 @@ def test_infer_skips_unreadable_files_and_imports_no_torch(trained, fake_home):
             "bad = sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics', 'cv2')); "
             "assert not bad, bad; print('ok')")
-    assert run(trained, "python", "-c", code, timeout=120).stdout.strip().endswith("ok")
+    assert run_python(trained, code, timeout=120).stdout.strip().endswith("ok")
     assert read_json(out) == preds
     no_ultralytics_under(fake_home)
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_TABULAR, copy_repo, run, set_params, stage
+from conftest import TINY_TABULAR, copy_repo, run_python, set_params, stage
 from stages.core.common import StageError
 from stages.core.models import check_parity, export_onnx
 from stages.tabular.model import build_model
@@ -71,7 +71,7 @@ def test_infer_on_a_csv_imports_no_torch(trained, tmp_path):
             f"p['tabular']['infer']['source'] = {str(csv)!r}; infer_tabular(p, out=Path({str(out)!r})); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics')); "
             "assert not bad, bad; print('ok')")
-    assert run(trained, "python", "-c", code).stdout.strip().endswith("ok")
+    assert run_python(trained, code).stdout.strip().endswith("ok")
     preds = pd.read_csv(out)
     assert preds["line"].tolist() == [2, 3, 4, 5, 6]  # line numbers of the new CSV
     # The same rows straight through onnxruntime give the same predictions.

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import copy_repo, run, set_params, stage
+from conftest import copy_repo, run, run_python, set_params, stage
 from stages.core.common import StageError
 from stages.core.images import image_extensions, inspect_image, list_images
 from stages.image.data import load_rgb, normalise, preprocess, top_k
@@ -717,7 +717,7 @@ def test_infer_reports_unreadable_files_and_goes_on(pipeline, tmp_path: Path):
             f"infer_image(load_params(), out=Path({str(out)!r})); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')); "
             "assert not bad, bad; print('ok')")
-    res = run(repo, "python", "-c", code)
+    res = run_python(repo, code)
     assert res.stdout.strip().endswith("ok")
     assert "4 could not be read (see the error column)" in res.stderr
 
@@ -740,4 +740,4 @@ def test_infer_reports_unreadable_files_and_goes_on(pipeline, tmp_path: Path):
         assert known["prediction"] == row["prediction"] and known["probability"] == pytest.approx(
             row["probability"], abs=2e-6)
     stats = read_json(repo / "metrics/image/infer.json")
-    assert stats["images"] == len(files) and stats["failed"] == 4 and stats["images_per_s"] > 0
+    assert stats["images"] == len(files) and stats["failed"] == 4 and "images_per_s" not in stats

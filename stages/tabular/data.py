@@ -158,13 +158,17 @@ def not_readable(path: Path, sep: str, error: Exception) -> StageError:
     """The one-line error for a CSV the fast reader rejects: pandas' message when pandas
     rejects it too (it names the line: 'Expected 8 fields in line 20, saw 9'), else pyarrow's.
     pandas reads in chunks here, so a large file costs time, not memory, and only on this path."""
+    rows = 0
     try:
-        for _ in pd.read_csv(path, sep=sep, chunksize=250_000, skipinitialspace=True, dtype=str):
-            pass
+        for chunk in pd.read_csv(path, sep=sep, chunksize=250_000, skipinitialspace=True, dtype=str):
+            rows += len(chunk)
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         error = e
     except pd.errors.EmptyDataError:
         return StageError(f"{path}: the file is empty")
+    else:
+        if rows == 0:  # a header without a newline: pyarrow sees no complete line at all
+            return StageError(f"{path}: no data rows (only a header)")
     return StageError(f"{path}: not a readable CSV ({str(error).strip().splitlines()[0]})")
 
 

@@ -89,20 +89,31 @@ def run(params: dict, model_dir: Path = Path("models/tabular"),
                 # GX validates each chunk as it is yielded; when it asks for the next one, the
                 # previous has been checked, and is predicted and written. A failure anywhere
                 # raises below, and atomic_path discards the partial output.
-                nonlocal seconds, rows
+                nonlocal seconds, rows, failed
                 for df in feature_chunks(source, card["features"], CHUNK_ROWS):
                     df = df.drop(columns=[card["target"]], errors="ignore")
                     yield df
+                    if failed is not None:
+                        continue  # nothing more to write; GX still sees every chunk
                     start = time.perf_counter()
-                    table = predict(card, session, df, source, p["batch_size"])
+                    try:
+                        table = predict(card, session, df, source, p["batch_size"])
+                    except StageError as e:
+                        # A chunk GX is about to fail (an unseen category) can't be predicted;
+                        # GX's report names every broken value, so it speaks first below.
+                        failed = e
+                        continue
                     seconds += time.perf_counter() - start
                     writer.write(arrow_table(table, df.index.to_numpy()))
                     rows += len(df)
 
+            failed = None
             try:
                 report = run_suite(suite, {"input": checked_then_predicted})
             finally:
                 writer.close()
+            if failed is not None and report["success"]:
+                raise failed
             if not report["success"]:
                 # Rows are numbered by CSV line ("row 5" is line 5, not the fifth data row): say so.
                 raise StageError(f"{source} does not meet the expectations in {suite_file} (target checks excluded)\n"
