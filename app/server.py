@@ -222,9 +222,11 @@ def main() -> None:
     print(f"serving on http://{cfg['host']}:{cfg['port']} with {cfg['workers']} worker(s)  (UI: /, API docs: /docs)",
           file=sys.stderr, flush=True)
     # A worker busy with models on a loaded machine can miss uvicorn's 5 s health ping and be
-    # killed mid-request: allow it 30 s.
+    # killed mid-request: allow it 30 s. Idle keep-alive connections stay open 75 s, longer
+    # than clients and proxies keep theirs (httpx 5 s, nginx 60 s): when both sides use 5 s,
+    # a client now and then sends on a connection the server is closing (ReadError).
     uvicorn.run("app.server:create_app", factory=True, host=cfg["host"], port=cfg["port"], workers=cfg["workers"],
-                log_level="warning", access_log=False, timeout_worker_healthcheck=30)
+                log_level="warning", access_log=False, timeout_worker_healthcheck=30, timeout_keep_alive=75)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,11 @@ def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
         graph = onnx.load(exported)
         dims = graph.graph.input[0].type.tensor_type.shape.dim
         dims[2].dim_value = dims[3].dim_value = size  # fixed imgsz; the batch stays symbolic
+        # Ultralytics stamps the export time into the metadata: the same model would get new
+        # bytes on every export (dvc.lock churn); the rest of its metadata stays.
+        kept = [m for m in graph.metadata_props if m.key != "date"]
+        del graph.metadata_props[:]
+        graph.metadata_props.extend(kept)
         with atomic_path(onnx_path) as out:
             onnx.save(graph, str(out))
     session = open_session(onnx_path)
