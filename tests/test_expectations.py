@@ -72,6 +72,31 @@ def test_failures_name_expectation_column_values_and_lines(penguins):
     assert f"5000.0 (row {line})" in text and "'Atlantis'" in text and "test (test.parquet)" in text
 
 
+def test_validating_by_column_gives_what_one_whole_table_validation_gives(penguins):
+    """run_suite validates each column's expectations on a frame of that column only (GX
+    copies the whole frame per column expectation): the results, in the suite's order, must
+    be those of one plain GX validation of the whole table."""
+    import great_expectations as gx
+
+    from stages.core.expectations import _gx_frame, _result
+
+    parts, _, suite = penguins
+    bad = parts["test"].copy()
+    bad["sex"] = bad["sex"].astype(object)
+    bad.loc[bad.index[:4], "bill_length_mm"] = [5000.0, np.nan, -1.0, np.nan]
+    bad.loc[bad.index[2:9], "island"] = "Atlantis"
+    bad.loc[bad.index[1], "sex"] = 1.5
+    bad.loc[bad.index[7], "species"] = "Emperor"
+    fmt = {"result_format": "SUMMARY", "partial_unexpected_count": 5, "return_unexpected_index_query": False}
+    ctx = gx.get_context(mode="ephemeral")
+    batch = ctx.data_sources.add_pandas("p").add_dataframe_asset("t").add_batch_definition_whole_dataframe("w")
+    whole = batch.get_batch(batch_parameters={"dataframe": _gx_frame(bad)}).validate(
+        gx.ExpectationSuite(name="whole", expectations=suite["expectations"]), result_format=fmt)
+    got = run_suite(suite, {"t": bad})["tables"]["t"]["results"]
+    assert got == [_result(r) for r in whole.results]
+    assert sum(not r["success"] for r in got) >= 4
+
+
 def test_types_are_checked(penguins):
     parts, _, suite = penguins
     bad = parts["test"].copy()

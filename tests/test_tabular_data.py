@@ -66,6 +66,16 @@ def test_numbers_stored_as_text_become_numeric(tmp_path):
     assert sorted(pd.concat(parts.values())["x"]) == [float(i) for i in range(40)]
 
 
+def test_cells_are_stripped_and_na_strings_missing_however_written(tmp_path):
+    # Missing: empty, NA, quoted NA, padded NA, blanks only; stripped: padded numbers and text.
+    cells = ["", "NA", '"NA"', " NA ", "   ", "null", " 2.5 ", '" x "', "7", "y "]
+    rows = "".join(f"{cells[i % len(cells)]},{'ab'[i % 2]}\n" for i in range(40))
+    _, parts = prepared(tmp_path, "v,t\n" + rows, target="t")
+    got = pd.concat(parts.values()).sort_index()["v"]
+    want = [None, None, None, None, None, None, "2.5", "x", "7", "y"]
+    assert [None if pd.isna(v) else v for v in got] == [want[i % len(cells)] for i in range(40)]
+
+
 def test_text_in_a_numeric_column_names_the_line(tmp_path):
     rows = [f"{i},{'ab'[i % 2]}" for i in range(40)]
     rows[5] = "abc,b"  # line 7: header = line 1

@@ -190,7 +190,7 @@ def tune(spec_path: str, trials: int | None = None, jobs: int | None = None, pol
 
     while asked < min(jobs, trials):
         ask()
-    starters = [start_workers(jobs)]
+    starters, started = [start_workers(jobs)], time.monotonic()
     watch, states, outcomes = Watch(trials + len(pending) - asked, spec.get("stall_minutes", 15)), {}, {}
     while pending:
         for exp, (state, data) in (experiments(list(pending)) or {}).items():
@@ -201,7 +201,13 @@ def tune(spec_path: str, trials: int | None = None, jobs: int | None = None, pol
                     print_failed_log(exp)
                 if asked < trials:
                     ask()
-                    starters.append(start_workers(jobs))  # the workers may have gone idle and exited
+        # Workers exit 10 s after the queue runs dry, and `dvc queue start` adds none while
+        # they live: a trial queued in that window waits with no worker. Start them again
+        # whenever trials wait and none runs (a no-op while workers are up).
+        waiting = [e for e in pending if states.get(e, "queued") == "queued"]
+        if waiting and "running" not in states.values() and time.monotonic() - started > 2 * poll:
+            starters.append(start_workers(jobs))
+            started = time.monotonic()
         watch.update(states, f", {sum(o == 'pruned' for o in outcomes.values())} pruned")
         if pending:
             time.sleep(poll)

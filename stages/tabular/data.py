@@ -179,27 +179,42 @@ def csv_batches(path: Path, sep: str, drop: list[str] = ()):
     """Stream a CSV as (first line number, {column: stripped strings, missing cells null}) per
     record batch; every cell is read as text, so typing is ours (column_kinds), not a guess
     from the first block. Header = line 1, as in read_csv."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
+    from stages.core.inference import physical_cores
+
     header = csv_header(path, sep)
     keep = [h for h in header if h.strip() not in drop]
     nulls = pa.array(NULLS)
+
+    def clean(arr):
+        # The parser already made the exact NA strings null; a cell only trimming turns into
+        # one (" NA") needs the check again, so it runs only where trimming changed a byte.
+        v = pc.utf8_trim_whitespace(arr)
+        if pc.sum(pc.binary_length(v)) == pc.sum(pc.binary_length(arr)):
+            return arr
+        return pc.if_else(pc.is_in(v, value_set=nulls), pa.scalar(None, pa.string()), v)
+
     try:
         reader = pacsv.open_csv(
             path, read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES),
             parse_options=pacsv.ParseOptions(delimiter=sep),
             convert_options=pacsv.ConvertOptions(column_types={h: pa.string() for h in header}, include_columns=keep,
-                                                 null_values=[], strings_can_be_null=False))
+                                                 null_values=NULLS, strings_can_be_null=True))
         line = 2
-        for batch in reader:
-            cols = {}
-            for name, arr in zip(batch.schema.names, batch.columns):
-                v = pc.utf8_trim_whitespace(arr)
-                cols[name.strip()] = pc.if_else(pc.is_in(v, value_set=nulls), pa.scalar(None, pa.string()), v)
-            yield line, cols
-            line += batch.num_rows
+        # Columns cleaned in parallel, and the next block parsed meanwhile: arrow's parser and
+        # kernels release the GIL.
+        with ThreadPoolExecutor(physical_cores()) as pool:
+            batches = iter(reader)
+            ahead = pool.submit(next, batches, None)
+            while (batch := ahead.result()) is not None:
+                ahead = pool.submit(next, batches, None)
+                yield line, dict(zip((n.strip() for n in batch.schema.names), pool.map(clean, batch.columns)))
+                line += batch.num_rows
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
         raise not_readable(path, sep, e) from None
 
