@@ -4,8 +4,9 @@
 
 The tune file names a task, the params.yaml keys to search (`space`), the validation metric
 to optimise and the pruner. Each trial is a `dvc exp run --queue -S ... -S tune.trial=...
-infer@<task>` experiment named <study>-<number>; `dvc queue start -j N` runs them and a new
-trial is asked for (and queued) as soon as one finishes, so TPE learns from every result.
+infer@<task>` experiment named <study>-<number>; `dvc queue start -j N` runs them, one more
+trial per worker waits in the queue, and a new trial is asked for (and queued) as soon as
+one finishes, so TPE learns from every result but the latest few.
 The training stage reports each epoch's metric to the study through `tune.trial` and stops
 when the study prunes it (stages/core/job.py); it then ends normally and says "pruned" in
 metrics/<task>/train/metrics.json, which is read back, like every result, from
@@ -188,7 +189,12 @@ def tune(spec_path: str, trials: int | None = None, jobs: int | None = None, pol
         asked += 1
         print(f"queued {exp}: {values}", flush=True)
 
-    while asked < min(jobs, trials):
+    # `jobs` trials queued beyond the `jobs` running: a worker that finds the queue empty exits
+    # (10 s later), and one exiting can take a trial queued at that moment and lose it (DVC
+    # then shows it running forever; seen in CI). Asking one trial ahead of each worker keeps
+    # the queue from running dry until the study's last trials; TPE proposes them knowing the
+    # results of all but the `2 * jobs` latest trials.
+    while asked < min(2 * jobs, trials):
         ask()
     starters, started = [start_workers(jobs)], time.monotonic()
     watch, states, outcomes = Watch(trials + len(pending) - asked, spec.get("stall_minutes", 15)), {}, {}
