@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -54,6 +55,20 @@ def queue_experiment(name: str, task: str, values: dict) -> None:
     # strings quoted, so that paths and colons stay one value.
     sets = [a for k, v in values.items() for a in ("-S", f"{k}={json.dumps(v) if not isinstance(v, str) else repr(v)}")]
     dvc("exp", "run", "--queue", "-n", name, *sets, f"infer@{task}")
+
+
+def wait_for_idle_workers(timeout: float = 60.0) -> None:
+    """Wait (up to `timeout`) until no idle queue worker is left, e.g. from a sweep or tune
+    that just ended. An idle worker exits about 10 s after it finds the queue empty, and one
+    exiting can take an experiment queued at that moment and lose it (DVC then shows it
+    running forever, with no worker; seen in CI). Busy workers are safe: they look at the
+    queue again only when their experiment ends. `dvc queue status` has no JSON output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"Worker status: (\d+) active, (\d+) idle", dvc("queue", "status", check=False))
+        if not found or found.group(2) == "0" or found.group(1) != "0":
+            return
+        time.sleep(2)
 
 
 def start_workers(jobs: int) -> subprocess.Popen:
@@ -123,6 +138,7 @@ def run_sweep(spec_path: str, poll: float = 5.0) -> dict[str, str]:
         raise StageError(f"{spec_path}: needs `task` (one of {', '.join(RANK_BY)}) and a non-empty `grid`")
     stamp = time.strftime("%H%M%S")
     names = []
+    wait_for_idle_workers()
     for i, combo in enumerate(combinations(grid), start=1):
         name = f"{Path(spec_path).stem}-{i}-{stamp}"
         queue_experiment(name, task, combo)

@@ -27,7 +27,15 @@ from pathlib import Path
 import yaml
 
 from stages.core.common import StageError, run_main
-from tools.sweep import Watch, experiments, print_failed_log, queue_experiment, start_workers, wait_workers
+from tools.sweep import (
+    Watch,
+    experiments,
+    print_failed_log,
+    queue_experiment,
+    start_workers,
+    wait_for_idle_workers,
+    wait_workers,
+)
 
 PLOTS = Path("report/tune")
 
@@ -194,6 +202,7 @@ def tune(spec_path: str, trials: int | None = None, jobs: int | None = None, pol
     # then shows it running forever; seen in CI). Asking one trial ahead of each worker keeps
     # the queue from running dry until the study's last trials; TPE proposes them knowing the
     # results of all but the `2 * jobs` latest trials.
+    wait_for_idle_workers()
     while asked < min(2 * jobs, trials):
         ask()
     starters, started = [start_workers(jobs)], time.monotonic()
