@@ -108,7 +108,7 @@ def best_trial(study):
     if not done:
         return None
     sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
-    return max(done, key=lambda t: (sign * t.value, -t.user_attrs.get("val_loss", 0.0)))
+    return max(done, key=lambda t: (sign * t.value, -t.user_attrs.get("best", {}).get("val_loss", 0.0)))
 
 
 def record(study, storage, trial_number: int, name: str, state: str, data: dict, task: str) -> str:
@@ -122,7 +122,7 @@ def record(study, storage, trial_number: int, name: str, state: str, data: dict,
     if state != "success" or not result or result.get("trial") != trial_number:
         study.tell(trial_number, state=optuna.trial.TrialState.FAIL)
         return "fail"
-    storage.set_trial_user_attr(trial_id, "val_loss", result["best"].get("val_loss", 0.0))
+    storage.set_trial_user_attr(trial_id, "best", result["best"])  # every metric of its best epoch
     if result["state"] == "pruned":
         study.tell(trial_number, state=optuna.trial.TrialState.PRUNED)
         return "pruned"
@@ -141,8 +141,12 @@ def report(study, name: str) -> None:
         raise StageError("no trial completed: see the failed trials' logs above")
     metric = study.user_attrs["metric"]
     baseline = next((t for t in study.trials if t.user_attrs.get("baseline") and t.value is not None), None)
-    print(f"best: trial {best.number} ({best.user_attrs.get('experiment')}): {metric}={best.value:.4g}"
-          + (f"  (baseline, the params.yaml values: {baseline.value:.4g})" if baseline else ""))
+    def scores(t) -> str:  # the tuned metric first, then the others of the trial's best epoch
+        return ", ".join(f"{k}={v:.4g}" for k, v in {metric: t.value, **t.user_attrs.get("best", {})}.items()
+                         if k.startswith("val_"))
+
+    print(f"best: trial {best.number} ({best.user_attrs.get('experiment')}): {scores(best)}"
+          + (f"\nbaseline (the params.yaml values): trial {baseline.number}: {scores(baseline)}" if baseline else ""))
     for key, value in best.params.items():
         print(f"  {key} = {value}")
     with warnings.catch_warnings():
@@ -155,7 +159,11 @@ def report(study, name: str) -> None:
         ax = optuna.visualization.matplotlib.plot_optimization_history(study)
         ax.figure.savefig(PLOTS / f"{name}-history.png", dpi=100, bbox_inches="tight")
         plots = [PLOTS / f"{name}-history.png"]
+        scores = {t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
         try:
+            if len(scores) < 2:  # fANOVA then splits importance evenly: numbers that mean nothing
+                raise ValueError(f"every complete trial scored {metric}={next(iter(scores)):.4g}; "
+                                 f"the tie went to the lowest val_loss")
             importances = optuna.importance.get_param_importances(study)
             print("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
             ax = optuna.visualization.matplotlib.plot_param_importances(study)
