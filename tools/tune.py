@@ -145,10 +145,11 @@ def report(study, name: str) -> None:
         return ", ".join(f"{k}={v:.4g}" for k, v in {metric: t.value, **t.user_attrs.get("best", {})}.items()
                          if k.startswith("val_"))
 
-    print(f"best: trial {best.number} ({best.user_attrs.get('experiment')}): {scores(best)}"
-          + (f"\nbaseline (the params.yaml values): trial {baseline.number}: {scores(baseline)}" if baseline else ""))
+    print(f"best: trial {best.number} ({best.user_attrs.get('experiment')}): {scores(best)}")
     for key, value in best.params.items():
         print(f"  {key} = {value}")
+    if baseline:
+        print(f"baseline (the params.yaml values): trial {baseline.number}: {scores(baseline)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's matplotlib plots are marked experimental
         import matplotlib

@@ -62,14 +62,18 @@ def main(argv: list[str] | None = None) -> int:
             out["seconds"] = round(time.perf_counter() - t0, 1)
             print_table(f"{name} ({out['seconds']} s)", out["rows"],
                         out["notes"] + ([f"FAILED: {out['error']}"] if "error" in out else []))
-            result["sections"][name] = {**out, "rows": [r.to_json() for r in out["rows"]]}
+            result["sections"][name] = {**out, "rows": [r.to_json() for r in out["rows"]], "date": result["date"]}
     result["seconds"] = round(time.perf_counter() - start, 1)
+    out_path = Path(args.out)
+    if args.only and out_path.is_file():  # some sections: the others keep their last numbers (and their dates)
+        earlier = json.loads(out_path.read_text())
+        if earlier.get("quick") == args.quick:
+            result["sections"] = {**earlier.get("sections", {}), **result["sections"]}
     targets = [(name, r) for name, s in result["sections"].items() for r in s["rows"] if r["holds"] is not None]
     result["targets"] = {"held": sum(r["holds"] for _, r in targets), "total": len(targets)}
     print(f"\n== targets: {result['targets']['held']} of {len(targets)} hold ({result['seconds']} s in all)")
     for name, r in targets:
         print(f"  {'yes' if r['holds'] else 'NO ':3}  {name}: {r['what'].strip()} ({r['target']})")
-    out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"wrote {out_path}")
