@@ -26,25 +26,30 @@ def run(params: dict, out_dir: Path = Path("metrics/tabular")) -> dict:
     model, meta = load_model("models/tabular/model.pt", build_model)
     schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
     prepared = Path("data/prepared/tabular")
-    train_df, test_df = (pd.read_parquet(prepared / f"{s}.parquet") for s in ("train", "test"))
-    x_train, x_test = pre.transform(train_df), pre.transform(test_df)
+    test_df = pd.read_parquet(prepared / "test.parquet")
+    x_test = pre.transform(test_df)
     target, classify = schema["target"], schema["task"] == "classification"
     out = predict(model, x_test)
     if classify:
         classes = schema["classes"]
-        y_train, y_test = (pd.Categorical(d[target], categories=classes).codes for d in (train_df, test_df))
+        y_test = pd.Categorical(test_df[target], categories=classes).codes
         metrics, plots = classification_report(y_test, softmax(out.astype("float64")), classes)
         # Chance: always answering the test split's most common class.
         warnings = learned_nothing("tabular", "accuracy", metrics["accuracy"],
                                    float(pd.Series(y_test).value_counts(normalize=True).max()), "the majority-class share")
     else:
         scale = meta["target_scaling"]
-        y_train, y_test = train_df[target].to_numpy("float64"), test_df[target].to_numpy("float64")
+        y_test = test_df[target].to_numpy("float64")
         metrics, plots = regression_report(y_test, out[:, 0] * scale["std"] + scale["mean"])
         warnings = learned_nothing("tabular", "r2", metrics["r2"], 0.0, "predicting the mean")
     base_metrics = {}
     if params["tabular"]["evaluate"]["baseline"]:
-        # The baseline sees the same split and the same preprocessed features as the MLP.
+        # The baseline sees the same split and the same preprocessed features as the MLP. The
+        # training split is read only for it: on data larger than memory, turn it off.
+        train_df = pd.read_parquet(prepared / "train.parquet")
+        x_train = pre.transform(train_df)
+        y_train = pd.Categorical(train_df[target], categories=classes).codes if classify \
+            else train_df[target].to_numpy("float64")
         if classify:
             hgb = HistGradientBoostingClassifier(random_state=params["seed"]).fit(x_train, y_train)
             base_metrics = classification_report(y_test, hgb.predict_proba(x_test), classes)[0]
