@@ -41,7 +41,11 @@ def stream(split, rank=0, world=2, epoch=0, batch_size=8):
 
 
 def features(ds, **loader) -> torch.Tensor:
-    return torch.cat([x for x, _ in DataLoader(ds, batch_size=ds.batch_size, **loader)])
+    """The stream's features as the trainer's DataLoader takes them (whole batches)."""
+    batches = [x for x, _ in DataLoader(ds, batch_size=None, **loader)]
+    assert {len(b) for b in batches[:-1]} <= {ds.batch_size} and 0 < len(batches[-1]) <= ds.batch_size
+    assert len(batches) == len(ds)
+    return torch.cat(batches)
 
 
 def test_ranks_get_equal_shares_that_cover_every_row(split):
@@ -62,6 +66,16 @@ def test_order_is_fixed_by_seed_and_epoch_and_shuffled_across_row_groups(split):
     ds = stream(split, world=1)
     first = [ds.groups[g][1] for g, _, _ in ds._pieces()][:5]
     assert first != sorted(first)  # row groups in a shuffled order, not file order
+
+
+def test_batches_hold_the_rows_in_stream_order_across_row_groups(split):
+    """Batches of 5 cut from row groups of 16: the rows, in the order _pieces gives them,
+    exactly as preprocessing them one group at a time gives them."""
+    ds = stream(split, rank=1, world=2, batch_size=5)
+    expected = torch.cat([torch.from_numpy(ds.pre.transform(
+        pq.ParquetFile(ds.groups[g][0]).read_row_group(ds.groups[g][1]).to_pandas().take(perm[part])))
+        for g, perm, part in ds._pieces()])
+    assert torch.equal(features(ds), expected)
 
 
 def test_loader_workers_see_the_one_process_order(split):

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from stages.core.common import StageError, atomic_path, log
@@ -172,12 +172,20 @@ def _loaders(train_set: Dataset, val_set: Dataset, model: torch.nn.Module, cfg: 
     # efficientnet_b0 at image_size <= 32. Drop that one sample (a different one each
     # epoch: the order is shuffled); models without BatchNorm (the MLP) are unaffected.
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    drop_last = has_bn and len(sampler) > cfg.batch_size and len(sampler) % cfg.batch_size == 1
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, drop_last=drop_last, collate_fn=collate_of(train_set),
+    # A stream that cuts its own batches (tabular's row groups) is taken batch by batch.
+    batched = getattr(train_set, "batched", False)
+    drop_last = not batched and has_bn and len(sampler) > cfg.batch_size and len(sampler) % cfg.batch_size == 1
+    loader = DataLoader(train_set, batch_size=None if batched else cfg.batch_size, drop_last=drop_last,
+                        collate_fn=None if batched else collate_of(train_set),
                         **loader_kw, **({} if sampler is train_set else {"sampler": sampler}))
     # Each rank scores its own strided shard; sums are all-reduced, so nothing is counted twice.
-    val_loader = DataLoader(Subset(val_set, range(rt.rank, len(val_set), rt.world_size)),
-                            batch_size=cfg.batch_size * 2, collate_fn=collate_of(val_set), **loader_kw)
+    shard = range(rt.rank, len(val_set), rt.world_size)
+    if isinstance(val_set, TensorDataset):  # tensors in memory: index a whole batch at once, not row by row
+        val_loader = DataLoader(val_set, batch_size=None, sampler=BatchSampler(shard, cfg.batch_size * 2, False),
+                                **loader_kw)
+    else:
+        val_loader = DataLoader(Subset(val_set, shard), batch_size=cfg.batch_size * 2, collate_fn=collate_of(val_set),
+                                **loader_kw)
     return sampler, loader, val_loader
 
 

@@ -66,7 +66,8 @@ class RowGroups(IterableDataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.per_rank
+        """This rank's batches (what the DataLoader counts, as it takes them whole)."""
+        return math.ceil(self.per_rank / self.batch_size)
 
     def _pieces(self):
         """(row group, its row permutation, slice of it) covering this rank's positions."""
@@ -81,11 +82,15 @@ class RowGroups(IterableDataset):
                 yield g, perm, slice(max(a, starts[i]) - starts[i], min(b, starts[i + 1]) - starts[i])
 
     def __iter__(self):
+        """Whole batches (features, targets) of batch_size rows, the last one maybe shorter,
+        cut from each row group's preprocessed rows across group boundaries: the same
+        batches a DataLoader would collate from single rows, which cost most of an epoch
+        (a 35M-row epoch at batch 4096: `python -m tools.bench --only large`)."""
         import pyarrow.parquet as pq
 
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        position = 0
+        position, xs, ys = 0, [], []
         for g, perm, part in self._pieces():
             rows = perm[part]
             mine = ((position + np.arange(len(rows))) // self.batch_size) % workers == worker
@@ -94,8 +99,19 @@ class RowGroups(IterableDataset):
                 continue
             file, rg, _ = self.groups[g]
             df = pq.ParquetFile(file).read_row_group(rg).to_pandas().take(rows[mine])
-            x, y = torch.from_numpy(self.pre.transform(df)), targets(df, self.schema, self.scaling)
-            yield from zip(x, y)
+            xs.append(torch.from_numpy(self.pre.transform(df)))
+            ys.append(targets(df, self.schema, self.scaling))
+            # This worker's rows are its batches end to end (batch w, w + k, ...): cut them.
+            x, y = (torch.cat(xs), torch.cat(ys)) if len(xs) > 1 else (xs[0], ys[0])
+            full = len(y) // self.batch_size * self.batch_size
+            for start in range(0, full, self.batch_size):  # copies: a view would hold the whole group
+                yield x[start:start + self.batch_size].clone(), y[start:start + self.batch_size].clone()
+            xs, ys = [x[full:]], [y[full:]]
+        if xs and len(ys[0]):
+            yield xs[0].clone(), ys[0].clone()
+
+    # The trainer's DataLoader takes the batches as they come (batch_size=None).
+    batched = True
 
 
 def fit_preprocessor(path: Path, kinds: dict[str, str]) -> Preprocessor:

@@ -366,7 +366,7 @@ def training(quick: bool, scratch: Path) -> dict:
             # In memory on both sides (the loop's overhead is measured, not parquet reading): the
             # job's split, streamed or not, as tensors, resampled to `size` rows.
             if not isinstance(train_set, TensorDataset):
-                train_set = TensorDataset(*map(torch.stack, zip(*train_set)))
+                train_set = TensorDataset(*map(torch.cat, zip(*train_set)))  # the stream's batches
             idx = torch.from_numpy(np.random.default_rng(0).integers(0, len(train_set), size))
             train_set = TensorDataset(*(t[idx] for t in train_set.tensors))
         elif size:
