@@ -11,10 +11,10 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from conftest import ROOT
+from conftest import ROOT, run_python
 from stages.core.expectations import run_suite
 from stages.tabular import prepare
-from stages.tabular.data import Preprocessor, split_chunks
+from stages.tabular.data import Preprocessor, read_split, sample_split, split_chunks
 from stages.tabular.train import RowGroups, fit_preprocessor, tensors
 from stages.tabular.validate import profile, suite as tabular_suite
 
@@ -105,3 +105,34 @@ def test_validation_in_chunks_adds_up_to_one_run(split):
         assert a.get("unexpected_count") == b.get("unexpected_count")
         assert a.get("sample_rows") == b.get("sample_rows")
     assert not whole["success"]
+
+
+def test_a_sample_of_a_split_is_every_kth_row(split):
+    out, _ = split
+    path, cols = out / "groups.parquet", ["bill_length_mm", "island"]
+    whole = read_split(path, cols)
+    same, step = sample_split(path, cols, len(whole))
+    assert step == 1 and same.equals(whole)
+    sample, step = sample_split(path, cols, 100)  # row groups of 16: every 3rd row of each
+    assert step == -(-len(whole) // 100) == 3
+    expected = pd.concat([whole.iloc[i:i + 16].iloc[::3] for i in range(0, len(whole), 16)])
+    assert sample.equals(expected)
+
+
+def test_evaluate_in_chunks_scores_as_in_one_pass(served_repo, tmp_path):
+    """The tabular evaluate reads the test split in chunks: chunks of 7 rows give the metrics
+    and plots of one chunk, the HistGradientBoosting baseline's included."""
+    code = f"""
+import json
+from pathlib import Path
+from stages.core.common import load_params
+from stages.tabular import evaluate
+
+one = evaluate.run(load_params(), Path({str(tmp_path / "one")!r}))
+evaluate.CHUNK_ROWS = 7
+chunked = evaluate.run(load_params(), Path({str(tmp_path / "chunked")!r}))
+assert one == chunked and one["baseline_hgb"] and one["test_rows"] > 7, (one, chunked)
+"""
+    run_python(served_repo, code)
+    for f in (tmp_path / "one").rglob("*.json"):
+        assert f.read_text() == (tmp_path / "chunked" / f.relative_to(tmp_path / "one")).read_text()

@@ -238,6 +238,20 @@ def read_split(path: str | Path, columns: list[str] | None = None) -> pd.DataFra
     return _lined(ds.dataset(path, format="parquet").to_table(columns=cols))
 
 
+def sample_split(path: str | Path, columns: list[str], rows: int) -> tuple[pd.DataFrame, int]:
+    """The split's columns, or every k-th row of them when it has more than `rows` rows
+    (k = ceil(total / rows)): a bounded, deterministic sample for summaries. Returns it and k."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    data = ds.dataset(path, format="parquet")
+    step = max(1, -(-data.count_rows() // rows))
+    if step == 1:
+        return read_split(path, columns), 1
+    batches = [b.take(pa.array(np.arange(0, b.num_rows, step))) for b in data.to_batches(columns=[*columns, "line"])]
+    return _lined(pa.Table.from_batches(batches)), step
+
+
 def split_chunks(path: str | Path, rows: int):
     """A prepared split as frames of about `rows` rows (whole row groups), indexed by CSV line."""
     import pyarrow as pa
