@@ -1,15 +1,25 @@
-"""evaluate says when a model learned nothing: at or below chance (the majority-class share,
-r2 0) or, for detection, below a mAP50 floor (tests/test_detect_long.py runs that one)."""
+"""evaluate's metrics (stages/core/metrics.py): it says when a model learned nothing, at or
+below chance (the majority-class share, r2 0) or, for detection, below a mAP50 floor
+(tests/test_detect_long.py runs that one); its plot files stay bounded on large test splits."""
 from __future__ import annotations
 
 import json
 import re
 
+import numpy as np
 import pytest
 
 from conftest import copy_repo, set_params, stage, TINY_TABULAR
 from stages.core.common import StageError
-from stages.core.metrics import fail_if_untrained, learned_nothing
+from stages.core.inference import softmax
+from stages.core.metrics import (
+    CURVE_POINTS,
+    PLOT_ROWS,
+    classification_report,
+    fail_if_untrained,
+    learned_nothing,
+    regression_report,
+)
 
 
 def test_learned_nothing_at_or_below_the_floor(capsys):
@@ -43,3 +53,25 @@ def test_tabular_evaluate_warns_then_fails_on_an_untrained_model(tmp_path):
     res = stage(repo, "evaluate", "tabular", check=False)
     assert res.returncode == 1 and re.search(r"^error: the tabular model learned nothing: .*is true\)$", res.stderr, re.M)
     assert json.loads((repo / "metrics/tabular/metrics.json").read_text())["warnings"]
+
+
+def test_plot_files_stay_bounded_and_metrics_use_every_row():
+    """Beyond PLOT_ROWS test rows the confusion rows are every k-th row (same shares) and the
+    curves keep CURVE_POINTS evenly spaced points; accuracy and AUC count every row."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    n = 3 * PLOT_ROWS + 1
+    y = rng.integers(0, 3, n)
+    probs = softmax(rng.normal(size=(n, 3)) + 2 * np.eye(3)[y])
+    metrics, plots = classification_report(y, probs, ["a", "b", "c"])
+    assert metrics["accuracy"] == (probs.argmax(1) == y).mean()
+    assert metrics["roc_auc"] == roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    assert len(plots["confusion"]) == len(range(0, n, 4)) <= PLOT_ROWS
+    assert [r["actual"] for r in plots["confusion"][:3]] == [["a", "b", "c"][c] for c in y[[0, 4, 8]]]
+    assert len(plots["roc"]) == len(plots["pr"]) == CURVE_POINTS
+    assert plots["roc"][0] == {"fpr": 0.0, "tpr": 0.0} and plots["roc"][-1] == {"fpr": 1.0, "tpr": 1.0}
+    small, small_plots = classification_report(y[:50], probs[:50], ["a", "b", "c"])
+    assert len(small_plots["confusion"]) == 50  # small test splits: every row, every point
+    _, reg = regression_report(y.astype(float), probs[:, 0])
+    assert len(reg["predicted"]) == len(range(0, n, 4))

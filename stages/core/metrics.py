@@ -19,10 +19,11 @@ def classification_report(y: np.ndarray, probs: np.ndarray, classes: list[str]) 
     fpr, tpr, _ = roc_curve(truth, scores)
     precision, recall, _ = precision_recall_curve(truth, scores)
     metrics = {"accuracy": accuracy_score(y, pred), "f1_macro": f1_score(y, pred, average="macro"), "roc_auc": auc}
+    rows, roc, pr = _sampled(len(y)), _thinned(len(fpr)), _thinned(len(recall))
     plots = {
-        "confusion": [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(y, pred)],
-        "roc": [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr)],
-        "pr": [{"recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)],
+        "confusion": [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(y[rows], pred[rows])],
+        "roc": [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr[roc], tpr[roc])],
+        "pr": [{"recall": float(r), "precision": float(p)} for r, p in zip(recall[pr], precision[pr])],
     }
     return {k: float(v) for k, v in metrics.items()}, plots
 
@@ -32,7 +33,25 @@ def regression_report(y: np.ndarray, pred: np.ndarray) -> tuple[dict, dict]:
 
     metrics = {"rmse": float(np.sqrt(mean_squared_error(y, pred))), "mae": float(mean_absolute_error(y, pred)),
                "r2": float(r2_score(y, pred))}
-    return metrics, {"predicted": [{"actual": float(a), "predicted": float(p)} for a, p in zip(y, pred)]}
+    rows = _sampled(len(y))
+    return metrics, {"predicted": [{"actual": float(a), "predicted": float(p)} for a, p in zip(y[rows], pred[rows])]}
+
+
+# Plot files hold a row per test row (DVC's confusion and scatter templates count rows) and a
+# point per curve threshold: on 7.5M test rows that was gigabytes of JSON and most of
+# evaluate's memory (`python -m tools.bench --only large`). Beyond these sizes the rows are
+# every k-th test row (the same shares) and the curves keep evenly spaced points, both ends
+# included; the metrics are always computed on every row.
+PLOT_ROWS = 20_000
+CURVE_POINTS = 2_000
+
+
+def _sampled(n: int) -> slice:
+    return slice(None, None, max(1, -(-n // PLOT_ROWS)))
+
+
+def _thinned(n: int) -> np.ndarray:
+    return np.arange(n) if n <= CURVE_POINTS else np.unique(np.linspace(0, n - 1, CURVE_POINTS).round().astype(int))
 
 
 FIXES = {
