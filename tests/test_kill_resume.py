@@ -238,8 +238,11 @@ def tear_dvclive_files(repo: Path, task: str) -> None:
     (folder / "metrics.json").write_text(summary[: len(summary) // 2])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-@pytest.mark.parametrize("task", ["tabular", "image"])
+# Image with SIGKILL is left out for the suite's time (46 s): the kill, the torn DVCLive
+# files and the resume are the shared trainer's, which tabular's SIGKILL case runs.
+@pytest.mark.parametrize("task,sig", [("tabular", signal.SIGTERM), ("tabular", signal.SIGKILL),
+                                      ("image", signal.SIGTERM)], ids=["tabular-SIGTERM", "tabular-SIGKILL",
+                                                                       "image-SIGTERM"])
 def test_killed_training_resumes_to_the_uninterrupted_result(task, sig, validated, uninterrupted, spawn, tmp_path):
     """Kill `dvc repro train@<task>` mid-epoch: nothing under models/, metrics/, data/ is
     half-written and last.pt is intact; `dvc repro evaluate@<task>` then resumes after the
