@@ -63,9 +63,15 @@ def _mix(x):
 
 
 def row_hash(seed: int, lines: np.ndarray) -> np.ndarray:
-    """uint64 hash of each line (< 2**32) under `seed`."""
-    salt = _mix(np.uint64(seed & MASK))
-    return _mix((lines.astype(np.uint64) ^ salt) & np.uint64(MASK))
+    """uint32 hash of each line (< 2**32) under `seed`: _mix in place in 32 bits, where a
+    product wraps around exactly as `& MASK` cuts it (a third of the time of 64 bits)."""
+    x = lines.astype(np.uint32)
+    x ^= np.uint32(_mix(np.uint64(seed & MASK)))
+    for _ in range(2):
+        x ^= x >> 16
+        x *= np.uint32(MIX)
+    x ^= x >> 16
+    return x
 
 
 def row_hash_sql(seed: int, line: str = "line") -> str:
@@ -101,13 +107,13 @@ def hash_assign(keys: np.ndarray, groups: np.ndarray, quota: list[tuple[int, int
     A partition per group finds the two cut keys: no full sort."""
     cut_test, cut_val = np.full(len(quota), -1, np.int64), np.full(len(quota), -1, np.int64)
     for g, (n_test, n_val) in enumerate(quota):
-        k = keys[groups == g].astype(np.int64)
-        for cut, n in ((cut_test, n_test), (cut_val, n_test + n_val)):
-            if n:
-                cut[g] = np.partition(k, n - 1)[n - 1]
-    k = keys.astype(np.int64)
-    codes = np.where(k <= cut_val[groups], VAL, TRAIN).astype(np.uint8)
-    codes[k <= cut_test[groups]] = TEST
+        k = keys[groups == g] if len(quota) > 1 else keys
+        ranks = [n - 1 for n in (n_test, n_test + n_val) if n]
+        if ranks:
+            k = np.partition(k, ranks)
+            cut_test[g], cut_val[g] = (k[n - 1] if n else -1 for n in (n_test, n_test + n_val))
+    codes = np.where(keys <= cut_val[groups], VAL, TRAIN).astype(np.uint8)
+    codes[keys <= cut_test[groups]] = TEST
     return codes
 
 
