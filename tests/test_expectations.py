@@ -97,6 +97,26 @@ def test_validating_by_column_gives_what_one_whole_table_validation_gives(pengui
     assert sum(not r["success"] for r in got) >= 4
 
 
+def test_chunks_validated_in_forked_processes_add_up_to_one_validation(penguins):
+    """infer validates each chunk in a forked process (run_suite_aside) and merges the
+    reports: the verdicts, counts and first failing rows are those of one run on the whole."""
+    from stages.core.expectations import merge_reports, run_suite_aside
+
+    parts, _, suite = penguins
+    suite = for_inference(suite)
+    bad = parts["train"].drop(columns=["species"])
+    bad.loc[bad.index[[3, 150]], "bill_length_mm"] = 5000.0
+    bad.loc[bad.index[160:170], "island"] = "Atlantis"
+    half = len(bad) // 2
+    first, second = run_suite_aside(suite, bad.iloc[:half]), run_suite_aside(suite, bad.iloc[half:])
+    merged = merge_reports(first(), second())
+    whole = run_suite(suite, {"input": bad})
+    assert merged == whole and not whole["success"]
+    between = next(r for r in whole["tables"]["input"]["results"] if r["expectation"].endswith("between")
+                   and r["column"] == "bill_length_mm")
+    assert between["unexpected_count"] == 2 and between["sample_rows"] == [int(i) for i in bad.index[[3, 150]]]
+
+
 def test_types_are_checked(penguins):
     parts, _, suite = penguins
     bad = parts["test"].copy()

@@ -8,10 +8,13 @@ kwargs, meta}]}) that a person can edit. `meta.role` marks what inference skips:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import json
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -65,9 +68,46 @@ def _context():
     # all its cells and its index, a batch marker nothing here reads: a third of the suite's
     # time on a million rows (`make bench`). Above the threshold GX skips it: make that always.
     pandas_engine.HASH_THRESHOLD = 0
+    _memoise_configurations()
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     return ctx
+
+
+_validating = threading.local()  # .configs: {id: (expectation, configuration)} while a thread validates
+
+
+@functools.lru_cache(maxsize=None)
+def _memoise_configurations() -> None:
+    """While GX plans a validation it rebuilds an expectation's configuration from its
+    pydantic model for every keyword it looks up: about 2,300 rebuilds for the demo's 22
+    expectations, 40% of GX's fixed cost per run (the floor of `infer` on 100,000 rows; `make
+    bench`). Within one validation call nothing changes an expectation, so each is built once
+    per call; outside one (and in other threads) GX's own property runs. The memo holds the
+    expectation itself, so an id is never reused while it lives, and is dropped after the call."""
+    from great_expectations.expectations.expectation import Expectation
+
+    build = Expectation.configuration.fget
+
+    def configuration(self):
+        memo = getattr(_validating, "configs", None)
+        if memo is None:
+            return build(self)
+        hit = memo.get(id(self))
+        if hit is None:
+            hit = memo[id(self)] = (self, build(self))
+        return hit[1]
+
+    Expectation.configuration = property(configuration, doc=Expectation.configuration.__doc__)
+
+
+@contextlib.contextmanager
+def _one_validation():
+    _validating.configs = {}
+    try:
+        yield
+    finally:
+        _validating.configs = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,8 +160,14 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
             suite = _with_line(suite)
         run_id = next(counter)
         suite_name = f"{suite['name']}" + (f"#{run_id}" if run_id else "")
-        gx_suite = ctx.suites.add(gx.ExpectationSuite(name=suite_name, expectations=suite["expectations"]))
-        if engine == "spark":  # Spark reads only the columns it needs anyway
+        # The whole suite as GX's: Spark validates it at once (it reads only the columns it
+        # needs anyway); Data Docs need it stored in the context, with a validation definition.
+        # Without docs, storing them was a fifth of a small run's time.
+        gx_suite = None
+        if engine == "spark" or docs_dir is not None:
+            gx_suite = gx.ExpectationSuite(name=suite_name, expectations=suite["expectations"])
+            gx_suite = ctx.suites.add(gx_suite) if docs_dir is not None else gx_suite
+        if engine == "spark":
             groups = [(None, range(len(suite["expectations"])), gx_suite)]
         else:
             groups = [(cols, at, gx.ExpectationSuite(name=f"{suite_name}/{i}",
@@ -129,8 +175,6 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
                       for i, (cols, at) in enumerate(_column_groups(suite["expectations"]))]
         for name, table in tables.items():
             key = f"{suite['name']}/{name}" if len(pairs) > 1 else name
-            vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=key + (f"#{run_id}" if run_id else ""), data=batch,
-                                                                        suite=gx_suite))
             chunks = table() if callable(table) else [table]
             merged, rows = None, 0
             for i, chunk in enumerate(chunks):
@@ -138,10 +182,13 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
                 if docs_dir is None or i:
                     results = _validate(batch, groups, frame, result_format)
                 else:
+                    vd = ctx.validation_definitions.add(gx.ValidationDefinition(
+                        name=key + (f"#{run_id}" if run_id else ""), data=batch, suite=gx_suite))
                     cp = ctx.checkpoints.add(gx.Checkpoint(
                         name=f"checkpoint_{key}", validation_definitions=[vd], result_format=result_format,
                         actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["docs"])]))
-                    res = next(iter(cp.run(batch_parameters={"dataframe": frame}).run_results.values()))
+                    with _one_validation():
+                        res = next(iter(cp.run(batch_parameters={"dataframe": frame}).run_results.values()))
                     results = [_result(r) for r in res.results]
                 merged = results if merged is None else [_merge(a, b) for a, b in zip(merged, results)]
                 rows += chunk.count() if engine == "spark" else len(chunk)
@@ -149,6 +196,67 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
             report["tables"][key] = table_report
             report["success"] &= table_report["success"]
     return report
+
+
+def run_suite_aside(suite: dict, table: pd.DataFrame):
+    """run_suite on one pandas table in a forked process, the table shared copy-on-write:
+    returns a function that waits for the report. GX is pure Python; in a thread it holds
+    the GIL against the work it was meant to overlap (predicting and writing a chunk), in a
+    process it runs on the other core (`make bench`). The first call validates a row here,
+    so GX's imports and first-use costs (3 s) are paid once, not in every child. Where there
+    is no fork, it validates here and now."""
+    import multiprocessing
+
+    key = json.dumps(suite, sort_keys=True)
+    if key not in _warmed:
+        run_suite(suite, {"input": table.head(1)})
+        _warmed.add(key)
+    if "fork" not in multiprocessing.get_all_start_methods():
+        report = run_suite(suite, {"input": table})
+        return lambda: report
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_report_to, args=(send, suite, table), daemon=True)
+    child.start()
+    send.close()
+
+    def wait() -> dict:
+        try:
+            kind, value = receive.recv()
+        except EOFError:
+            child.join()
+            raise StageError(f"the validation process died (exit code {child.exitcode})") from None
+        finally:
+            receive.close()
+        child.join()
+        if kind == "error":
+            raise StageError(f"validation failed to run: {value}")
+        return value
+
+    return wait
+
+
+_warmed: set[str] = set()  # suites (as JSON) validated once in this process
+
+
+def _report_to(send, suite: dict, table: pd.DataFrame) -> None:
+    try:
+        send.send(("report", run_suite(suite, {"input": table})))
+    except BaseException as e:  # noqa: BLE001 (the parent raises it, with its message)
+        send.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        send.close()
+
+
+def merge_reports(a: dict, b: dict) -> dict:
+    """Two reports of the same suite over consecutive chunks of the same tables, as one."""
+    tables = {}
+    for name, t in a["tables"].items():
+        u = b["tables"][name]
+        results = [_merge(x, y) for x, y in zip(t["results"], u["results"])]
+        tables[name] = {"success": all(r["success"] for r in results), "rows": t["rows"] + u["rows"],
+                        "results": results}
+    return {**a, "success": all(t["success"] for t in tables.values()), "tables": tables}
 
 
 def _column_groups(expectations: list[dict]) -> list[tuple[list[str] | None, list[int]]]:
@@ -175,7 +283,8 @@ def _validate(batch, groups: list, frame, result_format: dict) -> list[dict]:
         if cols is not None and not set(cols) <= set(frame.columns):
             cols = None  # a missing column: GX's own error, from the whole table
         part = frame if cols is None else frame[cols]
-        res = batch.get_batch(batch_parameters={"dataframe": part}).validate(sub, result_format=result_format)
+        with _one_validation():
+            res = batch.get_batch(batch_parameters={"dataframe": part}).validate(sub, result_format=result_format)
         results.update(zip(at, (_result(r) for r in res.results)))
     return [results[i] for i in sorted(results)]
 

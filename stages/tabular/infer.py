@@ -10,14 +10,13 @@ a folder of CSV parts. Also writes metrics/tabular/infer.json with its throughpu
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from stages.core.common import StageError, atomic_dir, atomic_path, log, read_json, write_json, write_timing
-from stages.core.expectations import for_inference, load_suite, run_suite, summarise
+from stages.core.expectations import for_inference, load_suite, merge_reports, run_suite_aside, summarise
 from stages.core.inference import open_session, run_batches
 from stages.tabular.data import Preprocessor, decode_outputs, feature_chunks
 
@@ -81,40 +80,28 @@ def run(params: dict, model_dir: Path = Path("models/tabular"),
             stats, seconds = spark_infer(card, model_dir / card["onnx"]["file"], suite, source, suite_file,
                                          p["batch_size"], tmp)
     else:
-        session = open_session(model_dir / card["onnx"]["file"])
-        seconds, rows, failed = 0.0, 0, None
+        session = open_session(model_dir / card["onnx"]["file"], spinning=False)
+        seconds, rows, failed, report = 0.0, 0, None, None
         with atomic_path(out) as tmp:
             writer = Writer(tmp)
-
-            def predicted(df: pd.DataFrame) -> tuple[float, int]:
-                start = time.perf_counter()
-                table = predict(card, session, df, source, p["batch_size"])
-                took = time.perf_counter() - start
-                writer.write(arrow_table(table, df.index.to_numpy()))
-                return took, len(df)
-
-            def checked_while_predicted():
-                # Each chunk is predicted and written in the pool while GX checks it here:
-                # onnxruntime and arrow's writer release the GIL, so GX's Python (a fixed
-                # 0.2 s for the demo suite, most of a 100,000-row run; `make bench`) runs beside
-                # them. A failure anywhere raises below, and atomic_path discards the output.
-                nonlocal seconds, rows, failed
+            try:
                 for df in feature_chunks(source, card["features"], CHUNK_ROWS):
                     df = df.drop(columns=[card["target"]], errors="ignore")
-                    job = pool.submit(predicted, df) if failed is None else None
-                    yield df
-                    try:
-                        took, n = job.result() if job else (0.0, 0)
-                    except StageError as e:
-                        # A chunk GX is about to fail (an unseen category) can't be predicted;
-                        # GX's report names every broken value, so it speaks first below.
-                        failed = e
-                        continue
-                    seconds, rows = seconds + took, rows + n
-
-            try:
-                with ThreadPoolExecutor(1) as pool:  # its exit waits for a chunk still being written
-                    report = run_suite(suite, {"input": checked_while_predicted})
+                    # GX checks the chunk in a forked process while it is predicted and written
+                    # here: GX is the costliest step on 100,000 rows, and pure Python (`make bench`).
+                    checked = run_suite_aside(suite, df)
+                    if failed is None:
+                        try:
+                            start = time.perf_counter()
+                            table = predict(card, session, df, source, p["batch_size"])
+                            seconds += time.perf_counter() - start
+                            writer.write(arrow_table(table, df.index.to_numpy()))
+                            rows += len(df)
+                        except StageError as e:
+                            # A chunk GX is about to fail (an unseen category) can't be predicted;
+                            # GX's report names every broken value, so it speaks first below.
+                            failed = e
+                    report = checked() if report is None else merge_reports(report, checked())
             finally:
                 writer.close()
             if failed is not None and report["success"]:
