@@ -97,24 +97,68 @@ def test_validating_by_column_gives_what_one_whole_table_validation_gives(pengui
     assert sum(not r["success"] for r in got) >= 4
 
 
-def test_chunks_validated_in_forked_processes_add_up_to_one_validation(penguins):
-    """infer validates each chunk in a forked process (run_suite_aside) and merges the
-    reports: the verdicts, counts and first failing rows are those of one run on the whole."""
-    from stages.core.expectations import merge_reports, run_suite_aside
+def _chunks(frame: pd.DataFrame, size: int):
+    for i in range(0, len(frame), size):
+        yield frame.iloc[i:i + size]
+
+
+def test_the_validation_worker_gives_one_validations_report(penguins, tmp_path, monkeypatch):
+    """infer runs its suite in the validation worker (run_suite_aside) on a function that
+    reads the input in chunks: verdicts, counts and first failing rows are those of one run
+    on the whole table here. A run given up on never hands its report to the next."""
+    import functools
+
+    from stages.core.expectations import run_suite_aside
 
     parts, _, suite = penguins
     suite = for_inference(suite)
     bad = parts["train"].drop(columns=["species"])
     bad.loc[bad.index[[3, 150]], "bill_length_mm"] = 5000.0
     bad.loc[bad.index[160:170], "island"] = "Atlantis"
-    half = len(bad) // 2
-    first, second = run_suite_aside(suite, bad.iloc[:half]), run_suite_aside(suite, bad.iloc[half:])
-    merged = merge_reports(first(), second())
     whole = run_suite(suite, {"input": bad})
-    assert merged == whole and not whole["success"]
+    assert not whole["success"]
     between = next(r for r in whole["tables"]["input"]["results"] if r["expectation"].endswith("between")
                    and r["column"] == "bill_length_mm")
     assert between["unexpected_count"] == 2 and between["sample_rows"] == [int(i) for i in bad.index[[3, 150]]]
+
+    abandoned = run_suite_aside(suite, {"input": functools.partial(_chunks, parts["train"], 50)})
+    abandoned.cancel()
+    aside = run_suite_aside(suite, {"input": functools.partial(_chunks, bad, len(bad) // 3)})
+    assert aside() == whole
+    assert run_suite_aside(suite, {"input": parts["test"].drop(columns=["species"])})()["success"]
+    # The worker reads paths from the caller's working folder of the moment.
+    monkeypatch.chdir(tmp_path)
+    bad.to_parquet("bad.parquet")
+    assert run_suite_aside(suite, {"input": functools.partial(_read_in_chunks, "bad.parquet")})() == whole
+
+
+def _read_in_chunks(path: str):
+    yield from _chunks(pd.read_parquet(path), 100)
+
+
+def test_plain_ids_are_gx_ids(penguins):
+    """GX keys metrics by IDDict.to_id; the fast path for plain dicts (expectations.py) must
+    give GX's own id for every dict a validation asks about."""
+    from great_expectations.core.id_dict import IDDict
+
+    parts, _, suite = penguins
+    run_suite(suite, {"t": parts["test"].head(3)})  # the fast path in place
+    fast, seen = IDDict.to_id, []
+
+    def record(self, *args, **kwargs):
+        seen.append((IDDict(self), args, kwargs))
+        return fast(self, *args, **kwargs)
+
+    IDDict.to_id = record
+    try:
+        run_suite(suite, {"t": parts["test"]})
+    finally:
+        IDDict.to_id = fast
+    hashed = {fast(d) for d, a, k in seen if not a and not k and len(d) > 1}  # the fast path's kind
+    assert len(hashed) >= 10
+    assert all(fast(d, *a, **k) == fast.gx(d, *a, **k) for d, a, k in seen)
+    odd = IDDict({"column": "x", "value_set": [1.5, float("nan")], "n": np.int64(3), "t": (1, "a")})
+    assert fast(odd) == fast.gx(odd)
 
 
 def test_types_are_checked(penguins):

@@ -98,3 +98,51 @@ def test_torchscript_is_optional(trained):
     ts = torch.jit.load(str(trained / "models/tabular/model.ts"))
     assert ts(torch.zeros(3, json.loads((trained / "models/tabular/model.json").read_text())["onnx"]["input_shape"][1])).shape[0] == 3
     set_params(trained, {"tabular.export.torchscript": False})
+
+
+@pytest.mark.parametrize("classes", [["Adelie", "Chinstrap", "Gentoo"], ["a,b", 'say "hi"', "plain", "new\nline"]])
+def test_prediction_files_hold_what_was_predicted(tmp_path, classes):
+    """infer's Writer, chunk after chunk: the CSV has every label (quoted only where it has
+    to be) and probabilities to six decimals as `%.6f` writes them; parquet, float32 as is."""
+    import csv
+
+    from stages.tabular.data import decode_outputs
+    from stages.tabular.infer import Writer
+
+    card = {"kind": "classification", "classes": classes}
+    table = decode_outputs(np.random.default_rng(0).normal(0, 8, (5000, len(classes))).astype(np.float32), card)
+    lines = np.arange(2, 5002) * 3
+    for suffix in ("csv", "parquet"):
+        writer = Writer(tmp_path / f"p.{suffix}", card)
+        writer.write(table.iloc[:3000], lines[:3000])
+        writer.write(table.iloc[3000:].reset_index(drop=True), lines[3000:])
+        writer.close()
+    with open(tmp_path / "p.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    parquet = pd.read_parquet(tmp_path / "p.parquet")
+    assert header == list(parquet.columns) == ["line", *table.columns]
+    assert [int(r[0]) for r in rows] == lines.tolist() == parquet["line"].tolist()
+    assert [r[1] for r in rows] == table["prediction"].tolist() == parquet["prediction"].tolist()
+    probs = table.drop(columns="prediction").to_numpy()
+    assert [r[2:] for r in rows] == [[f"{v:.6f}" for v in row] for row in probs]
+    assert np.array_equal(parquet.drop(columns=["line", "prediction"]).to_numpy(), probs.astype(np.float32))
+    quoted = [*header, *table["prediction"]]  # only text with a comma, quote or newline is quoted
+    assert (tmp_path / "p.csv").read_text().count('"') == 2 * sum(
+        any(c in text for c in ',"\n') + text.count('"') for text in quoted)
+
+
+def test_regression_predictions_are_written_at_float32_precision(tmp_path):
+    from stages.tabular.data import decode_outputs
+    from stages.tabular.infer import Writer
+
+    card = {"kind": "regression", "target_scaling": {"mean": 1e4, "std": 3e3}}
+    table = decode_outputs(np.random.default_rng(1).normal(0, 5, (1000, 1)).astype(np.float32), card)
+    for suffix in ("csv", "parquet"):
+        writer = Writer(tmp_path / f"r.{suffix}", card)
+        writer.write(table, np.arange(2, 1002))
+        writer.close()
+    back = pd.read_csv(tmp_path / "r.csv")
+    assert list(back.columns) == ["line", "prediction"] and back["line"].tolist() == list(range(2, 1002))
+    want = table["prediction"].to_numpy().astype(np.float32)
+    assert np.array_equal(back["prediction"].to_numpy().astype(np.float32), want)
+    assert np.array_equal(pd.read_parquet(tmp_path / "r.parquet")["prediction"].to_numpy(), want)

@@ -69,6 +69,7 @@ def _context():
     # time on a million rows (`make bench`). Above the threshold GX skips it: make that always.
     pandas_engine.HASH_THRESHOLD = 0
     _memoise_configurations()
+    _plain_ids()
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     return ctx
@@ -99,6 +100,45 @@ def _memoise_configurations() -> None:
         return hit[1]
 
     Expectation.configuration = property(configuration, doc=Expectation.configuration.__doc__)
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_ids() -> None:
+    """GX keys each metric it plans by an md5 of its keyword dicts (IDDict.to_id), made
+    JSON-safe first by a walk that tries a dozen numpy checks on every value, None included:
+    a fifth of GX's fixed cost per run (`make bench`). A dict of plain JSON values (str keys;
+    str, int, bool, None, finite floats, lists and dicts of them) is dumped as it is, which
+    is the same string, so the same id (tests/test_expectations.py); the rest goes GX's way."""
+    import hashlib
+
+    from great_expectations.core.id_dict import IDDict
+
+    own = IDDict.to_id
+
+    def to_id(self, id_keys=None, id_ignore_keys=None):
+        if id_keys is None and id_ignore_keys is None:
+            keys = self.keys() - self._id_ignore_keys
+            if len(keys) > 1:
+                d = {k: self[k] for k in keys}
+                if _json_plain(d):
+                    return hashlib.md5(json.dumps(d, sort_keys=True).encode(), usedforsecurity=False).hexdigest()
+        return own(self, id_keys, id_ignore_keys)
+
+    to_id.gx = own  # GX's own, for the test
+    IDDict.to_id = to_id
+
+
+def _json_plain(v) -> bool:
+    t = type(v)
+    if t is str or t is int or t is bool or v is None:
+        return True
+    if t is float:
+        return v == v  # GX writes NaN as null
+    if t is list or t is tuple:
+        return all(_json_plain(x) for x in v)
+    if t is dict:
+        return all(type(k) is str and _json_plain(x) for k, x in v.items())
+    return False
 
 
 @contextlib.contextmanager
@@ -198,65 +238,91 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
     return report
 
 
-def run_suite_aside(suite: dict, table: pd.DataFrame):
-    """run_suite on one pandas table in a forked process, the table shared copy-on-write:
-    returns a function that waits for the report. GX is pure Python; in a thread it holds
-    the GIL against the work it was meant to overlap (predicting and writing a chunk), in a
-    process it runs on the other core (`make bench`). The first call validates a row here,
-    so GX's imports and first-use costs (3 s) are paid once, not in every child. Where there
-    is no fork, it validates here and now."""
+class Aside:
+    """A run_suite under way in the validation worker: call it for the report."""
+
+    def __init__(self, conn):
+        self.conn, self.report = conn, None
+
+    def __call__(self) -> dict:
+        if self.report is None:
+            try:
+                kind, value = self.conn.recv()
+            except EOFError:
+                _stop_worker()
+                raise StageError("the validation process died (out of memory?)") from None
+            if kind == "error":
+                raise StageError(value)
+            self.report = value
+        return self.report
+
+    def cancel(self) -> None:
+        """Drop a report not yet waited for: the worker is stopped (the next call starts
+        another), so an abandoned run never hands its report to the next one."""
+        if self.report is None:
+            _stop_worker()
+
+
+def run_suite_aside(suite: dict, tables: dict) -> Aside:
+    """run_suite in the validation worker, a process of its own, while this one goes on;
+    call the result for the report, or cancel it. GX is pure Python: in a thread it holds
+    the GIL against the work it was meant to overlap; in a process it runs on another core.
+
+    Tables travel pickled, so a large one should be a function that reads it in chunks
+    (see run_suites): `infer` sends the function that reads its source, and the worker reads
+    the file itself rather than receive 8 MB per 100,000 rows through a pipe (30 ms, as
+    long as GX). The worker is forked once, by the first call, and kept: a process forked
+    later, from a parent holding the data, makes each page the parent writes next a copy
+    (copy-on-write, 30-50 ms more per 100,000 rows), and it would pay GX's first-use costs
+    (3 s) again. It runs in this process's working folder of the moment. Where there is no
+    fork, the suite runs here and now."""
     import multiprocessing
 
-    key = json.dumps(suite, sort_keys=True)
-    if key not in _warmed:
-        run_suite(suite, {"input": table.head(1)})
-        _warmed.add(key)
     if "fork" not in multiprocessing.get_all_start_methods():
-        report = run_suite(suite, {"input": table})
-        return lambda: report
-    ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_report_to, args=(send, suite, table), daemon=True)
-    child.start()
-    send.close()
+        done = Aside(None)
+        done.report = run_suite(suite, tables)
+        return done
+    with _worker_lock:
+        global _worker
+        if _worker is None or not _worker[0].is_alive():
+            ctx = multiprocessing.get_context("fork")
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(theirs,), daemon=True, name="validation")
+            proc.start()
+            theirs.close()
+            _worker = proc, mine
+        _worker[1].send((os.getcwd(), suite, tables))
+        return Aside(_worker[1])
 
-    def wait() -> dict:
+
+_worker_lock = threading.Lock()
+_worker = None  # (process, connection) of the validation worker
+
+
+def _stop_worker() -> None:
+    global _worker
+    with _worker_lock:
+        if _worker is not None:
+            _worker[0].kill()
+            _worker[0].join()
+            _worker[1].close()
+            _worker = None
+
+
+def _serve(conn) -> None:
+    _cached("pandas")  # GX's imports and context, while the first request is on its way
+    while True:
         try:
-            kind, value = receive.recv()
-        except EOFError:
-            child.join()
-            raise StageError(f"the validation process died (exit code {child.exitcode})") from None
-        finally:
-            receive.close()
-        child.join()
-        if kind == "error":
-            raise StageError(f"validation failed to run: {value}")
-        return value
-
-    return wait
-
-
-_warmed: set[str] = set()  # suites (as JSON) validated once in this process
-
-
-def _report_to(send, suite: dict, table: pd.DataFrame) -> None:
-    try:
-        send.send(("report", run_suite(suite, {"input": table})))
-    except BaseException as e:  # noqa: BLE001 (the parent raises it, with its message)
-        send.send(("error", f"{type(e).__name__}: {e}"))
-    finally:
-        send.close()
-
-
-def merge_reports(a: dict, b: dict) -> dict:
-    """Two reports of the same suite over consecutive chunks of the same tables, as one."""
-    tables = {}
-    for name, t in a["tables"].items():
-        u = b["tables"][name]
-        results = [_merge(x, y) for x, y in zip(t["results"], u["results"])]
-        tables[name] = {"success": all(r["success"] for r in results), "rows": t["rows"] + u["rows"],
-                        "results": results}
-    return {**a, "success": all(t["success"] for t in tables.values()), "tables": tables}
+            cwd, suite, tables = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        try:
+            os.chdir(cwd)
+            conn.send(("report", run_suite(suite, tables)))
+        except StageError as e:  # bad input (the parent raises it as it is)
+            conn.send(("error", str(e)))
+        except BaseException as e:  # noqa: BLE001 (the parent raises it, with its message)
+            conn.send(("error", f"validation failed to run: {type(e).__name__}: {e}"))
 
 
 def _column_groups(expectations: list[dict]) -> list[tuple[list[str] | None, list[int]]]:

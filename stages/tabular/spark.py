@@ -206,10 +206,10 @@ def read_features(source: str, features: list[dict]):
 
 
 def infer(card: dict, onnx_path: Path, suite: dict, source: str, suite_file: str, batch_size: int,
-          out: Path) -> tuple[dict, float]:
+          out: Path, fmt: str) -> tuple[dict, float]:
     """infer.run on Spark: GX on the Spark DataFrame, then predict() on each partition's pandas
     batches (mapInPandas), one onnxruntime session per task (the model file shipped with
-    addFile), written as a folder of CSV parts. Returns ({rows}, seconds)."""
+    addFile), written as a folder of `fmt` (csv or parquet) parts. Returns ({rows}, seconds)."""
     from pyspark import SparkFiles
     from pyspark.sql import types as T
 
@@ -243,5 +243,5 @@ def infer(card: dict, onnx_path: Path, suite: dict, source: str, suite_file: str
     start = time.perf_counter()
     preds = df.mapInPandas(predict_partition, T.StructType(fields))
     rows = df.count()
-    write_parts(preds, rows, out, "csv")
+    write_parts(preds, rows, out, fmt)
     return {"rows": rows}, time.perf_counter() - start

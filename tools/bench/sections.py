@@ -282,8 +282,8 @@ def batch(quick: bool, scratch: Path) -> dict:
             "preprocess": lambda: pre.transform(df),
             "session.run": lambda: run_batches(tsession, x, bs),
             "decode outputs": lambda: decode_outputs(out, tcard),
-            "write the CSV": lambda: write_predictions(tabular_infer, table, df, work / "steps.csv"),
-            "write parquet": lambda: write_predictions(tabular_infer, table, df, work / "steps.parquet"),
+            "write the CSV": lambda: write_predictions(tabular_infer, tcard, table, df, work / "steps.csv"),
+            "write parquet": lambda: write_predictions(tabular_infer, tcard, table, df, work / "steps.parquet"),
         }, rounds)
     med = {k: median(v) for k, v in times.items()}
     rows.append(ratio_row(f"tabular, {n_rows:,} rows", ("infer_tabular", n_rows / med["infer_tabular"], "rows/s"),
@@ -302,9 +302,9 @@ def batch(quick: bool, scratch: Path) -> dict:
     return {"rows": rows, "notes": notes, "details": details}
 
 
-def write_predictions(tabular_infer, table: pd.DataFrame, df: pd.DataFrame, path: Path) -> None:
-    writer = tabular_infer.Writer(path)
-    writer.write(tabular_infer.arrow_table(table, df.index.to_numpy()))
+def write_predictions(tabular_infer, card: dict, table: pd.DataFrame, df: pd.DataFrame, path: Path) -> None:
+    writer = tabular_infer.Writer(path, card)
+    writer.write(table, df.index.to_numpy())
     writer.close()
 
 
