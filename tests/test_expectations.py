@@ -75,7 +75,7 @@ def test_failures_name_expectation_column_values_and_lines(penguins):
 def test_validating_by_column_gives_what_one_whole_table_validation_gives(penguins):
     """run_suite validates each column's expectations on a frame of that column only (GX
     copies the whole frame per column expectation): the results, in the suite's order, must
-    be those of one plain GX validation of the whole table."""
+    be those of one plain GX validation of the whole table (GX's own methods: no memo)."""
     import great_expectations as gx
 
     from stages.core.expectations import _gx_frame, _result

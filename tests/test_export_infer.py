@@ -106,16 +106,18 @@ def test_prediction_files_hold_what_was_predicted(tmp_path, classes):
     to be) and probabilities to six decimals as `%.6f` writes them; parquet, float32 as is."""
     import csv
 
-    from stages.tabular.data import decode_outputs
+    from stages.tabular.data import scores, scores_table
     from stages.tabular.infer import Writer
 
     card = {"kind": "classification", "classes": classes}
-    table = decode_outputs(np.random.default_rng(0).normal(0, 8, (5000, len(classes))).astype(np.float32), card)
+    predicted = scores(np.random.default_rng(0).normal(0, 8, (5000, len(classes))).astype(np.float32), card)
+    predicted[7] = predicted[7, 0]  # a tie: the first class, as in predict()'s table
+    table = scores_table(predicted, card)
     lines = np.arange(2, 5002) * 3
     for suffix in ("csv", "parquet"):
         writer = Writer(tmp_path / f"p.{suffix}", card)
-        writer.write(table.iloc[:3000], lines[:3000])
-        writer.write(table.iloc[3000:].reset_index(drop=True), lines[3000:])
+        writer.write(predicted[:3000], lines[:3000])
+        writer.write(predicted[3000:], lines[3000:])
         writer.close()
     with open(tmp_path / "p.csv", newline="") as f:
         header, *rows = list(csv.reader(f))
@@ -132,14 +134,15 @@ def test_prediction_files_hold_what_was_predicted(tmp_path, classes):
 
 
 def test_regression_predictions_are_written_at_float32_precision(tmp_path):
-    from stages.tabular.data import decode_outputs
+    from stages.tabular.data import scores, scores_table
     from stages.tabular.infer import Writer
 
     card = {"kind": "regression", "target_scaling": {"mean": 1e4, "std": 3e3}}
-    table = decode_outputs(np.random.default_rng(1).normal(0, 5, (1000, 1)).astype(np.float32), card)
+    predicted = scores(np.random.default_rng(1).normal(0, 5, (1000, 1)).astype(np.float32), card)
+    table = scores_table(predicted, card)
     for suffix in ("csv", "parquet"):
         writer = Writer(tmp_path / f"r.{suffix}", card)
-        writer.write(table, np.arange(2, 1002))
+        writer.write(predicted, np.arange(2, 1002))
         writer.close()
     back = pd.read_csv(tmp_path / "r.csv")
     assert list(back.columns) == ["line", "prediction"] and back["line"].tolist() == list(range(2, 1002))

@@ -354,15 +354,28 @@ class Preprocessor:
 
 def decode_outputs(outputs: np.ndarray, card: dict) -> pd.DataFrame:
     """Model outputs → a predictions table: class and per-class probabilities, or the value."""
+    return scores_table(scores(outputs, card), card)
+
+
+def scores(outputs: np.ndarray, card: dict) -> np.ndarray:
+    """Model outputs → what a prediction reports, in float64: the per-class probabilities
+    (rows × classes), or the value in the target's units (rows × 1)."""
     if card["kind"] == "classification":
-        probs = softmax(outputs.astype("float64"))
-        classes = card["classes"]
-        table = pd.DataFrame(probs, columns=[f"p_{c}" for c in classes])
-        table.insert(0, "prediction", np.asarray(classes, dtype=object)[probs.argmax(axis=1)])
-        table.insert(1, "probability", probs.max(axis=1))
-        return table
+        return softmax(outputs.astype("float64"))
     scale = card["target_scaling"]
-    return pd.DataFrame({"prediction": outputs[:, 0].astype("float64") * scale["std"] + scale["mean"]})
+    return outputs[:, :1].astype("float64") * scale["std"] + scale["mean"]
+
+
+def scores_table(s: np.ndarray, card: dict) -> pd.DataFrame:
+    """scores() as the predictions table: the class (the first most probable), its
+    probability and each class's, or the value."""
+    if card["kind"] != "classification":
+        return pd.DataFrame({"prediction": s[:, 0]})
+    classes = card["classes"]
+    table = pd.DataFrame(s, columns=[f"p_{c}" for c in classes])
+    table.insert(0, "prediction", np.asarray(classes, dtype=object)[s.argmax(axis=1)])
+    table.insert(1, "probability", s.max(axis=1))
+    return table
 
 
 def read_features(path: str | Path, features: list[dict]) -> pd.DataFrame:
