@@ -298,8 +298,9 @@ def batch(quick: bool, scratch: Path) -> dict:
     details["seconds"] = med
     details["infer_tabular_steps_s"] = step_s
     total = sum(step_s.values())
-    notes.append("both sides read and type the same CSV, preprocess, run and decode with the same helpers; "
-                 "the bare loop skips GX validation and writing the CSV")
+    notes.append("both sides read and type the same CSV, preprocess and run with the same helpers and session "
+                 "options; the bare loop decodes into predict()'s table and skips GX validation and writing; "
+                 "infer_tabular writes the CSV from the scores")
     notes.append("infer_tabular, step by step: " + ", ".join(f"{k} {v * 1e3:.0f} ms ({v / total:.0%})"
                                                              for k, v in sorted(step_s.items(), key=lambda kv: -kv[1])))
     return {"rows": rows, "notes": notes, "details": details}
