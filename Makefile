@@ -9,7 +9,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 TASK ?= tabular
 
-.PHONY: install run test bench suite sweep tune promote report serve push pull clean-checkpoints
+.PHONY: install run test lint bench suite sweep tune promote report serve push pull clean-checkpoints
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ run: install
 
 test: install
 	python -m pytest
+
+# ruff: lint rules and formatting, configured in pyproject.toml (.ci/run runs it before the tests)
+lint: install
+	ruff check .
+	ruff format --check .
 
 # The benchmark suite, not part of `make test` (after `make run`): onnxruntime vs torch,
 # serving overhead, batch inference, training loop, validation, pipeline overhead, each

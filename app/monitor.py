@@ -4,6 +4,7 @@ for values outside the validated range or never seen, drift (PSI) over a sliding
 per feature, and a sampled, size-bounded, rotating JSON-lines request log for
 `python -m tools.drift`. Torch-free; one Monitor per task and worker process.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ def feature_shares(ref: dict, values: list) -> tuple[np.ndarray, np.ndarray]:
     if ref["type"] == "numeric":
         v = np.asarray(values, dtype="float64")  # None → NaN
         v = v[~np.isnan(v)]
-        counts = np.bincount(np.searchsorted(ref["bins"], v, side="right"), minlength=len(ref["bins"]) + 1)
+        counts = np.bincount(
+            np.searchsorted(ref["bins"], v, side="right"), minlength=len(ref["bins"]) + 1
+        )
         return np.asarray(ref["shares"]), counts / max(len(v), 1)
     names = list(ref["shares"])
     index = {k: i for i, k in enumerate(names)}
@@ -62,7 +65,9 @@ def value_warnings(ref: dict, row: dict) -> list[str]:
             if (lo is not None and v < lo) or (hi is not None and v > hi):
                 seen = f"; training had {r['min']:g} to {r['max']:g}" if "min" in r else ""
                 out.append(f"{name} = {v:g} is outside the validated range {lo:g} to {hi:g}{seen}")
-        elif r["type"] == "categorical" and str(v) not in (known := r.get("valid") or list(r["shares"])):
+        elif r["type"] == "categorical" and str(v) not in (
+            known := r.get("valid") or list(r["shares"])
+        ):
             out.append(f"{name} = {v!r} was never seen in training (known: {', '.join(known)})")
     return out
 
@@ -78,7 +83,9 @@ class Monitor:
         self.lock = threading.Lock()  # request threads append while /metrics reads
         self.sample = float(cfg.get("request_log_sample", 0))
         self.log = request_logger(task, cfg) if self.sample > 0 else None
-        self.warned = self.warned_reported = 0  # rows with warnings; reported: already counted in /metrics
+        self.warned = self.warned_reported = (
+            0  # rows with warnings; reported: already counted in /metrics
+        )
 
     def warnings(self, rows: list[dict]) -> list[list[str]]:
         out = [value_warnings(self.ref, r) for r in rows]
@@ -98,7 +105,9 @@ class Monitor:
         if self.log:
             for r in rows:
                 if random.random() < self.sample:
-                    self.log.info(json.dumps({"time": round(time.time(), 3), "task": self.task, "values": r}))
+                    self.log.info(
+                        json.dumps({"time": round(time.time(), 3), "task": self.task, "values": r})
+                    )
 
     def drift(self) -> dict[str, float]:
         """PSI per feature over the current window (features with too few values left out)."""
@@ -121,9 +130,11 @@ def request_logger(task: str, cfg: dict) -> logging.Logger:
     log = logging.getLogger(f"app.requests.{task}.{os.getpid()}.{id(cfg)}")
     log.propagate, log.level = False, logging.INFO
     if not log.handlers:
-        handler = logging.handlers.RotatingFileHandler(folder / f"{task}-{os.getpid()}.jsonl",
-                                                       maxBytes=int(cfg.get("request_log_mb", 10) * 2**20),
-                                                       backupCount=int(cfg.get("request_log_backups", 2)))
+        handler = logging.handlers.RotatingFileHandler(
+            folder / f"{task}-{os.getpid()}.jsonl",
+            maxBytes=int(cfg.get("request_log_mb", 10) * 2**20),
+            backupCount=int(cfg.get("request_log_backups", 2)),
+        )
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     return log

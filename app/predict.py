@@ -4,6 +4,7 @@ Each task's `predict` hook (stages/<task>/infer.py) is the one `infer` calls, so
 and `infer` give identical results. Nothing here unpickles: models are ONNX files and
 JSON model cards.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,7 +27,10 @@ from stages.image.data import load_rgb, top_k
 from stages.tabular import infer as tabular
 from stages.tabular.data import type_features
 from stages.tabular.rows import Rows
-HOW_TO_TRAIN = "run `make run` (or `dvc repro infer@{task}`, or `dvc pull` from a remote that has it)"
+
+HOW_TO_TRAIN = (
+    "run `make run` (or `dvc repro infer@{task}`, or `dvc pull` from a remote that has it)"
+)
 
 
 class BadInput(ValueError):
@@ -48,7 +52,10 @@ class Limiter:
 
     def __enter__(self):
         if not self.slots.acquire(timeout=self.timeout):
-            raise BadInput(f"the server is busy (no model free within {self.timeout:g} s); try again shortly", 503)
+            raise BadInput(
+                f"the server is busy (no model free within {self.timeout:g} s); try again shortly",
+                503,
+            )
 
     def __exit__(self, *exc):
         self.slots.release()
@@ -70,12 +77,16 @@ class Loaded:
         """Warnings per row; with serve.strict on, any warning refuses the request (422)."""
         warnings = self.monitor.warnings(rows)
         if self.monitor.strict and any(warnings):
-            raise BadInput("; ".join(f"row {i + 1}: {w}" for i, ws in enumerate(warnings) for w in ws)
-                           + " (serve.strict is on)")
+            raise BadInput(
+                "; ".join(f"row {i + 1}: {w}" for i, ws in enumerate(warnings) for w in ws)
+                + " (serve.strict is on)"
+            )
         return warnings
 
 
-def load_models(models_dir: str | Path = "models", cfg: dict | None = None) -> tuple[dict[str, Loaded], dict[str, str]]:
+def load_models(
+    models_dir: str | Path = "models", cfg: dict | None = None
+) -> tuple[dict[str, Loaded], dict[str, str]]:
     """({task: Loaded} for every exported model, {task: why it is missing} for the rest).
     cfg: params.yaml `serve:` (workers, concurrency, strict, drift and request-log keys)."""
     cfg = cfg or {}
@@ -89,11 +100,20 @@ def load_models(models_dir: str | Path = "models", cfg: dict | None = None) -> t
         try:
             card = json.loads(card_path.read_text())
             # Spinning threads would burn the cores between requests of a shared server.
-            session = open_session(card_path.parent / card["onnx"]["file"], threads=threads, spinning=False)
-            loaded[task] = Loaded(card, session, Monitor(task, card, cfg), limit,
-                                  Rows(card) if task == "tabular" else None)
+            session = open_session(
+                card_path.parent / card["onnx"]["file"], threads=threads, spinning=False
+            )
+            loaded[task] = Loaded(
+                card,
+                session,
+                Monitor(task, card, cfg),
+                limit,
+                Rows(card) if task == "tabular" else None,
+            )
         except FileNotFoundError:
-            missing[task] = f"no {card_path.parent}/model.onnx + model.json: " + HOW_TO_TRAIN.format(task=task)
+            missing[task] = (
+                f"no {card_path.parent}/model.onnx + model.json: " + HOW_TO_TRAIN.format(task=task)
+            )
         except Exception as e:  # noqa: BLE001 - a broken model must not stop the others from serving
             missing[task] = f"{card_path.parent}: could not load ({type(e).__name__}: {e})"
     return loaded, missing
@@ -106,7 +126,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     except Exception:  # noqa: BLE001 - PIL raises several types for "not an image"
         raise BadInput("the upload is not an image PIL can read", 415) from None
     if im.width * im.height > max_pixels:
-        raise BadInput(f"the image has {im.width}x{im.height} pixels, more than the limit of {max_pixels}", 413)
+        raise BadInput(
+            f"the image has {im.width}x{im.height} pixels, more than the limit of {max_pixels}", 413
+        )
     try:
         im.load()
     except Exception as e:  # noqa: BLE001 - truncated or corrupt pixel data
@@ -121,8 +143,11 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
     x = model.rows.transform(rows) if isinstance(rows, list) and model.rows else None
     try:
         if x is None:
-            df = type_features(rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows), model.card["features"],
-                               "request")
+            df = type_features(
+                rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows),
+                model.card["features"],
+                "request",
+            )
             records = df[[f["name"] for f in model.card["features"]]].to_dict("records")
         else:
             records = rows
@@ -132,32 +157,48 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
                 preds = tabular.predict(model.card, model.session, df, "request").to_dict("records")
             else:
                 # One run up to infer's default batch (as run_batches would), without its lookups.
-                out = (model.session.run(None, {model.card["onnx"]["input"]: x})[0] if len(x) <= 4096
-                       else run_batches(model.session, x, 4096))
+                out = (
+                    model.session.run(None, {model.card["onnx"]["input"]: x})[0]
+                    if len(x) <= 4096
+                    else run_batches(model.session, x, 4096)
+                )
                 preds = model.rows.decode(out)
     except StageError as e:
         raise BadInput(str(e)) from None
     model.monitor.observe(records)  # the monitor reads the features it knows
-    return [{**p, "warnings": w} for p, w in zip(preds, warnings)]
+    return [{**p, "warnings": w} for p, w in zip(preds, warnings, strict=False)]
 
 
 def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     card = model.card
-    im = open_image(data, max_pixels)  # checked first; then the very bytes go through infer's loader
+    im = open_image(
+        data, max_pixels
+    )  # checked first; then the very bytes go through infer's loader
     rgb = load_rgb(io.BytesIO(data), card["preprocessing"]["image_size"])
-    seen = {"width": im.width, "height": im.height, "mode": im.mode, "brightness": float(rgb.mean() / 255)}
+    seen = {
+        "width": im.width,
+        "height": im.height,
+        "mode": im.mode,
+        "brightness": float(rgb.mean() / 255),
+    }
     warnings = model.checked([seen])[0]
     with model.limit:
         probs = image.predict(card, model.session, rgb[None])[0]
     model.monitor.observe([seen])
     classes = card["classes"]
     order = np.argsort(-probs)[:k]
-    return {"prediction": classes[int(order[0])], "probability": float(probs[order[0]]),
-            "top_k": [{"class": classes[int(i)], "probability": float(probs[i])} for i in order],
-            "top_k_text": top_k(probs[None], classes, k)[0], "warnings": warnings}
+    return {
+        "prediction": classes[int(order[0])],
+        "probability": float(probs[order[0]]),
+        "top_k": [{"class": classes[int(i)], "probability": float(probs[i])} for i in order],
+        "top_k_text": top_k(probs[None], classes, k)[0],
+        "warnings": warnings,
+    }
 
 
-def predict_detect(model: Loaded, data: bytes, conf: float | None, iou: float | None, max_pixels: int) -> dict:
+def predict_detect(
+    model: Loaded, data: bytes, conf: float | None, iou: float | None, max_pixels: int
+) -> dict:
     """{detections, count, warnings}; conf and iou default to the model card's (what export
     checked parity at)."""
     card = model.card
@@ -170,6 +211,14 @@ def predict_detect(model: Loaded, data: bytes, conf: float | None, iou: float | 
     with model.limit:
         found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card["classes"])
     area = im.width * im.height
-    model.monitor.observe([{**seen, "boxes": len(found), "score": [d["score"] for d in found],
-                            "box_size": [float(np.sqrt(d["bbox"][2] * d["bbox"][3] / area)) for d in found]}])
+    model.monitor.observe(
+        [
+            {
+                **seen,
+                "boxes": len(found),
+                "score": [d["score"] for d in found],
+                "box_size": [float(np.sqrt(d["bbox"][2] * d["bbox"][3] / area)) for d in found],
+            }
+        ]
+    )
     return {"detections": found, "count": len(found), "warnings": warnings}

@@ -25,7 +25,14 @@ from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict, Field, create_model
 
-from app.predict import BadInput, Loaded, load_models, predict_detect, predict_image, predict_tabular
+from app.predict import (
+    BadInput,
+    Loaded,
+    load_models,
+    predict_detect,
+    predict_image,
+    predict_tabular,
+)
 from stages.core.common import TASKS, load_params
 
 log = logging.getLogger("app.access")
@@ -58,13 +65,25 @@ def tabular_request(card: dict | None, max_rows: int):
             else:
                 fields[f["name"]] = (Literal[tuple(f["categories"])] | None, ...)
         row = create_model("TabularRow", __config__=ConfigDict(extra="forbid"), **fields)
-    return create_model("TabularRequest", __config__=ConfigDict(extra="forbid"),
-                        rows=(Annotated[list[row], Field(min_length=1, max_length=max_rows)], ...))
+    return create_model(
+        "TabularRequest",
+        __config__=ConfigDict(extra="forbid"),
+        rows=(Annotated[list[row], Field(min_length=1, max_length=max_rows)], ...),
+    )
 
 
-def create_app(models_dir: str | Path = "models", params_path: str | Path = "params.yaml", ui: bool = True) -> FastAPI:
-    from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                                   ProcessCollector, generate_latest)
+def create_app(
+    models_dir: str | Path = "models", params_path: str | Path = "params.yaml", ui: bool = True
+) -> FastAPI:
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        ProcessCollector,
+        generate_latest,
+    )
 
     cfg = serve_config(params_path)
     # APP_MODELS_DIR: a registered version fetched by `make serve` (tools/registry.py fetch).
@@ -78,20 +97,45 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
         multiprocess.MultiProcessCollector(scrape)
     else:
         scrape = registry
-        ProcessCollector(registry=registry)  # resident memory, CPU seconds, open files (one process only)
-    memory = Gauge("worker_resident_memory_bytes", "resident memory of the worker processes (summed)",
-                   registry=registry, multiprocess_mode="livesum")
-    drift = Gauge("input_drift_psi", "PSI of served inputs over the last serve.drift_window values against the "
-                  "training data (model card reference); > 0.25 is a shift", ["task", "feature"], registry=registry,
-                  multiprocess_mode="livemax")
-    warned = Counter("input_warnings", "served rows with values outside the validated range or unseen", ["task"],
-                     registry=registry)
+        ProcessCollector(
+            registry=registry
+        )  # resident memory, CPU seconds, open files (one process only)
+    memory = Gauge(
+        "worker_resident_memory_bytes",
+        "resident memory of the worker processes (summed)",
+        registry=registry,
+        multiprocess_mode="livesum",
+    )
+    drift = Gauge(
+        "input_drift_psi",
+        "PSI of served inputs over the last serve.drift_window values against the "
+        "training data (model card reference); > 0.25 is a shift",
+        ["task", "feature"],
+        registry=registry,
+        multiprocess_mode="livemax",
+    )
+    warned = Counter(
+        "input_warnings",
+        "served rows with values outside the validated range or unseen",
+        ["task"],
+        registry=registry,
+    )
     requests = Counter("requests", "HTTP requests", ["task", "status"], registry=registry)
-    errors = Counter("request_errors", "HTTP requests answered 4xx or 5xx", ["task"], registry=registry)
-    latency = Histogram("request_latency_seconds", "request latency", ["task"], registry=registry,
-                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-    app = FastAPI(title="model-train", version="0.1.0",
-                  description="Predictions from the exported ONNX models (tabular, image, detect).")
+    errors = Counter(
+        "request_errors", "HTTP requests answered 4xx or 5xx", ["task"], registry=registry
+    )
+    latency = Histogram(
+        "request_latency_seconds",
+        "request latency",
+        ["task"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    )
+    app = FastAPI(
+        title="model-train",
+        version="0.1.0",
+        description="Predictions from the exported ONNX models (tabular, image, detect).",
+    )
     app.state.models, app.state.missing, app.state.config = models, missing, cfg
     last_refresh = [0.0]
 
@@ -102,13 +146,19 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
         for task, m in models.items():
             for feature, value in m.monitor.drift().items():
                 drift.labels(task, feature).set(value)
-            new, m.monitor.warned_reported = m.monitor.warned - m.monitor.warned_reported, m.monitor.warned
+            new, m.monitor.warned_reported = (
+                m.monitor.warned - m.monitor.warned_reported,
+                m.monitor.warned,
+            )
             if new:
                 warned.labels(task).inc(new)
+
     if cfg["cors_origins"]:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=cfg["cors_origins"], allow_methods=["GET", "POST"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=cfg["cors_origins"], allow_methods=["GET", "POST"]
+        )
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
@@ -117,13 +167,17 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
         task = parts[1] if parts[0] == "predict" and len(parts) > 1 else "-"
         size = request.headers.get("content-length", "")
         if size.isdigit() and int(size) > max_bytes:
-            response = JSONResponse({"detail": f"request body over the {cfg['max_upload_mb']} MB limit"}, 413)
+            response = JSONResponse(
+                {"detail": f"request body over the {cfg['max_upload_mb']} MB limit"}, 413
+            )
         else:
             try:
                 response = await call_next(request)
             except Exception as e:  # noqa: BLE001 - logged with the request, answered as JSON
                 response = JSONResponse({"detail": f"internal error: {type(e).__name__}"}, 500)
-                log.error(json.dumps({"event": "error", "path": request.url.path, "error": repr(e)}))
+                log.error(
+                    json.dumps({"event": "error", "path": request.url.path, "error": repr(e)})
+                )
         elapsed = time.perf_counter() - start
         if task != "-":
             requests.labels(task, str(response.status_code)).inc()
@@ -132,8 +186,18 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
                 errors.labels(task).inc()
             if time.monotonic() - last_refresh[0] > 1:  # at most once a second per worker
                 refresh()
-        log.info(json.dumps({"method": request.method, "path": request.url.path, "status": response.status_code,
-                             "ms": round(elapsed * 1000, 2), "task": task, "bytes": size or None}))
+        log.info(
+            json.dumps(
+                {
+                    "method": request.method,
+                    "path": request.url.path,
+                    "status": response.status_code,
+                    "ms": round(elapsed * 1000, 2),
+                    "task": task,
+                    "bytes": size or None,
+                }
+            )
+        )
         return response
 
     def model(task: str) -> Loaded:
@@ -159,10 +223,18 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
 
     @app.get("/ready", summary="Which models are loaded")
     def ready() -> JSONResponse:
-        body = {"ready": bool(models), "loaded": sorted(models), "missing": missing, "workers": cfg["workers"]}
+        body = {
+            "ready": bool(models),
+            "loaded": sorted(models),
+            "missing": missing,
+            "workers": cfg["workers"],
+        }
         return JSONResponse(body, 200 if models else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics: requests, errors, latency, input drift and warnings")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics: requests, errors, latency, input drift and warnings",
+    )
     def metrics() -> Response:
         refresh()
         return Response(generate_latest(scrape), media_type=CONTENT_TYPE_LATEST)
@@ -176,24 +248,43 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
         # A closed set of names: "../x" or any other value is a 422, never a path on disk.
         return model(task).card
 
-    TabularRequest = tabular_request(models["tabular"].card if "tabular" in models else None, cfg["max_rows"])
+    TabularRequest = tabular_request(
+        models["tabular"].card if "tabular" in models else None, cfg["max_rows"]
+    )
 
-    @app.post("/predict/tabular", summary="Predict rows (JSON) with the tabular model; `warnings` per row name "
-              "values outside the validated range (serve.strict: a 422)")
+    @app.post(
+        "/predict/tabular",
+        summary="Predict rows (JSON) with the tabular model; `warnings` per row name "
+        "values outside the validated range (serve.strict: a 422)",
+    )
     def tabular(body: TabularRequest) -> dict:  # type: ignore[valid-type]
         m = model("tabular")
-        return {"predictions": predict_tabular(m, [r if isinstance(r, dict) else r.model_dump() for r in body.rows])}
+        return {
+            "predictions": predict_tabular(
+                m, [r if isinstance(r, dict) else r.model_dump() for r in body.rows]
+            )
+        }
 
     @app.post("/predict/image", summary="Classify one image (multipart upload)")
-    def image(file: Annotated[UploadFile, File(description="an image PIL can read")],
-              top_k: Annotated[int, Query(ge=1, le=100)] = cfg["top_k"]) -> dict:
+    def image(
+        file: Annotated[UploadFile, File(description="an image PIL can read")],
+        top_k: Annotated[int, Query(ge=1, le=100)] = cfg["top_k"],
+    ) -> dict:
         m = model("image")
-        return predict_image(m, read_upload(file), min(top_k, len(m.card["classes"])), cfg["max_pixels"])
+        return predict_image(
+            m, read_upload(file), min(top_k, len(m.card["classes"])), cfg["max_pixels"]
+        )
 
     @app.post("/predict/detect", summary="Detect objects in one image (multipart upload)")
-    def detect(file: Annotated[UploadFile, File(description="an image PIL can read")],
-               conf: Annotated[float | None, Query(ge=0, le=1, description="default: the model card's")] = None,
-               iou: Annotated[float | None, Query(ge=0, le=1, description="default: the model card's")] = None) -> dict:
+    def detect(
+        file: Annotated[UploadFile, File(description="an image PIL can read")],
+        conf: Annotated[
+            float | None, Query(ge=0, le=1, description="default: the model card's")
+        ] = None,
+        iou: Annotated[
+            float | None, Query(ge=0, le=1, description="default: the model card's")
+        ] = None,
+    ) -> dict:
         return predict_detect(model("detect"), read_upload(file), conf, iou, cfg["max_pixels"])
 
     if ui:
@@ -201,9 +292,17 @@ def create_app(models_dir: str | Path = "models", params_path: str | Path = "par
 
         from app.ui import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(models, missing, cfg), path="", max_file_size=f"{cfg['max_upload_mb']}mb",
-                                  allowed_paths=[], enable_monitoring=False, ssr_mode=False, mcp_server=False,
-                                  footer_links=["api"])
+        app = gr.mount_gradio_app(
+            app,
+            build_ui(models, missing, cfg),
+            path="",
+            max_file_size=f"{cfg['max_upload_mb']}mb",
+            allowed_paths=[],
+            enable_monitoring=False,
+            ssr_mode=False,
+            mcp_server=False,
+            footer_links=["api"],
+        )
     return app
 
 
@@ -219,14 +318,26 @@ def main() -> None:
         # Before any worker imports prometheus_client: a fresh folder, so no counts of an
         # earlier run are summed in.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-")
-    print(f"serving on http://{cfg['host']}:{cfg['port']} with {cfg['workers']} worker(s)  (UI: /, API docs: /docs)",
-          file=sys.stderr, flush=True)
+    print(
+        f"serving on http://{cfg['host']}:{cfg['port']} with {cfg['workers']} worker(s)  (UI: /, API docs: /docs)",
+        file=sys.stderr,
+        flush=True,
+    )
     # A worker busy with models on a loaded machine can miss uvicorn's 5 s health ping and be
     # killed mid-request: allow it 30 s. Idle keep-alive connections stay open 75 s, longer
     # than clients and proxies keep theirs (httpx 5 s, nginx 60 s): when both sides use 5 s,
     # a client now and then sends on a connection the server is closing (ReadError).
-    uvicorn.run("app.server:create_app", factory=True, host=cfg["host"], port=cfg["port"], workers=cfg["workers"],
-                log_level="warning", access_log=False, timeout_worker_healthcheck=30, timeout_keep_alive=75)
+    uvicorn.run(
+        "app.server:create_app",
+        factory=True,
+        host=cfg["host"],
+        port=cfg["port"],
+        workers=cfg["workers"],
+        log_level="warning",
+        access_log=False,
+        timeout_worker_healthcheck=30,
+        timeout_keep_alive=75,
+    )
 
 
 if __name__ == "__main__":

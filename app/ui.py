@@ -5,6 +5,7 @@ The form starts at the training medians and modes (the model card's `reference`)
 label shows the training range, each tab has examples from the demo data, every answer
 shows its input warnings, the Models tab shows the evaluation plots, and errors are
 sentences."""
+
 from __future__ import annotations
 
 import json
@@ -49,13 +50,15 @@ def warnings_markdown(warnings: list[str]) -> str:
 
 def tabular_form(model: Loaded, *values) -> tuple[dict | float, str]:
     """One row from the form → ({class: probability} (gr.Label) or the predicted value, warnings)."""
-    row = dict(zip([f["name"] for f in model.card["features"]], values))
+    row = dict(zip([f["name"] for f in model.card["features"]], values, strict=False))
     try:
         pred = predict_tabular(model, [row])[0]
     except BadInput as e:
         raise _error(e) from None
     if model.card["kind"] == "classification":
-        return {c: pred[f"p_{c}"] for c in model.card["classes"]}, warnings_markdown(pred["warnings"])
+        return {c: pred[f"p_{c}"] for c in model.card["classes"]}, warnings_markdown(
+            pred["warnings"]
+        )
     return pred["prediction"], warnings_markdown(pred["warnings"])
 
 
@@ -68,7 +71,9 @@ def tabular_csv(model: Loaded, path: str | None, max_rows: int) -> str:
             raise BadInput(f"{len(df)} rows, more than the limit of {max_rows}")
         preds = pd.DataFrame(predict_tabular(model, df))
     except (BadInput, StageError) as e:
-        raise _error(str(e).replace(str(path), Path(path).name)) from None  # the name the user chose, not the cache path
+        raise _error(
+            str(e).replace(str(path), Path(path).name)
+        ) from None  # the name the user chose, not the cache path
     preds["warnings"] = preds["warnings"].map("; ".join)
     preds.insert(0, "line", df.index.to_numpy())
     out = Path(tempfile.mkdtemp()) / f"{Path(path).stem}-predictions.csv"
@@ -82,7 +87,9 @@ def image_one(model: Loaded, path: str | None, k: int, max_pixels: int) -> tuple
         result = predict_image(model, Path(path).read_bytes(), k, max_pixels)
     except BadInput as e:
         raise _error(e) from None
-    return {r["class"]: r["probability"] for r in result["top_k"]}, warnings_markdown(result["warnings"])
+    return {r["class"]: r["probability"] for r in result["top_k"]}, warnings_markdown(
+        result["warnings"]
+    )
 
 
 def image_zip(model: Loaded, path: str | None, k: int, max_pixels: int) -> str:
@@ -95,18 +102,37 @@ def image_zip(model: Loaded, path: str | None, k: int, max_pixels: int) -> str:
     except zipfile.BadZipFile:
         raise _error(BadInput("the upload is not a zip file")) from None
     with archive:
-        names = [n for n in archive.namelist() if Path(n).suffix.lower() in exts and not n.endswith("/")]
+        names = [
+            n for n in archive.namelist() if Path(n).suffix.lower() in exts and not n.endswith("/")
+        ]
         if len(names) > MAX_ZIP_IMAGES:
             raise _error(BadInput(f"{len(names)} images, more than the limit of {MAX_ZIP_IMAGES}"))
         for name in names:
             try:
                 r = predict_image(model, archive.read(name), k, max_pixels)
-                rows.append({"name": name, "prediction": r["prediction"], "probability": r["probability"],
-                             "top_k": r["top_k_text"], "error": None})
+                rows.append(
+                    {
+                        "name": name,
+                        "prediction": r["prediction"],
+                        "probability": r["probability"],
+                        "top_k": r["top_k_text"],
+                        "error": None,
+                    }
+                )
             except BadInput as e:
-                rows.append({"name": name, "prediction": None, "probability": None, "top_k": None, "error": str(e)})
+                rows.append(
+                    {
+                        "name": name,
+                        "prediction": None,
+                        "probability": None,
+                        "top_k": None,
+                        "error": str(e),
+                    }
+                )
     out = Path(tempfile.mkdtemp()) / "predictions.csv"
-    pd.DataFrame(rows, columns=["name", "prediction", "probability", "top_k", "error"]).to_csv(out, index=False)
+    pd.DataFrame(rows, columns=["name", "prediction", "probability", "top_k", "error"]).to_csv(
+        out, index=False
+    )
     return str(out)
 
 
@@ -118,10 +144,33 @@ def detect_one(model: Loaded, path: str | None, conf: float, iou: float, max_pix
     except BadInput as e:
         raise _error(e) from None
     found = result["detections"]
-    dets = np.array([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3],
-                      d["score"], d["category_id"]] for d in found]).reshape(-1, 6)
-    table = pd.DataFrame([{"category": d["category"], "score": d["score"], "x": d["bbox"][0], "y": d["bbox"][1],
-                           "width": d["bbox"][2], "height": d["bbox"][3]} for d in found], columns=DETECT_COLUMNS)
+    dets = np.array(
+        [
+            [
+                d["bbox"][0],
+                d["bbox"][1],
+                d["bbox"][0] + d["bbox"][2],
+                d["bbox"][1] + d["bbox"][3],
+                d["score"],
+                d["category_id"],
+            ]
+            for d in found
+        ]
+    ).reshape(-1, 6)
+    table = pd.DataFrame(
+        [
+            {
+                "category": d["category"],
+                "score": d["score"],
+                "x": d["bbox"][0],
+                "y": d["bbox"][1],
+                "width": d["bbox"][2],
+                "height": d["bbox"][3],
+            }
+            for d in found
+        ],
+        columns=DETECT_COLUMNS,
+    )
     note = warnings_markdown(result["warnings"])
     if not found:
         note = f"No objects above confidence {conf:g}. " + note
@@ -147,12 +196,22 @@ def tabular_examples(card: dict, n: int = N_EXAMPLES) -> list[list]:
     """A row per class (or the first rows) among the first 5,000 of the training CSV, as
     form values; none when the file is not at hand or does not fit the form."""
     try:
-        df = pd.read_csv(card["data"]["source"], sep=None, engine="python", nrows=5000, skipinitialspace=True)
+        df = pd.read_csv(
+            card["data"]["source"], sep=None, engine="python", nrows=5000, skipinitialspace=True
+        )
         if card["kind"] == "classification" and card["target"] in df:
             df = df.groupby(df[card["target"]].astype(str), sort=False).head(1)
-        return [[None if pd.isna(r[f["name"]]) else
-                 float(r[f["name"]]) if f["type"] == "numeric" else str(r[f["name"]]).strip()
-                 for f in card["features"]] for _, r in df.head(n).iterrows()]
+        return [
+            [
+                None
+                if pd.isna(r[f["name"]])
+                else float(r[f["name"]])
+                if f["type"] == "numeric"
+                else str(r[f["name"]]).strip()
+                for f in card["features"]
+            ]
+            for _, r in df.head(n).iterrows()
+        ]
     except (OSError, KeyError, ValueError, pd.errors.ParserError):
         return []
 
@@ -179,29 +238,40 @@ def plots(task: str, metrics_dir: Path = Path("metrics")) -> dict:
     confusion = folder / "plots" / "confusion.json"
     if confusion.is_file():
         pairs = pd.DataFrame(json.loads(confusion.read_text()))
-        out["confusion"] = pd.crosstab(pairs["actual"], pairs["predicted"]).reset_index().rename(
-            columns={"actual": "actual \\ predicted"})
+        out["confusion"] = (
+            pd.crosstab(pairs["actual"], pairs["predicted"])
+            .reset_index()
+            .rename(columns={"actual": "actual \\ predicted"})
+        )
     pr = folder / "plots" / "pr.json"
     if pr.is_file():
         out["pr"] = pd.DataFrame(json.loads(pr.read_text()))[["recall", "precision"]]
     curves = sorted((folder / "train" / "plots" / "metrics").glob("*loss.tsv"))
     if curves:
-        out["curves"] = pd.concat([pd.read_csv(c, sep="\t").set_axis(["step", "value"], axis=1).assign(series=c.stem)
-                                   for c in curves])
+        out["curves"] = pd.concat(
+            [
+                pd.read_csv(c, sep="\t").set_axis(["step", "value"], axis=1).assign(series=c.stem)
+                for c in curves
+            ]
+        )
     return out
 
 
 def card_markdown(task: str, c: dict) -> str:
     test = c.get("metrics", {}).get("test", {})
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k in HEADLINE)
-    warned = "".join(f"\n> **Warning:** {w if isinstance(w, str) else json.dumps(w)}\n"
-                     for w in c.get("metrics", {}).get("warnings") or [])
-    return (f"### {task} ({c['kind']})\n{warned}\n- **test metrics**: {metrics}\n"
-            f"- **validation**: {'passed' if c['validation']['success'] else 'FAILED'} "
-            f"(`{c['validation']['suite_file']}`)\n- **model md5**: `{c.get('provenance', {}).get('model_md5', '?')}`\n"
-            f"- **data**: `{c['data']['source']}` ({c['data']['rows']})\n"
-            f"- **parity (ONNX vs training framework)**: `{json.dumps(c['parity'])}`\n"
-            f"- **params**: `{json.dumps(c['params'])[:600]}`\n")
+    warned = "".join(
+        f"\n> **Warning:** {w if isinstance(w, str) else json.dumps(w)}\n"
+        for w in c.get("metrics", {}).get("warnings") or []
+    )
+    return (
+        f"### {task} ({c['kind']})\n{warned}\n- **test metrics**: {metrics}\n"
+        f"- **validation**: {'passed' if c['validation']['success'] else 'FAILED'} "
+        f"(`{c['validation']['suite_file']}`)\n- **model md5**: `{c.get('provenance', {}).get('model_md5', '?')}`\n"
+        f"- **data**: `{c['data']['source']}` ({c['data']['rows']})\n"
+        f"- **parity (ONNX vs training framework)**: `{json.dumps(c['parity'])}`\n"
+        f"- **params**: `{json.dumps(c['params'])[:600]}`\n"
+    )
 
 
 def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: dict):
@@ -211,36 +281,67 @@ def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: dict):
     age = cfg.get("gradio_cache_s", 3600)
     # delete_cache: every `age` s, uploads and outputs older than `age` s are deleted.
     with gr.Blocks(title="model-train", analytics_enabled=False, delete_cache=(age, age)) as demo:
-        gr.Markdown("# model-train\nPredictions from the exported ONNX models. REST API: [/docs](/docs).")
+        gr.Markdown(
+            "# model-train\nPredictions from the exported ONNX models. REST API: [/docs](/docs)."
+        )
         with gr.Tab("Tabular"):
             m = models.get("tabular")
             if m is None:
                 gr.Markdown(f"**No tabular model.** {missing['tabular']}")
             else:
-                gr.Markdown("Each field starts at the training median (numbers) or most common value; "
-                            "its label shows the range seen in training. Empty = missing (imputed).")
+                gr.Markdown(
+                    "Each field starts at the training median (numbers) or most common value; "
+                    "its label shows the range seen in training. Empty = missing (imputed)."
+                )
                 inputs = []
                 with gr.Row():
-                    for f, (label, value) in zip(m.card["features"], form_defaults(m.card)):
+                    for f, (label, value) in zip(
+                        m.card["features"], form_defaults(m.card), strict=False
+                    ):
                         if f["type"] == "numeric":
-                            inputs.append(gr.Number(value=value, label=label, elem_id=f"tab-{f['name']}"))
+                            inputs.append(
+                                gr.Number(value=value, label=label, elem_id=f"tab-{f['name']}")
+                            )
                         else:
-                            inputs.append(gr.Dropdown(f["categories"], value=value, label=label,
-                                                      elem_id=f"tab-{f['name']}"))
+                            inputs.append(
+                                gr.Dropdown(
+                                    f["categories"],
+                                    value=value,
+                                    label=label,
+                                    elem_id=f"tab-{f['name']}",
+                                )
+                            )
                 go = gr.Button("Predict", variant="primary", elem_id="tab-predict")
                 with gr.Row():
-                    out = gr.Label(label="prediction", elem_id="tab-out") if m.card["kind"] == "classification" \
+                    out = (
+                        gr.Label(label="prediction", elem_id="tab-out")
+                        if m.card["kind"] == "classification"
                         else gr.Number(label=f"predicted {m.card['target']}", elem_id="tab-out")
+                    )
                     note = gr.Markdown(elem_id="tab-warnings")
-                go.click(lambda *v, m=m: tabular_form(m, *v), inputs, [out, note], api_name="tabular_form")
+                go.click(
+                    lambda *v, m=m: tabular_form(m, *v),
+                    inputs,
+                    [out, note],
+                    api_name="tabular_form",
+                )
                 examples = tabular_examples(m.card)
                 if examples:
-                    gr.Examples(examples, inputs, label=f"Examples from {m.card['data']['source']}",
-                                elem_id="tab-examples")
+                    gr.Examples(
+                        examples,
+                        inputs,
+                        label=f"Examples from {m.card['data']['source']}",
+                        elem_id="tab-examples",
+                    )
                 gr.Markdown("Or upload a CSV with the feature columns:")
                 csv_in = gr.File(file_types=[".csv"], label="CSV", elem_id="tab-csv")
                 csv_out = gr.File(label="predictions")
-                csv_in.upload(lambda p, m=m: tabular_csv(m, p, cfg["max_rows"]), csv_in, csv_out, api_name="tabular_csv")
+                csv_in.upload(
+                    lambda p, m=m: tabular_csv(m, p, cfg["max_rows"]),
+                    csv_in,
+                    csv_out,
+                    api_name="tabular_csv",
+                )
         with gr.Tab("Image"):
             m = models.get("image")
             if m is None:
@@ -251,15 +352,35 @@ def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: dict):
                     with gr.Column():
                         label = gr.Label(num_top_classes=k, label="top classes", elem_id="img-out")
                         img_note = gr.Markdown(elem_id="img-warnings")
-                img.upload(lambda p, m=m: image_one(m, p, k, max_pixels), img, [label, img_note], api_name="image_one")
+                img.upload(
+                    lambda p, m=m: image_one(m, p, k, max_pixels),
+                    img,
+                    [label, img_note],
+                    api_name="image_one",
+                )
                 examples = image_examples(m.card)
                 if examples:
-                    gr.Examples(examples, img, [label, img_note], lambda p, m=m: image_one(m, p, k, max_pixels),
-                                run_on_click=True, cache_examples=False, label="Examples from the demo data",
-                                elem_id="img-examples")
+                    gr.Examples(
+                        examples,
+                        img,
+                        [label, img_note],
+                        lambda p, m=m: image_one(m, p, k, max_pixels),
+                        run_on_click=True,
+                        cache_examples=False,
+                        label="Examples from the demo data",
+                        elem_id="img-examples",
+                    )
                 gr.Markdown("Or a zip of images:")
-                zip_in, zip_out = gr.File(file_types=[".zip"], label="zip"), gr.File(label="predictions")
-                zip_in.upload(lambda p, m=m: image_zip(m, p, k, max_pixels), zip_in, zip_out, api_name="image_zip")
+                zip_in, zip_out = (
+                    gr.File(file_types=[".zip"], label="zip"),
+                    gr.File(label="predictions"),
+                )
+                zip_in.upload(
+                    lambda p, m=m: image_zip(m, p, k, max_pixels),
+                    zip_in,
+                    zip_out,
+                    api_name="image_zip",
+                )
         with gr.Tab("Detection"):
             m = models.get("detect")
             if m is None:
@@ -267,37 +388,74 @@ def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: dict):
             else:
                 with gr.Row():
                     det_in = gr.Image(type="filepath", label="image", elem_id="det-in", height=220)
-                    det_img = gr.Image(type="pil", label="detections", elem_id="det-img", height=220)
+                    det_img = gr.Image(
+                        type="pil", label="detections", elem_id="det-img", height=220
+                    )
                 post = m.card["postprocessing"]  # the thresholds export checked parity at
                 conf = gr.Slider(0, 1, value=post["conf"], step=0.01, label="confidence")
                 iou = gr.Slider(0, 1, value=post["iou"], step=0.01, label="NMS IoU")
                 det_note = gr.Markdown(elem_id="det-warnings")
-                table = gr.Dataframe(pd.DataFrame(columns=DETECT_COLUMNS), headers=DETECT_COLUMNS, label="objects",
-                                     elem_id="det-table")
+                table = gr.Dataframe(
+                    pd.DataFrame(columns=DETECT_COLUMNS),
+                    headers=DETECT_COLUMNS,
+                    label="objects",
+                    elem_id="det-table",
+                )
                 run = gr.Button("Detect", variant="primary", elem_id="det-run")
-                detect = (lambda p, c, i, m=m: detect_one(m, p, c, i, max_pixels))
+
+                def detect(p, c, i, m=m):
+                    return detect_one(m, p, c, i, max_pixels)
+
                 for trigger in (det_in.upload, run.click):
-                    trigger(detect, [det_in, conf, iou], [det_img, table, det_note],
-                            api_name="detect_one" if trigger == run.click else False)
+                    trigger(
+                        detect,
+                        [det_in, conf, iou],
+                        [det_img, table, det_note],
+                        api_name="detect_one" if trigger == run.click else False,
+                    )
                 examples = image_examples(m.card)
                 if examples:
-                    gr.Examples([[p, post["conf"], post["iou"]] for p in examples], [det_in, conf, iou],
-                                [det_img, table, det_note], detect, run_on_click=True, cache_examples=False,
-                                label="Examples from the demo data", elem_id="det-examples")
+                    gr.Examples(
+                        [[p, post["conf"], post["iou"]] for p in examples],
+                        [det_in, conf, iou],
+                        [det_img, table, det_note],
+                        detect,
+                        run_on_click=True,
+                        cache_examples=False,
+                        label="Examples from the demo data",
+                        elem_id="det-examples",
+                    )
         with gr.Tab("Models"):
             for task, m in models.items():
                 gr.Markdown(card_markdown(task, m.card))
                 data = plots(task)
                 with gr.Row():
                     if "confusion" in data:
-                        gr.Dataframe(data["confusion"], label=f"{task}: confusion matrix (test split)",
-                                     elem_id=f"models-{task}-confusion", min_width=420)
+                        gr.Dataframe(
+                            data["confusion"],
+                            label=f"{task}: confusion matrix (test split)",
+                            elem_id=f"models-{task}-confusion",
+                            min_width=420,
+                        )
                     if "pr" in data:
-                        gr.LinePlot(data["pr"], x="recall", y="precision", label=f"{task}: precision-recall (test)",
-                                    elem_id=f"models-{task}-pr", height=240)
+                        gr.LinePlot(
+                            data["pr"],
+                            x="recall",
+                            y="precision",
+                            label=f"{task}: precision-recall (test)",
+                            elem_id=f"models-{task}-pr",
+                            height=240,
+                        )
                     if "curves" in data:
-                        gr.LinePlot(data["curves"], x="step", y="value", color="series",
-                                    label=f"{task}: training curves", elem_id=f"models-{task}-curves", height=240)
+                        gr.LinePlot(
+                            data["curves"],
+                            x="step",
+                            y="value",
+                            color="series",
+                            label=f"{task}: training curves",
+                            elem_id=f"models-{task}-curves",
+                            height=240,
+                        )
             for task, why in missing.items():
                 gr.Markdown(f"### {task}\n\nNot loaded: {why}\n")
     # Gradio's queue runs at most as many handlers at once as the shared model limit has

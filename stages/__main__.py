@@ -8,6 +8,7 @@ STAGE runs `stages/<task>/<stage>.py:run(params)`; dvc.yaml calls nothing else, 
 stage depends on stages/core/ and stages/<task>/ as folders, so a code change anywhere a
 stage can reach reruns it (tests/test_deps.py keeps that true).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -22,13 +23,17 @@ def main(argv: list[str]) -> None:
     flags = [a for a in argv if a.startswith("--")]
     args = [a for a in argv if not a.startswith("--")]
     if len(args) != 2 or args[0] not in STAGES or args[1] not in TASKS:
-        raise StageError(f"usage: python -m stages STAGE TASK, where STAGE is one of: {', '.join(STAGES)} "
-                         f"and TASK one of: {', '.join(TASKS)}")
+        raise StageError(
+            f"usage: python -m stages STAGE TASK, where STAGE is one of: {', '.join(STAGES)} "
+            f"and TASK one of: {', '.join(TASKS)}"
+        )
     stage, task = args
     if stage == "demo" and task not in DEMOS:
         raise StageError(f"there is no demo stage for {task}; tasks with one: {', '.join(DEMOS)}")
     if flags and (stage, flags) != ("validate", ["--new-suite"]):
-        raise StageError(f"unknown option {' '.join(flags)} (only `validate TASK --new-suite` takes one)")
+        raise StageError(
+            f"unknown option {' '.join(flags)} (only `validate TASK --new-suite` takes one)"
+        )
     run = importlib.import_module(f"stages.{task}.{stage}").run
     run(load_params(), **({"new_suite": True} if flags else {}))
 

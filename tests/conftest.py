@@ -1,4 +1,5 @@
 """Shared fixtures: CPU only, tiny data, a fresh git + DVC copy of the repo per test."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,14 +23,23 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 
 # Small enough for seconds per stage, large enough to learn the penguins.
-TINY_TABULAR = {"tabular.train.hidden": [16], "tabular.train.epochs": 10, "tabular.train.lr": 0.01, "tabular.train.patience": 0,
-                "tabular.train.amp": "off"}
+TINY_TABULAR = {
+    "tabular.train.hidden": [16],
+    "tabular.train.epochs": 10,
+    "tabular.train.lr": 0.01,
+    "tabular.train.patience": 0,
+    "tabular.train.amp": "off",
+}
 
 
 def copy_repo(dst: Path) -> Path:
     """Copy the files git tracks (and untracked, unignored ones) into dst; init git there."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
     for rel in filter(None, out.decode().split("\0")):
         src = ROOT / rel
         if src.is_file():
@@ -63,13 +73,17 @@ def set_params(repo: Path, values: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(repo: Path, *cmd: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def run(
+    repo: Path, *cmd: str, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run a command in repo (stages as `python -m stages X task`), capturing output."""
     if cmd[0] == "python":
         cmd = (sys.executable, *cmd[1:])
     res = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+        )
     return res
 
 
@@ -83,17 +97,30 @@ def run_python(repo: Path, code: str, **kw) -> subprocess.CompletedProcess:
     return run(repo, "python", str(script), **kw)
 
 
-def stage(repo: Path, name: str, task: str = "tabular", check: bool = True) -> subprocess.CompletedProcess:
+def stage(
+    repo: Path, name: str, task: str = "tabular", check: bool = True
+) -> subprocess.CompletedProcess:
     return run(repo, "python", "-m", "stages", name, task, check=check)
 
 
 # Every task, tiny: the served repo's models exist but are not meant to be good.
-TINY_ALL = {**TINY_TABULAR,
-            "image.demo.size": 16, "image.data.image_size": 16, "image.train.epochs": 1,
-            "image.train.batch_size": 128,
-            "detect.demo.images": 30, "detect.demo.size": 64, "detect.train.imgsz": 64, "detect.train.epochs": 1,
-            "detect.train.batch": 8, "detect.train.workers": 0, "detect.evaluate.coco_tolerance": 0.01,
-            "detect.export.conf": 0.002, "detect.export.min_matched": 0.9, "detect.infer.conf": 0.002}
+TINY_ALL = {
+    **TINY_TABULAR,
+    "image.demo.size": 16,
+    "image.data.image_size": 16,
+    "image.train.epochs": 1,
+    "image.train.batch_size": 128,
+    "detect.demo.images": 30,
+    "detect.demo.size": 64,
+    "detect.train.imgsz": 64,
+    "detect.train.epochs": 1,
+    "detect.train.batch": 8,
+    "detect.train.workers": 0,
+    "detect.evaluate.coco_tolerance": 0.01,
+    "detect.export.conf": 0.002,
+    "detect.export.min_matched": 0.9,
+    "detect.infer.conf": 0.002,
+}
 
 
 @pytest.fixture(scope="session")
@@ -121,10 +148,17 @@ def serving(repo: Path, **env: str):
 
     port = free_port()
     env = {**os.environ, "APP_HOST": "127.0.0.1", "APP_PORT": str(port), **env}
-    log = repo / ".cache" / f"server-{port}.log"  # a file, not a pipe: a full pipe would stall the server
+    log = (
+        repo / ".cache" / f"server-{port}.log"
+    )  # a file, not a pipe: a full pipe would stall the server
     log.parent.mkdir(exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "app.server"], cwd=repo, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.server"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),  # noqa: SIM115 (the server outlives this block)
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while True:
@@ -134,7 +168,7 @@ def serving(repo: Path, **env: str):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}")
+                raise RuntimeError(f"the server did not start: {log.read_text()[-3000:]}") from None
             time.sleep(0.5)
     try:
         yield url
@@ -178,10 +212,14 @@ def tuned_repo(tmp_path_factory) -> tuple[Path, str]:
     the DVC queue (sweeps/tiny-tune.yaml); (repo, the tune's stdout). Its experiments are
     the registry tests' models."""
     repo = copy_repo(tmp_path_factory.mktemp("tuned"))
-    set_params(repo, {**TINY_TABULAR, "tabular.train.epochs": 4, "tabular.evaluate.baseline": False})
+    set_params(
+        repo, {**TINY_TABULAR, "tabular.train.epochs": 4, "tabular.evaluate.baseline": False}
+    )
     (repo / "sweeps/tiny-tune.yaml").write_text(TINY_TUNE)
     run(repo, "dvc", "repro", "validate@tabular")  # so that no trial prepares and validates again
     git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
     run(repo, *git, "add", "-A")
     run(repo, *git, "commit", "-q", "-m", "baseline + tune file")
-    return repo, run(repo, "python", "-m", "tools.tune", "sweeps/tiny-tune.yaml", timeout=900).stdout
+    return repo, run(
+        repo, "python", "-m", "tools.tune", "sweeps/tiny-tune.yaml", timeout=900
+    ).stdout

@@ -9,6 +9,7 @@ with stages.core.trainer.fit on the CPU (gloo), and writes:
   OUT_DIR/summary{RANK}.json  fit's return value on each rank
   OUT_DIR/live/           DVCLive, written by rank 0 only
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,8 @@ import torch
 from torch import nn
 
 from stages.core.distributed import seed_everything, setup, teardown
-from stages.tabular.model import MLP
 from stages.core.trainer import LoopConfig, classification_sums, fit
+from stages.tabular.model import MLP
 
 SEED = 7
 EPOCHS = 3
@@ -29,7 +30,9 @@ N_TRAIN = 96
 N_VAL = 33  # odd on purpose: rank 0 scores 17 validation rows (2 batches of 16), rank 1 scores 16 (1 batch)
 
 
-def make_data(n_val: int = N_VAL) -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDataset]:
+def make_data(
+    n_val: int = N_VAL,
+) -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDataset]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N_TRAIN + n_val, 4, generator=g)
     y = (x @ torch.tensor([1.0, -2.0, 0.5, 1.5]) > 0).long()
@@ -49,9 +52,23 @@ def main(argv: list[str]) -> None:
     out = Path(argv[0])
     batchnorm = "--batchnorm" in argv[1:]
     n_val = next((int(a.split("=", 1)[1]) for a in argv[1:] if a.startswith("--n-val=")), N_VAL)
-    cfg = LoopConfig(epochs=EPOCHS, batch_size=8, lr=0.01, weight_decay=0.0, scheduler="cosine", step_size=1,
-                     gamma=0.5, grad_clip=1.0, grad_accum=2, amp="off", patience=0, monitor="val_loss",
-                     num_workers=0, device="cpu", nproc=1)
+    cfg = LoopConfig(
+        epochs=EPOCHS,
+        batch_size=8,
+        lr=0.01,
+        weight_decay=0.0,
+        scheduler="cosine",
+        step_size=1,
+        gamma=0.5,
+        grad_clip=1.0,
+        grad_accum=2,
+        amp="off",
+        patience=0,
+        monitor="val_loss",
+        num_workers=0,
+        device="cpu",
+        nproc=1,
+    )
     rt = setup("cpu")
     try:
         seed_everything(SEED, rt.rank)
@@ -64,11 +81,23 @@ def main(argv: list[str]) -> None:
             from dvclive import Live
 
             live = Live(str(out / "live"), dvcyaml=False, save_dvc_exp=False)
-        summary = fit(model, train_set, val_set, sums_fn=classification_sums, cfg=cfg, rt=rt, seed=SEED,
-                      ckpt_dir=out / "ckpt", fingerprint="ddp-test", live=live)
+        summary = fit(
+            model,
+            train_set,
+            val_set,
+            sums_fn=classification_sums,
+            cfg=cfg,
+            rt=rt,
+            seed=SEED,
+            ckpt_dir=out / "ckpt",
+            fingerprint="ddp-test",
+            live=live,
+        )
         out.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), out / f"rank{rt.rank}.pt")
-        (out / f"summary{rt.rank}.json").write_text(json.dumps({**summary, "world_size": rt.world_size}))
+        (out / f"summary{rt.rank}.json").write_text(
+            json.dumps({**summary, "world_size": rt.world_size})
+        )
         if live is not None:
             live.end()
     finally:

@@ -1,6 +1,7 @@
 """Serving: the REST API (TestClient, every endpoint, bad input), the Gradio handlers
 through gradio_client against a launched server, schemathesis against its OpenAPI
 schema, parity with the `infer` stage, no torch, and the Dockerfile lint."""
+
 from __future__ import annotations
 
 import io
@@ -13,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import ROOT, run_python
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,9 @@ def a_row(repo) -> dict:
 
 
 def png_bytes(repo, task="image") -> bytes:
-    folder = repo / ("data/demo/digits/3" if task == "image" else "data/prepared/detect/images/test")
+    folder = repo / (
+        "data/demo/digits/3" if task == "image" else "data/prepared/detect/images/test"
+    )
     return sorted(folder.iterdir())[0].read_bytes()
 
 
@@ -51,18 +53,27 @@ def test_health_ready_info_and_openapi(client):
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["loaded"] == ["detect", "image", "tabular"]
     info = client.get("/model/info").json()["models"]
-    assert info["tabular"]["classes"] == ["Adelie", "Chinstrap", "Gentoo"] and info["detect"]["kind"] == "detection"
+    assert (
+        info["tabular"]["classes"] == ["Adelie", "Chinstrap", "Gentoo"]
+        and info["detect"]["kind"] == "detection"
+    )
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/predict/tabular", "/predict/image", "/predict/detect", "/ready", "/metrics"} <= set(paths)
+    assert {"/predict/tabular", "/predict/image", "/predict/detect", "/ready", "/metrics"} <= set(
+        paths
+    )
 
 
 def test_tabular_predictions_and_schema_checks(client, served_repo):
     row = a_row(served_repo)
-    ok = client.post("/predict/tabular", json={"rows": [row, {**row, "sex": None, "bill_length_mm": None}]})
+    ok = client.post(
+        "/predict/tabular", json={"rows": [row, {**row, "sex": None, "bill_length_mm": None}]}
+    )
     assert ok.status_code == 200
     preds = ok.json()["predictions"]
     assert len(preds) == 2 and preds[0]["prediction"] in ("Adelie", "Chinstrap", "Gentoo")
-    assert preds[0]["warnings"] == [] and preds[1]["warnings"] == []  # missing values that training had
+    assert (
+        preds[0]["warnings"] == [] and preds[1]["warnings"] == []
+    )  # missing values that training had
     assert abs(sum(preds[0][f"p_{c}"] for c in ("Adelie", "Chinstrap", "Gentoo")) - 1) < 1e-6
     bad = {
         "missing field": {"rows": [{k: v for k, v in row.items() if k != "island"}]},
@@ -87,8 +98,14 @@ def test_image_and_detect_uploads(client, served_repo):
     body = r.json()
     assert len(body["top_k"]) == 2 and body["prediction"] == body["top_k"][0]["class"]
     assert body["warnings"] == []
-    d = client.post("/predict/detect?conf=0.002", files={"file": ("s.png", png_bytes(served_repo, "detect"))})
-    assert d.status_code == 200 and d.json()["count"] == len(d.json()["detections"]) and d.json()["warnings"] == []
+    d = client.post(
+        "/predict/detect?conf=0.002", files={"file": ("s.png", png_bytes(served_repo, "detect"))}
+    )
+    assert (
+        d.status_code == 200
+        and d.json()["count"] == len(d.json()["detections"])
+        and d.json()["warnings"] == []
+    )
     for det in d.json()["detections"]:
         assert set(det) == {"category_id", "category", "score", "bbox"} and len(det["bbox"]) == 4
 
@@ -106,8 +123,12 @@ def test_upload_bad_inputs_are_4xx(client, path):
     Image.new("L", (6000, 5000)).save(buf, format="PNG")  # 30 M pixels > max_pixels, tiny file
     r = client.post(path, files={"file": ("huge.png", buf.getvalue())})
     assert r.status_code == 413 and "pixels" in r.json()["detail"]
-    assert client.post(f"{path}?{'top_k=0' if 'image' in path else 'conf=2'}",
-                       files={"file": ("x.png", b"x")}).status_code == 422
+    assert (
+        client.post(
+            f"{path}?{'top_k=0' if 'image' in path else 'conf=2'}", files={"file": ("x.png", b"x")}
+        ).status_code
+        == 422
+    )
 
 
 def test_metrics_count_requests_errors_and_latency(client):
@@ -126,23 +147,31 @@ def test_missing_models_do_not_stop_the_server(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     c = TestClient(create_app(models_dir=tmp_path, ui=True), raise_server_exceptions=False)
     ready = c.get("/ready")
-    assert ready.status_code == 503 and set(ready.json()["missing"]) == {"tabular", "image", "detect"}
+    assert ready.status_code == 503 and set(ready.json()["missing"]) == {
+        "tabular",
+        "image",
+        "detect",
+    }
     r = c.post("/predict/image", files={"file": ("x.png", b"x")})
     assert r.status_code == 503 and "make run" in r.json()["detail"]
     assert c.get("/").status_code == 200  # the UI still serves, each tab saying how to train
 
 
 def test_app_imports_no_torch(served_repo):
-    code = ("import sys; from app.server import create_app; create_app(); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics')]; "
-            "assert not bad, bad; print('ok')")
+    code = (
+        "import sys; from app.server import create_app; create_app(); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics')]; "
+        "assert not bad, bad; print('ok')"
+    )
     assert run_python(served_repo, code).stdout.strip().endswith("ok")
 
 
 def test_app_and_infer_give_identical_results(client, served_repo):
     """The same inputs through the REST API and through the `infer` stage's outputs."""
     preds = pd.read_csv(served_repo / "data/predictions/tabular.csv")
-    test = pd.read_parquet(served_repo / "data/prepared/tabular/test.parquet").drop(columns="species")
+    test = pd.read_parquet(served_repo / "data/prepared/tabular/test.parquet").drop(
+        columns="species"
+    )
     rows = json.loads(test.to_json(orient="records"))
     api = client.post("/predict/tabular", json={"rows": rows}).json()["predictions"]
     assert [p["prediction"] for p in api] == preds["prediction"].tolist()
@@ -151,16 +180,24 @@ def test_app_and_infer_give_identical_results(client, served_repo):
     images = pd.read_csv(served_repo / "data/predictions/image.csv").head(20)
     root = served_repo / "data/prepared/image"
     for row in images.itertuples():
-        r = client.post("/predict/image", files={"file": ("x.png", (root / row.path).read_bytes())}).json()
-        assert r["prediction"] == str(row.prediction) and abs(r["probability"] - row.probability) < 1e-5
+        r = client.post(
+            "/predict/image", files={"file": ("x.png", (root / row.path).read_bytes())}
+        ).json()
+        assert (
+            r["prediction"] == str(row.prediction)
+            and abs(r["probability"] - row.probability) < 1e-5
+        )
 
     dets = json.loads((served_repo / "data/predictions/detect.json").read_text())
     folder = served_repo / "data/prepared/detect/images/test"
     for f in sorted(folder.iterdir())[:5]:
-        r = client.post("/predict/detect?conf=0.002&iou=0.7", files={"file": (f.name, f.read_bytes())}).json()
+        r = client.post(
+            "/predict/detect?conf=0.002&iou=0.7", files={"file": (f.name, f.read_bytes())}
+        ).json()
         expected = [d for d in dets if d["file"] == f.name]
-        assert [(d["category_id"], d["bbox"]) for d in r["detections"]] == \
-            [(d["category_id"], d["bbox"]) for d in expected]
+        assert [(d["category_id"], d["bbox"]) for d in r["detections"]] == [
+            (d["category_id"], d["bbox"]) for d in expected
+        ]
 
 
 def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
@@ -170,13 +207,19 @@ def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
     row = a_row(served_repo)
     card = json.loads((served_repo / "models/tabular/model.json").read_text())
     label, note = c.predict(*[row[f["name"]] for f in card["features"]], api_name="/tabular_form")
-    assert label["label"] in ("Adelie", "Chinstrap", "Gentoo") and note.startswith("All inputs are inside")
-    _, note = c.predict(*[0.0 if f["name"] == "body_mass_g" else row[f["name"]] for f in card["features"]],
-                        api_name="/tabular_form")
+    assert label["label"] in ("Adelie", "Chinstrap", "Gentoo") and note.startswith(
+        "All inputs are inside"
+    )
+    _, note = c.predict(
+        *[0.0 if f["name"] == "body_mass_g" else row[f["name"]] for f in card["features"]],
+        api_name="/tabular_form",
+    )
     assert "body_mass_g = 0 is outside the validated range" in note
 
     csv = tmp_path / "rows.csv"
-    pd.read_parquet(served_repo / "data/prepared/tabular/test.parquet").head(7).to_csv(csv, index=False)
+    pd.read_parquet(served_repo / "data/prepared/tabular/test.parquet").head(7).to_csv(
+        csv, index=False
+    )
     out = pd.read_csv(c.predict(handle_file(str(csv)), api_name="/tabular_csv"))
     assert len(out) == 7 and list(out.columns[:3]) == ["line", "prediction", "probability"]
     assert out.columns[-1] == "warnings"
@@ -193,7 +236,9 @@ def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
     archive = tmp_path / "digits.zip"
     with zipfile.ZipFile(archive, "w") as z:
         z.write(digit, "a/five.png")
-        z.writestr("../../evil.png", b"not an image")  # a hostile name: read in memory, never extracted
+        z.writestr(
+            "../../evil.png", b"not an image"
+        )  # a hostile name: read in memory, never extracted
     table = pd.read_csv(c.predict(handle_file(str(archive)), api_name="/image_zip"))
     assert table["name"].tolist() == ["a/five.png", "../../evil.png"]
     assert table["error"].isna().tolist() == [True, False]
@@ -203,21 +248,49 @@ def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
     drawn, objects, note = c.predict(handle_file(str(scene)), 0.002, 0.7, api_name="/detect_one")
     assert drawn and set(objects["headers"]) == {"category", "score", "x", "y", "width", "height"}
     _, objects, note = c.predict(handle_file(str(scene)), 1.0, 0.7, api_name="/detect_one")
-    assert objects["headers"] == ["category", "score", "x", "y", "width", "height"] and note.startswith("No objects")
+    assert objects["headers"] == [
+        "category",
+        "score",
+        "x",
+        "y",
+        "width",
+        "height",
+    ] and note.startswith("No objects")
 
 
 def test_schemathesis_finds_no_server_errors(server):
     res = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json", "--checks", "not_a_server_error",
-         "--max-examples", "25", "--phases", "examples,coverage,fuzzing", "--no-color", "--suppress-health-check",
-         "all", "--request-timeout", "20"],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{server}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--no-color",
+            "--suppress-health-check",
+            "all",
+            "--request-timeout",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
 
 
 def test_dockerfile_passes_hadolint():
-    res = subprocess.run([str(Path(sys.executable).parent / "hadolint"),
-                          str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "hadolint"), str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     text = (ROOT / "Dockerfile").read_text()
     assert '".[serve]"' in text and "torch" not in text.split("pip install")[1].split("\n")[0]
@@ -231,8 +304,12 @@ def test_paths_cannot_leave_their_folders(client, server):
     for bad in ("../tabular", "..%2F..%2Fetc%2Fpasswd", "passwd"):
         assert client.get(f"/model/info/{bad}").status_code in (404, 422), bad
     # Gradio serves uploads and outputs only: not the repo, not the system.
-    for probe in ("/gradio_api/file=/etc/passwd", "/gradio_api/file=../../../etc/passwd",
-                  "/gradio_api/file=params.yaml", "/file=/etc/passwd"):
+    for probe in (
+        "/gradio_api/file=/etc/passwd",
+        "/gradio_api/file=../../../etc/passwd",
+        "/gradio_api/file=params.yaml",
+        "/file=/etc/passwd",
+    ):
         try:
             with urllib.request.urlopen(server + probe, timeout=10) as r:
                 body = r.read()

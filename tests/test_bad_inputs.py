@@ -5,6 +5,7 @@ its CSV line (header = line 1), and leaves every earlier output byte for byte as
 One good pipeline run (tiny params) is shared by the module; each test works on its own
 copy of it, so a failing stage that did write something could not hide behind another.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import TINY_TABULAR, copy_repo, run, set_params, stage
 
 PENGUINS = "data/tabular/penguins.csv"
@@ -66,14 +66,16 @@ def set_cell(rows: list[list[str]], line: int, column: str, value: str) -> list[
 
 def drop_column(rows: list[list[str]], column: str) -> list[list[str]]:
     i = rows[0].index(column)
-    return [r[:i] + r[i + 1:] for r in rows]
+    return [r[:i] + r[i + 1 :] for r in rows]
 
 
 def add_column(rows: list[list[str]], column: str, values) -> list[list[str]]:
-    return [rows[0] + [column]] + [r + [v] for r, v in zip(rows[1:], values)]
+    return [rows[0] + [column]] + [r + [v] for r, v in zip(rows[1:], values, strict=False)]
 
 
-def fails(repo: Path, name: str, *patterns: str, max_lines: int = 2, may_change: tuple[str, ...] = ()) -> str:
+def fails(
+    repo: Path, name: str, *patterns: str, max_lines: int = 2, may_change: tuple[str, ...] = ()
+) -> str:
     """Run stage `name`, expect exit 1 with a short error matching every pattern and no
     output changed (except paths under `may_change`); returns stderr."""
     before = snapshot(repo)
@@ -86,8 +88,11 @@ def fails(repo: Path, name: str, *patterns: str, max_lines: int = 2, may_change:
     for pattern in patterns:
         assert re.search(pattern, err), f"{pattern!r} not in:\n{err}"
     after = snapshot(repo)
-    changed = sorted(k for k in before.keys() | after.keys()
-                     if before.get(k) != after.get(k) and not k.startswith(may_change))
+    changed = sorted(
+        k
+        for k in before.keys() | after.keys()
+        if before.get(k) != after.get(k) and not k.startswith(may_change)
+    )
     assert not changed, f"outputs changed: {', '.join(changed)}"
     return err
 
@@ -102,6 +107,7 @@ def write_input(repo: Path, rel: str, content: str | bytes | None) -> str:
 
 
 # --- prepare: the training CSV --------------------------------------------------------
+
 
 def _not_utf8(rows):
     return to_csv(set_cell(rows, 30, "island", "Bißcoe")).encode("latin-1")
@@ -123,21 +129,46 @@ PREPARE_CASES = {
     "empty": (lambda rows: b"", [r": the file is empty"], {}),
     "blank_lines": (lambda rows: "\n  \n\n", [r": the file is empty"], {}),
     "header_only": (lambda rows: to_csv(rows[:1]), [r": no data rows \(only a header\)"], {}),
-    "header_only_no_newline": (lambda rows: ",".join(rows[0]), [r": no data rows \(only a header\)"], {}),
-    "no_target": (lambda rows: to_csv(drop_column(rows, "species")),
-                  [r": target column 'species' not found; columns are: island, "], {}),
-    "text_in_numeric": (lambda rows: to_csv(set_cell(rows, 10, "bill_length_mm", "abc")),
-                        [r": column 'bill_length_mm' is numeric but has text in 1 rows \(line 10: 'abc'\)"], {}),
-    "nan_target": (lambda rows: to_csv(set_cell(set_cell(rows, 7, "species", ""), 40, "species", "NA")),
-                   [r": target 'species' is empty in 2 rows \(lines 7, 40\)"], {}),
-    "one_class": (lambda rows: to_csv([r for r in rows if r[0] in ("species", "Adelie")]),
-                  [r": target 'species' has one class \('Adelie'\); classification needs at least two"], {}),
-    "class_too_small_to_split": (_one_small_class,
-                                 [r": cannot split 21 rows into train/val/test", r"'Gentoo' with 1 rows"], {}),
-    "id_column": (lambda rows: to_csv(add_column(rows, "name", (f"penguin {i}" for i in range(len(rows))))),
-                  [r": column 'name' has 344 distinct text values", r"drop_columns"], {}),
-    "text_regression_target": (lambda rows: to_csv(rows), [r": regression target 'island' is not numeric"],
-                               {"tabular.data.target": "island", "tabular.data.task": "regression"}),
+    "header_only_no_newline": (
+        lambda rows: ",".join(rows[0]),
+        [r": no data rows \(only a header\)"],
+        {},
+    ),
+    "no_target": (
+        lambda rows: to_csv(drop_column(rows, "species")),
+        [r": target column 'species' not found; columns are: island, "],
+        {},
+    ),
+    "text_in_numeric": (
+        lambda rows: to_csv(set_cell(rows, 10, "bill_length_mm", "abc")),
+        [r": column 'bill_length_mm' is numeric but has text in 1 rows \(line 10: 'abc'\)"],
+        {},
+    ),
+    "nan_target": (
+        lambda rows: to_csv(set_cell(set_cell(rows, 7, "species", ""), 40, "species", "NA")),
+        [r": target 'species' is empty in 2 rows \(lines 7, 40\)"],
+        {},
+    ),
+    "one_class": (
+        lambda rows: to_csv([r for r in rows if r[0] in ("species", "Adelie")]),
+        [r": target 'species' has one class \('Adelie'\); classification needs at least two"],
+        {},
+    ),
+    "class_too_small_to_split": (
+        _one_small_class,
+        [r": cannot split 21 rows into train/val/test", r"'Gentoo' with 1 rows"],
+        {},
+    ),
+    "id_column": (
+        lambda rows: to_csv(add_column(rows, "name", (f"penguin {i}" for i in range(len(rows))))),
+        [r": column 'name' has 344 distinct text values", r"drop_columns"],
+        {},
+    ),
+    "text_regression_target": (
+        lambda rows: to_csv(rows),
+        [r": regression target 'island' is not numeric"],
+        {"tabular.data.target": "island", "tabular.data.task": "regression"},
+    ),
     "not_utf8": (_not_utf8, [r": not a readable CSV \(.*utf-8"], {}),
     "ragged_row": (_ragged, [r": not a readable CSV \(.*Expected 8 fields in line 20, saw 9"], {}),
 }
@@ -158,16 +189,27 @@ INFER_CASES = {
     "missing_parquet": ("parquet", lambda rows: None, [r": no such file"]),
     "empty": ("csv", lambda rows: b"", [r": the file is empty"]),
     "header_only": ("csv", lambda rows: to_csv(rows[:1]), [r": no data rows \(only a header\)"]),
-    "text_in_numeric": ("csv", lambda rows: to_csv(set_cell(rows, 10, "bill_length_mm", "abc")),
-                        [r": column 'bill_length_mm' must be numeric but has text in 1 rows \(line 10: 'abc'\)"]),
-    "missing_feature": ("csv", lambda rows: to_csv(drop_column(rows, "bill_length_mm")),
-                        [r": missing feature columns: bill_length_mm$"]),
+    "text_in_numeric": (
+        "csv",
+        lambda rows: to_csv(set_cell(rows, 10, "bill_length_mm", "abc")),
+        [r": column 'bill_length_mm' must be numeric but has text in 1 rows \(line 10: 'abc'\)"],
+    ),
+    "missing_feature": (
+        "csv",
+        lambda rows: to_csv(drop_column(rows, "bill_length_mm")),
+        [r": missing feature columns: bill_length_mm$"],
+    ),
     # Caught by the suite's value set before the preprocessor sees it; rows are CSV lines.
-    "unseen_category": ("csv", lambda rows: to_csv(set_cell(rows, 5, "island", "Atlantis")),
-                        [r" does not meet the expectations in data/expectations/tabular/penguins\.json",
-                         r"rows numbered by CSV line",
-                         r"expect_column_values_to_be_in_set on column 'island'",
-                         r"1 unexpected, e\.g\. 'Atlantis' \(row 5\)"]),
+    "unseen_category": (
+        "csv",
+        lambda rows: to_csv(set_cell(rows, 5, "island", "Atlantis")),
+        [
+            r" does not meet the expectations in data/expectations/tabular/penguins\.json",
+            r"rows numbered by CSV line",
+            r"expect_column_values_to_be_in_set on column 'island'",
+            r"1 unexpected, e\.g\. 'Atlantis' \(row 5\)",
+        ],
+    ),
 }
 
 
@@ -190,6 +232,7 @@ def test_infer_accepts_the_same_csv_unharmed(good: Path):
 
 # --- validate: a prepared split that breaks the suite --------------------------------
 
+
 def test_validate_names_expectation_column_value_and_line(good: Path):
     test_split = good / "data/prepared/tabular/test.parquet"
     df = pd.read_parquet(test_split)
@@ -200,23 +243,37 @@ def test_validate_names_expectation_column_value_and_line(good: Path):
     df.loc[line, "bill_length_mm"] = 5000.0
     df.to_parquet(test_split)
 
-    err = fails(good, "validate", r"^error: data does not meet the expectations in "
-                r"data/expectations/tabular/penguins\.json",
-                r"test \(data/prepared/tabular/test\.parquet, rows numbered by line of data/tabular/penguins\.csv\)"
-                r": 1 of \d+ expectations failed",
-                rf"expect_column_values_to_be_between on column 'bill_length_mm' .*: "
-                rf"1 unexpected, e\.g\. 5000\.0 \(row {line}\)",
-                max_lines=6, may_change=("metrics/tabular/validation.json", "metrics/tabular/datadocs"))
+    err = fails(
+        good,
+        "validate",
+        r"^error: data does not meet the expectations in "
+        r"data/expectations/tabular/penguins\.json",
+        r"test \(data/prepared/tabular/test\.parquet, rows numbered by line of data/tabular/penguins\.csv\)"
+        r": 1 of \d+ expectations failed",
+        rf"expect_column_values_to_be_between on column 'bill_length_mm' .*: "
+        rf"1 unexpected, e\.g\. 5000\.0 \(row {line}\)",
+        max_lines=6,
+        may_change=("metrics/tabular/validation.json", "metrics/tabular/datadocs"),
+    )
     assert "train (" not in err and "val (" not in err  # only the broken split is reported
 
     report = json.loads((good / "metrics/tabular/validation.json").read_text())
     assert report["success"] is False
-    assert {name: t["success"] for name, t in report["tables"].items()} == {"train": True, "val": True, "test": False}
+    assert {name: t["success"] for name, t in report["tables"].items()} == {
+        "train": True,
+        "val": True,
+        "test": False,
+    }
     failed = [r for r in report["tables"]["test"]["results"] if not r["success"]]
-    assert [(r["expectation"], r["column"], r["sample_values"], r["sample_rows"]) for r in failed] == \
-        [("expect_column_values_to_be_between", "bill_length_mm", [5000.0], [line])]
+    assert [
+        (r["expectation"], r["column"], r["sample_values"], r["sample_rows"]) for r in failed
+    ] == [("expect_column_values_to_be_between", "bill_length_mm", [5000.0], [line])]
 
 
 def test_stage_usage_error_is_one_line(good: Path):
     res = run(good, "python", "-m", "stages", "prepare", "images", check=False)
-    assert res.returncode == 1 and res.stderr.startswith("error: usage:") and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 1
+        and res.stderr.startswith("error: usage:")
+        and "Traceback" not in res.stderr
+    )

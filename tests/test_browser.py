@@ -3,6 +3,7 @@ download). Checks that the form starts at the training medians with the ranges i
 labels, that an out-of-range value shows a warning beside the prediction, that each tab's
 examples run, that a wrong upload gets a sentence, and that the Models tab shows its
 plots; saves a small screenshot of each under metrics/ui/ (tracked, for reviewers)."""
+
 from __future__ import annotations
 
 import io
@@ -10,14 +11,20 @@ import json
 import shutil
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SHOTS = ROOT / "metrics" / "ui"
 
 
@@ -51,22 +58,32 @@ def test_tabular_form_defaults_warnings_and_examples(page, served_repo):
     ref = card["reference"]["features"]
     page.get_by_role("tab", name="Tabular").click()
     mass = page.locator("#tab-body_mass_g input")
-    assert float(mass.input_value()) == ref["body_mass_g"]["median"]  # starts at the training median
-    assert f"training {ref['body_mass_g']['min']:g} to {ref['body_mass_g']['max']:g}" in \
-        page.locator("#tab-body_mass_g").inner_text()
+    assert (
+        float(mass.input_value()) == ref["body_mass_g"]["median"]
+    )  # starts at the training median
+    assert (
+        f"training {ref['body_mass_g']['min']:g} to {ref['body_mass_g']['max']:g}"
+        in page.locator("#tab-body_mass_g").inner_text()
+    )
     assert page.locator("#tab-island input").input_value() == ref["island"]["mode"]
     page.locator("#tab-predict").click()
-    page.wait_for_function("() => /inside the range/.test(document.querySelector('#tab-warnings').innerText)")
+    page.wait_for_function(
+        "() => /inside the range/.test(document.querySelector('#tab-warnings').innerText)"
+    )
     mass.fill("0")
     page.locator("#tab-predict").click()
-    page.wait_for_function("() => /body_mass_g = 0 is outside/.test(document.querySelector('#tab-warnings').innerText)")
+    page.wait_for_function(
+        "() => /body_mass_g = 0 is outside/.test(document.querySelector('#tab-warnings').innerText)"
+    )
     assert any(c in page.locator("#tab-out").inner_text() for c in card["classes"])
     shot(page, "tabular-warning")
     # An example fills the form with a row of the demo data.
     page.locator("#tab-examples table tbody tr, #tab-examples button.gallery-item").first.click()
     page.wait_for_function("() => document.querySelector('#tab-body_mass_g input').value !== '0'")
     page.locator("#tab-predict").click()
-    page.wait_for_function("() => /inside the range/.test(document.querySelector('#tab-warnings').innerText)")
+    page.wait_for_function(
+        "() => /inside the range/.test(document.querySelector('#tab-warnings').innerText)"
+    )
     shot(page, "tabular-example")
 
 
@@ -88,14 +105,18 @@ def test_image_example(page):
     page.get_by_role("tab", name="Image").click()
     page.locator("#img-examples table tbody tr, #img-examples button.gallery-item").first.click()
     page.wait_for_function("() => /[0-9]/.test(document.querySelector('#img-out').innerText)")
-    page.wait_for_function("() => /range|Check/.test(document.querySelector('#img-warnings').innerText)")
+    page.wait_for_function(
+        "() => /range|Check/.test(document.querySelector('#img-warnings').innerText)"
+    )
     shot(page, "image")
 
 
 def test_detection_example(page):
     page.get_by_role("tab", name="Detection").click()
     headers = page.locator("#det-table").inner_text()
-    assert "category" in headers and "score" in headers and "1\t2" not in headers  # named, even when empty
+    assert (
+        "category" in headers and "score" in headers and "1\t2" not in headers
+    )  # named, even when empty
     page.locator("#det-examples table tbody tr, #det-examples button.gallery-item").first.click()
     page.wait_for_selector("#det-img img", timeout=30_000)
     page.wait_for_function("() => document.querySelector('#det-warnings').innerText.length > 0")

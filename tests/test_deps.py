@@ -5,6 +5,7 @@ which imports the rest. If an imported file lay outside the stage's deps, editin
 leave the stage "up to date" with stale outputs. Imports are lazy (inside functions) in
 places, so we walk every import statement in each file's AST, not just the top level.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,7 +17,11 @@ import pytest
 from conftest import ROOT, copy_repo, run
 from dvc.repo import Repo
 
-PROJECT = ("stages", "app", "tools")  # top-level packages that are ours; everything else is a library
+PROJECT = (
+    "stages",
+    "app",
+    "tools",
+)  # top-level packages that are ours; everything else is a library
 
 
 def module_file(root: Path, name: str) -> Path | None:
@@ -40,19 +45,26 @@ def imports(root: Path, path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join([*package[:len(package) - node.level + 1], *filter(None, [base])])
+                base = ".".join([*package[: len(package) - node.level + 1], *filter(None, [base])])
             names.add(base)
             # `from stages.detect import yolo` imports the module stages/detect/yolo.py; a
             # name that is not a module (`from stages.core.common import log`) has no file.
-            names |= {f"{base}.{alias.name}" for alias in node.names
-                      if module_file(root, f"{base}.{alias.name}")}
+            names |= {
+                f"{base}.{alias.name}"
+                for alias in node.names
+                if module_file(root, f"{base}.{alias.name}")
+            }
     found = set()
     for name in names:
         if name.split(".")[0] not in PROJECT:
             continue
-        assert module_file(root, name), f"{path.relative_to(root)} imports {name}, which has no file"
+        assert module_file(root, name), (
+            f"{path.relative_to(root)} imports {name}, which has no file"
+        )
         parts = name.split(".")
-        found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}  # importing a.b.c runs a and a.b too
+        found |= {
+            ".".join(parts[:i]) for i in range(1, len(parts) + 1)
+        }  # importing a.b.c runs a and a.b too
     return found
 
 
@@ -77,8 +89,9 @@ def stage_code(root: Path) -> dict[str, tuple[list[Path], dict[Path, list[str]],
     with Repo(str(root)) as repo:
         for stage in repo.index.stages:
             argv = shlex.split(stage.cmd)
-            assert argv[:3] == ["python", "-m", "stages"] and len(argv) == 5, \
+            assert argv[:3] == ["python", "-m", "stages"] and len(argv) == 5, (
                 f"{stage.name}: expected `python -m stages STAGE TASK`, got {stage.cmd!r}"
+            )
             name, task = argv[3:]
             # The dispatcher imports stages.<task>.<stage> by name, which no AST walk can see.
             dispatched = f"stages.{task}.{name}"
@@ -99,13 +112,22 @@ def test_the_walker_finds_lazy_and_submodule_imports(tmp_path):
     (pkg / "sub").mkdir(parents=True)
     for name in ("__init__.py", "sub/__init__.py", "sub/lazy.py", "sub/leaf.py", "plain.py"):
         (pkg / name).write_text("")
-    (pkg / "main.py").write_text("import os\nfrom stages.plain import x\n"
-                                 "def f():\n    from stages.sub import lazy\n")
+    (pkg / "main.py").write_text(
+        "import os\nfrom stages.plain import x\ndef f():\n    from stages.sub import lazy\n"
+    )
     (pkg / "sub/lazy.py").write_text("from .leaf import y\n")
-    rel = lambda paths: sorted(str(p.relative_to(tmp_path)) for p in paths)
+
+    def rel(paths):
+        return sorted(str(p.relative_to(tmp_path)) for p in paths)
+
     assert rel(closure(tmp_path, ["stages.main"])) == [
-        "stages/__init__.py", "stages/main.py", "stages/plain.py",
-        "stages/sub/__init__.py", "stages/sub/lazy.py", "stages/sub/leaf.py"]
+        "stages/__init__.py",
+        "stages/main.py",
+        "stages/plain.py",
+        "stages/sub/__init__.py",
+        "stages/sub/lazy.py",
+        "stages/sub/leaf.py",
+    ]
     # And on the real code: train@detect reaches yolo only through a module-level
     # `from stages.detect import yolo`, labels reaches it only inside a function.
     train = closure(ROOT, ["stages.detect.train"])
@@ -117,10 +139,17 @@ def test_every_stage_depends_on_the_code_it_imports():
     problems = []
     for name, (deps, code, hidden) in stage_code(ROOT).items():
         for path, chain in sorted(code.items()):
-            why = ("is not under its deps" if not covering(deps, path)
-                   else "is hidden by .dvcignore" if path in hidden else None)
+            why = (
+                "is not under its deps"
+                if not covering(deps, path)
+                else "is hidden by .dvcignore"
+                if path in hidden
+                else None
+            )
             if why:
-                problems.append(f"{name}: {path.relative_to(ROOT)} {why} (imported via {' -> '.join(chain)})")
+                problems.append(
+                    f"{name}: {path.relative_to(ROOT)} {why} (imported via {' -> '.join(chain)})"
+                )
     assert not problems, "\n".join(problems)
 
 
@@ -132,8 +161,11 @@ def modified_deps(repo: Path) -> dict[str, set[str]]:
     for stage, entries in status.items():
         assert isinstance(entries, list) and all(
             isinstance(e, str) or isinstance(e, dict) and set(e) <= {"changed deps", "changed outs"}
-            for e in entries), (stage, entries)
-        changed = [e["changed deps"] for e in entries if isinstance(e, dict) and "changed deps" in e]
+            for e in entries
+        ), (stage, entries)
+        changed = [
+            e["changed deps"] for e in entries if isinstance(e, dict) and "changed deps" in e
+        ]
         out[stage] = {dep for deps in changed for dep, state in deps.items() if state == "modified"}
     return out
 
@@ -145,26 +177,41 @@ def test_editing_a_core_module_marks_its_stages_changed(tmp_path):
     # already reads "modified": an edit could not be seen to change anything. So first record
     # today's code in the copy's lock, as `dvc commit --force` would if the copy had outputs
     # (it has none, and `Repo.commit(allow_missing=True)` still fails in the run cache).
-    run(repo, "python", "-c", "from dvc.repo import Repo\n"
+    run(
+        repo,
+        "python",
+        "-c",
+        "from dvc.repo import Repo\n"
         "stages = Repo().index.stages\n"
         "for s in stages: s.save(allow_missing=True, run_cache=False)\n"
-        "stages[0].dvcfile.dump_stages(stages, update_pipeline=False)")
+        "stages[0].dvcfile.dump_stages(stages, update_pipeline=False)",
+    )
     stages = stage_code(repo)
     before = modified_deps(repo)
-    assert not any(any(dep.startswith("stages/") for dep in deps) for deps in before.values()), before
+    assert not any(any(dep.startswith("stages/") for dep in deps) for deps in before.values()), (
+        before
+    )
     modules = sorted((repo / "stages/core").glob("*.py"))
     assert modules
     for module in modules:
         # Each stage that imports the module must report the dep covering it (stages/core) as
         # modified; with no covering dep (test 1 fails then) the module itself, which never shows.
-        users = {name: covering(deps, module) or module
-                 for name, (deps, code, _) in stages.items() if module in code}
+        users = {
+            name: covering(deps, module) or module
+            for name, (deps, code, _) in stages.items()
+            if module in code
+        }
         text = module.read_text()
         module.write_text(text + "\n# edited by tests/test_deps.py\n")
         try:
             after = modified_deps(repo)
         finally:
             module.write_text(text)
-        missed = {name: str(dep.relative_to(repo)) for name, dep in users.items()
-                  if str(dep.relative_to(repo)) not in after.get(name, set())}
-        assert not missed, f"editing {module.relative_to(repo)} left these stages up to date: {missed}"
+        missed = {
+            name: str(dep.relative_to(repo))
+            for name, dep in users.items()
+            if str(dep.relative_to(repo)) not in after.get(name, set())
+        }
+        assert not missed, (
+            f"editing {module.relative_to(repo)} left these stages up to date: {missed}"
+        )

@@ -1,15 +1,15 @@
 """Great Expectations suites: created from training data, run for real, readable failures."""
+
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
-
-import numpy as np
 import yaml
-
 from conftest import ROOT
+
 from stages.core.expectations import for_inference, run_suite, summarise
 from stages.tabular import prepare
 from stages.tabular.validate import null_mostly, profile
@@ -25,7 +25,11 @@ def prepare_and_profile(out, source=PENGUINS, seed=0, confidence=0.9999):
     params["tabular"]["data"]["source"] = str(source)
     schema = prepare.run(params, out_dir=str(out))
     parts = {n: pd.read_parquet(out / f"{n}.parquet") for n in ("train", "val", "test")}
-    return parts, schema, tabular_suite(profile(out / "train.parquet", schema), schema, 0.5, confidence)
+    return (
+        parts,
+        schema,
+        tabular_suite(profile(out / "train.parquet", schema), schema, 0.5, confidence),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +67,11 @@ def test_failures_name_expectation_column_values_and_lines(penguins):
     bad.loc[bad.index[6], "species"] = "Emperor"
     report = run_suite(suite, {"test": bad})
     assert not report["success"]
-    failed = {(r["expectation"], r["column"]): r for r in report["tables"]["test"]["results"] if not r["success"]}
+    failed = {
+        (r["expectation"], r["column"]): r
+        for r in report["tables"]["test"]["results"]
+        if not r["success"]
+    }
     between = failed[("expect_column_values_to_be_between", "bill_length_mm")]
     assert between["sample_values"] == [5000.0] and between["sample_rows"] == [int(line)]
     assert ("expect_column_values_to_be_in_set", "island") in failed
@@ -87,11 +95,20 @@ def test_validating_by_column_gives_what_one_whole_table_validation_gives(pengui
     bad.loc[bad.index[2:9], "island"] = "Atlantis"
     bad.loc[bad.index[1], "sex"] = 1.5
     bad.loc[bad.index[7], "species"] = "Emperor"
-    fmt = {"result_format": "SUMMARY", "partial_unexpected_count": 5, "return_unexpected_index_query": False}
+    fmt = {
+        "result_format": "SUMMARY",
+        "partial_unexpected_count": 5,
+        "return_unexpected_index_query": False,
+    }
     ctx = gx.get_context(mode="ephemeral")
-    batch = ctx.data_sources.add_pandas("p").add_dataframe_asset("t").add_batch_definition_whole_dataframe("w")
+    batch = (
+        ctx.data_sources.add_pandas("p")
+        .add_dataframe_asset("t")
+        .add_batch_definition_whole_dataframe("w")
+    )
     whole = batch.get_batch(batch_parameters={"dataframe": _gx_frame(bad)}).validate(
-        gx.ExpectationSuite(name="whole", expectations=suite["expectations"]), result_format=fmt)
+        gx.ExpectationSuite(name="whole", expectations=suite["expectations"]), result_format=fmt
+    )
     got = run_suite(suite, {"t": bad})["tables"]["t"]["results"]
     assert got == [_result(r) for r in whole.results]
     assert sum(not r["success"] for r in got) >= 4
@@ -99,7 +116,7 @@ def test_validating_by_column_gives_what_one_whole_table_validation_gives(pengui
 
 def _chunks(frame: pd.DataFrame, size: int):
     for i in range(0, len(frame), size):
-        yield frame.iloc[i:i + size]
+        yield frame.iloc[i : i + size]
 
 
 def test_the_validation_worker_gives_one_validations_report(penguins, tmp_path, monkeypatch):
@@ -117,9 +134,14 @@ def test_the_validation_worker_gives_one_validations_report(penguins, tmp_path, 
     bad.loc[bad.index[160:170], "island"] = "Atlantis"
     whole = run_suite(suite, {"input": bad})
     assert not whole["success"]
-    between = next(r for r in whole["tables"]["input"]["results"] if r["expectation"].endswith("between")
-                   and r["column"] == "bill_length_mm")
-    assert between["unexpected_count"] == 2 and between["sample_rows"] == [int(i) for i in bad.index[[3, 150]]]
+    between = next(
+        r
+        for r in whole["tables"]["input"]["results"]
+        if r["expectation"].endswith("between") and r["column"] == "bill_length_mm"
+    )
+    assert between["unexpected_count"] == 2 and between["sample_rows"] == [
+        int(i) for i in bad.index[[3, 150]]
+    ]
 
     abandoned = run_suite_aside(suite, {"input": functools.partial(_chunks, parts["train"], 50)})
     abandoned.cancel()
@@ -129,7 +151,10 @@ def test_the_validation_worker_gives_one_validations_report(penguins, tmp_path, 
     # The worker reads paths from the caller's working folder of the moment.
     monkeypatch.chdir(tmp_path)
     bad.to_parquet("bad.parquet")
-    assert run_suite_aside(suite, {"input": functools.partial(_read_in_chunks, "bad.parquet")})() == whole
+    assert (
+        run_suite_aside(suite, {"input": functools.partial(_read_in_chunks, "bad.parquet")})()
+        == whole
+    )
 
 
 def _read_in_chunks(path: str):
@@ -167,7 +192,10 @@ def test_types_are_checked(penguins):
     bad["sex"] = bad["sex"].astype(object)
     bad.loc[bad.index[0], "sex"] = 1.5
     failed = [r for r in run_suite(suite, {"t": bad})["tables"]["t"]["results"] if not r["success"]]
-    assert any(r["expectation"] == "expect_column_values_to_be_in_type_list" and r["column"] == "sex" for r in failed)
+    assert any(
+        r["expectation"] == "expect_column_values_to_be_in_type_list" and r["column"] == "sex"
+        for r in failed
+    )
 
 
 def test_inference_suite_drops_target_checks_and_allows_extra_columns(penguins):
@@ -185,7 +213,11 @@ def test_missing_values_beyond_the_allowed_share_fail(penguins):
     bad = parts["test"].copy()
     bad["flipper_length_mm"] = float("nan")
     report = run_suite(suite, {"t": bad})
-    failed = [(r["expectation"], r["column"]) for r in report["tables"]["t"]["results"] if not r["success"]]
+    failed = [
+        (r["expectation"], r["column"])
+        for r in report["tables"]["t"]["results"]
+        if not r["success"]
+    ]
     assert ("expect_column_values_to_not_be_null", "flipper_length_mm") in failed
     assert pd.isna(bad["flipper_length_mm"]).all()
 

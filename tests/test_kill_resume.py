@@ -17,6 +17,7 @@ Preparation (atomic_dir/atomic_path): a SIGKILL while prepare writes its output 
 either the previous output or the complete new one, and the temporary siblings such a kill
 leaves behind are removed by the next successful run instead of piling up.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import copy_repo, run, set_params
+
 from stages.core.common import atomic_dir, atomic_path
 
 pytestmark = pytest.mark.slow
@@ -46,12 +47,24 @@ pytestmark = pytest.mark.slow
 # short enough for the whole file to take a few minutes. patience 0: every run has all epochs.
 # image: one DataLoader worker, whose augmentation RNG must resume too.
 PARAMS = {
-    "tabular": {"tabular.train.hidden": [64], "tabular.train.epochs": 30, "tabular.train.batch_size": 8,
-                "tabular.train.patience": 0, "tabular.evaluate.baseline": False},  # amp stays 'auto'
-    "image": {"image.demo.size": 16, "image.data.image_size": 16,
-              "image.data.split.val": 0.1, "image.data.split.test": 0.7,  # 360 training images
-              "image.train.epochs": 4, "image.train.batch_size": 16, "image.train.patience": 0,
-              "image.train.amp": "off", "image.train.num_workers": 1},
+    "tabular": {
+        "tabular.train.hidden": [64],
+        "tabular.train.epochs": 30,
+        "tabular.train.batch_size": 8,
+        "tabular.train.patience": 0,
+        "tabular.evaluate.baseline": False,
+    },  # amp stays 'auto'
+    "image": {
+        "image.demo.size": 16,
+        "image.data.image_size": 16,
+        "image.data.split.val": 0.1,
+        "image.data.split.test": 0.7,  # 360 training images
+        "image.train.epochs": 4,
+        "image.train.batch_size": 16,
+        "image.train.patience": 0,
+        "image.train.amp": "off",
+        "image.train.num_workers": 1,
+    },
 }
 KILL_AFTER = 2  # epochs checkpointed before the kill
 TEMP = re.compile(r"^\..+\.(tmp|old)$")  # atomic_path / atomic_dir scratch names
@@ -81,7 +94,9 @@ def spawn():
 
     def start(repo: Path, log: Path, *cmd: str) -> subprocess.Popen:
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, cwd=repo, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=repo, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         procs.append(proc)
         return proc
 
@@ -99,7 +114,9 @@ def kill_group(proc: subprocess.Popen, sig: int, timeout: float = 60) -> None:
     proc.wait(timeout=timeout)
     deadline = time.monotonic() + timeout
     while group_members(proc.pid):
-        assert time.monotonic() < deadline, f"{signal.Signals(sig).name} left {group_members(proc.pid)} running"
+        assert time.monotonic() < deadline, (
+            f"{signal.Signals(sig).name} left {group_members(proc.pid)} running"
+        )
         time.sleep(0.05)
 
 
@@ -160,14 +177,24 @@ def tsvs(repo: Path, task: str) -> dict[str, bytes]:
 def results(repo: Path, task: str) -> dict:
     """What a finished train + evaluate leaves, for comparing two runs."""
     model = torch.load(repo / "models" / task / "model.pt", map_location="cpu", weights_only=True)
-    return {"state_dict": model["state_dict"], "meta": model["meta"], "tsv": tsvs(repo, task),
-            **{rel: (repo / "metrics" / task / rel).read_bytes() for rel in ("train/metrics.json", "metrics.json")}}
+    return {
+        "state_dict": model["state_dict"],
+        "meta": model["meta"],
+        "tsv": tsvs(repo, task),
+        **{
+            rel: (repo / "metrics" / task / rel).read_bytes()
+            for rel in ("train/metrics.json", "metrics.json")
+        },
+    }
 
 
 def assert_same_results(got: dict, want: dict) -> None:
     assert got["state_dict"].keys() == want["state_dict"].keys()
-    different = [k for k, v in want["state_dict"].items()
-                 if v.dtype != got["state_dict"][k].dtype or not torch.equal(v, got["state_dict"][k])]
+    different = [
+        k
+        for k, v in want["state_dict"].items()
+        if v.dtype != got["state_dict"][k].dtype or not torch.equal(v, got["state_dict"][k])
+    ]
     assert not different, f"weights differ from the uninterrupted run's: {different}"
     assert got["meta"] == want["meta"]
     for rel in ("train/metrics.json", "metrics.json"):
@@ -179,7 +206,9 @@ def assert_one_row_per_epoch(repo: Path, task: str, epochs: int) -> None:
     files = tsvs(repo, task)
     assert set(files) == {"train_loss.tsv", "val_loss.tsv", "val_acc.tsv", "lr.tsv"}
     for name in files:
-        table = pd.read_csv(repo / "metrics" / task / "train" / "plots" / "metrics" / name, sep="\t")
+        table = pd.read_csv(
+            repo / "metrics" / task / "train" / "plots" / "metrics" / name, sep="\t"
+        )
         assert table["step"].tolist() == list(range(epochs)), name
 
 
@@ -228,10 +257,13 @@ def tear_dvclive_files(repo: Path, task: str) -> None:
     some .tsv files (a kill after last.pt was saved, before DVCLive wrote), cut mid-row in
     another (a kill inside an append), and metrics.json cut mid-write."""
     folder = repo / "metrics" / task / "train"
-    rows = {name: (folder / "plots" / "metrics" / name).read_text().splitlines(keepends=True)
-            for name in ("train_loss.tsv", "val_acc.tsv", "val_loss.tsv", "lr.tsv")}
-    (folder / "plots" / "metrics" / "val_acc.tsv").write_text("".join(rows["val_acc.tsv"][:-1])
-                                                              + rows["val_acc.tsv"][-1][:3])
+    rows = {
+        name: (folder / "plots" / "metrics" / name).read_text().splitlines(keepends=True)
+        for name in ("train_loss.tsv", "val_acc.tsv", "val_loss.tsv", "lr.tsv")
+    }
+    (folder / "plots" / "metrics" / "val_acc.tsv").write_text(
+        "".join(rows["val_acc.tsv"][:-1]) + rows["val_acc.tsv"][-1][:3]
+    )
     for name in ("val_loss.tsv", "lr.tsv"):
         (folder / "plots" / "metrics" / name).write_text("".join(rows[name][:-1]))
     summary = (folder / "metrics.json").read_text()
@@ -240,10 +272,14 @@ def tear_dvclive_files(repo: Path, task: str) -> None:
 
 # Image with SIGKILL is left out for the suite's time (46 s): the kill, the torn DVCLive
 # files and the resume are the shared trainer's, which tabular's SIGKILL case runs.
-@pytest.mark.parametrize("task,sig", [("tabular", signal.SIGTERM), ("tabular", signal.SIGKILL),
-                                      ("image", signal.SIGTERM)], ids=["tabular-SIGTERM", "tabular-SIGKILL",
-                                                                       "image-SIGTERM"])
-def test_killed_training_resumes_to_the_uninterrupted_result(task, sig, validated, uninterrupted, spawn, tmp_path):
+@pytest.mark.parametrize(
+    "task,sig",
+    [("tabular", signal.SIGTERM), ("tabular", signal.SIGKILL), ("image", signal.SIGTERM)],
+    ids=["tabular-SIGTERM", "tabular-SIGKILL", "image-SIGTERM"],
+)
+def test_killed_training_resumes_to_the_uninterrupted_result(
+    task, sig, validated, uninterrupted, spawn, tmp_path
+):
     """Kill `dvc repro train@<task>` mid-epoch: nothing under models/, metrics/, data/ is
     half-written and last.pt is intact; `dvc repro evaluate@<task>` then resumes after the
     last checkpointed epoch and ends bit-identical to an uninterrupted run, with exactly one
@@ -258,18 +294,26 @@ def test_killed_training_resumes_to_the_uninterrupted_result(task, sig, validate
     # Printed after epoch KILL_AFTER's checkpoint and DVCLive rows are written; then wait
     # 40% of that epoch's duration (at most 0.3 s: epochs on a busy machine vary a lot), so
     # the signal lands in the next epoch's training, not inside a write.
-    seconds = float(wait_for(log, rf"^epoch {KILL_AFTER}/{epochs} .*\((\d+\.\d+)s\)", proc).group(1))
+    seconds = float(
+        wait_for(log, rf"^epoch {KILL_AFTER}/{epochs} .*\((\d+\.\d+)s\)", proc).group(1)
+    )
     time.sleep(min(0.4 * seconds, 0.3))
     kill_group(proc, sig)
     assert proc.returncode != 0
 
     killed = log.read_text()
     done = [int(n) for n in re.findall(rf"^epoch (\d+)/{epochs} ", killed, re.M)]
-    assert done and done[-1] < epochs, f"the run was not killed mid-training ({done}):\n{killed[-2000:]}"
+    assert done and done[-1] < epochs, (
+        f"the run was not killed mid-training ({done}):\n{killed[-2000:]}"
+    )
     assert_nothing_half_written(repo)
-    last = torch.load(repo / "models" / task / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    last = torch.load(
+        repo / "models" / task / "checkpoints" / "last.pt", map_location="cpu", weights_only=True
+    )
     k = last["state"]["epoch"]
-    assert KILL_AFTER <= k in (done[-1], done[-1] + 1) and not last["finished"]  # +1: killed before its log line
+    assert (
+        KILL_AFTER <= k in (done[-1], done[-1] + 1) and not last["finished"]
+    )  # +1: killed before its log line
     assert not (repo / "models" / task / "model.pt").exists()
     if sig == signal.SIGKILL:
         tear_dvclive_files(repo, task)
@@ -288,13 +332,20 @@ def test_killed_training_resumes_to_the_uninterrupted_result(task, sig, validate
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def scratch(out_dir: Path) -> set[str]:
     """atomic_dir's temporary siblings of out_dir."""
-    return {p.name for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.") and TEMP.match(p.name)}
+    return {
+        p.name
+        for p in out_dir.parent.iterdir()
+        if p.name.startswith(f".{out_dir.name}.") and TEMP.match(p.name)
+    }
 
 
 def big_penguins(repo: Path, rows: int = 300_000) -> None:
@@ -342,7 +393,9 @@ def test_killed_prepare_leaves_the_old_or_the_new_output_and_no_scratch_behind(s
         time.sleep(rnd.uniform(0, 0.05))
         if proc.poll() is None:
             kill_group(proc, signal.SIGKILL)
-            inside += bool(scratch(out_dir) - before)  # this kill left its scratch: it hit the write
+            inside += bool(
+                scratch(out_dir) - before
+            )  # this kill left its scratch: it hit the write
         else:  # the poll missed the write on a busy machine: the run completed
             assert proc.returncode == 0, log.read_text()[-2000:]
         assert tree_hashes(out_dir) in (old, new), f"kill {attempt}: a mix of old and new files"
@@ -367,9 +420,13 @@ def test_stale_scratch_is_removed_and_a_live_writers_is_spared(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     try:
-        names = {"dead": f".out.csv.{dead.pid}.abcd_123.tmp", "old_style": ".out.csv.k2j4h5g6.tmp",
-                 "alive": f".out.csv.{alive.pid}.abcd_123.tmp", "other_file": f".out.csv.gz.{dead.pid}.abcd_123.tmp",
-                 "other_dir": f".out.{dead.pid}.abcd_123.tmp"}
+        names = {
+            "dead": f".out.csv.{dead.pid}.abcd_123.tmp",
+            "old_style": ".out.csv.k2j4h5g6.tmp",
+            "alive": f".out.csv.{alive.pid}.abcd_123.tmp",
+            "other_file": f".out.csv.gz.{dead.pid}.abcd_123.tmp",
+            "other_dir": f".out.{dead.pid}.abcd_123.tmp",
+        }
         for key, name in names.items():
             (tmp_path / name).mkdir() if key == "other_dir" else (tmp_path / name).write_text(key)
         with atomic_path(tmp_path / "out.csv") as tmp:
@@ -390,12 +447,13 @@ def test_atomic_dir_puts_the_previous_output_back_after_a_kill_between_its_renam
     with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("v1")
     os.replace(out, tmp_path / ".prepared.old")  # the state between the two renames
-    with pytest.raises(RuntimeError):
-        with atomic_dir(out) as tmp:
-            (tmp / "a.txt").write_text("v2, cut short")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("v2, cut short")
+        raise RuntimeError("killed")
     assert {p.name for p in tmp_path.iterdir()} == {"prepared"}
     assert (out / "a.txt").read_text() == "v1"
     with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("v3")
-    assert {p.name for p in tmp_path.iterdir()} == {"prepared"} and (out / "a.txt").read_text() == "v3"
+    assert {p.name for p in tmp_path.iterdir()} == {"prepared"} and (
+        out / "a.txt"
+    ).read_text() == "v3"

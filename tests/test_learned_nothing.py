@@ -1,6 +1,7 @@
 """evaluate's metrics (stages/core/metrics.py): it says when a model learned nothing, at or
 below chance (the majority-class share, r2 0) or, for detection, below a mAP50 floor
 (tests/test_detect_long.py runs that one); its plot files stay bounded on large test splits."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import re
 
 import numpy as np
 import pytest
+from conftest import TINY_TABULAR, copy_repo, set_params, stage
 
-from conftest import copy_repo, set_params, stage, TINY_TABULAR
 from stages.core.common import StageError
 from stages.core.inference import softmax
 from stages.core.metrics import (
@@ -25,12 +26,18 @@ from stages.core.metrics import (
 def test_learned_nothing_at_or_below_the_floor(capsys):
     assert learned_nothing("image", "accuracy", 0.31, 0.3, "the majority-class share") == []
     [text] = learned_nothing("image", "accuracy", 0.3, 0.3, "the majority-class share")
-    assert text.startswith("the image model learned nothing: test accuracy 0.3 is not above the majority-class share")
+    assert text.startswith(
+        "the image model learned nothing: test accuracy 0.3 is not above the majority-class share"
+    )
     assert "image.train.pretrained" in text and "image.train.epochs" in text
     assert f"warning: {text}" in capsys.readouterr().err
-    fail_if_untrained([], "image", {"image": {"evaluate": {"fail_if_untrained": True}}})  # nothing to fail on
+    fail_if_untrained(
+        [], "image", {"image": {"evaluate": {"fail_if_untrained": True}}}
+    )  # nothing to fail on
     fail_if_untrained([text], "image", {"image": {"evaluate": {"fail_if_untrained": False}}})
-    with pytest.raises(StageError, match=r"learned nothing.*\(image\.evaluate\.fail_if_untrained is true\)$"):
+    with pytest.raises(
+        StageError, match=r"learned nothing.*\(image\.evaluate\.fail_if_untrained is true\)$"
+    ):
         fail_if_untrained([text], "image", {"image": {"evaluate": {"fail_if_untrained": True}}})
 
 
@@ -40,18 +47,29 @@ def test_tabular_evaluate_warns_then_fails_on_an_untrained_model(tmp_path):
     a warning in the log and in metrics.json; fail_if_untrained fails the stage, after
     writing metrics.json."""
     repo = copy_repo(tmp_path / "repo")
-    set_params(repo, {**TINY_TABULAR, "tabular.train.lr": 1e-12, "tabular.train.epochs": 1,
-                      "tabular.evaluate.baseline": False})
+    set_params(
+        repo,
+        {
+            **TINY_TABULAR,
+            "tabular.train.lr": 1e-12,
+            "tabular.train.epochs": 1,
+            "tabular.evaluate.baseline": False,
+        },
+    )
     for name in ("prepare", "train"):
         stage(repo, name, "tabular")
     res = stage(repo, "evaluate", "tabular")
-    assert re.search(r"^warning: the tabular model learned nothing: test accuracy", res.stderr, re.M), res.stderr
+    assert re.search(
+        r"^warning: the tabular model learned nothing: test accuracy", res.stderr, re.M
+    ), res.stderr
     metrics = json.loads((repo / "metrics/tabular/metrics.json").read_text())
     assert len(metrics["warnings"]) == 1 and "majority-class share" in metrics["warnings"][0]
     set_params(repo, {"tabular.evaluate.fail_if_untrained": True})
     (repo / "metrics/tabular/metrics.json").unlink()
     res = stage(repo, "evaluate", "tabular", check=False)
-    assert res.returncode == 1 and re.search(r"^error: the tabular model learned nothing: .*is true\)$", res.stderr, re.M)
+    assert res.returncode == 1 and re.search(
+        r"^error: the tabular model learned nothing: .*is true\)$", res.stderr, re.M
+    )
     assert json.loads((repo / "metrics/tabular/metrics.json").read_text())["warnings"]
 
 
@@ -68,9 +86,14 @@ def test_plot_files_stay_bounded_and_metrics_use_every_row():
     assert metrics["accuracy"] == (probs.argmax(1) == y).mean()
     assert metrics["roc_auc"] == roc_auc_score(y, probs, multi_class="ovr", average="macro")
     assert len(plots["confusion"]) == len(range(0, n, 4)) <= PLOT_ROWS
-    assert [r["actual"] for r in plots["confusion"][:3]] == [["a", "b", "c"][c] for c in y[[0, 4, 8]]]
+    assert [r["actual"] for r in plots["confusion"][:3]] == [
+        ["a", "b", "c"][c] for c in y[[0, 4, 8]]
+    ]
     assert len(plots["roc"]) == len(plots["pr"]) == CURVE_POINTS
-    assert plots["roc"][0] == {"fpr": 0.0, "tpr": 0.0} and plots["roc"][-1] == {"fpr": 1.0, "tpr": 1.0}
+    assert plots["roc"][0] == {"fpr": 0.0, "tpr": 0.0} and plots["roc"][-1] == {
+        "fpr": 1.0,
+        "tpr": 1.0,
+    }
     small, small_plots = classification_report(y[:50], probs[:50], ["a", "b", "c"])
     assert len(small_plots["confusion"]) == 50  # small test splits: every row, every point
     _, reg = regression_report(y.astype(float), probs[:, 0])

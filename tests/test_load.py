@@ -2,6 +2,7 @@
 on 127.0.0.1 only, bounded in count and time; with one worker process and again with
 two (uvicorn factory mode, Prometheus multiprocess mode). Both results go to
 metrics/load.json."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import re
 import urllib.request
 
 import pytest
-
 from conftest import run, serving
 
 pytestmark = pytest.mark.slow
@@ -17,12 +17,29 @@ pytestmark = pytest.mark.slow
 
 def load(url, repo) -> dict:
     out = repo / "metrics/load.json"
-    res = run(repo, "python", "-m", "tools.loadtest", url, "--clients", "50", "--requests", "2000",
-              "--out", str(out), check=False, timeout=300)
+    res = run(
+        repo,
+        "python",
+        "-m",
+        "tools.loadtest",
+        url,
+        "--clients",
+        "50",
+        "--requests",
+        "2000",
+        "--out",
+        str(out),
+        check=False,
+        timeout=300,
+    )
     workers = json.loads(urllib.request.urlopen(f"{url}/ready", timeout=10).read())["workers"]
     result = json.loads(out.read_text())[f"workers_{workers}"]
     assert res.returncode == 0 and result["errors"] == 0, result["error_samples"]
-    assert {t: s["n"] for t, s in result["latency"].items()} == {"tabular": 1000, "image": 600, "detect": 400}
+    assert {t: s["n"] for t, s in result["latency"].items()} == {
+        "tabular": 1000,
+        "image": 600,
+        "detect": 400,
+    }
     for stats in result["latency"].values():
         assert 0 < stats["p50_ms"] <= stats["p99_ms"]
     # Resident memory after warm-up (thread pool, arenas) stays flat: the last sample is
@@ -43,6 +60,9 @@ def test_two_workers_share_the_load_and_sum_their_metrics(served_repo):
     assert result["workers"] == 2
     # Multiprocess mode: /metrics, answered by one worker, counts every worker's requests
     # (50 warm-up requests + 2,000).
-    served = sum(float(v) for v in re.findall(r'^requests_total\{status="200",task="\w+"\} (\S+)$', text, re.M))
+    served = sum(
+        float(v)
+        for v in re.findall(r'^requests_total\{status="200",task="\w+"\} (\S+)$', text, re.M)
+    )
     assert served == 2050, served
     assert len(json.loads((served_repo / "metrics/load.json").read_text())) >= 2

@@ -6,6 +6,7 @@ shared with the app tests, so `make test` reproduces it once). One goes through 
 committed default remote (a folder in the clone) with `make push` / `make pull`, the other
 through a real S3 API (moto's server on 127.0.0.1) with the DVC CLI.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,17 +21,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port, run, stop
 
 pytestmark = pytest.mark.slow
 
 # Every output DVC caches (the rest are `cache: false` metrics kept in git).
 CACHED = {
-    "data/demo/digits", "data/demo/shapes",
+    "data/demo/digits",
+    "data/demo/shapes",
     *(f"data/prepared/{t}" for t in ("tabular", "image", "detect")),
-    *(f"models/{t}/{f}" for t in ("tabular", "image", "detect") for f in ("model.pt", "model.onnx", "model.json")),
-    "data/predictions/tabular.csv", "data/predictions/image.csv", "data/predictions/detect.json",
+    *(
+        f"models/{t}/{f}"
+        for t in ("tabular", "image", "detect")
+        for f in ("model.pt", "model.onnx", "model.json")
+    ),
+    "data/predictions/tabular.csv",
+    "data/predictions/image.csv",
+    "data/predictions/detect.json",
 }
 CLEAN = "Data and pipelines are up to date"
 
@@ -115,7 +122,11 @@ def copy(served_repo, tmp_path) -> Path:
 def prepare(repo: Path):
     """The cached outputs, their hashes, and the objects a push must send."""
     outs = lock_outs(repo)
-    cached = {rel for rel, out in outs.items() if cache_object(repo / ".dvc" / "cache", out["md5"]).is_file()}
+    cached = {
+        rel
+        for rel, out in outs.items()
+        if cache_object(repo / ".dvc" / "cache", out["md5"]).is_file()
+    }
     assert cached == CACHED  # exactly the outputs we expect DVC to cache, all in the cache
     snap = snapshot(repo, CACHED)
     check_against_lock(repo, snap)
@@ -129,7 +140,9 @@ def test_round_trip_through_the_default_local_remote(copy):
     snap, objects = prepare(copy)
     storage = copy / ".dvc-storage"
     remotes = run(copy, "dvc", "remote", "list").stdout
-    assert remotes.split() == ["local", str(storage), "(default)"], remotes  # inside the clone, wherever it is
+    assert remotes.split() == ["local", str(storage), "(default)"], (
+        remotes
+    )  # inside the clone, wherever it is
 
     # `make` with `-o install`: the copy has no .venv of its own and must not make one.
     out = run(copy, "make", "-o", "install", "push").stdout
@@ -163,8 +176,11 @@ def s3(tmp_path, monkeypatch):
     port = free_port()
     log = tmp_path / "moto.log"
     with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -173,11 +189,18 @@ def s3(tmp_path, monkeypatch):
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto's server did not start: {log.read_text()[-3000:]}")
+                    raise RuntimeError(
+                        f"moto's server did not start: {log.read_text()[-3000:]}"
+                    ) from None
                 time.sleep(0.2)
         url = f"http://127.0.0.1:{port}"
-        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         client.create_bucket(Bucket="bucket")
         yield url, client
     finally:
@@ -187,7 +210,7 @@ def s3(tmp_path, monkeypatch):
 def bucket_keys(client, prefix: str) -> set[str]:
     keys = set()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket="bucket", Prefix=prefix):
-        keys |= {obj["Key"][len(prefix):] for obj in page.get("Contents", [])}
+        keys |= {obj["Key"][len(prefix) :] for obj in page.get("Contents", [])}
     return keys
 
 

@@ -1,6 +1,7 @@
 """Spark as the engine (`tabular.data.engine: spark`) gives what the pandas engine gives: the
 same splits, errors, GX verdicts and predictions; and `dvc repro` runs on it end to end.
 One Spark session (local[2]) for the in-process tests; the pipeline's stages start their own."""
+
 from __future__ import annotations
 
 import os
@@ -10,14 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import ROOT, TINY_TABULAR, copy_repo, run, set_params
+
 from stages.core.common import StageError
 from stages.core.expectations import run_suite
 from stages.tabular import prepare
 from stages.tabular.data import read_split
 from stages.tabular.spark import profile as spark_profile
-from stages.tabular.validate import profile, suite as tabular_suite
+from stages.tabular.validate import profile
+from stages.tabular.validate import suite as tabular_suite
 
 os.environ["SPARK_MASTER"] = "local[2]"  # for the stages' processes too
 PENGUINS = ROOT / "data/tabular/penguins.csv"
@@ -38,7 +40,10 @@ def prepare_both(tmp_path: Path, source: Path, **data) -> dict:
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         params["tabular"]["data"].update(source=str(source), engine=engine, **data)
         schema = prepare.run(params, out_dir=str(tmp_path / engine))
-        out[engine] = schema, {n: read_split(tmp_path / engine / f"{n}.parquet") for n in ("train", "val", "test")}
+        out[engine] = (
+            schema,
+            {n: read_split(tmp_path / engine / f"{n}.parquet") for n in ("train", "val", "test")},
+        )
     return out
 
 
@@ -58,14 +63,19 @@ def regression(path: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["penguins", "semicolons", "regression"])
 def test_both_engines_give_identical_splits(spark, tmp_path, case):
-    source = {"penguins": lambda: PENGUINS, "semicolons": lambda: semicolons(tmp_path / "s.csv"),
-              "regression": lambda: regression(tmp_path / "r.csv")}[case]()
+    source = {
+        "penguins": lambda: PENGUINS,
+        "semicolons": lambda: semicolons(tmp_path / "s.csv"),
+        "regression": lambda: regression(tmp_path / "r.csv"),
+    }[case]()
     data = {"target": "body_mass_g", "task": "regression"} if case == "regression" else {}
     both = prepare_both(tmp_path, source, **data)
     (schema_p, parts_p), (schema_s, parts_s) = both["pandas"], both["spark"]
     for name in parts_p:
         pd.testing.assert_frame_equal(parts_p[name], parts_s[name], check_dtype=False)
-    assert {k: v for k, v in schema_p.items() if k != "params"} == {k: v for k, v in schema_s.items() if k != "params"}
+    assert {k: v for k, v in schema_p.items() if k != "params"} == {
+        k: v for k, v in schema_s.items() if k != "params"
+    }
     assert sum(schema_p["rows"].values()) == len(pd.read_csv(source, sep=None, engine="python"))
 
 
@@ -79,15 +89,25 @@ def bad_csvs(tmp_path: Path) -> dict[str, tuple[Path, dict]]:
 
     text = list(rows)
     cells = text[9].split(",")
-    text[9] = ",".join([*cells[:2], "abc", *cells[3:]])  # bill_length_mm on line 10 (the header is line 1)
-    empty_target = [rows[0], *[r[r.index(","):] if line in (7, 40) else r for line, r in enumerate(rows[1:], 2)]]
+    text[9] = ",".join(
+        [*cells[:2], "abc", *cells[3:]]
+    )  # bill_length_mm on line 10 (the header is line 1)
+    empty_target = [
+        rows[0],
+        *[r[r.index(",") :] if line in (7, 40) else r for line, r in enumerate(rows[1:], 2)],
+    ]
     ragged = list(rows)
     ragged[19] += ",extra"
     return {
         "text_in_numeric": (write("text", text), {}),
         "empty_target": (write("empty", empty_target), {}),
         "one_class": (write("one", [r for r in rows if r.startswith(("species", "Adelie"))]), {}),
-        "id_column": (write("ids", [rows[0] + ",name"] + [f"{r},penguin {i}" for i, r in enumerate(rows[1:])]), {}),
+        "id_column": (
+            write(
+                "ids", [rows[0] + ",name"] + [f"{r},penguin {i}" for i, r in enumerate(rows[1:])]
+            ),
+            {},
+        ),
         "ragged_row": (write("ragged", ragged), {}),
         "regression_text_target": (PENGUINS, {"target": "island", "task": "regression"}),
     }
@@ -111,8 +131,12 @@ def test_both_engines_give_the_same_errors(spark, tmp_path):
 def test_both_engines_give_the_same_gx_verdicts_and_failing_lines(spark, tmp_path):
     both = prepare_both(tmp_path, PENGUINS)
     schema, parts = both["pandas"]
-    suite = tabular_suite(profile(tmp_path / "pandas" / "train.parquet", schema), schema, 0.5, 0.9999)
-    assert suite == tabular_suite(spark_profile(tmp_path / "spark" / "train.parquet", schema), schema, 0.5, 0.9999)
+    suite = tabular_suite(
+        profile(tmp_path / "pandas" / "train.parquet", schema), schema, 0.5, 0.9999
+    )
+    assert suite == tabular_suite(
+        spark_profile(tmp_path / "spark" / "train.parquet", schema), schema, 0.5, 0.9999
+    )
     bad = parts["test"].copy()
     lines = bad.index[[3, 7]]
     bad.loc[lines[0], "bill_length_mm"] = 5000.0
@@ -124,9 +148,17 @@ def test_both_engines_give_the_same_gx_verdicts_and_failing_lines(spark, tmp_pat
     reports = {"pandas": run_suite(suite, frames), "spark": run_suite(suite, sdf)}
 
     def verdicts(report):
-        return {name: (t["success"], sorted((r["expectation"], r["column"], tuple(r.get("sample_rows", [])))
-                                           for r in t["results"] if not r["success"]))
-                for name, t in report["tables"].items()}
+        return {
+            name: (
+                t["success"],
+                sorted(
+                    (r["expectation"], r["column"], tuple(r.get("sample_rows", [])))
+                    for r in t["results"]
+                    if not r["success"]
+                ),
+            )
+            for name, t in report["tables"].items()
+        }
 
     assert verdicts(reports["pandas"]) == verdicts(reports["spark"])
     failed = verdicts(reports["spark"])["test"][1]
@@ -140,9 +172,13 @@ def test_dvc_repro_on_spark_runs_end_to_end_and_predicts_as_pandas(spark, tmp_pa
     set_params(repo, {**TINY_TABULAR, "tabular.train.epochs": 3, "tabular.data.engine": "spark"})
     (repo / "data/expectations/tabular/penguins.json").unlink()  # made by Spark's profile
     run(repo, "dvc", "repro", "infer@tabular", timeout=900)
-    assert sorted(p.name for p in (repo / "data/prepared/tabular/train.parquet").iterdir()) == ["part-00000.parquet"]
+    assert sorted(p.name for p in (repo / "data/prepared/tabular/train.parquet").iterdir()) == [
+        "part-00000.parquet"
+    ]
     parts = sorted((repo / "data/predictions/tabular.csv").glob("part-*.csv"))
-    spark_preds = pd.concat([pd.read_csv(p) for p in parts]).sort_values("line").reset_index(drop=True)
+    spark_preds = (
+        pd.concat([pd.read_csv(p) for p in parts]).sort_values("line").reset_index(drop=True)
+    )
     # the same model and input through the pandas engine
     from stages.tabular import infer
 
@@ -151,8 +187,13 @@ def test_dvc_repro_on_spark_runs_end_to_end_and_predicts_as_pandas(spark, tmp_pa
     monkeypatch.chdir(repo)
     infer.run(params, Path("models/tabular"), tmp_path / "pandas.csv")
     pandas_preds = pd.read_csv(tmp_path / "pandas.csv")
-    assert len(spark_preds) == len(pandas_preds) == len(read_split(repo / "data/prepared/tabular/test.parquet"))
+    assert (
+        len(spark_preds)
+        == len(pandas_preds)
+        == len(read_split(repo / "data/prepared/tabular/test.parquet"))
+    )
     assert spark_preds["line"].tolist() == pandas_preds["line"].tolist()
     assert spark_preds["prediction"].tolist() == pandas_preds["prediction"].tolist()
-    np.testing.assert_allclose(spark_preds.drop(columns="prediction"), pandas_preds.drop(columns="prediction"),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        spark_preds.drop(columns="prediction"), pandas_preds.drop(columns="prediction"), atol=1e-6
+    )

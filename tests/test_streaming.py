@@ -1,5 +1,6 @@
 """The streaming parts of the tabular pipeline: the training split read by row group per
 rank (RowGroups), chunked validation adding up to one run, and infer in chunks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,14 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import ROOT, run_python
 from torch.utils.data import DataLoader
 
-from conftest import ROOT, run_python
 from stages.core.expectations import run_suite
 from stages.tabular import prepare
 from stages.tabular.data import Preprocessor, read_split, sample_split, split_chunks
 from stages.tabular.train import RowGroups, fit_preprocessor, tensors
-from stages.tabular.validate import profile, suite as tabular_suite
+from stages.tabular.validate import profile
+from stages.tabular.validate import suite as tabular_suite
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,16 @@ def split(tmp_path_factory):
 def stream(split, rank=0, world=2, epoch=0, batch_size=8):
     out, schema = split
     kinds = {f["name"]: f["type"] for f in schema["features"]}
-    ds = RowGroups(out / "groups.parquet", fit_preprocessor(out / "groups.parquet", kinds), schema, None, seed=3,
-                   batch_size=batch_size, rank=rank, world_size=world)
+    ds = RowGroups(
+        out / "groups.parquet",
+        fit_preprocessor(out / "groups.parquet", kinds),
+        schema,
+        None,
+        seed=3,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world,
+    )
     ds.set_epoch(epoch)
     return ds
 
@@ -43,7 +53,9 @@ def stream(split, rank=0, world=2, epoch=0, batch_size=8):
 def features(ds, **loader) -> torch.Tensor:
     """The stream's features as the trainer's DataLoader takes them (whole batches)."""
     batches = [x for x, _ in DataLoader(ds, batch_size=None, **loader)]
-    assert {len(b) for b in batches[:-1]} <= {ds.batch_size} and 0 < len(batches[-1]) <= ds.batch_size
+    assert {len(b) for b in batches[:-1]} <= {ds.batch_size} and 0 < len(
+        batches[-1]
+    ) <= ds.batch_size
     assert len(batches) == len(ds)
     return torch.cat(batches)
 
@@ -56,7 +68,9 @@ def test_ranks_get_equal_shares_that_cover_every_row(split):
     assert [len(s) for s in shares] == [-(-n // 3)] * 3  # equal: DDP steps in lockstep
     everything = torch.cat(shares)
     whole = tensors(out / "groups.parquet", stream(split).pre, schema, None).tensors[0]
-    assert len(torch.unique(everything, dim=0)) == len(torch.unique(whole, dim=0))  # all rows, padding repeats some
+    assert len(torch.unique(everything, dim=0)) == len(
+        torch.unique(whole, dim=0)
+    )  # all rows, padding repeats some
 
 
 def test_order_is_fixed_by_seed_and_epoch_and_shuffled_across_row_groups(split):
@@ -72,9 +86,19 @@ def test_batches_hold_the_rows_in_stream_order_across_row_groups(split):
     """Batches of 5 cut from row groups of 16: the rows, in the order _pieces gives them,
     exactly as preprocessing them one group at a time gives them."""
     ds = stream(split, rank=1, world=2, batch_size=5)
-    expected = torch.cat([torch.from_numpy(ds.pre.transform(
-        pq.ParquetFile(ds.groups[g][0]).read_row_group(ds.groups[g][1]).to_pandas().take(perm[part])))
-        for g, perm, part in ds._pieces()])
+    expected = torch.cat(
+        [
+            torch.from_numpy(
+                ds.pre.transform(
+                    pq.ParquetFile(ds.groups[g][0])
+                    .read_row_group(ds.groups[g][1])
+                    .to_pandas()
+                    .take(perm[part])
+                )
+            )
+            for g, perm, part in ds._pieces()
+        ]
+    )
     assert torch.equal(features(ds), expected)
 
 
@@ -86,7 +110,9 @@ def test_loader_workers_see_the_one_process_order(split):
 def test_preprocessor_fitted_column_by_column_equals_one_fit(split):
     out, schema = split
     kinds = {f["name"]: f["type"] for f in schema["features"]}
-    assert fit_preprocessor(out / "train.parquet", kinds) == Preprocessor.fit(pd.read_parquet(out / "train.parquet"), kinds)
+    assert fit_preprocessor(out / "train.parquet", kinds) == Preprocessor.fit(
+        pd.read_parquet(out / "train.parquet"), kinds
+    )
 
 
 def test_validation_in_chunks_adds_up_to_one_run(split):
@@ -94,14 +120,20 @@ def test_validation_in_chunks_adds_up_to_one_run(split):
     suite = tabular_suite(profile(out / "train.parquet", schema), schema, 0.5, 0.9999)
     test = pd.read_parquet(out / "test.parquet")
     test.loc[test.index[[2, 40]], "bill_length_mm"] = 5000.0
-    test.loc[test.index[:30], "flipper_length_mm"] = np.nan  # fails `mostly` only on the whole table
+    test.loc[test.index[:30], "flipper_length_mm"] = (
+        np.nan
+    )  # fails `mostly` only on the whole table
     bad = out / "bad.parquet"
     pq.write_table(pa.Table.from_pandas(test), bad, row_group_size=25)
     whole = run_suite(suite, {"t": test})["tables"]["t"]
     chunked = run_suite(suite, {"t": lambda: split_chunks(bad, 25)})["tables"]["t"]
     assert chunked["rows"] == whole["rows"] == len(test)
-    for a, b in zip(whole["results"], chunked["results"]):
-        assert (a["expectation"], a["column"], a["success"]) == (b["expectation"], b["column"], b["success"])
+    for a, b in zip(whole["results"], chunked["results"], strict=False):
+        assert (a["expectation"], a["column"], a["success"]) == (
+            b["expectation"],
+            b["column"],
+            b["success"],
+        )
         assert a.get("unexpected_count") == b.get("unexpected_count")
         assert a.get("sample_rows") == b.get("sample_rows")
     assert not whole["success"]
@@ -115,7 +147,7 @@ def test_a_sample_of_a_split_is_every_kth_row(split):
     assert step == 1 and same.equals(whole)
     sample, step = sample_split(path, cols, 100)  # row groups of 16: every 3rd row of each
     assert step == -(-len(whole) // 100) == 3
-    expected = pd.concat([whole.iloc[i:i + 16].iloc[::3] for i in range(0, len(whole), 16)])
+    expected = pd.concat([whole.iloc[i : i + 16].iloc[::3] for i in range(0, len(whole), 16)])
     assert sample.equals(expected)
 
 

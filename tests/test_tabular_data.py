@@ -1,14 +1,14 @@
 """prepare's pure core: reading any CSV, typing columns, splitting, preprocessing."""
+
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
-
-from conftest import ROOT
-from stages.core.common import StageError
 import yaml
+from conftest import ROOT
 
+from stages.core.common import StageError
 from stages.core.splits import hash_assign, row_hash
 from stages.tabular import prepare
 from stages.tabular.data import Preprocessor, decode_outputs, read_csv, read_features
@@ -33,14 +33,18 @@ def test_read_csv_in_chunks_equals_one_read():
     assert len(whole) == 344
 
 
-def prepared(tmp_path, text: str | None = None, source=PENGUINS, **data) -> tuple[dict, dict[str, pd.DataFrame]]:
+def prepared(
+    tmp_path, text: str | None = None, source=PENGUINS, **data
+) -> tuple[dict, dict[str, pd.DataFrame]]:
     """prepare.run on a CSV (the penguins, or `text`); returns (schema, splits)."""
     if text is not None:
         source = tmp_path / "t.csv"
         source.write_text(text)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     p = params["tabular"]["data"]
-    p.update(source=str(source), **{k: v for k, v in data.items() if k not in ("val", "test", "method")})
+    p.update(
+        source=str(source), **{k: v for k, v in data.items() if k not in ("val", "test", "method")}
+    )
     p["split"].update({k: v for k, v in data.items() if k in ("val", "test", "method")})
     out = tmp_path / "out"
     schema = prepare.run(params, out_dir=str(out))
@@ -60,9 +64,12 @@ def test_prepare_types_numbers_and_text(tmp_path):
 
 
 def test_numbers_stored_as_text_become_numeric(tmp_path):
-    rows = "".join(f"\" {i}\",{'ab'[i % 2]},{'xy'[i % 2]}\n" for i in range(40))
+    rows = "".join(f'" {i}",{"ab"[i % 2]},{"xy"[i % 2]}\n' for i in range(40))
     schema, parts = prepared(tmp_path, "x,c,y\n" + rows, target="y")
-    assert {f["name"]: f["type"] for f in schema["features"]} == {"x": "numeric", "c": "categorical"}
+    assert {f["name"]: f["type"] for f in schema["features"]} == {
+        "x": "numeric",
+        "c": "categorical",
+    }
     assert sorted(pd.concat(parts.values())["x"]) == [float(i) for i in range(40)]
 
 
@@ -79,7 +86,9 @@ def test_cells_are_stripped_and_na_strings_missing_however_written(tmp_path):
 def test_text_in_a_numeric_column_names_the_line(tmp_path):
     rows = [f"{i},{'ab'[i % 2]}" for i in range(40)]
     rows[5] = "abc,b"  # line 7: header = line 1
-    with pytest.raises(StageError, match=r"column 'x' is numeric but has text in 1 rows \(line 7: 'abc'\)"):
+    with pytest.raises(
+        StageError, match=r"column 'x' is numeric but has text in 1 rows \(line 7: 'abc'\)"
+    ):
         prepared(tmp_path, "x,y\n" + "\n".join(rows) + "\n", target="y")
 
 
@@ -123,7 +132,11 @@ def test_hash_split_has_exact_shares_per_class_and_is_a_hash_of_seed_and_line():
     codes = hash_assign(keys, groups, quota)
     for g, (n_test, n_val) in enumerate(quota):
         n = int((groups == g).sum())
-        assert np.bincount(codes[groups == g], minlength=3).tolist() == [n - n_val - n_test, n_val, n_test]
+        assert np.bincount(codes[groups == g], minlength=3).tolist() == [
+            n - n_val - n_test,
+            n_val,
+            n_test,
+        ]
     # a row's split depends on (seed, line) and its class's cut only: dropping other rows moves no one
     assert np.array_equal(row_hash(7, lines[::2]), keys[::2])
 
@@ -162,7 +175,9 @@ def test_preprocessor_fits_train_only_and_round_trips():
 
 def test_preprocessor_rejects_unseen_categories():
     p = Preprocessor.fit(pd.DataFrame({"c": ["a", "b"]}), {"c": "categorical"})
-    with pytest.raises(StageError, match=r"column 'c' has categories not seen in training \(line 3: 'zz'\)"):
+    with pytest.raises(
+        StageError, match=r"column 'c' has categories not seen in training \(line 3: 'zz'\)"
+    ):
         p.transform(pd.DataFrame({"c": ["a", "zz"]}, index=[2, 3]), "new.csv")
 
 
@@ -173,7 +188,9 @@ def test_read_features_types_columns_as_in_training(tmp_path):
     df = read_features(path, features)
     assert df["n"].dtype == "float64" and np.isnan(df["n"].iloc[1])
     path.write_text("n,c\n1,a\noops,b\n")
-    with pytest.raises(StageError, match=r"'n' must be numeric but has text in 1 rows \(line 3: 'oops'\)"):
+    with pytest.raises(
+        StageError, match=r"'n' must be numeric but has text in 1 rows \(line 3: 'oops'\)"
+    ):
         read_features(path, features)
 
 
@@ -183,7 +200,10 @@ def test_decode_outputs_classification_and_regression():
     assert table["prediction"].tolist() == ["x", "y"]
     np.testing.assert_allclose(table[["p_x", "p_y"]].sum(axis=1), 1.0)
     card = {"kind": "regression", "target_scaling": {"mean": 10.0, "std": 2.0}}
-    assert decode_outputs(np.array([[1.0], [-0.5]], np.float32), card)["prediction"].tolist() == [12.0, 9.0]
+    assert decode_outputs(np.array([[1.0], [-0.5]], np.float32), card)["prediction"].tolist() == [
+        12.0,
+        9.0,
+    ]
 
 
 def test_prepare_over_many_batches_keeps_every_cell(tmp_path, monkeypatch):
@@ -197,10 +217,17 @@ def test_prepare_over_many_batches_keeps_every_cell(tmp_path, monkeypatch):
     n = 3000
     rows = ["y,late,c,x,empty"] + [
         f"{'ab'[i % 2]},{i % 3 if i < 2500 else 'zw'[i % 2]},{['p', 'q', ''][rng.integers(3)]},"
-        f"{'' if i % 17 == 0 else round(float(rng.normal()), 3)}," for i in range(n)]
+        f"{'' if i % 17 == 0 else round(float(rng.normal()), 3)},"
+        for i in range(n)
+    ]
     schema, parts = prepared(tmp_path, "\n".join(rows) + "\n", target="y", max_categories=10)
     kinds = {f["name"]: f["type"] for f in schema["features"]}
-    assert kinds == {"late": "categorical", "c": "categorical", "x": "numeric", "empty": "categorical"}
+    assert kinds == {
+        "late": "categorical",
+        "c": "categorical",
+        "x": "numeric",
+        "empty": "categorical",
+    }
     got = pd.concat(parts.values()).sort_index()
     raw = pd.read_csv(tmp_path / "t.csv", dtype=str, keep_default_na=True)
     raw.index = pd.RangeIndex(2, 2 + n, name="line")

@@ -1,4 +1,5 @@
 """The shared training loop: learning, resume after a stop, checkpoints, AMP policy."""
+
 from __future__ import annotations
 
 import os
@@ -7,17 +8,44 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from stages.core.common import StageError
 from stages.core import distributed
-from stages.core.distributed import AmpPolicy, Runtime, amp_policy, configure_backends, seed_everything
+from stages.core.common import StageError
+from stages.core.distributed import (
+    AmpPolicy,
+    Runtime,
+    amp_policy,
+    configure_backends,
+    seed_everything,
+)
 from stages.core.inference import cgroup_cpu_limit, physical_cores
+from stages.core.trainer import (
+    LoopConfig,
+    classification_sums,
+    fit,
+    load_checkpoint,
+    regression_sums,
+    resumable,
+)
 from stages.tabular.model import MLP, build_model
-from stages.core.trainer import LoopConfig, classification_sums, fit, load_checkpoint, regression_sums, resumable
 
 CPU = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-BASE = dict(epochs=6, batch_size=16, lr=0.05, weight_decay=0.0, scheduler="cosine", step_size=2, gamma=0.5,
-            grad_clip=1.0, grad_accum=1, amp="off", patience=0, monitor="val_loss", num_workers=0,
-            device="cpu", nproc=1)
+BASE = dict(
+    epochs=6,
+    batch_size=16,
+    lr=0.05,
+    weight_decay=0.0,
+    scheduler="cosine",
+    step_size=2,
+    gamma=0.5,
+    grad_clip=1.0,
+    grad_accum=1,
+    amp="off",
+    patience=0,
+    monitor="val_loss",
+    num_workers=0,
+    device="cpu",
+    nproc=1,
+)
 
 
 def blobs(n=120, seed=0):
@@ -31,8 +59,18 @@ def train(tmp_path, fingerprint="fp", stop_after_epoch=None, **over):
     seed_everything(0)
     model = MLP(4, [8], 3, dropout=0.2)  # dropout: resume must restore the RNG too
     cfg = LoopConfig(**{**BASE, **over})
-    summary = fit(model, blobs(), blobs(60, seed=1), sums_fn=classification_sums, cfg=cfg, rt=CPU, seed=0,
-                  ckpt_dir=tmp_path, fingerprint=fingerprint, stop_after_epoch=stop_after_epoch)
+    summary = fit(
+        model,
+        blobs(),
+        blobs(60, seed=1),
+        sums_fn=classification_sums,
+        cfg=cfg,
+        rt=CPU,
+        seed=0,
+        ckpt_dir=tmp_path,
+        fingerprint=fingerprint,
+        stop_after_epoch=stop_after_epoch,
+    )
     return model, summary
 
 
@@ -84,8 +122,17 @@ def test_regression_loop(tmp_path):
     data = TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5]))
     model = build_model({"kind": "mlp", "n_in": 3, "hidden": [16], "n_out": 1, "dropout": 0.0})
     cfg = LoopConfig(**{**BASE, "monitor": "val_mae", "epochs": 30})
-    summary = fit(model, data, data, sums_fn=regression_sums, cfg=cfg, rt=CPU, seed=0, ckpt_dir=tmp_path,
-                  fingerprint="r")
+    summary = fit(
+        model,
+        data,
+        data,
+        sums_fn=regression_sums,
+        cfg=cfg,
+        rt=CPU,
+        seed=0,
+        ckpt_dir=tmp_path,
+        fingerprint="r",
+    )
     assert summary["best_metrics"]["val_mae"] < 0.5
 
 
@@ -101,18 +148,23 @@ BF16 = AmpPolicy(enabled=True, dtype=torch.bfloat16, scaler=False)
 OFF = AmpPolicy(enabled=False, dtype=torch.float32, scaler=False)
 
 
-@pytest.mark.parametrize("capability,cpu_bf16,want_cuda,want_cpu", [
-    ((7, 5), False, FP16, OFF),   # Turing GPU, CPU without native bf16
-    ((8, 0), False, BF16, OFF),   # Ampere: bf16 native, no loss scaling
-    ((9, 0), True, BF16, BF16),   # Hopper; a CPU with AMX / AVX512-BF16
-])
+@pytest.mark.parametrize(
+    "capability,cpu_bf16,want_cuda,want_cpu",
+    [
+        ((7, 5), False, FP16, OFF),  # Turing GPU, CPU without native bf16
+        ((8, 0), False, BF16, OFF),  # Ampere: bf16 native, no loss scaling
+        ((9, 0), True, BF16, BF16),  # Hopper; a CPU with AMX / AVX512-BF16
+    ],
+)
 def test_amp_auto_follows_the_device(monkeypatch, capability, cpu_bf16, want_cuda, want_cpu):
     """The device capabilities are faked (no GPU here); tests/test_gpu.py runs them for real."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(distributed, "cpu_supports_bf16", lambda: cpu_bf16)
     assert amp_policy("auto", torch.device("cuda", 0)) == want_cuda
     assert amp_policy("auto", torch.device("cpu")) == want_cpu
-    assert amp_policy("fp16", torch.device("cuda", 0)) == FP16  # asked for: honoured, with GradScaler
+    assert (
+        amp_policy("fp16", torch.device("cuda", 0)) == FP16
+    )  # asked for: honoured, with GradScaler
 
 
 def test_amp_policy():
@@ -141,39 +193,60 @@ def test_unknown_monitor_lists_choices(tmp_path):
 
 
 def test_model_forward_shapes_and_no_nans():
-    model = build_model({"kind": "mlp", "n_in": 5, "hidden": [8, 4], "n_out": 3, "dropout": 0.1}).eval()
+    model = build_model(
+        {"kind": "mlp", "n_in": 5, "hidden": [8, 4], "n_out": 3, "dropout": 0.1}
+    ).eval()
     out = model(torch.randn(7, 5))
     assert out.shape == (7, 3) and torch.isfinite(out).all()
 
 
 def test_backends_tf32_on_cuda_threads_on_cpu(monkeypatch):
     """TF32 flags are plain switches (settable without a GPU); CPU threads follow physical_cores."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads()
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_num_threads(),
+    )
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         assert configure_backends(torch.device("cuda", 0)) == {"tf32": True}
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
         monkeypatch.setattr("stages.core.inference.physical_cores", lambda: 6)
-        assert configure_backends(torch.device("cpu"), local_world_size=2) == {"threads": 3}  # 6 cores, 2 ranks
+        assert configure_backends(torch.device("cpu"), local_world_size=2) == {
+            "threads": 3
+        }  # 6 cores, 2 ranks
         assert torch.get_num_threads() == 3
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_num_threads(saved[2])
 
 
-CPUINFO = "".join(f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i // 2}\n\n" for i in range(8))  # 4 cores × 2
+CPUINFO = "".join(
+    f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i // 2}\n\n" for i in range(8)
+)  # 4 cores × 2
 
 
-@pytest.mark.parametrize("files,allowed,want", [
-    ({}, set(range(8)), 4),                                              # no limit: 4 physical cores
-    ({"cpu.max": "max 100000\n"}, set(range(8)), 4),                     # v2, unlimited
-    ({"cpu.max": "200000 100000\n"}, set(range(8)), 2),                  # v2: 2 CPUs of quota
-    ({"cpu.max": "150000 100000\n"}, set(range(8)), 1),                  # 1.5 CPUs: one unthrottled thread
-    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, set(range(8)), 3),  # v1
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, set(range(8)), 4),     # v1, unlimited
-    ({}, {0, 1, 2}, 2),                                                  # affinity: CPUs 0-2 are cores 0 and 1
-    ({"cpu.max": "800000 100000\n"}, {6}, 1),                            # quota above affinity: affinity rules
-])
+@pytest.mark.parametrize(
+    "files,allowed,want",
+    [
+        ({}, set(range(8)), 4),  # no limit: 4 physical cores
+        ({"cpu.max": "max 100000\n"}, set(range(8)), 4),  # v2, unlimited
+        ({"cpu.max": "200000 100000\n"}, set(range(8)), 2),  # v2: 2 CPUs of quota
+        ({"cpu.max": "150000 100000\n"}, set(range(8)), 1),  # 1.5 CPUs: one unthrottled thread
+        (
+            {"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"},
+            set(range(8)),
+            3,
+        ),  # v1
+        (
+            {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"},
+            set(range(8)),
+            4,
+        ),  # v1, unlimited
+        ({}, {0, 1, 2}, 2),  # affinity: CPUs 0-2 are cores 0 and 1
+        ({"cpu.max": "800000 100000\n"}, {6}, 1),  # quota above affinity: affinity rules
+    ],
+)
 def test_physical_cores_honours_cgroup_quota_and_affinity(tmp_path, files, allowed, want):
     (tmp_path / "cpuinfo").write_text(CPUINFO)
     for rel, text in files.items():

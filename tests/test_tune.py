@@ -1,13 +1,13 @@
 """make tune (tools/tune.py): an Optuna study driving the DVC queue, trials pruned by the
 training stage through `tune.trial` (stages/core/job.py), results read back from
 `dvc exp show --json`, and a second run that continues the same study."""
+
 from __future__ import annotations
 
 import json
 from collections import Counter
 
 import pytest
-
 from conftest import run
 
 pytestmark = pytest.mark.slow
@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 def load_study(repo):
     import optuna
 
-    return optuna.load_study(study_name="tiny-tune", storage=f"sqlite:///{repo}/.cache/tune/tiny-tune.db")
+    return optuna.load_study(
+        study_name="tiny-tune", storage=f"sqlite:///{repo}/.cache/tune/tiny-tune.db"
+    )
 
 
 def tune_results(repo) -> dict[int, dict]:
@@ -25,7 +27,9 @@ def tune_results(repo) -> dict[int, dict]:
     for baseline in json.loads(run(repo, "dvc", "exp", "show", "--json").stdout):
         for exp in baseline.get("experiments") or []:
             metrics = (exp["revs"][0].get("data") or {}).get("metrics") or {}
-            block = metrics.get("metrics/tabular/train/metrics.json", {}).get("data", {}).get("tune")
+            block = (
+                metrics.get("metrics/tabular/train/metrics.json", {}).get("data", {}).get("tune")
+            )
             if block:
                 found[block["trial"]] = {**block, "name": exp["name"]}
     return found
@@ -35,10 +39,18 @@ def test_a_study_prunes_trials_and_reports_the_best(tuned_repo):
     repo, out = tuned_repo
     study = load_study(repo)
     states = Counter(t.state.name for t in study.trials)
-    assert len(study.trials) == 6 and states["PRUNED"] >= 1 and states["COMPLETE"] >= 2 and not states["FAIL"], out
+    assert (
+        len(study.trials) == 6
+        and states["PRUNED"] >= 1
+        and states["COMPLETE"] >= 2
+        and not states["FAIL"]
+    ), out
     assert "6/6 done, 0 running, 0 failed" in out
     # Trial 0 is the baseline: params.yaml's own values.
-    assert study.trials[0].params == {"tabular.train.lr": 0.01} and study.trials[0].user_attrs["baseline"]
+    assert (
+        study.trials[0].params == {"tabular.train.lr": 0.01}
+        and study.trials[0].user_attrs["baseline"]
+    )
     results = tune_results(repo)
     for t in study.trials:
         block = results[t.number]
@@ -59,8 +71,12 @@ def test_a_study_prunes_trials_and_reports_the_best(tuned_repo):
 def test_a_second_run_continues_the_study(tuned_repo):
     repo, _ = tuned_repo
     before = len(load_study(repo).trials)
-    out = run(repo, "python", "-m", "tools.tune", "sweeps/tiny-tune.yaml", "--trials", "1", timeout=600).stdout
+    out = run(
+        repo, "python", "-m", "tools.tune", "sweeps/tiny-tune.yaml", "--trials", "1", timeout=600
+    ).stdout
     study = load_study(repo)
     assert len(study.trials) == before + 1, out
     assert study.trials[-1].state.name in ("COMPLETE", "PRUNED") and f"tiny-tune-{before}" in out
-    assert not study.trials[-1].user_attrs.get("baseline")  # the baseline is enqueued once, in a new study
+    assert not study.trials[-1].user_attrs.get(
+        "baseline"
+    )  # the baseline is enqueued once, in a new study

@@ -9,6 +9,7 @@ the model card's `reference` (the training split), the same measure as the serve
 training split itself where it is on disk (tabular). Evidently would draw a richer page,
 but its current release (0.7) does not import with pandas 3, which this project uses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,16 +51,36 @@ def compare(card: dict, rows: list[dict]) -> list[dict]:
     train = training_values(card)
     out = []
     for name, ref in card["reference"]["features"].items():
-        values = [x for r in rows if name in r for x in (r[name] if isinstance(r[name], list) else [r[name]])]
+        values = [
+            x
+            for r in rows
+            if name in r
+            for x in (r[name] if isinstance(r[name], list) else [r[name]])
+        ]
         expected, actual = feature_shares(ref, values)
-        present = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
-        row = {"feature": name, "type": ref["type"], "served": len(present),
-               "psi": round(psi(expected, actual), 4) if present and len(expected) > 1 else None,
-               "ks": None, "expected": expected.tolist(), "actual": actual.tolist()}
+        present = [
+            v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))
+        ]
+        row = {
+            "feature": name,
+            "type": ref["type"],
+            "served": len(present),
+            "psi": round(psi(expected, actual), 4) if present and len(expected) > 1 else None,
+            "ks": None,
+            "expected": expected.tolist(),
+            "actual": actual.tolist(),
+        }
         if train is not None and ref["type"] == "numeric" and name in train and present:
             row["ks"] = round(float(ks_2samp(train[name].dropna(), present).statistic), 4)
-        row["verdict"] = ("-" if row["psi"] is None else "shifted" if row["psi"] > SHIFTED
-                          else "watch" if row["psi"] > WATCH else "stable")
+        row["verdict"] = (
+            "-"
+            if row["psi"] is None
+            else "shifted"
+            if row["psi"] > SHIFTED
+            else "watch"
+            if row["psi"] > WATCH
+            else "stable"
+        )
         out.append(row)
     return out
 
@@ -72,15 +93,20 @@ def draw(task: str, card: dict, results: list[dict], path: Path) -> None:
 
     n = len(results)
     cols = min(3, n)
-    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(4 * cols, 2.6 * -(-n // cols)), squeeze=False)
-    for ax, r in zip(axes.flat, results):
+    fig, axes = plt.subplots(
+        -(-n // cols), cols, figsize=(4 * cols, 2.6 * -(-n // cols)), squeeze=False
+    )
+    for ax, r in zip(axes.flat, results, strict=False):
         ref = card["reference"]["features"][r["feature"]]
-        ticks = (["< " + f"{ref['bins'][0]:g}"] + [f"{b:g}" for b in ref["bins"]] if ref["type"] == "numeric"
-                 else [*ref["shares"], "other"])
+        ticks = (
+            ["< " + f"{ref['bins'][0]:g}"] + [f"{b:g}" for b in ref["bins"]]
+            if ref["type"] == "numeric"
+            else [*ref["shares"], "other"]
+        )
         x = np.arange(len(r["expected"]))
         ax.bar(x - 0.2, r["expected"], 0.4, label="training")
         ax.bar(x + 0.2, r["actual"], 0.4, label="served")
-        ax.set_xticks(x, ticks[:len(x)], rotation=60, fontsize=6)
+        ax.set_xticks(x, ticks[: len(x)], rotation=60, fontsize=6)
         ax.set_title(f"{r['feature']}: PSI {r['psi']} ({r['verdict']})", fontsize=9)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
@@ -96,17 +122,26 @@ def report(task: str, card: dict, rows: list[dict], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{task}.png"
     draw(task, card, results, png)
-    table = "".join(f"<tr><td>{html.escape(r['feature'])}</td><td>{r['served']}</td><td>{r['psi']}</td>"
-                    f"<td>{r['ks'] if r['ks'] is not None else '-'}</td><td>{r['verdict']}</td></tr>" for r in results)
+    table = "".join(
+        f"<tr><td>{html.escape(r['feature'])}</td><td>{r['served']}</td><td>{r['psi']}</td>"
+        f"<td>{r['ks'] if r['ks'] is not None else '-'}</td><td>{r['verdict']}</td></tr>"
+        for r in results
+    )
     image = base64.b64encode(png.read_bytes()).decode()
     (out / f"{task}.html").write_text(
         f"<!doctype html><meta charset=utf-8><title>drift: {task}</title><h1>{task}: served inputs against the "
         f"training data</h1><p>{len(rows)} logged requests; reference: {html.escape(card['reference']['source'])}. "
         f"PSI &gt; {SHIFTED}: shifted, &gt; {WATCH}: watch. KS: against the training split.</p>"
         f"<table border=1 cellpadding=4><tr><th>feature</th><th>served values</th><th>PSI</th><th>KS</th>"
-        f"<th>verdict</th></tr>{table}</table><p><img src='data:image/png;base64,{image}'></p>")
-    summary = {"task": task, "requests": len(rows),
-               "features": {r["feature"]: {k: r[k] for k in ("served", "psi", "ks", "verdict")} for r in results}}
+        f"<th>verdict</th></tr>{table}</table><p><img src='data:image/png;base64,{image}'></p>"
+    )
+    summary = {
+        "task": task,
+        "requests": len(rows),
+        "features": {
+            r["feature"]: {k: r[k] for k in ("served", "psi", "ks", "verdict")} for r in results
+        },
+    }
     (out / f"{task}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -126,13 +161,19 @@ def main(argv: list[str] | None = None) -> None:
             continue
         card = json.loads(card_path.read_text())
         if "reference" not in card:
-            raise SystemExit(f"error: {card_path} has no reference statistics: export it again (dvc repro export@{task})")
+            raise SystemExit(
+                f"error: {card_path} has no reference statistics: export it again (dvc repro export@{task})"
+            )
         summary = report(task, card, rows, Path(args.out))
         shifted = [f for f, r in summary["features"].items() if r["verdict"] == "shifted"]
-        print(f"{task}: {len(rows)} requests, shifted: {', '.join(shifted) or 'none'} → {args.out}/{task}.html")
+        print(
+            f"{task}: {len(rows)} requests, shifted: {', '.join(shifted) or 'none'} → {args.out}/{task}.html"
+        )
         done += 1
     if not done:
-        raise SystemExit(f"error: no request log with a model card under {args.logs} (serve.request_log_sample > 0?)")
+        raise SystemExit(
+            f"error: no request log with a model card under {args.logs} (serve.request_log_sample > 0?)"
+        )
 
 
 if __name__ == "__main__":

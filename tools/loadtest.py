@@ -10,6 +10,7 @@ the runs with other worker counts already there.
 
 Inputs come from the repo: a test row, a demo digit, a demo scene (run `make run` first).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,19 @@ MIX = (("tabular", 5), ("image", 3), ("detect", 2))  # requests per 10, by task
 
 
 def payloads(repo: Path) -> dict:
-    row = json.loads(pd.read_parquet(repo / "data/prepared/tabular/test.parquet")
-                     .drop(columns=json.loads((repo / "models/tabular/model.json").read_text())["target"])
-                     .head(1).to_json(orient="records"))[0]
+    row = json.loads(
+        pd.read_parquet(repo / "data/prepared/tabular/test.parquet")
+        .drop(columns=json.loads((repo / "models/tabular/model.json").read_text())["target"])
+        .head(1)
+        .to_json(orient="records")
+    )[0]
     digit = sorted((repo / "data/demo/digits/7").iterdir())[0].read_bytes()
     scene = sorted((repo / "data/prepared/detect/images/test").iterdir())[0].read_bytes()
-    return {"tabular": {"json": {"rows": [row]}},
-            "image": {"files": {"file": ("digit.png", digit, "image/png")}},
-            "detect": {"files": {"file": ("scene.png", scene, "image/png")}}}
+    return {
+        "tabular": {"json": {"rows": [row]}},
+        "image": {"files": {"file": ("digit.png", digit, "image/png")}},
+        "detect": {"files": {"file": ("scene.png", scene, "image/png")}},
+    }
 
 
 async def rss_mb(client) -> float:
@@ -85,12 +91,27 @@ async def run(url: str, clients: int, total: int, repo: Path, samples: int = 5) 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         seconds = time.perf_counter() - start
-    stats = {t: {"n": len(v), "p50_ms": round(float(np.percentile(v, 50)) * 1000, 2),
-                 "p99_ms": round(float(np.percentile(v, 99)) * 1000, 2)} for t, v in latencies.items() if v}
-    return {"workers": workers, "clients": clients, "requests": total, "errors": len(errors), "error_samples": errors[:5],
-            "seconds": round(seconds, 2), "requests_per_s": round(total / seconds, 1), "latency": stats,
-            "rss_mb": [round(m, 1) for m in memory],
-            "rss_growth_after_warmup_mb": round(memory[-1] - memory[0], 1)}
+    stats = {
+        t: {
+            "n": len(v),
+            "p50_ms": round(float(np.percentile(v, 50)) * 1000, 2),
+            "p99_ms": round(float(np.percentile(v, 99)) * 1000, 2),
+        }
+        for t, v in latencies.items()
+        if v
+    }
+    return {
+        "workers": workers,
+        "clients": clients,
+        "requests": total,
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "seconds": round(seconds, 2),
+        "requests_per_s": round(total / seconds, 1),
+        "latency": stats,
+        "rss_mb": [round(m, 1) for m in memory],
+        "rss_growth_after_warmup_mb": round(memory[-1] - memory[0], 1),
+    }
 
 
 def main() -> None:
@@ -105,7 +126,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(out.read_text()) if out.is_file() else {}
-    runs = {k: v for k, v in runs.items() if k.startswith("workers_")}  # an older single-run file is replaced
+    runs = {
+        k: v for k, v in runs.items() if k.startswith("workers_")
+    }  # an older single-run file is replaced
     runs[f"workers_{result['workers']}"] = result
     out.write_text(json.dumps(dict(sorted(runs.items())), indent=2) + "\n")
     print(json.dumps(result, indent=2))

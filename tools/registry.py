@@ -22,6 +22,7 @@ v0.0.2; `workspace` = models/ as it is) into .cache/registry/<name>/<task>/, wit
 version written into each card (`registry`), and prints the folder: the app, which needs
 neither DVC nor git, serves that folder (APP_MODELS_DIR).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,10 +69,14 @@ def fetch_version(task: str, rev: str, out: Path, info: dict | None = None) -> d
         card = json.loads(dvc.api.read(card_path, repo=".", rev=rev))
         onnx = dvc.api.read(onnx_path, repo=".", rev=rev, mode="rb")
     except Exception as e:  # noqa: BLE001 - DVC raises several types for "not there"
-        raise StageError(f"{onnx_path} + model.json at {rev}: cannot read them ({type(e).__name__}: {e}); "
-                         "the models must be committed (dvc.lock) and in the DVC cache or remote") from None
+        raise StageError(
+            f"{onnx_path} + model.json at {rev}: cannot read them ({type(e).__name__}: {e}); "
+            "the models must be committed (dvc.lock) and in the DVC cache or remote"
+        ) from None
     if hashlib.sha256(onnx).hexdigest() != card["onnx"]["sha256"]:
-        raise StageError(f"{onnx_path} at {rev} is not the file its card describes (sha256 differs)")
+        raise StageError(
+            f"{onnx_path} at {rev} is not the file its card describes (sha256 differs)"
+        )
     if info:
         card["registry"] = info
     (out / task).mkdir(parents=True, exist_ok=True)
@@ -133,7 +138,9 @@ def parity_passed(card: dict) -> bool:
     """The card's parity numbers against the limits export checked them with."""
     p, limits = card.get("parity") or {}, card.get("params", {}).get(f"{card['task']}.export", {})
     if "max_abs_diff" in p:
-        return p["max_abs_diff"] <= p["atol"] and p["class_agreement"] >= limits.get("min_top1_agreement", 1.0)
+        return p["max_abs_diff"] <= p["atol"] and p["class_agreement"] >= limits.get(
+            "min_top1_agreement", 1.0
+        )
     if "matched_of_onnx" in p:
         return min(p["matched_of_ultralytics"], p["matched_of_onnx"]) >= limits["min_matched"]
     return False
@@ -159,7 +166,7 @@ def p50_latencies(paths: list[Path], runs: int = 300) -> list[float]:
         feeds.append({inp.name: np.zeros(shape, np.float32)})
     times = [[] for _ in paths]
     for i in range(runs + 20):
-        for j, (s, feed) in enumerate(zip(sessions, feeds)):
+        for j, (s, feed) in enumerate(zip(sessions, feeds, strict=False)):
             t0 = time.perf_counter()
             s.run(None, feed)
             if i >= 20:  # warm-up
@@ -170,18 +177,41 @@ def p50_latencies(paths: list[Path], runs: int = 300) -> list[float]:
 def gate(cand: dict, cur: dict | None, latency: list[float], cfg: dict) -> list[tuple]:
     """Rows (check, candidate, current, rule, passed)."""
     key, higher = main_metric(cand)
-    rows = [("validation", cand["validation"]["success"], "", "passed", bool(cand["validation"]["success"])),
-            ("ONNX parity", parity_passed(cand), "", "passed", parity_passed(cand))]
+    rows = [
+        (
+            "validation",
+            cand["validation"]["success"],
+            "",
+            "passed",
+            bool(cand["validation"]["success"]),
+        ),
+        ("ONNX parity", parity_passed(cand), "", "passed", parity_passed(cand)),
+    ]
     if cur is None:
         return rows
     same = test_split(cand) is not None and test_split(cand) == test_split(cur)
     rows.append(("test split (prepared data md5)", test_split(cand), test_split(cur), "same", same))
     c, o, tol = metric(cand, key), metric(cur, key), cfg["tolerance"]
     ok = c >= o - tol if higher else c <= o + tol
-    rows.append((key, f"{c:.4f}", f"{o:.4f}", f"{'>=' if higher else '<='} current {'-' if higher else '+'} {tol}", ok))
+    rows.append(
+        (
+            key,
+            f"{c:.4f}",
+            f"{o:.4f}",
+            f"{'>=' if higher else '<='} current {'-' if higher else '+'} {tol}",
+            ok,
+        )
+    )
     ratio = latency[0] / latency[1]
-    rows.append(("p50 latency, batch 1 (ms)", f"{latency[0] * 1e3:.3f}", f"{latency[1] * 1e3:.3f}",
-                 f"ratio {ratio:.2f} <= {cfg['max_latency_ratio']}", ratio <= cfg["max_latency_ratio"]))
+    rows.append(
+        (
+            "p50 latency, batch 1 (ms)",
+            f"{latency[0] * 1e3:.3f}",
+            f"{latency[1] * 1e3:.3f}",
+            f"ratio {ratio:.2f} <= {cfg['max_latency_ratio']}",
+            ratio <= cfg["max_latency_ratio"],
+        )
+    )
     return rows
 
 
@@ -202,22 +232,36 @@ def promote(task: str, stage: str = "prod", rev: str = "HEAD") -> str:
     with tempfile.TemporaryDirectory() as tmp:
         cand = fetch_version(task, commit, Path(tmp) / "candidate")
         cur = fetch_version(task, current.commit_hexsha, Path(tmp) / "current") if current else None
-        latency = p50_latencies([Path(tmp) / "candidate" / task / cand["onnx"]["file"],
-                                 Path(tmp) / "current" / task / cur["onnx"]["file"]]) if cur else []
+        latency = (
+            p50_latencies(
+                [
+                    Path(tmp) / "candidate" / task / cand["onnx"]["file"],
+                    Path(tmp) / "current" / task / cur["onnx"]["file"],
+                ]
+            )
+            if cur
+            else []
+        )
     rows = gate(cand, cur, latency, load_params()["registry"])
-    print(f"{name} at {commit[:10]} against {stage}: "
-          + (f"{current.version} ({current.commit_hexsha[:10]})" if current else "no version yet"))
+    print(
+        f"{name} at {commit[:10]} against {stage}: "
+        + (f"{current.version} ({current.commit_hexsha[:10]})" if current else "no version yet")
+    )
     print(table(rows))
     if not all(ok for *_, ok in rows):
         raise StageError(f"{name} at {rev} did not pass the gate (FAIL above): not promoted")
     registered = [v for v in versions(name) if v["commit_hexsha"] == commit]
-    version = registered[0]["version"] if registered else gto.api.register(".", name, commit).version
+    version = (
+        registered[0]["version"] if registered else gto.api.register(".", name, commit).version
+    )
     if current and current.version == version:
         print(f"{name} {version} is {stage} already")
         return version
     gto.api.assign(".", name, stage, version=version)
-    print(f"promoted: {name} {version} → {stage} (git tags {name}@{version}, {name}#{stage}#N; "
-          "share them with `git push --tags`)")
+    print(
+        f"promoted: {name} {version} → {stage} (git tags {name}@{version}, {name}#{stage}#N; "
+        "share them with `git push --tags`)"
+    )
     return version
 
 
@@ -234,14 +278,25 @@ def fetch(model: str, out: Path | None = None) -> Path:
             print(f"{name}: no {model}: not served", file=sys.stderr)
             continue
         version, commit = found
-        fetch_version(task, commit, out, {"artifact": name, "version": version, "commit": commit,
-                                          **({} if model == version else {"stage": model})})
+        fetch_version(
+            task,
+            commit,
+            out,
+            {
+                "artifact": name,
+                "version": version,
+                "commit": commit,
+                **({} if model == version else {"stage": model}),
+            },
+        )
         print(f"{name}: {version} ({commit[:10]}) → {out / task}", file=sys.stderr)
     return out
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tools.registry", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.registry", description=__doc__.split("\n")[0]
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("promote", help="gate, register and assign a stage")
     p.add_argument("task", choices=TASKS)

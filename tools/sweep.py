@@ -13,6 +13,7 @@ functions (queue_experiment, start_workers, experiments, Watch, print_failed_log
 Promote the best one with `dvc exp apply NAME` (into the workspace) or
 `dvc exp branch NAME BRANCH`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -28,32 +29,45 @@ import yaml
 from stages.core.common import StageError, run_main
 
 # The metric each task's sweep is ranked by, and whether higher is better.
-RANK_BY = {"tabular": ("metrics/tabular/metrics.json:test.accuracy", "desc"),
-           "image": ("metrics/image/metrics.json:test.accuracy", "desc"),
-           "detect": ("metrics/detect/metrics.json:test.mAP50-95", "desc")}
+RANK_BY = {
+    "tabular": ("metrics/tabular/metrics.json:test.accuracy", "desc"),
+    "image": ("metrics/image/metrics.json:test.accuracy", "desc"),
+    "detect": ("metrics/detect/metrics.json:test.mAP50-95", "desc"),
+}
 DONE = ("success", "failed")
-STALLED = ("the queue made no progress for {minutes} minutes ({summary}). See `dvc queue status` and "
-           "`dvc queue logs NAME` (worker logs: .dvc/tmp/exps/celery/*.out); stop it with `dvc queue stop --kill` "
-           "and clear it with `dvc exp clean` and `dvc queue remove --all`, then run it again")
+STALLED = (
+    "the queue made no progress for {minutes} minutes ({summary}). See `dvc queue status` and "
+    "`dvc queue logs NAME` (worker logs: .dvc/tmp/exps/celery/*.out); stop it with `dvc queue stop --kill` "
+    "and clear it with `dvc exp clean` and `dvc queue remove --all`, then run it again"
+)
 
 
 def dvc(*args: str, check: bool = True) -> str:
     res = subprocess.run(["dvc", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if check and res.returncode:
-        raise StageError(f"dvc {' '.join(args)} failed:\n{res.stderr.strip() or res.stdout.strip()}")
+        raise StageError(
+            f"dvc {' '.join(args)} failed:\n{res.stderr.strip() or res.stdout.strip()}"
+        )
     return res.stdout
 
 
 def combinations(grid: dict) -> list[dict]:
     keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    return [
+        dict(zip(keys, values, strict=False))
+        for values in itertools.product(*(grid[k] for k in keys))
+    ]
 
 
 def queue_experiment(name: str, task: str, values: dict) -> None:
     """`dvc exp run --queue` of the task's chain (infer@task) with params.yaml keys overridden."""
     # -S takes Hydra's override grammar: numbers, true/false and [lists] as JSON writes them;
     # strings quoted, so that paths and colons stay one value.
-    sets = [a for k, v in values.items() for a in ("-S", f"{k}={json.dumps(v) if not isinstance(v, str) else repr(v)}")]
+    sets = [
+        a
+        for k, v in values.items()
+        for a in ("-S", f"{k}={json.dumps(v) if not isinstance(v, str) else repr(v)}")
+    ]
     dvc("exp", "run", "--queue", "-n", name, *sets, f"infer@{task}")
 
 
@@ -65,7 +79,9 @@ def wait_for_idle_workers(timeout: float = 60.0) -> None:
     queue again only when their experiment ends. `dvc queue status` has no JSON output."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = re.search(r"Worker status: (\d+) active, (\d+) idle", dvc("queue", "status", check=False))
+        found = re.search(
+            r"Worker status: (\d+) active, (\d+) idle", dvc("queue", "status", check=False)
+        )
         if not found or found.group(2) == "0" or found.group(1) != "0":
             return
         time.sleep(2)
@@ -75,8 +91,12 @@ def start_workers(jobs: int) -> subprocess.Popen:
     """`dvc queue start -j N`, beside us: it stays in the foreground while its workers run, and
     we watch the queue (and notice when it stalls) instead of waiting blind. Starting again
     while workers run adds none (they are named 1..N); idle workers exit after 10 s."""
-    return subprocess.Popen(["dvc", "queue", "start", "-j", str(jobs)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        ["dvc", "queue", "start", "-j", str(jobs)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def wait_workers(starter: subprocess.Popen) -> None:
@@ -90,8 +110,13 @@ def experiments(names: list[str]) -> dict[str, tuple[str, dict]] | None:
     """{name: (state, data)} for the named experiments, from `dvc exp show --json`: state is
     queued | running | success | failed; data holds a finished one's params and metrics.
     None when DVC could not answer this time (e.g. a worker held a lock)."""
-    res = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=False,
-                         stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        ["dvc", "exp", "show", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     if res.returncode:
         return None
     found = {}
@@ -115,8 +140,10 @@ class Watch:
     def update(self, states: dict[str, str], note: str = "") -> bool:
         """True once `total` experiments are done."""
         done = sum(s in DONE for s in states.values())
-        summary = (f"{done}/{self.total} done, {sum(s == 'running' for s in states.values())} running, "
-                   f"{sum(s == 'failed' for s in states.values())} failed{note}")
+        summary = (
+            f"{done}/{self.total} done, {sum(s == 'running' for s in states.values())} running, "
+            f"{sum(s == 'failed' for s in states.values())} failed{note}"
+        )
         if summary != self.last:
             print(summary, flush=True)
             self.last, self.changed = summary, time.monotonic()
@@ -135,7 +162,9 @@ def run_sweep(spec_path: str, poll: float = 5.0) -> dict[str, str]:
     spec = yaml.safe_load(Path(spec_path).read_text())
     task, grid = spec.get("task"), spec.get("grid") or {}
     if task not in RANK_BY or not grid:
-        raise StageError(f"{spec_path}: needs `task` (one of {', '.join(RANK_BY)}) and a non-empty `grid`")
+        raise StageError(
+            f"{spec_path}: needs `task` (one of {', '.join(RANK_BY)}) and a non-empty `grid`"
+        )
     stamp = time.strftime("%H%M%S")
     names = []
     wait_for_idle_workers()
@@ -157,7 +186,19 @@ def run_sweep(spec_path: str, poll: float = 5.0) -> dict[str, str]:
     for name in failed:
         print_failed_log(name)
     metric, order = spec.get("metric", RANK_BY[task][0]), spec.get("order", RANK_BY[task][1])
-    print(dvc("exp", "show", "--no-pager", "--only-changed", "--sort-by", metric, "--sort-order", order, "--md"))
+    print(
+        dvc(
+            "exp",
+            "show",
+            "--no-pager",
+            "--only-changed",
+            "--sort-by",
+            metric,
+            "--sort-order",
+            order,
+            "--md",
+        )
+    )
     print("Promote one: dvc exp apply NAME   or   dvc exp branch NAME BRANCH")
     if failed:
         raise StageError(f"{len(failed)} of {len(names)} experiments failed: {', '.join(failed)}")

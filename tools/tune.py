@@ -16,6 +16,7 @@ experiments of an interrupted run. Progress, failed trials' logs and a stalled q
 handled by tools/sweep.py's functions. At the end: the best trial, the params'
 importances, plots in report/tune/, and how to promote it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,16 @@ PLOTS = Path("report/tune")
 
 def load_spec(path: str) -> dict:
     spec = yaml.safe_load(Path(path).read_text()) or {}
-    if spec.get("task") not in ("tabular", "image") or not spec.get("space") or not spec.get("metric"):
+    if (
+        spec.get("task") not in ("tabular", "image")
+        or not spec.get("space")
+        or not spec.get("metric")
+    ):
         # detect trains through Ultralytics' loop, which does not report epochs to a study.
-        raise StageError(f"{path}: needs `task` (tabular or image), `metric` (a validation metric of the "
-                         f"training loop, e.g. val_acc) and a non-empty `space`")
+        raise StageError(
+            f"{path}: needs `task` (tabular or image), `metric` (a validation metric of the "
+            f"training loop, e.g. val_acc) and a non-empty `space`"
+        )
     return spec
 
 
@@ -85,15 +92,26 @@ def open_study(spec: dict, name: str):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     db = (Path(".cache/tune") / f"{name}.db").resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}})
-    sampler = optuna.samplers.TPESampler(seed=spec.get("seed"), constant_liar=True,
-                                         n_startup_trials=spec.get("startup_trials", 5))
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
-                                direction=spec.get("direction", "maximize"))
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}}
+    )
+    sampler = optuna.samplers.TPESampler(
+        seed=spec.get("seed"), constant_liar=True, n_startup_trials=spec.get("startup_trials", 5)
+    )
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        sampler=sampler,
+        load_if_exists=True,
+        direction=spec.get("direction", "maximize"),
+    )
     if not study.user_attrs:  # a new study: what the training stage needs to report and prune
         pruner = spec.get("pruner") or {}
-        for key, value in {"metric": spec["metric"], "startup_trials": pruner.get("startup_trials", 4),
-                           "warmup_epochs": pruner.get("warmup_epochs", 5)}.items():
+        for key, value in {
+            "metric": spec["metric"],
+            "startup_trials": pruner.get("startup_trials", 4),
+            "warmup_epochs": pruner.get("warmup_epochs", 5),
+        }.items():
             study.set_user_attr(key, value)
         if baseline := defaults(spec["space"]):
             study.enqueue_trial(baseline, user_attrs={"baseline": True})
@@ -108,17 +126,24 @@ def best_trial(study):
     if not done:
         return None
     sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
-    return max(done, key=lambda t: (sign * t.value, -t.user_attrs.get("best", {}).get("val_loss", 0.0)))
+    return max(
+        done, key=lambda t: (sign * t.value, -t.user_attrs.get("best", {}).get("val_loss", 0.0))
+    )
 
 
 def record(study, storage, trial_number: int, name: str, state: str, data: dict, task: str) -> str:
     """Tell the study how the trial's experiment ended; returns complete | pruned | fail."""
     import optuna
 
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                               trial_number)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), trial_number
+    )
     storage.set_trial_user_attr(trial_id, "experiment", name)
-    result = ((data.get("metrics") or {}).get(f"metrics/{task}/train/metrics.json") or {}).get("data", {}).get("tune")
+    result = (
+        ((data.get("metrics") or {}).get(f"metrics/{task}/train/metrics.json") or {})
+        .get("data", {})
+        .get("tune")
+    )
     if state != "success" or not result or result.get("trial") != trial_number:
         study.tell(trial_number, state=optuna.trial.TrialState.FAIL)
         return "fail"
@@ -134,16 +159,28 @@ def report(study, name: str) -> None:
     """The best trial, importances, plots, and how to promote it."""
     import optuna
 
-    counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
-    print(f"\nstudy {name}: {len(study.trials)} trials (" + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ")")
+    counts = {
+        s.name.lower(): sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState
+    }
+    print(
+        f"\nstudy {name}: {len(study.trials)} trials ("
+        + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+        + ")"
+    )
     best = best_trial(study)
     if best is None:
         raise StageError("no trial completed: see the failed trials' logs above")
     metric = study.user_attrs["metric"]
-    baseline = next((t for t in study.trials if t.user_attrs.get("baseline") and t.value is not None), None)
+    baseline = next(
+        (t for t in study.trials if t.user_attrs.get("baseline") and t.value is not None), None
+    )
+
     def scores(t) -> str:  # the tuned metric first, then the others of the trial's best epoch
-        return ", ".join(f"{k}={v:.4g}" for k, v in {metric: t.value, **t.user_attrs.get("best", {})}.items()
-                         if k.startswith("val_"))
+        return ", ".join(
+            f"{k}={v:.4g}"
+            for k, v in {metric: t.value, **t.user_attrs.get("best", {})}.items()
+            if k.startswith("val_")
+        )
 
     print(f"best: trial {best.number} ({best.user_attrs.get('experiment')}): {scores(best)}")
     for key, value in best.params.items():
@@ -156,6 +193,7 @@ def report(study, name: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot
+
         PLOTS.mkdir(parents=True, exist_ok=True)
         ax = optuna.visualization.matplotlib.plot_optimization_history(study)
         ax.figure.savefig(PLOTS / f"{name}-history.png", dpi=100, bbox_inches="tight")
@@ -163,8 +201,10 @@ def report(study, name: str) -> None:
         scores = {t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
         try:
             if len(scores) < 2:  # fANOVA then splits importance evenly: numbers that mean nothing
-                raise ValueError(f"every complete trial scored {metric}={next(iter(scores)):.4g}; "
-                                 f"the tie went to the lowest val_loss")
+                raise ValueError(
+                    f"every complete trial scored {metric}={next(iter(scores)):.4g}; "
+                    f"the tie went to the lowest val_loss"
+                )
             importances = optuna.importance.get_param_importances(study)
             print("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
             ax = optuna.visualization.matplotlib.plot_param_importances(study)
@@ -175,8 +215,10 @@ def report(study, name: str) -> None:
         matplotlib.pyplot.close("all")
     print("plots: " + ", ".join(map(str, plots)))
     exp = best.user_attrs.get("experiment")
-    print(f"\nPromote it: dvc exp apply {exp} && git commit -am 'tuned: {exp}' && "
-          f"make promote TASK={study.user_attrs['task']}\n  (or keep it on a branch: dvc exp branch {exp} {exp})")
+    print(
+        f"\nPromote it: dvc exp apply {exp} && git commit -am 'tuned: {exp}' && "
+        f"make promote TASK={study.user_attrs['task']}\n  (or keep it on a branch: dvc exp branch {exp} {exp})"
+    )
 
 
 def tune(spec_path: str, trials: int | None = None, jobs: int | None = None, poll: float = 10.0):
@@ -189,9 +231,14 @@ def tune(spec_path: str, trials: int | None = None, jobs: int | None = None, pol
     study, storage, db = open_study(spec, name)
     study.set_user_attr("task", task)
     # Trials an interrupted run left running: wait for their experiments if DVC still has them.
-    left = {f"{name}-{t.number}": t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))}
+    left = {
+        f"{name}-{t.number}": t.number
+        for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    }
     known = (experiments(list(left)) or {}) if left else {}
-    pending = {exp: number for exp, number in left.items() if exp in known}  # experiment name → trial number
+    pending = {
+        exp: number for exp, number in left.items() if exp in known
+    }  # experiment name → trial number
     for exp in set(left) - set(pending):
         study.tell(left[exp], state=optuna.trial.TrialState.FAIL)
     asked = 0
@@ -215,7 +262,11 @@ def tune(spec_path: str, trials: int | None = None, jobs: int | None = None, pol
     while asked < min(2 * jobs, trials):
         ask()
     starters, started = [start_workers(jobs)], time.monotonic()
-    watch, states, outcomes = Watch(trials + len(pending) - asked, spec.get("stall_minutes", 15)), {}, {}
+    watch, states, outcomes = (
+        Watch(trials + len(pending) - asked, spec.get("stall_minutes", 15)),
+        {},
+        {},
+    )
     while pending:
         for exp, (state, data) in (experiments(list(pending)) or {}).items():
             states[exp] = state
@@ -244,7 +295,9 @@ def tune(spec_path: str, trials: int | None = None, jobs: int | None = None, pol
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m tools.tune", description=__doc__.split("\n")[0])
     ap.add_argument("spec", help="a tune file, e.g. sweeps/tabular-tune.yaml")
-    ap.add_argument("--trials", type=int, help="trials to add to the study (default: the file's `trials`)")
+    ap.add_argument(
+        "--trials", type=int, help="trials to add to the study (default: the file's `trials`)"
+    )
     ap.add_argument("--jobs", type=int, help="queue workers (default: the file's `jobs`)")
     args = ap.parse_args(argv)
     tune(args.spec, args.trials, args.jobs)

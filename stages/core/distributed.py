@@ -6,6 +6,7 @@ RANK / LOCAL_RANK / WORLD_SIZE; multi-node runs call torchrun directly, e.g.
 `torchrun --nnodes=2 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400
 --nproc-per-node=1 -m stages train tabular` on each node.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,12 @@ def setup(device: str = "auto") -> Runtime:
     if world > 1 and not dist.is_initialized():
         # nccl for GPUs; gloo is the backend that works on CPU.
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    rt = Runtime(rank, local_rank, world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+    rt = Runtime(
+        rank,
+        local_rank,
+        world,
+        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+    )
     configure_backends(rt.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return rt
 
@@ -72,11 +78,21 @@ def relaunch_under_torchrun(nproc: int, module: str, args: list[str]) -> bool:
     """
     if nproc <= 1 or "LOCAL_RANK" in os.environ:
         return False
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", module, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        module,
+        *args,
+    ]
     result = subprocess.run(cmd)
     if result.returncode:
-        raise StageError(f"torchrun with {nproc} processes failed (exit {result.returncode}); see the log above")
+        raise StageError(
+            f"torchrun with {nproc} processes failed (exit {result.returncode}); see the log above"
+        )
     return True
 
 
@@ -113,7 +129,9 @@ def amp_policy(mode: str, device: torch.device) -> AmpPolicy:
     """auto: bf16 on CUDA devices with native bf16, fp16 + GradScaler on older ones; bf16 on
     a CPU with native bf16; else off."""
     if mode is False:
-        mode = "off"  # YAML 1.1 (PyYAML) reads an unquoted `off` as false; DVC's -S writes it unquoted
+        mode = (
+            "off"  # YAML 1.1 (PyYAML) reads an unquoted `off` as false; DVC's -S writes it unquoted
+        )
     if mode not in AMP_MODES:
         raise StageError(f"train.amp is {mode!r}; choose one of: {', '.join(AMP_MODES)}")
     if mode == "auto":
@@ -160,4 +178,4 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], rt: Runtime) -> dict[str, flo
     t = torch.stack([sums[k].detach().double().reshape(()) for k in keys]).to(rt.device)
     if rt.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, t.cpu().tolist()))
+    return dict(zip(keys, t.cpu().tolist(), strict=False))

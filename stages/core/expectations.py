@@ -6,6 +6,7 @@ A suite is a versioned JSON file in GX's own format ({name, expectations: [{type
 kwargs, meta}]}) that a person can edit. `meta.role` marks what inference skips:
 "target" expectations, and the "columns" one, which is relaxed to the features.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,14 +26,18 @@ from stages.core.common import StageError, atomic_dir, log, read_json, write_jso
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 # GX imports pyspark when it is installed (the spark extra), which warns about pandas 3 on
 # every stage's stderr; the Spark paths here hand it no pandas frames.
-warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="PySpark does not yet fully support pandas", category=FutureWarning
+)
 
 SPLITS = ("train", "val", "test")
 
 
 def suite_path(task: str, source: str, part: str = "") -> Path:
     """One suite per data source, so switching the data never validates against a stale suite."""
-    return Path("data/expectations") / task / f"{Path(source).stem}{'.' + part if part else ''}.json"
+    return (
+        Path("data/expectations") / task / f"{Path(source).stem}{'.' + part if part else ''}.json"
+    )
 
 
 def save_suite(path: str | Path, suite: dict) -> None:
@@ -51,9 +56,18 @@ def for_inference(suite: dict) -> dict:
         if role == "target":
             continue
         if role == "columns":
-            target = {x["kwargs"]["column"] for x in suite["expectations"] if x.get("meta", {}).get("role") == "target"}
-            e = {**e, "kwargs": {"column_set": [c for c in e["kwargs"]["column_set"] if c not in target],
-                                 "exact_match": False}}
+            target = {
+                x["kwargs"]["column"]
+                for x in suite["expectations"]
+                if x.get("meta", {}).get("role") == "target"
+            }
+            e = {
+                **e,
+                "kwargs": {
+                    "column_set": [c for c in e["kwargs"]["column_set"] if c not in target],
+                    "exact_match": False,
+                },
+            }
         exps.append(e)
     return {**suite, "expectations": exps}
 
@@ -78,7 +92,7 @@ def _context():
 _validating = threading.local()  # .memo: {(method, id): (object, result)} while a thread validates
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _memoise_configurations() -> None:
     """While GX plans a validation it turns each expectation's configuration back into an
     expectation (to_domain_obj, a pydantic model) for every metric it needs, about ten per
@@ -100,13 +114,16 @@ def _memoise_configurations() -> None:
             if hit is None:
                 hit = memo[build, id(self)] = (self, build(self))
             return hit[1]
+
         return memoised
 
-    Expectation.configuration = property(once(Expectation.configuration.fget), doc=Expectation.configuration.__doc__)
+    Expectation.configuration = property(
+        once(Expectation.configuration.fget), doc=Expectation.configuration.__doc__
+    )
     ExpectationConfiguration.to_domain_obj = once(ExpectationConfiguration.to_domain_obj)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plain_ids() -> None:
     """GX keys each metric it plans by an md5 of its keyword dicts (IDDict.to_id), made
     JSON-safe first by a walk that tries a dozen numpy checks on every value, None included:
@@ -125,7 +142,9 @@ def _plain_ids() -> None:
             if len(keys) > 1:
                 d = {k: self[k] for k in keys}
                 if _json_plain(d):
-                    return hashlib.md5(json.dumps(d, sort_keys=True).encode(), usedforsecurity=False).hexdigest()
+                    return hashlib.md5(
+                        json.dumps(d, sort_keys=True).encode(), usedforsecurity=False
+                    ).hexdigest()
         return own(self, id_keys, id_ignore_keys)
 
     to_id.gx = own  # GX's own, for the test
@@ -154,13 +173,21 @@ def _one_validation():
         _validating.memo = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached(engine: str):
     """GX's fixed cost, paid once per process (the app, `infer` over chunks, the bench): a
     context with a datasource, and a counter for unique suite names within it."""
     ctx = _context()
-    source = ctx.data_sources.add_spark("spark") if engine == "spark" else ctx.data_sources.add_pandas("tables")
-    return ctx, source.add_dataframe_asset("table").add_batch_definition_whole_dataframe("whole"), itertools.count()
+    source = (
+        ctx.data_sources.add_spark("spark")
+        if engine == "spark"
+        else ctx.data_sources.add_pandas("tables")
+    )
+    return (
+        ctx,
+        source.add_dataframe_asset("table").add_batch_definition_whole_dataframe("whole"),
+        itertools.count(),
+    )
 
 
 def run_suite(suite: dict, tables: dict, docs_dir: str | Path | None = None) -> dict:
@@ -180,7 +207,9 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
     validated chunk by chunk with the results added up (Data Docs show the first chunk)."""
     import great_expectations as gx
 
-    engine = "spark" if any(_is_spark(t) for _, tables in pairs for t in tables.values()) else "pandas"
+    engine = (
+        "spark" if any(_is_spark(t) for _, tables in pairs for t in tables.values()) else "pandas"
+    )
     if docs_dir is None:
         ctx, batch, counter = _cached(engine)
     else:  # a fresh context per docs site: Data Docs list every run of their context
@@ -193,7 +222,10 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
     # the time on a million rows, more the more rows fail; `make bench`). On Spark, COMPLETE
     # would collect every failing row on the driver: SUMMARY always.
     complete = docs_dir is not None and engine == "pandas"
-    result_format = {"result_format": "COMPLETE" if complete else "SUMMARY", "partial_unexpected_count": 5}
+    result_format = {
+        "result_format": "COMPLETE" if complete else "SUMMARY",
+        "partial_unexpected_count": 5,
+    }
     if not complete:
         result_format["return_unexpected_index_query"] = False
     if engine == "spark":
@@ -214,9 +246,17 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
         if engine == "spark":
             groups = [(None, range(len(suite["expectations"])), gx_suite)]
         else:
-            groups = [(cols, at, gx.ExpectationSuite(name=f"{suite_name}/{i}",
-                                                     expectations=[suite["expectations"][j] for j in at]))
-                      for i, (cols, at) in enumerate(_column_groups(suite["expectations"]))]
+            groups = [
+                (
+                    cols,
+                    at,
+                    gx.ExpectationSuite(
+                        name=f"{suite_name}/{i}",
+                        expectations=[suite["expectations"][j] for j in at],
+                    ),
+                )
+                for i, (cols, at) in enumerate(_column_groups(suite["expectations"]))
+            ]
         for name, table in tables.items():
             key = f"{suite['name']}/{name}" if len(pairs) > 1 else name
             chunks = table() if callable(table) else [table]
@@ -226,17 +266,37 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
                 if docs_dir is None or i:
                     results = _validate(batch, groups, frame, result_format)
                 else:
-                    vd = ctx.validation_definitions.add(gx.ValidationDefinition(
-                        name=key + (f"#{run_id}" if run_id else ""), data=batch, suite=gx_suite))
-                    cp = ctx.checkpoints.add(gx.Checkpoint(
-                        name=f"checkpoint_{key}", validation_definitions=[vd], result_format=result_format,
-                        actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["docs"])]))
+                    vd = ctx.validation_definitions.add(
+                        gx.ValidationDefinition(
+                            name=key + (f"#{run_id}" if run_id else ""), data=batch, suite=gx_suite
+                        )
+                    )
+                    cp = ctx.checkpoints.add(
+                        gx.Checkpoint(
+                            name=f"checkpoint_{key}",
+                            validation_definitions=[vd],
+                            result_format=result_format,
+                            actions=[
+                                gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["docs"])
+                            ],
+                        )
+                    )
                     with _one_validation():
-                        res = next(iter(cp.run(batch_parameters={"dataframe": frame}).run_results.values()))
+                        res = next(
+                            iter(cp.run(batch_parameters={"dataframe": frame}).run_results.values())
+                        )
                     results = [_result(r) for r in res.results]
-                merged = results if merged is None else [_merge(a, b) for a, b in zip(merged, results)]
+                merged = (
+                    results
+                    if merged is None
+                    else [_merge(a, b) for a, b in zip(merged, results, strict=False)]
+                )
                 rows += chunk.count() if engine == "spark" else len(chunk)
-            table_report = {"success": all(r["success"] for r in merged or []), "rows": rows, "results": merged or []}
+            table_report = {
+                "success": all(r["success"] for r in merged or []),
+                "rows": rows,
+                "results": merged or [],
+            }
             report["tables"][key] = table_report
             report["success"] &= table_report["success"]
     return report
@@ -335,7 +395,9 @@ def _column_groups(expectations: list[dict]) -> list[tuple[list[str] | None, lis
     groups: dict = {}
     for i, e in enumerate(expectations):
         kw = e["kwargs"]
-        cols = [kw[k] for k in ("column", "column_A", "column_B") if k in kw] + list(kw.get("column_list", []))
+        cols = [kw[k] for k in ("column", "column_A", "column_B") if k in kw] + list(
+            kw.get("column_list", [])
+        )
         groups.setdefault(tuple(cols) or None, []).append(i)
     return [(list(cols) if cols else None, at) for cols, at in groups.items()]
 
@@ -354,15 +416,21 @@ def _validate(batch, groups: list, frame, result_format: dict) -> list[dict]:
             cols = None  # a missing column: GX's own error, from the whole table
         part = frame if cols is None else frame[cols]
         with _one_validation():
-            res = batch.get_batch(batch_parameters={"dataframe": part}).validate(sub, result_format=result_format)
-        results.update(zip(at, (_result(r) for r in res.results)))
+            res = batch.get_batch(batch_parameters={"dataframe": part}).validate(
+                sub, result_format=result_format
+            )
+        results.update(zip(at, (_result(r) for r in res.results), strict=False))
     return [results[i] for i in sorted(results)]
 
 
 def _with_line(suite: dict) -> dict:
     """On Spark the `line` column names failing rows: the columns check allows it."""
-    exps = [{**e, "kwargs": {**e["kwargs"], "column_set": [*e["kwargs"]["column_set"], "line"]}}
-            if e.get("meta", {}).get("role") == "columns" else e for e in suite["expectations"]]
+    exps = [
+        {**e, "kwargs": {**e["kwargs"], "column_set": [*e["kwargs"]["column_set"], "line"]}}
+        if e.get("meta", {}).get("role") == "columns"
+        else e
+        for e in suite["expectations"]
+    ]
     return {**suite, "expectations": exps}
 
 
@@ -374,15 +442,23 @@ def _merge(a: dict, b: dict) -> dict:
     """One expectation's results over two chunks, as if run over both at once: counts add
     up, samples are the first five, and `mostly` is judged on the totals."""
     if "considered" not in a:
-        return {**a, "success": a["success"] and b["success"]}  # table-level (columns): the same on every chunk
-    out = {**a, "considered": a["considered"] + b["considered"],
-           "unexpected_count": a["unexpected_count"] + b["unexpected_count"],
-           "sample_values": (a["sample_values"] + b["sample_values"])[:5],
-           "sample_rows": (a["sample_rows"] + b["sample_rows"])[:5]}
+        return {
+            **a,
+            "success": a["success"] and b["success"],
+        }  # table-level (columns): the same on every chunk
+    out = {
+        **a,
+        "considered": a["considered"] + b["considered"],
+        "unexpected_count": a["unexpected_count"] + b["unexpected_count"],
+        "sample_values": (a["sample_values"] + b["sample_values"])[:5],
+        "sample_rows": (a["sample_rows"] + b["sample_rows"])[:5],
+    }
     share = out["unexpected_count"] / out["considered"] if out["considered"] else 0.0
     out["unexpected_percent"] = 100 * share
     mostly = a["kwargs"].get("mostly")
-    out["success"] = (1 - share >= mostly - 1e-12) if mostly is not None else out["unexpected_count"] == 0
+    out["success"] = (
+        (1 - share >= mostly - 1e-12) if mostly is not None else out["unexpected_count"] == 0
+    )
     if "error" in a or "error" in b:
         out["success"] = False
     return out
@@ -401,8 +477,14 @@ def _gx_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _docs_site(docs_dir: str | Path) -> dict:
-    return {"class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())}}
+    return {
+        "class_name": "SiteBuilder",
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "store_backend": {
+            "class_name": "TupleFilesystemStoreBackend",
+            "base_directory": str(Path(docs_dir).resolve()),
+        },
+    }
 
 
 def _plain(v):
@@ -420,17 +502,28 @@ def _result(r) -> dict:
     cfg = r.expectation_config
     kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
     res = r.result or {}
-    out = {"expectation": cfg.type, "column": kwargs.get("column"), "kwargs": kwargs, "success": bool(r.success)}
+    out = {
+        "expectation": cfg.type,
+        "column": kwargs.get("column"),
+        "kwargs": kwargs,
+        "success": bool(r.success),
+    }
     if "unexpected_count" in res:
         out["unexpected_count"] = int(res["unexpected_count"])
         out["unexpected_percent"] = _plain(res.get("unexpected_percent"))
         # Rows a `mostly` share is taken of: all (not-null checks), else the non-missing ones.
-        missing = 0 if cfg.type == "expect_column_values_to_not_be_null" else int(res.get("missing_count") or 0)
+        missing = (
+            0
+            if cfg.type == "expect_column_values_to_not_be_null"
+            else int(res.get("missing_count") or 0)
+        )
         out["considered"] = int(res.get("element_count") or 0) - missing
         out["sample_values"] = [_plain(v) for v in res.get("partial_unexpected_list", [])[:5]]
         # pandas names a failing row by its index (the CSV line); Spark by the `line` column.
-        out["sample_rows"] = [_plain(v["line"] if isinstance(v, dict) else v)
-                              for v in res.get("partial_unexpected_index_list", [])[:5]]
+        out["sample_rows"] = [
+            _plain(v["line"] if isinstance(v, dict) else v)
+            for v in res.get("partial_unexpected_index_list", [])[:5]
+        ]
     if "observed_value" in res:
         obs = res["observed_value"]
         out["observed"] = [_plain(v) for v in obs] if isinstance(obs, list) else _plain(obs)
@@ -453,7 +546,10 @@ def summarise(report: dict, sources: dict[str, str] | None = None, limit: int = 
             detail = {k: v for k, v in r["kwargs"].items() if k != "column"}
             line = f"  - {what} {detail}"
             if "unexpected_count" in r:
-                pairs = ", ".join(f"{v!r} (row {i})" for v, i in zip(r["sample_values"], r["sample_rows"]))
+                pairs = ", ".join(
+                    f"{v!r} (row {i})"
+                    for v, i in zip(r["sample_values"], r["sample_rows"], strict=False)
+                )
                 line += f": {r['unexpected_count']} unexpected, e.g. {pairs}"
             elif "observed" in r:
                 line += f": observed {r['observed']}"
@@ -465,8 +561,12 @@ def summarise(report: dict, sources: dict[str, str] | None = None, limit: int = 
     return "\n".join(lines)
 
 
-def check(pairs: list[tuple[dict, dict[str, pd.DataFrame]]], task: str, paths: list[Path],
-          sources: dict[str, str]) -> dict:
+def check(
+    pairs: list[tuple[dict, dict[str, pd.DataFrame]]],
+    task: str,
+    paths: list[Path],
+    sources: dict[str, str],
+) -> dict:
     """Run the suites, write the report and Data Docs, and fail loudly if any table breaks them."""
     with atomic_dir(Path("metrics") / task / "datadocs") as docs:
         report = run_suites(pairs, docs_dir=docs)
@@ -475,8 +575,10 @@ def check(pairs: list[tuple[dict, dict[str, pd.DataFrame]]], task: str, paths: l
     write_json(Path("metrics") / task / "validation.json", report)
     total = sum(len(t["results"]) for t in report["tables"].values())
     if not report["success"]:
-        raise StageError(f"data does not meet the expectations in {path}\n{summarise(report, sources)}\n"
-                         f"Fix the data, or edit {path} if the change is intended. "
-                         f"Full report: metrics/{task}/validation.json, metrics/{task}/datadocs/index.html")
+        raise StageError(
+            f"data does not meet the expectations in {path}\n{summarise(report, sources)}\n"
+            f"Fix the data, or edit {path} if the change is intended. "
+            f"Full report: metrics/{task}/validation.json, metrics/{task}/datadocs/index.html"
+        )
     log(f"validation passed: {total} checks over {', '.join(report['tables'])} ({path})")
     return report

@@ -1,5 +1,6 @@
 """Image files, torch-free, for the image and detection tasks: the one scanner of "a folder
 or a manifest", and decoding a file to learn its size, mode and content hash."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,11 @@ def find_images(folder: Path) -> list[str]:
     """Image files below `folder` (recursive, any extension PIL opens), as sorted paths
     relative to it. Hidden files (macOS' ._name.png resource forks among them) are not images."""
     exts = image_extensions()
-    return sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*")
-                  if f.is_file() and f.suffix.lower() in exts and not f.name.startswith("."))
+    return sorted(
+        f.relative_to(folder).as_posix()
+        for f in folder.rglob("*")
+        if f.is_file() and f.suffix.lower() in exts and not f.name.startswith(".")
+    )
 
 
 def list_images(source: str | Path, labelled: bool = True) -> tuple[pd.DataFrame, Path]:
@@ -44,7 +48,9 @@ def list_images(source: str | Path, labelled: bool = True) -> tuple[pd.DataFrame
             return pd.DataFrame({"path": files}), source
         classes = sorted(d for d in source.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not classes:
-            raise StageError(f"{source}: no class folders (expected one sub-folder of images per class)")
+            raise StageError(
+                f"{source}: no class folders (expected one sub-folder of images per class)"
+            )
         rows = []
         for d in classes:
             files = find_images(d)
@@ -59,28 +65,45 @@ def list_images(source: str | Path, labelled: bool = True) -> tuple[pd.DataFrame
             raise StageError(f"{source}: not a readable manifest ({str(e).strip()})") from None
         missing = set(columns) - set(table.columns)
         if missing:
-            raise StageError(f"{source}: manifest needs columns {','.join(columns)}; "
-                             f"missing: {', '.join(sorted(missing))}")
+            raise StageError(
+                f"{source}: manifest needs columns {','.join(columns)}; "
+                f"missing: {', '.join(sorted(missing))}"
+            )
         if table.empty:
             raise StageError(f"{source}: the manifest lists no images")
         if labelled:
-            empty = table.index[(table["path"].str.strip() == "") | (table["label"].str.strip() == "")]
+            empty = table.index[
+                (table["path"].str.strip() == "") | (table["label"].str.strip() == "")
+            ]
             if len(empty):
-                raise StageError(f"{source}: empty path or label on lines {', '.join(str(i + 2) for i in empty[:5])}")
+                raise StageError(
+                    f"{source}: empty path or label on lines {', '.join(str(i + 2) for i in empty[:5])}"
+                )
             gone = [p for p in table["path"] if not (source.parent / p).is_file()]
             if gone:
-                raise StageError(f"{source}: {len(gone)} listed files do not exist, e.g. {', '.join(gone[:3])}")
+                raise StageError(
+                    f"{source}: {len(gone)} listed files do not exist, e.g. {', '.join(gone[:3])}"
+                )
         return table[columns].reset_index(drop=True), source.parent
-    what = "an image folder or a CSV manifest with path,label" if labelled else \
-        "an image folder or a CSV manifest with a path column"
+    what = (
+        "an image folder or a CSV manifest with path,label"
+        if labelled
+        else "an image folder or a CSV manifest with a path column"
+    )
     raise StageError(f"{source}: not found (expected {what})")
 
 
 def inspect_image(path: Path) -> dict:
     """Decode the whole file; return its size, mode, bytes, content hash, or the error."""
     data = path.read_bytes()
-    info = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "width": None, "height": None,
-            "mode": None, "error": None}
+    info = {
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": None,
+        "height": None,
+        "mode": None,
+        "error": None,
+    }
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; treat both as a bomb.

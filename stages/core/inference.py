@@ -4,6 +4,7 @@ Options are chosen, not defaulted: intra-op threads = physical cores (more makes
 onnxruntime several times slower on these machines), full graph optimisation, and
 spinning off when the process does other work between calls (a server).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,14 +29,21 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     return None
 
 
-def physical_cores(cpuinfo: Path = Path("/proc/cpuinfo"), cgroup: Path = Path("/sys/fs/cgroup"),
-                   allowed: set[int] | None = None) -> int:
+def physical_cores(
+    cpuinfo: Path = Path("/proc/cpuinfo"),
+    cgroup: Path = Path("/sys/fs/cgroup"),
+    allowed: set[int] | None = None,
+) -> int:
     """Threads worth running: the physical cores among the CPUs this process may run on
     (os.sched_getaffinity), capped by the cgroup CPU quota (rounded down: 1.5 CPUs of
     quota is one thread that is never throttled). More threads than this oversubscribe
     (onnxruntime and torch are several times slower)."""
     if allowed is None:
-        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        allowed = (
+            os.sched_getaffinity(0)
+            if hasattr(os, "sched_getaffinity")
+            else set(range(os.cpu_count() or 1))
+        )
     cores, proc, phys = set(), None, "0"
     try:
         text = cpuinfo.read_text()
@@ -74,7 +82,9 @@ def open_session(path: str | Path, threads: int | None = None, spinning: bool = 
 def run_batches(session, x: np.ndarray, batch_size: int) -> np.ndarray:
     """Run the single-input model over `x` in batches; returns the first output stacked."""
     name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    outs = [
+        session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 

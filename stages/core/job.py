@@ -17,13 +17,14 @@ lets the tuner tell a pruned trial from a broken one: DVC marks a failed stage's
 experiment Failed and keeps none of its outputs, while a pruned trial is a valid, shorter
 run whose numbers the tuner reads back with `dvc exp show --json` like any other.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -72,14 +73,18 @@ def tune_trial(pointer: str):
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Queue workers write to the one SQLite file at the same time: wait for its lock.
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}})
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 60}}
+    )
     study_id = storage.get_study_id_from_name(name)
     cfg = storage.get_study_user_attrs(study_id)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(number))
     if storage.get_trial(trial_id).state != optuna.trial.TrialState.RUNNING:
         log(f"tune.trial: trial {number} of {name} has finished; training without reporting")
         return None
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg["startup_trials"], n_warmup_steps=cfg["warmup_epochs"])
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=cfg["startup_trials"], n_warmup_steps=cfg["warmup_epochs"]
+    )
     study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
     return optuna.trial.Trial(study, trial_id), cfg["metric"]
 
@@ -96,7 +101,9 @@ def pruning_callback(pointer: str, rt) -> Callable | None:
         if found is not None:
             trial, metric = found
             if metric not in metrics:
-                raise StageError(f"tune: metric {metric!r} is not one of this task's: {', '.join(metrics)}")
+                raise StageError(
+                    f"tune: metric {metric!r} is not one of this task's: {', '.join(metrics)}"
+                )
             trial.report(metrics[metric], epoch)
             prune = trial.should_prune()
         if rt.distributed:
@@ -128,30 +135,58 @@ def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
             # Never DVCLive's resume (it appends to whatever a killed run left, torn or not):
             # start the folder afresh; a resumed fit() rewrites the earlier epochs from last.pt.
             live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
-            live.log_params({f"{task}.train": p, "seed": params["seed"], "world_size": rt.world_size})
+            live.log_params(
+                {f"{task}.train": p, "seed": params["seed"], "world_size": rt.world_size}
+            )
         pointer = params.get("tune", {}).get("trial", "")
         try:
-            summary = fit(job.model, job.train_set, job.val_set, sums_fn=job.sums_fn, cfg=cfg, rt=rt,
-                          seed=params["seed"], ckpt_dir=ckpt_dir, fingerprint=fp, live=live,
-                          on_epoch=pruning_callback(pointer, rt))
+            summary = fit(
+                job.model,
+                job.train_set,
+                job.val_set,
+                sums_fn=job.sums_fn,
+                cfg=cfg,
+                rt=rt,
+                seed=params["seed"],
+                ckpt_dir=ckpt_dir,
+                fingerprint=fp,
+                live=live,
+                on_epoch=pruning_callback(pointer, rt),
+            )
         except Pruned as e:
             # last.pt holds the loop state of the epoch that was pruned (written before on_epoch).
             state = load_checkpoint(ckpt_dir / "last.pt")["state"]
-            summary = {"best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "stopped_early": True,
-                       "best_metrics": state["best_metrics"], "pruned": True}
+            summary = {
+                "best_epoch": state["best_epoch"] + 1,
+                "epochs_run": state["epoch"],
+                "stopped_early": True,
+                "best_metrics": state["best_metrics"],
+                "pruned": True,
+            }
             if rt.is_main:
                 log(f"pruned by the tune study after epoch {e}")
         if rt.is_main and pointer:
-            live.summary["tune"] = {"trial": int(pointer.rsplit(":", 1)[1]),
-                                    "state": "pruned" if summary.get("pruned") else "complete",
-                                    "best": summary["best_metrics"], "epochs_run": summary["epochs_run"]}
+            live.summary["tune"] = {
+                "trial": int(pointer.rsplit(":", 1)[1]),
+                "state": "pruned" if summary.get("pruned") else "complete",
+                "best": summary["best_metrics"],
+                "epochs_run": summary["epochs_run"],
+            }
         if rt.is_main:
             best = load_checkpoint(ckpt_dir / "best.pt")
-            meta = {"task": task, "arch": job.arch, **job.meta, "train": summary,
-                    "params": {"seed": params["seed"], f"{task}.train": p}}
+            meta = {
+                "task": task,
+                "arch": job.arch,
+                **job.meta,
+                "train": summary,
+                "params": {"seed": params["seed"], f"{task}.train": p},
+            }
             save_checkpoint(out_dir / "model.pt", {"state_dict": best["model"], "meta": meta})
             live.end()
-            log(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: "
-                + " ".join(f"{k}={v:.4g}" for k, v in summary["best_metrics"].items()) + f" → {out_dir}/model.pt")
+            log(
+                f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: "
+                + " ".join(f"{k}={v:.4g}" for k, v in summary["best_metrics"].items())
+                + f" → {out_dir}/model.pt"
+            )
     finally:
         teardown()

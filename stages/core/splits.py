@@ -1,5 +1,6 @@
 """Train/val/test splits fixed by the seed: stratified rows (tabular, image) and keys
 (detection images, whose boxes stay together)."""
+
 from __future__ import annotations
 
 import math
@@ -12,11 +13,20 @@ from stages.core.common import StageError
 
 def check_fractions(val: float, test: float) -> None:
     if not (0 < val < 1 and 0 < test < 1 and val + test < 1):
-        raise StageError(f"split fractions val={val}, test={test} must be in (0, 1) and sum below 1")
+        raise StageError(
+            f"split fractions val={val}, test={test} must be in (0, 1) and sum below 1"
+        )
 
 
-def split(df: pd.DataFrame, target: str, task: str, val: float, test: float, seed: int,
-          source: str = "data") -> dict[str, pd.DataFrame]:
+def split(
+    df: pd.DataFrame,
+    target: str,
+    task: str,
+    val: float,
+    test: float,
+    seed: int,
+    source: str = "data",
+) -> dict[str, pd.DataFrame]:
     """Train/val/test split, stratified on the target for classification, fixed by `seed`."""
     from sklearn.model_selection import train_test_split
 
@@ -25,12 +35,20 @@ def split(df: pd.DataFrame, target: str, task: str, val: float, test: float, see
     try:
         rest, test_df = train_test_split(df, test_size=test, random_state=seed, stratify=strat)
         strat = rest[target] if task == "classification" else None
-        train_df, val_df = train_test_split(rest, test_size=val / (1 - test), random_state=seed, stratify=strat)
+        train_df, val_df = train_test_split(
+            rest, test_size=val / (1 - test), random_state=seed, stratify=strat
+        )
     except ValueError as e:
         counts = df[target].value_counts()
-        raise StageError(f"{source}: cannot split {len(df)} rows into train/val/test ({e}); "
-                         f"smallest class: {counts.idxmin()!r} with {counts.min()} rows") from None
-    return {"train": train_df.sort_index(), "val": val_df.sort_index(), "test": test_df.sort_index()}
+        raise StageError(
+            f"{source}: cannot split {len(df)} rows into train/val/test ({e}); "
+            f"smallest class: {counts.idxmin()!r} with {counts.min()} rows"
+        ) from None
+    return {
+        "train": train_df.sort_index(),
+        "val": val_df.sort_index(),
+        "test": test_df.sort_index(),
+    }
 
 
 def split_keys(keys: list[str], val: float, test: float, seed: int, source: str) -> dict[str, str]:
@@ -76,10 +94,12 @@ def row_hash(seed: int, lines: np.ndarray) -> np.ndarray:
 
 def row_hash_sql(seed: int, line: str = "line") -> str:
     """The same hash as a Spark SQL expression over the bigint column `line`."""
+
     def mix(x: str) -> str:
         x = f"((shiftright({x}, 16) ^ {x}) * {MIX}) & {MASK}"
         x = f"((shiftright({x}, 16) ^ {x}) * {MIX}) & {MASK}"
         return f"(shiftright({x}, 16) ^ {x})"
+
     salt = int(_mix(np.uint64(seed & MASK)))
     return mix(f"(({line} ^ {salt}) & {MASK})")
 
@@ -92,12 +112,19 @@ def quotas(counts: dict, val: float, test: float, source: str, target: str | Non
     total = sum(counts.values())
     if target is not None and min(counts.values()) < 2:
         small = min(counts, key=lambda c: (counts[c], str(c)))
-        raise StageError(f"{source}: cannot split {total} rows into train/val/test (stratified on {target!r}, every "
-                         f"class needs at least 2 rows); smallest class: {small!r} with {counts[small]} rows")
+        raise StageError(
+            f"{source}: cannot split {total} rows into train/val/test (stratified on {target!r}, every "
+            f"class needs at least 2 rows); smallest class: {small!r} with {counts[small]} rows"
+        )
     out = {g: (math.floor(test * n + 0.5), math.floor(val * n + 0.5)) for g, n in counts.items()}
-    if not all(sum(q[i] for q in out.values()) for i in (0, 1)) or sum(sum(q) for q in out.values()) >= total:
-        raise StageError(f"{source}: cannot split {total} rows into train/val/test with val={val}, test={test}: "
-                         "a split would be empty")
+    if (
+        not all(sum(q[i] for q in out.values()) for i in (0, 1))
+        or sum(sum(q) for q in out.values()) >= total
+    ):
+        raise StageError(
+            f"{source}: cannot split {total} rows into train/val/test with val={val}, test={test}: "
+            "a split would be empty"
+        )
     return out
 
 
@@ -117,11 +144,14 @@ def hash_assign(keys: np.ndarray, groups: np.ndarray, quota: list[tuple[int, int
     return codes
 
 
-def sklearn_assign(groups: np.ndarray, stratify: bool, val: float, test: float, seed: int,
-                   source: str) -> np.ndarray:
+def sklearn_assign(
+    groups: np.ndarray, stratify: bool, val: float, test: float, seed: int, source: str
+) -> np.ndarray:
     """The earlier split (scikit-learn's train_test_split, twice) as split codes per row."""
     frame = pd.DataFrame({"g": groups})
-    parts = split(frame, "g", "classification" if stratify else "regression", val, test, seed, source)
+    parts = split(
+        frame, "g", "classification" if stratify else "regression", val, test, seed, source
+    )
     codes = np.full(len(groups), TRAIN, np.uint8)
     codes[parts["val"].index.to_numpy()] = VAL
     codes[parts["test"].index.to_numpy()] = TEST

@@ -7,6 +7,7 @@ early stopping on a validation metric, and full-state checkpoints (model, optimi
 scheduler, scaler, epoch, RNG) written atomically by rank 0 so a killed run resumes
 where it stopped and ends with the same weights as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,14 +15,21 @@ import io
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    Subset,
+    TensorDataset,
+)
 from torch.utils.data.distributed import DistributedSampler
 
 from stages.core.common import StageError, atomic_path, log
@@ -50,16 +58,20 @@ class LoopConfig:
     num_workers: int
     device: str
     nproc: int
-    compile: bool = False  # torch.compile; a default, so that loops configured in code need not name it
+    compile: bool = (
+        False  # torch.compile; a default, so that loops configured in code need not name it
+    )
 
     @classmethod
-    def from_params(cls, params: dict, section: str) -> "LoopConfig":
+    def from_params(cls, params: dict, section: str) -> LoopConfig:
         missing = [f.name for f in fields(cls) if f.name not in params and f.default is MISSING]
         if missing:
             raise StageError(f"params.yaml: {section} is missing: {', '.join(missing)}")
         cfg = cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
         if cfg.scheduler not in SCHEDULERS:
-            raise StageError(f"{section}.scheduler is {cfg.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+            raise StageError(
+                f"{section}.scheduler is {cfg.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
+            )
         if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise StageError(f"{section}: epochs, batch_size and grad_accum must be at least 1")
         return cfg
@@ -89,7 +101,8 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: LoopConfig):
         return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min" if cfg.minimize else "max", factor=cfg.gamma, patience=cfg.step_size)
+            opt, mode="min" if cfg.minimize else "max", factor=cfg.gamma, patience=cfg.step_size
+        )
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -125,7 +138,11 @@ def resumable(ckpt_dir: str | Path, fingerprint: str) -> bool:
         return False
     ck = load_checkpoint(last)
     # Checkpoints without the metrics history (older code) cannot rebuild the DVCLive log.
-    return ck.get("fingerprint") == fingerprint and not ck.get("finished") and "history" in ck.get("state", {})
+    return (
+        ck.get("fingerprint") == fingerprint
+        and not ck.get("finished")
+        and "history" in ck.get("state", {})
+    )
 
 
 @torch.no_grad()
@@ -155,12 +172,23 @@ def _evaluate(model, loader, sums_fn: BatchSums, rt: Runtime, amp: AmpPolicy) ->
     return {k: v / count for k, v in reduced.items()}
 
 
-def _loaders(train_set: Dataset, val_set: Dataset, model: torch.nn.Module, cfg: LoopConfig, rt: Runtime,
-             seed: int) -> tuple[DistributedSampler, DataLoader, DataLoader]:
+def _loaders(
+    train_set: Dataset,
+    val_set: Dataset,
+    model: torch.nn.Module,
+    cfg: LoopConfig,
+    rt: Runtime,
+    seed: int,
+) -> tuple[DistributedSampler, DataLoader, DataLoader]:
     # The sampler's shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
     # A stream (tabular's parquet row groups) shards and shuffles itself alike (set_epoch).
-    sampler = train_set if isinstance(train_set, IterableDataset) else \
-        DistributedSampler(train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
+    sampler = (
+        train_set
+        if isinstance(train_set, IterableDataset)
+        else DistributedSampler(
+            train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed
+        )
+    )
     # No persistent_workers: with them each worker seeds its RNG (augmentation) once, from a
     # draw on the main RNG when the loader is first iterated, and carries it across epochs;
     # a resumed run would draw at another point and augment differently from an uninterrupted
@@ -174,18 +202,38 @@ def _loaders(train_set: Dataset, val_set: Dataset, model: torch.nn.Module, cfg: 
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     # A stream that cuts its own batches (tabular's row groups) is taken batch by batch.
     batched = getattr(train_set, "batched", False)
-    drop_last = not batched and has_bn and len(sampler) > cfg.batch_size and len(sampler) % cfg.batch_size == 1
-    loader = DataLoader(train_set, batch_size=None if batched else cfg.batch_size, drop_last=drop_last,
-                        collate_fn=None if batched else collate_of(train_set),
-                        **loader_kw, **({} if sampler is train_set else {"sampler": sampler}))
+    drop_last = (
+        not batched
+        and has_bn
+        and len(sampler) > cfg.batch_size
+        and len(sampler) % cfg.batch_size == 1
+    )
+    loader = DataLoader(
+        train_set,
+        batch_size=None if batched else cfg.batch_size,
+        drop_last=drop_last,
+        collate_fn=None if batched else collate_of(train_set),
+        **loader_kw,
+        **({} if sampler is train_set else {"sampler": sampler}),
+    )
     # Each rank scores its own strided shard; sums are all-reduced, so nothing is counted twice.
     shard = range(rt.rank, len(val_set), rt.world_size)
-    if isinstance(val_set, TensorDataset):  # tensors in memory: index a whole batch at once, not row by row
-        val_loader = DataLoader(val_set, batch_size=None, sampler=BatchSampler(shard, cfg.batch_size * 2, False),
-                                **loader_kw)
+    if isinstance(
+        val_set, TensorDataset
+    ):  # tensors in memory: index a whole batch at once, not row by row
+        val_loader = DataLoader(
+            val_set,
+            batch_size=None,
+            sampler=BatchSampler(shard, cfg.batch_size * 2, False),
+            **loader_kw,
+        )
     else:
-        val_loader = DataLoader(Subset(val_set, shard), batch_size=cfg.batch_size * 2, collate_fn=collate_of(val_set),
-                                **loader_kw)
+        val_loader = DataLoader(
+            Subset(val_set, shard),
+            batch_size=cfg.batch_size * 2,
+            collate_fn=collate_of(val_set),
+            **loader_kw,
+        )
     return sampler, loader, val_loader
 
 
@@ -200,7 +248,14 @@ def collate_of(dataset: Dataset):
 def _resume(ckpt_dir: Path, fingerprint: str, model, opt, sched, scaler, rt: Runtime, live) -> dict:
     """The loop state to start from: a fresh one, or that of ckpt_dir/last.pt when it is an
     unfinished run with this fingerprint (model, optimizer, scheduler, scaler and RNG restored)."""
-    state = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "best_metrics": {}, "history": []}
+    state = {
+        "epoch": 0,
+        "best": None,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "best_metrics": {},
+        "history": [],
+    }
     last = ckpt_dir / "last.pt"
     if not resumable(ckpt_dir, fingerprint):
         return state
@@ -224,8 +279,18 @@ def _resume(ckpt_dir: Path, fingerprint: str, model, opt, sched, scaler, rt: Run
     return ck["state"]
 
 
-def _train_one_epoch(net, model, loader, opt, scaler, sums_fn: BatchSums, cfg: LoopConfig, rt: Runtime,
-                     amp: AmpPolicy, desc: str) -> float:
+def _train_one_epoch(
+    net,
+    model,
+    loader,
+    opt,
+    scaler,
+    sums_fn: BatchSums,
+    cfg: LoopConfig,
+    rt: Runtime,
+    amp: AmpPolicy,
+    desc: str,
+) -> float:
     """One pass over this rank's shard; returns the mean training loss over all ranks."""
     net.train()
     # The loss is summed on the device and read once per epoch: a .cpu() per step forced a
@@ -265,16 +330,33 @@ def _train_one_epoch(net, model, loader, opt, scaler, sums_fn: BatchSums, cfg: L
     return reduced["loss"] / max(reduced["count"], 1.0)
 
 
-def _checkpoint(ckpt_dir: Path, model, opt, sched, scaler, state: dict, fingerprint: str, finished: bool,
-                improved: bool, rt: Runtime) -> None:
+def _checkpoint(
+    ckpt_dir: Path,
+    model,
+    opt,
+    sched,
+    scaler,
+    state: dict,
+    fingerprint: str,
+    finished: bool,
+    improved: bool,
+    rt: Runtime,
+) -> None:
     """Full state to last.pt (and best.pt when the epoch improved); every rank must call it
     (the RNG states are gathered), rank 0 writes."""
     rng = _gather_rng(rt)
     if not rt.is_main:
         return
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "state": state, "rng": rng, "fingerprint": fingerprint,
-            "finished": finished}
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "state": state,
+        "rng": rng,
+        "fingerprint": fingerprint,
+        "finished": finished,
+    }
     if improved:
         save_checkpoint(ckpt_dir / "best.pt", ckpt)
     # last.pt is written after best.pt: a kill between the two resumes this epoch again.
@@ -291,7 +373,9 @@ def _record(state: dict, metrics: dict[str, float], cfg: LoopConfig, epoch: int)
     """Add the epoch to the history and the early-stopping state; True if it is the best so far."""
     state["history"].append(metrics)
     value = metrics[cfg.monitor]
-    improved = state["best"] is None or (value < state["best"] if cfg.minimize else value > state["best"])
+    improved = state["best"] is None or (
+        value < state["best"] if cfg.minimize else value > state["best"]
+    )
     if improved:
         state.update(best=value, best_epoch=epoch, bad_epochs=0, best_metrics=metrics)
     else:
@@ -327,8 +411,13 @@ def fit(
     """
     ckpt_dir = Path(ckpt_dir)
     model.to(rt.device)
-    net = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) \
-        if rt.distributed else model
+    net = (
+        DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None
+        )
+        if rt.distributed
+        else model
+    )
     if cfg.compile:
         # The compiled module runs forward and backward; `model` (sharing its parameters) is
         # what is checkpointed and exported, so state dicts keep their plain names.
@@ -344,28 +433,59 @@ def fit(
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
-        metrics = {"train_loss": _train_one_epoch(net, model, loader, opt, scaler, sums_fn, cfg, rt, amp,
-                                                  f"epoch {epoch + 1}/{cfg.epochs}")}
-        metrics.update({f"val_{k}": v for k, v in _evaluate(net, val_loader, sums_fn, rt, amp).items()})
+        metrics = {
+            "train_loss": _train_one_epoch(
+                net,
+                model,
+                loader,
+                opt,
+                scaler,
+                sums_fn,
+                cfg,
+                rt,
+                amp,
+                f"epoch {epoch + 1}/{cfg.epochs}",
+            )
+        }
+        metrics.update(
+            {f"val_{k}": v for k, v in _evaluate(net, val_loader, sums_fn, rt, amp).items()}
+        )
         metrics["lr"] = opt.param_groups[0]["lr"]
         if cfg.monitor not in metrics:
-            raise StageError(f"train.monitor is {cfg.monitor!r}; choose one of: {', '.join(metrics)}")
+            raise StageError(
+                f"train.monitor is {cfg.monitor!r}; choose one of: {', '.join(metrics)}"
+            )
         if not all(math.isfinite(v) for v in metrics.values()):
-            raise StageError(f"training diverged at epoch {epoch + 1} ({metrics}); lower train.lr or enable grad_clip")
+            raise StageError(
+                f"training diverged at epoch {epoch + 1} ({metrics}); lower train.lr or enable grad_clip"
+            )
         improved = _record(state, metrics, cfg, epoch)
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(metrics[cfg.monitor])
         else:
             sched.step()
         stopped_early = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
-        _checkpoint(ckpt_dir, model, opt, sched, scaler, state, fingerprint,
-                    stopped_early or state["epoch"] == cfg.epochs, improved, rt)
+        _checkpoint(
+            ckpt_dir,
+            model,
+            opt,
+            sched,
+            scaler,
+            state,
+            fingerprint,
+            stopped_early or state["epoch"] == cfg.epochs,
+            improved,
+            rt,
+        )
         if rt.is_main:
             if live is not None:
                 _log_live(live, epoch, metrics)
                 live.next_step()
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            log(f"epoch {epoch + 1}/{cfg.epochs} {shown} ({time.perf_counter() - t0:.1f}s)" + (" *" if improved else ""))
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs} {shown} ({time.perf_counter() - t0:.1f}s)"
+                + (" *" if improved else "")
+            )
         if rt.distributed:
             dist.barrier()  # no rank starts the next epoch (or exits) before the checkpoint exists
         if on_epoch is not None:
@@ -376,5 +496,9 @@ def fit(
             break
         if stop_after_epoch is not None and state["epoch"] >= stop_after_epoch:
             break
-    return {"best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "stopped_early": stopped_early,
-            "best_metrics": state["best_metrics"]}
+    return {
+        "best_epoch": state["best_epoch"] + 1,
+        "epochs_run": state["epoch"],
+        "stopped_early": stopped_early,
+        "best_metrics": state["best_metrics"],
+    }

@@ -1,6 +1,7 @@
 """Detection inference, torch-free: the letterbox, decode and NMS that `infer`, the app
 and the export parity check share, box IoU, detections as COCO-style records, and drawing.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,7 @@ def resize_bilinear(img: np.ndarray, w: int, h: int) -> np.ndarray:
     """cv2.INTER_LINEAR in numpy (no antialiasing, half-pixel centres), so the served model
     sees the pixels Ultralytics trained and validated it on without needing OpenCV."""
     H, W = img.shape[:2]
-    if (H, W) == (h, w):
+    if (h, w) == (H, W):
         return img
     ys = np.clip((np.arange(h) + 0.5) * H / h - 0.5, 0, H - 1)
     xs = np.clip((np.arange(w) + 0.5) * W / w - 0.5, 0, W - 1)
@@ -31,11 +32,14 @@ def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[floa
     Returns the size × size image, the scale, and the (left, top) padding."""
     h, w = rgb.shape[:2]
     r = min(size / h, size / w)
-    nw, nh = max(round(w * r), 1), max(round(h * r), 1)  # as Ultralytics: a very thin image keeps 1 pixel
+    nw, nh = (
+        max(round(w * r), 1),
+        max(round(h * r), 1),
+    )  # as Ultralytics: a very thin image keeps 1 pixel
     dw, dh = (size - nw) / 2, (size - nh) / 2
     out = np.full((size, size, 3), 114, np.uint8)
     top, left = round(dh - 0.1), round(dw - 0.1)
-    out[top:top + nh, left:left + nw] = resize_bilinear(rgb, nw, nh)
+    out[top : top + nh, left : left + nw] = resize_bilinear(rgb, nw, nh)
     return out, r, (left, top)
 
 
@@ -46,8 +50,12 @@ def load_for_detection(path: str | Path, size: int) -> tuple[np.ndarray, dict]:
         # ignores the EXIF orientation, and a rotated photo was then served sideways.
         rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     boxed, r, pad = letterbox(rgb, size)
-    return np.ascontiguousarray(boxed.transpose(2, 0, 1), dtype=np.float32) / 255.0, \
-        {"scale": r, "pad": pad, "width": rgb.shape[1], "height": rgb.shape[0]}
+    return np.ascontiguousarray(boxed.transpose(2, 0, 1), dtype=np.float32) / 255.0, {
+        "scale": r,
+        "pad": pad,
+        "width": rgb.shape[1],
+        "height": rgb.shape[0],
+    }
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
@@ -77,8 +85,9 @@ def unletterbox(xyxy: np.ndarray, meta: dict) -> np.ndarray:
     return xyxy
 
 
-def decode(output: np.ndarray, meta: dict, conf: float, iou: float, max_det: int = 300,
-           kind: str = "raw") -> np.ndarray:
+def decode(
+    output: np.ndarray, meta: dict, conf: float, iou: float, max_det: int = 300, kind: str = "raw"
+) -> np.ndarray:
     """One image's YOLO output → N × 6 [x1, y1, x2, y2, score, class] in original pixels.
 
     kind "raw": the head as trained (4 + classes, anchors): cx, cy, w, h and class scores;
@@ -98,7 +107,9 @@ def decode(output: np.ndarray, meta: dict, conf: float, iou: float, max_det: int
     xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], axis=1)
     keep = nms(xyxy + cls[:, None] * 7680.0, score, iou)[:max_det]
     xyxy, score, cls = xyxy[keep], score[keep], cls[keep]
-    return np.concatenate([unletterbox(xyxy, meta), score[:, None], cls[:, None].astype(np.float64)], axis=1)
+    return np.concatenate(
+        [unletterbox(xyxy, meta), score[:, None], cls[:, None].astype(np.float64)], axis=1
+    )
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -117,7 +128,9 @@ def upright_size(im: Image.Image) -> tuple[int, int]:
 
 def draw_boxes(path: str | Path, dets: np.ndarray, names: list[str]) -> Image.Image:
     with Image.open(path) as im:
-        img = ImageOps.exif_transpose(im).convert("RGB")  # boxes are in upright pixels (load_for_detection)
+        img = ImageOps.exif_transpose(im).convert(
+            "RGB"
+        )  # boxes are in upright pixels (load_for_detection)
     draw = ImageDraw.Draw(img)
     for x1, y1, x2, y2, score, cls in dets:
         draw.rectangle([x1, y1, x2, y2], outline=(255, 0, 0), width=2)
@@ -128,6 +141,17 @@ def draw_boxes(path: str | Path, dets: np.ndarray, names: list[str]) -> Image.Im
 def to_records(dets: np.ndarray, names: list[str]) -> list[dict]:
     """N × 6 detections → COCO-style records: category, bbox [x, y, width, height] in
     pixels, score (what `infer` writes and the REST API answers)."""
-    return [{"category_id": int(c), "category": names[int(c)],
-             "bbox": [round(float(x1), 2), round(float(y1), 2), round(float(x2 - x1), 2), round(float(y2 - y1), 2)],
-             "score": round(float(s), 5)} for x1, y1, x2, y2, s, c in dets]
+    return [
+        {
+            "category_id": int(c),
+            "category": names[int(c)],
+            "bbox": [
+                round(float(x1), 2),
+                round(float(y1), 2),
+                round(float(x2 - x1), 2),
+                round(float(y2 - y1), 2),
+            ],
+            "score": round(float(s), 5),
+        }
+        for x1, y1, x2, y2, s, c in dets
+    ]

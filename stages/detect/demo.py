@@ -3,6 +3,7 @@ YOLO layout → data/demo/shapes/{images,labels}/ and data.yaml, fixed by detect
 
     python -m stages demo detect
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,7 +37,9 @@ def shapes_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, list
         elif cls == 1:
             draw.rectangle([x0, y0, x0 + s, y0 + s], fill=colour, outline=(0, 0, 0))
         else:
-            draw.polygon([(x0 + s / 2, y0), (x0, y0 + s), (x0 + s, y0 + s)], fill=colour, outline=(0, 0, 0))
+            draw.polygon(
+                [(x0 + s / 2, y0), (x0, y0 + s), (x0 + s, y0 + s)], fill=colour, outline=(0, 0, 0)
+            )
         boxes.append((cls, (x0 + s / 2) / size, (y0 + s / 2) / size, s / size, s / size))
     return img, boxes
 
@@ -51,5 +54,7 @@ def run(params: dict, out_dir: str = "data/demo/shapes") -> None:
             img, boxes = shapes_scene(rng, p["size"])
             img.save(tmp / "images" / f"{i:05d}.png")
             (tmp / "labels" / f"{i:05d}.txt").write_text("".join(yolo_line(*b) for b in boxes))
-        (tmp / "data.yaml").write_text("names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(SHAPES)))
+        (tmp / "data.yaml").write_text(
+            "names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(SHAPES))
+        )
     log(f"wrote {p['images']} shape scenes ({p['size']}×{p['size']}) → {out_dir}")

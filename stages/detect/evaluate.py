@@ -3,6 +3,7 @@ by pycocotools; the two mAPs must agree within detect.evaluate.coco_tolerance.
 
     python -m stages evaluate detect
 """
+
 from __future__ import annotations
 
 import json
@@ -21,18 +22,31 @@ def coco_ground_truth(images_dir: Path, labels_dir: Path, n_classes: int) -> dic
     """The YOLO labels of a split as a COCO ground-truth dict (ids 1..N in file order)."""
     from PIL import Image
 
-
     images, anns = [], []
     for i, f in enumerate(sorted(p for p in images_dir.iterdir() if p.is_file()), start=1):
         with Image.open(f) as im:
-            w, h = upright_size(im)  # Ultralytics (OpenCV) labels and predicts the EXIF-rotated image
+            w, h = upright_size(
+                im
+            )  # Ultralytics (OpenCV) labels and predicts the EXIF-rotated image
         images.append({"id": i, "file_name": f.name, "width": w, "height": h})
         label = labels_dir / f"{f.stem}.txt"
         for row in parse_yolo_label(label) if label.exists() else []:
             bw, bh = row["w"] * w, row["h"] * h
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(row["cls"]) + 1, "iscrowd": 0,
-                         "bbox": [row["x"] * w - bw / 2, row["y"] * h - bh / 2, bw, bh], "area": bw * bh})
-    return {"images": images, "annotations": anns, "categories": [{"id": c + 1} for c in range(n_classes)]}
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": int(row["cls"]) + 1,
+                    "iscrowd": 0,
+                    "bbox": [row["x"] * w - bw / 2, row["y"] * h - bh / 2, bw, bh],
+                    "area": bw * bh,
+                }
+            )
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c + 1} for c in range(n_classes)],
+    }
 
 
 def coco_map(ground_truth: dict, predictions: list[dict]) -> dict:
@@ -69,34 +83,80 @@ def run(params: dict, out_dir: Path = Path("metrics/detect")) -> dict:
     data, runs = yolo.dataset_view(names), yolo.run_dir("evaluate")
     model = YOLO("models/detect/model.pt")
     # save_json: the validator writes its predictions (COCO style, original pixels) for pycocotools.
-    m = model.val(data=str(data), split="test", imgsz=model.ckpt["train_args"]["imgsz"], batch=16, conf=p["conf"],
-                  iou=p["iou"], device=yolo.device("auto"), save_json=True, plots=False, project=str(runs.parent),
-                  name=runs.name, exist_ok=True, verbose=False)
+    m = model.val(
+        data=str(data),
+        split="test",
+        imgsz=model.ckpt["train_args"]["imgsz"],
+        batch=16,
+        conf=p["conf"],
+        iou=p["iou"],
+        device=yolo.device("auto"),
+        save_json=True,
+        plots=False,
+        project=str(runs.parent),
+        name=runs.name,
+        exist_ok=True,
+        verbose=False,
+    )
     box = m.box
-    per_class = {names[int(c)]: {"ap50": float(box.ap50[i]), "ap50_95": float(box.ap[i])}
-                 for i, c in enumerate(box.ap_class_index)}
-    ours = {"mAP50": float(box.map50), "mAP50-95": float(box.map), "precision": float(box.mp), "recall": float(box.mr)}
-    predictions = json.loads((runs / "predictions.json").read_text()) if (runs / "predictions.json").exists() else []
+    per_class = {
+        names[int(c)]: {"ap50": float(box.ap50[i]), "ap50_95": float(box.ap[i])}
+        for i, c in enumerate(box.ap_class_index)
+    }
+    ours = {
+        "mAP50": float(box.map50),
+        "mAP50-95": float(box.map),
+        "precision": float(box.mp),
+        "recall": float(box.mr),
+    }
+    predictions = (
+        json.loads((runs / "predictions.json").read_text())
+        if (runs / "predictions.json").exists()
+        else []
+    )
     prepared = Path("data/prepared/detect")
-    coco = coco_map(coco_ground_truth(prepared / "images/test", prepared / "labels/test", len(names)), predictions)
+    coco = coco_map(
+        coco_ground_truth(prepared / "images/test", prepared / "labels/test", len(names)),
+        predictions,
+    )
     gap = {k: round(ours[k] - coco[k], 4) for k in coco}
-    warnings = learned_nothing("detect", "mAP50", ours["mAP50"], p["min_map50"], "the floor detect.evaluate.min_map50")
-    result = {"test": {**ours, "per_class": per_class}, "pycocotools": coco, "ultralytics_minus_pycocotools": gap,
-              "tolerance": p["coco_tolerance"], "test_images": dataset["rows"].get("test", 0),
-              "warnings": warnings}
+    warnings = learned_nothing(
+        "detect", "mAP50", ours["mAP50"], p["min_map50"], "the floor detect.evaluate.min_map50"
+    )
+    result = {
+        "test": {**ours, "per_class": per_class},
+        "pycocotools": coco,
+        "ultralytics_minus_pycocotools": gap,
+        "tolerance": p["coco_tolerance"],
+        "test_images": dataset["rows"].get("test", 0),
+        "warnings": warnings,
+    }
     write_json(out_dir / "metrics.json", result)
     px, curves = box.curves_results[0][0], np.asarray(box.curves_results[0][1])
     step = max(1, len(px) // 100)
-    write_json(out_dir / "plots" / "pr.json",
-               [{"recall": float(px[j]), "precision": float(curves[:, j].mean()) if curves.size else 0.0,
-                 **{names[int(c)]: float(curves[i, j]) for i, c in enumerate(box.ap_class_index)}}
-                for j in range(0, len(px), step)])
-    write_json(out_dir / "plots" / "per_class_ap.json",
-               [{"class": n, "ap50": v["ap50"], "ap50_95": v["ap50_95"]} for n, v in per_class.items()])
-    log(f"test: mAP50={ours['mAP50']:.4f} mAP50-95={ours['mAP50-95']:.4f} (pycocotools: mAP50={coco['mAP50']:.4f} "
-        f"mAP50-95={coco['mAP50-95']:.4f})")
+    write_json(
+        out_dir / "plots" / "pr.json",
+        [
+            {
+                "recall": float(px[j]),
+                "precision": float(curves[:, j].mean()) if curves.size else 0.0,
+                **{names[int(c)]: float(curves[i, j]) for i, c in enumerate(box.ap_class_index)},
+            }
+            for j in range(0, len(px), step)
+        ],
+    )
+    write_json(
+        out_dir / "plots" / "per_class_ap.json",
+        [{"class": n, "ap50": v["ap50"], "ap50_95": v["ap50_95"]} for n, v in per_class.items()],
+    )
+    log(
+        f"test: mAP50={ours['mAP50']:.4f} mAP50-95={ours['mAP50-95']:.4f} (pycocotools: mAP50={coco['mAP50']:.4f} "
+        f"mAP50-95={coco['mAP50-95']:.4f})"
+    )
     if max(abs(v) for v in gap.values()) > p["coco_tolerance"]:
-        raise StageError(f"Ultralytics and pycocotools disagree by more than {p['coco_tolerance']}: {gap} "
-                         f"(see {out_dir}/metrics.json)")
+        raise StageError(
+            f"Ultralytics and pycocotools disagree by more than {p['coco_tolerance']}: {gap} "
+            f"(see {out_dir}/metrics.json)"
+        )
     fail_if_untrained(warnings, "detect", params)
     return result

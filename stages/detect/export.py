@@ -3,6 +3,7 @@ batch; parity: our numpy pipeline (letterbox, decode, NMS) vs Ultralytics' predi
 
     python -m stages export detect
 """
+
 from __future__ import annotations
 
 import shutil
@@ -18,13 +19,21 @@ from stages.detect import yolo
 from stages.detect.boxes import box_iou, load_for_detection
 from stages.detect.infer import graph_kind, predict
 
-GRAPHS = {"raw": None, "nms": True, "end2end": False}  # detect.export.graph → Ultralytics' export(nms=...)
-OUTPUTS = {"raw": "(batch, 4 + classes, anchors): cx, cy, w, h in input pixels, then class scores",
-           "nms": "(batch, max_det, 6): x1, y1, x2, y2 in input pixels, score, class; zero rows pad",
-           "end2end": "(batch, max_det, 6): x1, y1, x2, y2 in input pixels, score, class (top-k, no NMS needed)"}
+GRAPHS = {
+    "raw": None,
+    "nms": True,
+    "end2end": False,
+}  # detect.export.graph → Ultralytics' export(nms=...)
+OUTPUTS = {
+    "raw": "(batch, 4 + classes, anchors): cx, cy, w, h in input pixels, then class scores",
+    "nms": "(batch, max_det, 6): x1, y1, x2, y2 in input pixels, score, class; zero rows pad",
+    "end2end": "(batch, max_det, 6): x1, y1, x2, y2 in input pixels, score, class (top-k, no NMS needed)",
+}
 
 
-def detections_onnx(session, files: list[Path], size: int, conf: float, iou: float) -> list[np.ndarray]:
+def detections_onnx(
+    session, files: list[Path], size: int, conf: float, iou: float
+) -> list[np.ndarray]:
     """Our torch-free path: letterbox, onnxruntime, decode + NMS (the same code as infer)."""
     return [predict(session, [load_for_detection(f, size)], conf, iou)[0] for f in files]
 
@@ -32,12 +41,18 @@ def detections_onnx(session, files: list[Path], size: int, conf: float, iou: flo
 def match_share(reference: list[np.ndarray], candidate: list[np.ndarray], min_iou: float) -> float:
     """Share of reference boxes with a same-class candidate box at IoU >= min_iou (one-to-one)."""
     total = matched = 0
-    for ref, cand in zip(reference, candidate):
+    for ref, cand in zip(reference, candidate, strict=False):
         total += len(ref)
         used = np.zeros(len(cand), bool)
-        ious = box_iou(ref[:, :4], cand[:, :4]) if len(ref) and len(cand) else np.zeros((len(ref), 0))
+        ious = (
+            box_iou(ref[:, :4], cand[:, :4]) if len(ref) and len(cand) else np.zeros((len(ref), 0))
+        )
         for i in np.argsort(-ref[:, 4]):
-            ok = (~used) & (cand[:, 5] == ref[i, 5]) & (ious[i] >= min_iou) if len(cand) else np.zeros(0, bool)
+            ok = (
+                (~used) & (cand[:, 5] == ref[i, 5]) & (ious[i] >= min_iou)
+                if len(cand)
+                else np.zeros(0, bool)
+            )
             if ok.any():
                 used[np.flatnonzero(ok)[np.argmax(ious[i][ok])]] = True
                 matched += 1
@@ -57,15 +72,23 @@ def detect_reference(files: list[Path], found: list[np.ndarray]) -> dict:
     for f in train["file"]:
         with Image.open(f) as im:
             modes.append(im.mode)
-    for f, dets in zip(files, found):
+    for f, dets in zip(files, found, strict=False):
         with Image.open(f) as im:
             area = im.width * im.height
         scores += dets[:, 4].tolist()
         sizes += np.sqrt((dets[:, 2] - dets[:, 0]) * (dets[:, 3] - dets[:, 1]) / area).tolist()
-    return reference({"width": train["width"], "height": train["height"], "mode": pd.Series(modes, dtype=object),
-                      "boxes": pd.Series([len(d) for d in found], dtype="float64"),
-                      "score": pd.Series(scores, dtype="float64"), "box_size": pd.Series(sizes, dtype="float64")},
-                     validated_ranges("detect"), "data/prepared/detect (training images; detections on val images)")
+    return reference(
+        {
+            "width": train["width"],
+            "height": train["height"],
+            "mode": pd.Series(modes, dtype=object),
+            "boxes": pd.Series([len(d) for d in found], dtype="float64"),
+            "score": pd.Series(scores, dtype="float64"),
+            "box_size": pd.Series(sizes, dtype="float64"),
+        },
+        validated_ranges("detect"),
+        "data/prepared/detect (training images; detections on val images)",
+    )
 
 
 def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
@@ -83,12 +106,22 @@ def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
     with tempfile.TemporaryDirectory(dir=yolo.CACHE) as tmp:
         shutil.copy2(out_dir / "model.pt", Path(tmp) / "model.pt")
         if p["graph"] not in GRAPHS:
-            raise StageError(f"detect.export.graph is {p['graph']!r}; choose one of: {', '.join(GRAPHS)}")
+            raise StageError(
+                f"detect.export.graph is {p['graph']!r}; choose one of: {', '.join(GRAPHS)}"
+            )
         # nms: None keeps the raw head; True puts NMS in the graph (conf, iou as below); False
         # exports an NMS-free head end to end (YOLO26, YOLOv10; others stay raw).
-        exported = YOLO(Path(tmp) / "model.pt").export(format="onnx", imgsz=size, dynamic=True, simplify=False,
-                                                        device="cpu", verbose=False, nms=GRAPHS[p["graph"]],
-                                                        conf=p["conf"], iou=p["iou"])
+        exported = YOLO(Path(tmp) / "model.pt").export(
+            format="onnx",
+            imgsz=size,
+            dynamic=True,
+            simplify=False,
+            device="cpu",
+            verbose=False,
+            nms=GRAPHS[p["graph"]],
+            conf=p["conf"],
+            iou=p["iou"],
+        )
         graph = onnx.load(exported)
         dims = graph.graph.input[0].type.tensor_type.shape.dim
         dims[2].dim_value = dims[3].dim_value = size  # fixed imgsz; the batch stays symbolic
@@ -102,36 +135,78 @@ def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
     session = open_session(onnx_path)
     kind = graph_kind(session)
     if kind != p["graph"]:
-        raise StageError(f"detect.export.graph is {p['graph']!r} but Ultralytics exported a {kind!r} graph for "
-                         f"{model.ckpt['train_args']['model']}: NMS inside needs a head with NMS (YOLOv8/11), "
-                         "end2end an NMS-free head (YOLO26, YOLOv10)")
+        raise StageError(
+            f"detect.export.graph is {p['graph']!r} but Ultralytics exported a {kind!r} graph for "
+            f"{model.ckpt['train_args']['model']}: NMS inside needs a head with NMS (YOLOv8/11), "
+            "end2end an NMS-free head (YOLO26, YOLOv10)"
+        )
     files = sorted(f for f in Path("data/prepared/detect/images/val").iterdir() if f.is_file())
-    theirs = [np.concatenate([r.boxes.xyxy.numpy(), r.boxes.conf.numpy()[:, None], r.boxes.cls.numpy()[:, None]], 1)
-              for r in model.predict([str(f) for f in files], imgsz=size, conf=p["conf"], iou=p["iou"],
-                                     device="cpu", verbose=False, stream=True)]
+    theirs = [
+        np.concatenate(
+            [r.boxes.xyxy.numpy(), r.boxes.conf.numpy()[:, None], r.boxes.cls.numpy()[:, None]], 1
+        )
+        for r in model.predict(
+            [str(f) for f in files],
+            imgsz=size,
+            conf=p["conf"],
+            iou=p["iou"],
+            device="cpu",
+            verbose=False,
+            stream=True,
+        )
+    ]
     ours = detections_onnx(session, files, size, p["conf"], p["iou"])
-    parity = {"images": len(files), "boxes_ultralytics": int(sum(len(t) for t in theirs)),
-              "boxes_onnx": int(sum(len(o) for o in ours)),
-              "matched_of_ultralytics": match_share(theirs, ours, p["match_iou"]),
-              "matched_of_onnx": match_share(ours, theirs, p["match_iou"]), "match_iou": p["match_iou"]}
+    parity = {
+        "images": len(files),
+        "boxes_ultralytics": int(sum(len(t) for t in theirs)),
+        "boxes_onnx": int(sum(len(o) for o in ours)),
+        "matched_of_ultralytics": match_share(theirs, ours, p["match_iou"]),
+        "matched_of_onnx": match_share(ours, theirs, p["match_iou"]),
+        "match_iou": p["match_iou"],
+    }
     if min(parity["matched_of_ultralytics"], parity["matched_of_onnx"]) < p["min_matched"]:
-        raise StageError(f"{onnx_path}: onnxruntime + numpy decoding matches Ultralytics on too few boxes: {parity}")
+        raise StageError(
+            f"{onnx_path}: onnxruntime + numpy decoding matches Ultralytics on too few boxes: {parity}"
+        )
     names = read_json("data/prepared/detect/dataset.json")["names"]
     args = model.ckpt["train_args"]
-    meta = {"train": {k: args.get(k) for k in ("model", "epochs", "imgsz", "batch", "lr0", "patience", "seed")},
-            "schema": read_json("data/prepared/detect/dataset.json"), "params": {"seed": args.get("seed")}}
+    meta = {
+        "train": {
+            k: args.get(k) for k in ("model", "epochs", "imgsz", "batch", "lr0", "patience", "seed")
+        },
+        "schema": read_json("data/prepared/detect/dataset.json"),
+        "params": {"seed": args.get("seed")},
+    }
     card = {
         **card_common("detect", "detection", onnx_path, ["batch", 3, size, size], meta, parity, p),
         "classes": names,
-        "preprocessing": {"imgsz": size, "letterbox": "keep aspect ratio, bilinear (as cv2.INTER_LINEAR), "
-                          "centre, pad with 114", "mode": "RGB", "scale": "x / 255", "layout": "NCHW float32"},
-        "postprocessing": {"graph": kind, "output": OUTPUTS[kind],
-                           "nms": "per class, greedy" + (" (inside the graph, at the conf and iou below)" if kind == "nms"
-                                                         else " (none: an NMS-free head)" if kind == "end2end" else ""),
-                           "conf": p["conf"], "iou": p["iou"], "max_det": 300},
+        "preprocessing": {
+            "imgsz": size,
+            "letterbox": "keep aspect ratio, bilinear (as cv2.INTER_LINEAR), centre, pad with 114",
+            "mode": "RGB",
+            "scale": "x / 255",
+            "layout": "NCHW float32",
+        },
+        "postprocessing": {
+            "graph": kind,
+            "output": OUTPUTS[kind],
+            "nms": "per class, greedy"
+            + (
+                " (inside the graph, at the conf and iou below)"
+                if kind == "nms"
+                else " (none: an NMS-free head)"
+                if kind == "end2end"
+                else ""
+            ),
+            "conf": p["conf"],
+            "iou": p["iou"],
+            "max_det": 300,
+        },
         "reference": detect_reference(files, ours),
     }
     write_json(out_dir / "model.json", card)
-    log(f"exported {onnx_path} (parity on {len(files)} val images: {parity['matched_of_ultralytics']:.3f} of "
-        f"Ultralytics' boxes matched at IoU >= {p['match_iou']})")
+    log(
+        f"exported {onnx_path} (parity on {len(files)} val images: {parity['matched_of_ultralytics']:.3f} of "
+        f"Ultralytics' boxes matched at IoU >= {p['match_iou']})"
+    )
     return card

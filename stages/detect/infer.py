@@ -4,6 +4,7 @@
 
 Also writes metrics/detect/infer.json with its throughput and the files it could not read.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ def graph_kind(session) -> str:
     return "end2end" if session.get_outputs()[0].shape[-1] == 6 else "raw"
 
 
-def predict(session, images: list[tuple[np.ndarray, dict]], conf: float, iou: float) -> list[np.ndarray]:
+def predict(
+    session, images: list[tuple[np.ndarray, dict]], conf: float, iou: float
+) -> list[np.ndarray]:
     """Letterboxed images with their meta (load_for_detection) → per image, N × 6 [x1, y1, x2,
     y2, score, class] in original pixels. `infer`, the app and the export parity check call this;
     any of the three graph kinds (graph_kind) is served."""
@@ -43,15 +46,23 @@ def predict(session, images: list[tuple[np.ndarray, dict]], conf: float, iou: fl
     x = np.stack([x for x, _ in images])
     if kind == "nms":
         # Ultralytics' NMS graph loops over the batch size it was traced with (1): one image a run.
-        outputs = np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+        outputs = np.concatenate(
+            [session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))]
+        )
     else:
         outputs = session.run(None, {name: x})[0]
-    return [decode(out, meta, conf, iou, kind=kind) for out, (_, meta) in zip(outputs, images)]
+    return [
+        decode(out, meta, conf, iou, kind=kind)
+        for out, (_, meta) in zip(outputs, images, strict=False)
+    ]
 
 
-def run(params: dict, model_dir: Path = Path("models/detect"),
-        out: Path = Path("data/predictions/detect.json"),
-        rendered: Path = Path("data/predictions/detect_rendered")) -> dict:
+def run(
+    params: dict,
+    model_dir: Path = Path("models/detect"),
+    out: Path = Path("data/predictions/detect.json"),
+    rendered: Path = Path("data/predictions/detect_rendered"),
+) -> dict:
     """COCO-style results ({file, category_id, category, bbox [x, y, w, h] in pixels, score})
     for every image; unreadable files are listed in metrics/detect/infer.json and skipped."""
     p = params["detect"]["infer"]
@@ -64,7 +75,7 @@ def run(params: dict, model_dir: Path = Path("models/detect"),
     start = time.perf_counter()
     for i in range(0, len(files), p["batch_size"]):
         batch, names_ok = [], []
-        for f in files[i:i + p["batch_size"]]:
+        for f in files[i : i + p["batch_size"]]:
             try:
                 x, meta = load_for_detection(root / f, size)
             except Exception as e:  # noqa: BLE001 - unreadable file: report it, keep going
@@ -72,21 +83,27 @@ def run(params: dict, model_dir: Path = Path("models/detect"),
                 continue
             batch.append((x, meta))
             names_ok.append(f)
-        for f, dets in zip(names_ok, predict(session, batch, p["conf"], p["iou"])):
+        for f, dets in zip(names_ok, predict(session, batch, p["conf"], p["iou"]), strict=False):
             if len(shown) < p["render"]:
                 shown.append((f, dets))
             results += [{"file": f, **r} for r in to_records(dets, names)]
     seconds = time.perf_counter() - start
     with atomic_path(out) as tmp:
-        tmp.write_text("[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n")  # one detection a line
+        tmp.write_text(
+            "[\n" + ",\n".join(json.dumps(r) for r in results) + "\n]\n"
+        )  # one detection a line
     with atomic_dir(rendered) as tmp:
         for f, dets in shown:
-            draw_boxes(root / f, dets, names).save(tmp / (f.replace("/", "__").rsplit(".", 1)[0] + ".png"))
+            draw_boxes(root / f, dets, names).save(
+                tmp / (f.replace("/", "__").rsplit(".", 1)[0] + ".png")
+            )
     n = len(files) - len(errors)
     stats = {"images": n, "failed": len(errors), "detections": len(results), "errors": errors}
     timing = {"seconds": round(seconds, 4), "images_per_s": round(n / max(seconds, 1e-9), 1)}
     write_json(Path("metrics/detect/infer.json"), stats)
     write_timing("infer-detect", timing)
-    log(f"detected {len(results)} objects in {n} images from {p['source']} → {out} ({timing['images_per_s']} images/s)"
-        + (f"; {len(errors)} could not be read (see metrics/detect/infer.json)" if errors else ""))
+    log(
+        f"detected {len(results)} objects in {n} images from {p['source']} → {out} ({timing['images_per_s']} images/s)"
+        + (f"; {len(errors)} could not be read (see metrics/detect/infer.json)" if errors else "")
+    )
     return {**stats, **timing}

@@ -3,6 +3,7 @@ split) in data/prepared/detect/, plus the per-image and per-box tables validatio
 
     python -m stages prepare detect
 """
+
 from __future__ import annotations
 
 import shutil
@@ -11,7 +12,14 @@ from pathlib import Path
 
 from stages.core.common import StageError, atomic_dir, log, write_json
 from stages.core.splits import split_keys
-from stages.detect.labels import FORMATS, coco_to_yolo, label_tables, parse_yolo_label, read_yolo, voc_to_yolo
+from stages.detect.labels import (
+    FORMATS,
+    coco_to_yolo,
+    label_tables,
+    parse_yolo_label,
+    read_yolo,
+    voc_to_yolo,
+)
 
 
 def run(params: dict, out_dir: str = "data/prepared/detect") -> dict:
@@ -35,12 +43,18 @@ def run(params: dict, out_dir: str = "data/prepared/detect") -> dict:
                 images, names = coco_to_yolo(source, images_dir, converted)
             else:
                 images, names, difficult = voc_to_yolo(source, converted)
-            labels = {k: parse_yolo_label(converted / f"{k}.txt") for k in images if (converted / f"{k}.txt").is_file()}
+            labels = {
+                k: parse_yolo_label(converted / f"{k}.txt")
+                for k in images
+                if (converted / f"{k}.txt").is_file()
+            }
         if not images:
             raise StageError(f"{source}: the dataset has no images")
         image_table, box_table = label_tables(images, labels, names, orphans)
         keys = [k for k in image_table.index if image_table.loc[k, "has_image"]]
-        split_of = split_keys(keys, p["split"]["val"], p["split"]["test"], params["seed"], str(source))
+        split_of = split_keys(
+            keys, p["split"]["val"], p["split"]["test"], params["seed"], str(source)
+        )
         image_table["split"] = [split_of.get(k, "none") for k in image_table.index]
         box_table["split"] = box_table["image"].map(split_of)
         with atomic_dir(out_dir) as tmp:
@@ -48,18 +62,28 @@ def run(params: dict, out_dir: str = "data/prepared/detect") -> dict:
                 flat = key.replace("/", "__")
                 for kind in ("images", "labels"):
                     (tmp / kind / split_name).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(images[key], tmp / "images" / split_name / f"{flat}{images[key].suffix.lower()}")
+                shutil.copy2(
+                    images[key], tmp / "images" / split_name / f"{flat}{images[key].suffix.lower()}"
+                )
                 (tmp / "labels" / split_name / f"{flat}.txt").write_text(
-                    "".join(r["text"] + "\n" for r in labels.get(key, [])))
+                    "".join(r["text"] + "\n" for r in labels.get(key, []))
+                )
             image_table.to_parquet(tmp / "images.parquet")
             box_table.to_parquet(tmp / "boxes.parquet")
             counts = box_table["class_name"].value_counts()
-            schema = {"source": str(source), "format": fmt, "names": names,
-                      "rows": image_table["split"].value_counts().to_dict(),
-                      "boxes_per_class": {n: int(counts.get(n, 0)) for n in names},
-                      **({"voc_difficult_left_out": difficult} if fmt == "voc" else {}),
-                      "params": {"seed": params["seed"], "detect.data": p}}
+            schema = {
+                "source": str(source),
+                "format": fmt,
+                "names": names,
+                "rows": image_table["split"].value_counts().to_dict(),
+                "boxes_per_class": {n: int(counts.get(n, 0)) for n in names},
+                **({"voc_difficult_left_out": difficult} if fmt == "voc" else {}),
+                "params": {"seed": params["seed"], "detect.data": p},
+            }
             write_json(tmp / "dataset.json", schema)
-    log(f"prepared {len(keys)} images, {len(box_table)} boxes, {len(names)} classes from {source} ({fmt}): "
-        + ", ".join(f"{k} {v}" for k, v in schema["rows"].items()) + f" → {out_dir}")
+    log(
+        f"prepared {len(keys)} images, {len(box_table)} boxes, {len(names)} classes from {source} ({fmt}): "
+        + ", ".join(f"{k} {v}" for k, v in schema["rows"].items())
+        + f" → {out_dir}"
+    )
     return schema

@@ -11,6 +11,7 @@ the data view, settings, weights and DVCLive log stay in our hands.
   copied aside, a registry version): its weights are transferred where the shapes match;
   with another class count, the class head starts fresh (Ultralytics' transfer).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,11 @@ from stages.detect import yolo
 PREPARED = Path("data/prepared/detect")
 
 
-def run(params: dict, out_dir: Path = Path("models/detect"),
-        live_dir: Path = Path("metrics/detect/train")) -> dict:
+def run(
+    params: dict,
+    out_dir: Path = Path("models/detect"),
+    live_dir: Path = Path("metrics/detect/train"),
+) -> dict:
     p = params["detect"]["train"]
     yolo.configure()
     from ultralytics import YOLO
@@ -31,20 +35,29 @@ def run(params: dict, out_dir: Path = Path("models/detect"),
 
     weights = str(p["model"]).endswith(".pt")
     if weights and not Path(p["model"]).is_file():
-        hint = " (dvc repro deletes models/detect/model.pt before training: copy it elsewhere and name the copy)" \
-            if Path(p["model"]) == out_dir / "model.pt" else ""
-        raise StageError(f"detect.train.model: {p['model']}: no such file (a .yaml trains from scratch){hint}")
+        hint = (
+            " (dvc repro deletes models/detect/model.pt before training: copy it elsewhere and name the copy)"
+            if Path(p["model"]) == out_dir / "model.pt"
+            else ""
+        )
+        raise StageError(
+            f"detect.train.model: {p['model']}: no such file (a .yaml trains from scratch){hint}"
+        )
     names = read_json(PREPARED / "dataset.json")["names"]
     data = yolo.dataset_view(names)
     device = yolo.device(p["device"])
     world = len(device.split(",")) if device not in ("cpu", "mps") else 1
-    files = [PREPARED / f for f in ("dataset.json", "images.parquet", "boxes.parquet")] \
-        + ([Path(p["model"])] if weights else [])
+    files = [PREPARED / f for f in ("dataset.json", "images.parquet", "boxes.parquet")] + (
+        [Path(p["model"])] if weights else []
+    )
     fp = fingerprint({"train": p, "seed": params["seed"]}, files, world)
     runs = yolo.run_dir("train", fresh=False)
     ckpt = yolo.resume_point(runs, fp, p["epochs"])
-    live = yolo.LiveLog(live_dir, {"detect.train": p, "seed": params["seed"], "world_size": world},
-                        yolo.history_rows(ckpt["train_results"]) if ckpt else [])
+    live = yolo.LiveLog(
+        live_dir,
+        {"detect.train": p, "seed": params["seed"], "world_size": world},
+        yolo.history_rows(ckpt["train_results"]) if ckpt else [],
+    )
     if ckpt:
         log(f"resuming from {runs / 'weights/last.pt'} after epoch {ckpt['epoch'] + 1}")
         model = YOLO(runs / "weights" / "last.pt")
@@ -54,10 +67,26 @@ def run(params: dict, out_dir: Path = Path("models/detect"),
     else:
         model = YOLO(p["model"])
         live.attach(model)
-        model.train(data=str(data), epochs=p["epochs"], imgsz=p["imgsz"], batch=p["batch"], optimizer=p["optimizer"],
-                    lr0=p["lr0"], patience=p["patience"], device=device, workers=p["workers"], amp=p["amp"],
-                    seed=params["seed"], deterministic=True, pretrained=weights, project=str(runs.parent),
-                    name=runs.name, exist_ok=True, plots=False, verbose=False)
+        model.train(
+            data=str(data),
+            epochs=p["epochs"],
+            imgsz=p["imgsz"],
+            batch=p["batch"],
+            optimizer=p["optimizer"],
+            lr0=p["lr0"],
+            patience=p["patience"],
+            device=device,
+            workers=p["workers"],
+            amp=p["amp"],
+            seed=params["seed"],
+            deterministic=True,
+            pretrained=weights,
+            project=str(runs.parent),
+            name=runs.name,
+            exist_ok=True,
+            plots=False,
+            verbose=False,
+        )
     # Ultralytics' DDP runs in child processes; only this (rank 0) process gets here.
     yolo.reproducible_weights(runs / "weights" / "best.pt", out_dir / "model.pt")
     log(f"trained {p['model']} for {p['epochs']} epochs → {out_dir}/model.pt")

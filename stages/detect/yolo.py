@@ -9,6 +9,7 @@
   view of data/prepared/detect made of symlinks, so its label caches (written beside the
   labels folder) land in .cache/ and not inside the DVC-tracked output.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,10 +28,22 @@ def configure() -> None:
     os.environ["ULTRALYTICS_SAFE_LOAD"] = "1"
     from ultralytics import settings
 
-    settings.update({"sync": False, "dvc": False, "clearml": False, "comet": False, "mlflow": False,
-                     "raytune": False, "tensorboard": False, "wandb": False, "vscode_msg": False,
-                     "datasets_dir": str(cfg / "datasets"), "weights_dir": str(cfg / "weights"),
-                     "runs_dir": str(cfg / "runs")})
+    settings.update(
+        {
+            "sync": False,
+            "dvc": False,
+            "clearml": False,
+            "comet": False,
+            "mlflow": False,
+            "raytune": False,
+            "tensorboard": False,
+            "wandb": False,
+            "vscode_msg": False,
+            "datasets_dir": str(cfg / "datasets"),
+            "weights_dir": str(cfg / "weights"),
+            "runs_dir": str(cfg / "runs"),
+        }
+    )
 
 
 def dataset_view(names: list[str], prepared: Path = Path("data/prepared/detect")) -> Path:
@@ -49,8 +62,10 @@ def dataset_view(names: list[str], prepared: Path = Path("data/prepared/detect")
             for f in sorted(source.iterdir()) if source.is_dir() else []:
                 (view / kind / split / f.name).symlink_to(f)
     data = view / "data.yaml"
-    data.write_text(f"path: {view}\ntrain: images/train\nval: images/val\ntest: images/test\nnames:\n"
-                    + "".join(f"  {i}: {n!r}\n" for i, n in enumerate(names)))
+    data.write_text(
+        f"path: {view}\ntrain: images/train\nval: images/val\ntest: images/test\nnames:\n"
+        + "".join(f"  {i}: {n!r}\n" for i, n in enumerate(names))
+    )
     return data
 
 
@@ -72,8 +87,13 @@ def device(choice: str) -> str:
     return "0" if torch.cuda.is_available() else "cpu"
 
 
-RENAME = {"metrics/precision(B)": "precision", "metrics/recall(B)": "recall", "metrics/mAP50(B)": "mAP50",
-          "metrics/mAP50-95(B)": "mAP50-95", "lr/pg0": "lr"}
+RENAME = {
+    "metrics/precision(B)": "precision",
+    "metrics/recall(B)": "recall",
+    "metrics/mAP50(B)": "mAP50",
+    "metrics/mAP50-95(B)": "mAP50-95",
+    "lr/pg0": "lr",
+}
 
 
 def _log_row(live, step: int, row: dict) -> None:
@@ -83,7 +103,9 @@ def _log_row(live, step: int, row: dict) -> None:
     the same as rows logged live."""
     live.step = step
     for key, value in row.items():
-        name = RENAME.get(key) or (key.replace("/", "_") if key.startswith(("train/", "val/")) else None)
+        name = RENAME.get(key) or (
+            key.replace("/", "_") if key.startswith(("train/", "val/")) else None
+        )
         if name:
             live.log_metric(name, float(f"{float(value):.6g}"))
     live.next_step()
@@ -91,7 +113,14 @@ def _log_row(live, step: int, row: dict) -> None:
 
 def history_rows(train_results: dict) -> list[dict]:
     """A checkpoint's `train_results` (results.csv as columns) → one dict per epoch."""
-    return [dict(zip(train_results, values)) for values in zip(*train_results.values())] if train_results else []
+    return (
+        [
+            dict(zip(train_results, values, strict=False))
+            for values in zip(*train_results.values(), strict=False)
+        ]
+        if train_results
+        else []
+    )
 
 
 class LiveLog:
@@ -123,8 +152,15 @@ class LiveLog:
             self.live.log_params(self.params)
             for step, row in enumerate(self.history):
                 _log_row(self.live, step, row)
-        _log_row(self.live, trainer.epoch, {**trainer.label_loss_items(trainer.tloss, prefix="train"),
-                                            **trainer.metrics, **trainer.lr})
+        _log_row(
+            self.live,
+            trainer.epoch,
+            {
+                **trainer.label_loss_items(trainer.tloss, prefix="train"),
+                **trainer.metrics,
+                **trainer.lr,
+            },
+        )
 
     def train_end(self, trainer) -> None:
         if self.live is not None:
@@ -157,8 +193,11 @@ def resume_point(run: Path, fingerprint: str, epochs: int) -> dict | None:
             # back to the checkpoint's own copy, or the resumed run would log that epoch twice.
             rows = history_rows(ckpt.get("train_results") or {})
             if rows:
-                (run / "results.csv").write_text(",".join(rows[0]) + "\n" + "".join(
-                    ",".join(f"{v:.6g}" for v in r.values()) + "\n" for r in rows))
+                (run / "results.csv").write_text(
+                    ",".join(rows[0])
+                    + "\n"
+                    + "".join(",".join(f"{v:.6g}" for v in r.values()) + "\n" for r in rows)
+                )
             return ckpt
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
@@ -186,14 +225,22 @@ def reproducible_weights(src: Path, dst: Path) -> None:
     here = Path.cwd().resolve()
 
     def relative(args: dict) -> dict:
-        return {k: os.path.relpath(v, here) if isinstance(v, str) and Path(v).is_absolute()
-                and Path(v).resolve().is_relative_to(here) else v for k, v in args.items()}
+        return {
+            k: os.path.relpath(v, here)
+            if isinstance(v, str)
+            and Path(v).is_absolute()
+            and Path(v).resolve().is_relative_to(here)
+            else v
+            for k, v in args.items()
+        }
 
     ckpt["train_args"] = relative(ckpt.get("train_args", {}))
     model = ckpt.get("model")
     if isinstance(getattr(model, "args", None), dict):  # the model keeps its own copy of the args
         model.args = relative(model.args)
-    buffer = io.BytesIO()  # a buffer, not the temporary file: torch names the archive after the file
+    buffer = (
+        io.BytesIO()
+    )  # a buffer, not the temporary file: torch names the archive after the file
     torch.save(ckpt, buffer)
     with atomic_path(dst) as tmp:
         tmp.write_bytes(buffer.getbuffer())

@@ -3,6 +3,7 @@ upscaled to `image.demo.size` pixels as grayscale PNGs in ImageFolder layout.
 
     python -m stages demo image   # → data/demo/digits/<digit>/<n>.png
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,9 +18,11 @@ def run(params: dict, out_dir: str = "data/demo/digits") -> None:
     size = params["image"]["demo"]["size"]
     digits = load_digits()
     with atomic_dir(out_dir) as tmp:
-        for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=False)):
             gray = np.round(pixels * (255 / 16)).astype(np.uint8)  # the data is 0..16
             folder = tmp / str(label)
             folder.mkdir(exist_ok=True)
-            Image.fromarray(gray, "L").resize((size, size), Image.BICUBIC).save(folder / f"{i:04d}.png")
+            Image.fromarray(gray, "L").resize((size, size), Image.BICUBIC).save(
+                folder / f"{i:04d}.png"
+            )
     log(f"wrote {len(digits.images)} digits ({size}×{size} PNG) → {out_dir}")

@@ -3,6 +3,7 @@ and a contact sheet of the most confident mistakes.
 
     python -m stages evaluate image
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,12 +26,19 @@ def run(params: dict, out_dir: Path = Path("metrics/image")) -> dict:
     paths, y = split_images(schema)
     probs = softmax(predict(model, preprocess(paths, schema)).astype("float64"))
     metrics, plots = classification_report(y, probs, classes)
-    precision, recall, _, support = precision_recall_fscore_support(y, probs.argmax(1), labels=range(len(classes)),
-                                                                    zero_division=0)
-    metrics["per_class"] = {c: {"precision": float(p), "recall": float(r), "support": int(n)}
-                            for c, p, r, n in zip(classes, precision, recall, support)}
-    majority = float(np.bincount(y, minlength=len(classes)).max() / max(len(y), 1))  # always the commonest class
-    warnings = learned_nothing("image", "accuracy", metrics["accuracy"], majority, "the majority-class share")
+    precision, recall, _, support = precision_recall_fscore_support(
+        y, probs.argmax(1), labels=range(len(classes)), zero_division=0
+    )
+    metrics["per_class"] = {
+        c: {"precision": float(p), "recall": float(r), "support": int(n)}
+        for c, p, r, n in zip(classes, precision, recall, support, strict=False)
+    }
+    majority = float(
+        np.bincount(y, minlength=len(classes)).max() / max(len(y), 1)
+    )  # always the commonest class
+    warnings = learned_nothing(
+        "image", "accuracy", metrics["accuracy"], majority, "the majority-class share"
+    )
     result = {"test": metrics, "test_images": len(paths), "warnings": warnings}
     write_json(out_dir / "metrics.json", result)
     for name, rows in plots.items():
@@ -38,10 +46,14 @@ def run(params: dict, out_dir: Path = Path("metrics/image")) -> dict:
     # The worst mistakes: wrong predictions made with the most confidence.
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y)
-    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:params["image"]["evaluate"]["worst"]]
-    contact_sheet([(paths[i], f"{classes[y[i]]}->{classes[pred[i]]} {probs[i, pred[i]]:.2f}") for i in wrong],
-                  out_dir / "plots" / "mistakes.png")
-    log(f"test: accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f} on {len(paths)} images, "
-        f"{len(np.flatnonzero(pred != y))} mistakes → {out_dir}/plots/mistakes.png")
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: params["image"]["evaluate"]["worst"]]
+    contact_sheet(
+        [(paths[i], f"{classes[y[i]]}->{classes[pred[i]]} {probs[i, pred[i]]:.2f}") for i in wrong],
+        out_dir / "plots" / "mistakes.png",
+    )
+    log(
+        f"test: accuracy={metrics['accuracy']:.4f} f1_macro={metrics['f1_macro']:.4f} on {len(paths)} images, "
+        f"{len(np.flatnonzero(pred != y))} mistakes → {out_dir}/plots/mistakes.png"
+    )
     fail_if_untrained(warnings, "image", params)
     return result

@@ -3,6 +3,7 @@ when onnxruntime and torch disagree on the test images.
 
     python -m stages export image
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,14 @@ import pandas as pd
 import torch
 
 from stages.core.common import log, write_json
-from stages.core.models import card_common, check_parity, export_onnx, load_model, reference, validated_ranges
+from stages.core.models import (
+    card_common,
+    check_parity,
+    export_onnx,
+    load_model,
+    reference,
+    validated_ranges,
+)
 from stages.image.data import load_rgb, preprocess, split_images
 from stages.image.model import build_model
 
@@ -23,9 +31,16 @@ def image_reference(schema: dict, size: int, sample: int = 2000) -> dict:
     train = index[index["split"] == "train"]
     paths, _ = split_images(schema, "train")
     brightness = [float(load_rgb(p, size).mean() / 255) for p in paths[:sample]]
-    return reference({"width": train["width"], "height": train["height"], "mode": train["mode"],
-                      "brightness": pd.Series(brightness, dtype="float64")},
-                     validated_ranges("image"), "data/prepared/image/index.parquet (the training split)")
+    return reference(
+        {
+            "width": train["width"],
+            "height": train["height"],
+            "mode": train["mode"],
+            "brightness": pd.Series(brightness, dtype="float64"),
+        },
+        validated_ranges("image"),
+        "data/prepared/image/index.parquet (the training split)",
+    )
 
 
 def run(params: dict, out_dir: Path = Path("models/image")) -> dict:
@@ -39,15 +54,25 @@ def run(params: dict, out_dir: Path = Path("models/image")) -> dict:
     parity = check_parity(model, onnx_path, x_test, p["parity_atol"], True, p["min_top1_agreement"])
     size = schema["image_size"]
     card = {
-        **card_common("image", "classification", onnx_path, ["batch", 3, size, size], meta, parity, p),
+        **card_common(
+            "image", "classification", onnx_path, ["batch", 3, size, size], meta, parity, p
+        ),
         "classes": schema["classes"],
-        "preprocessing": {"image_size": size, "mean": schema["mean"], "std": schema["std"], "mode": "RGB",
-                          "resize": "bilinear to image_size x image_size (aspect ratio not kept)",
-                          "scale": "x / 255", "layout": "NCHW float32"},
+        "preprocessing": {
+            "image_size": size,
+            "mean": schema["mean"],
+            "std": schema["std"],
+            "mode": "RGB",
+            "resize": "bilinear to image_size x image_size (aspect ratio not kept)",
+            "scale": "x / 255",
+            "layout": "NCHW float32",
+        },
         "postprocessing": "softmax over output",
         "reference": image_reference(schema, size),
     }
     write_json(out_dir / "model.json", card)
-    log(f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e}, "
-        f"top-1 agreement {parity['class_agreement']:.4f} over {parity['rows']} images)")
+    log(
+        f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e}, "
+        f"top-1 agreement {parity['class_agreement']:.4f} over {parity['rows']} images)"
+    )
     return card

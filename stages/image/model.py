@@ -1,4 +1,5 @@
 """The image models, chosen by a plain if/elif on `image.train.arch`; no registry."""
+
 from __future__ import annotations
 
 import pickle
@@ -20,11 +21,20 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def block(c_in, c_out):
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
+            )
 
-        self.features = nn.Sequential(block(3, width), block(width, width), nn.MaxPool2d(2),
-                                      block(width, 2 * width), nn.MaxPool2d(2), block(2 * width, 4 * width),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(
+            block(3, width),
+            block(width, width),
+            nn.MaxPool2d(2),
+            block(width, 2 * width),
+            nn.MaxPool2d(2),
+            block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,8 +54,10 @@ def torchvision_model(arch: str, num_classes: int, pretrained: bool | str) -> nn
         try:
             model = builder(weights="DEFAULT")
         except Exception as e:  # noqa: BLE001 - offline machines fail inside the downloader in many ways
-            raise StageError(f"could not download torchvision weights for {arch} ({type(e).__name__}: {e}); "
-                             "save them to a file and set image.train.pretrained to its path") from None
+            raise StageError(
+                f"could not download torchvision weights for {arch} ({type(e).__name__}: {e}); "
+                "save them to a file and set image.train.pretrained to its path"
+            ) from None
     else:
         if not Path(pretrained).is_file():
             raise StageError(f"image.train.pretrained: {pretrained}: no such file")
@@ -87,14 +99,22 @@ def fine_tune_from(model: nn.Module, kind: str, ckpt: dict, path: str) -> nn.Mod
     name and shape match; with another number of classes the head keeps its fresh weights."""
     was = ckpt["meta"]["arch"]
     if was["kind"] != kind:
-        raise StageError(f"image.train.pretrained: {path} is a {was['kind']} model; image.train.arch is {kind}")
+        raise StageError(
+            f"image.train.pretrained: {path} is a {was['kind']} model; image.train.arch is {kind}"
+        )
     own = model.state_dict()
     matching = {k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matching, strict=False)
     from stages.core.common import log
 
-    log(f"fine-tuning from {path}: {len(matching)} of {len(own)} tensors"
-        + (f"; the head starts fresh (was {was['num_classes']} classes)" if len(matching) < len(own) else ""))
+    log(
+        f"fine-tuning from {path}: {len(matching)} of {len(own)} tensors"
+        + (
+            f"; the head starts fresh (was {was['num_classes']} classes)"
+            if len(matching) < len(own)
+            else ""
+        )
+    )
     return model
 
 
@@ -108,8 +128,10 @@ def build_model(arch: dict, pretrained: bool | str = False) -> nn.Module:
         if ckpt is not None:
             return fine_tune_from(build_model(arch), kind, ckpt, pretrained)
         if kind == "small_cnn":
-            raise StageError(f"image.train.pretrained: {pretrained}: small_cnn starts from an earlier run's "
-                             "models/image/model.pt only")
+            raise StageError(
+                f"image.train.pretrained: {pretrained}: small_cnn starts from an earlier run's "
+                "models/image/model.pt only"
+            )
     if kind == "small_cnn":
         return SmallCNN(arch["num_classes"])
     if kind in IMAGE_ARCHS:

@@ -3,6 +3,7 @@ content hash, decode error), split stratified by label, with split manifests.
 
     python -m stages prepare image
 """
+
 from __future__ import annotations
 
 import os
@@ -27,36 +28,64 @@ def run(params: dict, out_dir: str = "data/prepared/image") -> dict:
     by label, and flag files that occur in two splits (a leak)."""
     p = params["image"]["data"]
     if p["duplicates"] not in DUPLICATE_POLICIES:
-        raise StageError(f"image.data.duplicates is {p['duplicates']!r}; choose one of: {', '.join(DUPLICATE_POLICIES)}")
+        raise StageError(
+            f"image.data.duplicates is {p['duplicates']!r}; choose one of: {', '.join(DUPLICATE_POLICIES)}"
+        )
     table, root = list_images(p["source"])
     classes = sorted(table["label"].unique())
     if len(classes) < 2:
-        raise StageError(f"{p['source']}: one class ({classes[0]!r}); classification needs at least two")
+        raise StageError(
+            f"{p['source']}: one class ({classes[0]!r}); classification needs at least two"
+        )
     index = index_images(table, root)
-    parts = split(index, "label", "classification", p["split"]["val"], p["split"]["test"], params["seed"], p["source"])
+    parts = split(
+        index,
+        "label",
+        "classification",
+        p["split"]["val"],
+        p["split"]["test"],
+        params["seed"],
+        p["source"],
+    )
     index = pd.concat([part.assign(split=name) for name, part in parts.items()])
     leak = index.groupby("sha256")["split"].transform("nunique") > 1
     if leak.any() and p["duplicates"] == "drop":
         first = index["split"].map({"train": 0, "val": 1, "test": 2})
         keep = first == first.groupby(index["sha256"]).transform("min")
-        log(f"warning: dropped {int((~keep).sum())} images whose identical copy is in an earlier split "
-            "(image.data.duplicates: drop)")
+        log(
+            f"warning: dropped {int((~keep).sum())} images whose identical copy is in an earlier split "
+            "(image.data.duplicates: drop)"
+        )
         index = index[keep]
         leak = index.groupby("sha256")["split"].transform("nunique") > 1
     index["dup_across_splits"] = leak
     index["class_count"] = index.groupby("label")["label"].transform("size")
     index = index.set_index("path").sort_index()
-    schema = {"source": p["source"], "root": str(root), "classes": classes, "image_size": p["image_size"],
-              "mean": p["mean"], "std": p["std"], "rows": index["split"].value_counts().to_dict(),
-              "params": {"seed": params["seed"], "image.data": p}}
+    schema = {
+        "source": p["source"],
+        "root": str(root),
+        "classes": classes,
+        "image_size": p["image_size"],
+        "mean": p["mean"],
+        "std": p["std"],
+        "rows": index["split"].value_counts().to_dict(),
+        "params": {"seed": params["seed"], "image.data": p},
+    }
     with atomic_dir(out_dir) as tmp:
         index.to_parquet(tmp / "index.parquet")
         for name in parts:
             # Manifests for `infer` and for people: paths relative to the manifest itself.
-            rel = [os.path.relpath(root / path, out_dir) for path in index.index[index["split"] == name]]
-            pd.DataFrame({"path": rel, "label": index.loc[index["split"] == name, "label"].to_numpy()}) \
-                .to_csv(tmp / f"{name}.csv", index=False)
+            rel = [
+                os.path.relpath(root / path, out_dir)
+                for path in index.index[index["split"] == name]
+            ]
+            pd.DataFrame(
+                {"path": rel, "label": index.loc[index["split"] == name, "label"].to_numpy()}
+            ).to_csv(tmp / f"{name}.csv", index=False)
         write_json(tmp / "schema.json", schema)
-    log(f"prepared {len(index)} images in {len(classes)} classes from {p['source']}: "
-        + ", ".join(f"{k} {v}" for k, v in schema["rows"].items()) + f" → {out_dir}")
+    log(
+        f"prepared {len(index)} images in {len(classes)} classes from {p['source']}: "
+        + ", ".join(f"{k} {v}" for k, v in schema["rows"].items())
+        + f" → {out_dir}"
+    )
     return schema

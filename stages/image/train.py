@@ -3,6 +3,7 @@ the serving code (load_rgb) into a memory-mapped cache, augmented and normalised
 
     python -m stages train image
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,10 +40,14 @@ class ImageSet(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        return torch.from_numpy(np.array(self.images[i])), self.labels[i]  # a copy: the map is read-only
+        return torch.from_numpy(np.array(self.images[i])), self.labels[
+            i
+        ]  # a copy: the map is read-only
 
     def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.stack([img for img, _ in items]).permute(0, 3, 1, 2).float()  # N × 3 × H × W, 0..255
+        x = (
+            torch.stack([img for img, _ in items]).permute(0, 3, 1, 2).float()
+        )  # N × 3 × H × W, 0..255
         if self.augment:
             x = random_affine(x, self.augment)
         mean = torch.tensor(self.schema["mean"]).view(1, 3, 1, 1) * 255
@@ -56,7 +61,9 @@ def random_affine(x: torch.Tensor, augment: dict) -> torch.Tensor:
     degrees, shift ± translate × size, zoom within scale; outside pixels black, as v2 fills."""
     n, _, h, w = x.shape
     angle = (torch.rand(n) * 2 - 1) * math.radians(augment["rotate"])
-    shift = (torch.rand(n, 2) * 2 - 1) * augment["translate"] * 2  # in grid units: the image spans 2
+    shift = (
+        (torch.rand(n, 2) * 2 - 1) * augment["translate"] * 2
+    )  # in grid units: the image spans 2
     lo, hi = augment["scale"]
     zoom = lo + torch.rand(n) * (hi - lo)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
@@ -67,19 +74,28 @@ def random_affine(x: torch.Tensor, augment: dict) -> torch.Tensor:
         flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
         theta[:, 0, :] *= flip.unsqueeze(1)  # x_in = -x: mirror the sampled image
     grid = torch.nn.functional.affine_grid(theta, [n, 3, h, w], align_corners=False)
-    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return torch.nn.functional.grid_sample(
+        x, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
 
 
-def decoded_images(paths: list[Path], size: int, cache: Path = Path(".cache/image/decoded")) -> np.ndarray:
+def decoded_images(
+    paths: list[Path], size: int, cache: Path = Path(".cache/image/decoded")
+) -> np.ndarray:
     """Every image through load_rgb (the serving decode) once, into an N × size × size × 3
     uint8 array memory-mapped from .cache/ (keyed by the files' paths, sizes and times and
     `size`), so repeated runs and every DataLoader worker read the same pages."""
-    key = hashlib.sha256(json.dumps([size] + [[str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns]
-                                               for p in paths]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(
+        json.dumps(
+            [size] + [[str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
+        ).encode()
+    ).hexdigest()[:20]
     path = cache / f"{key}.npy"
     if not path.exists():
         with atomic_path(path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
+            out = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)
+            )
             for i, p in enumerate(paths):
                 out[i] = load_rgb(p, size)
             out.flush()
@@ -100,8 +116,15 @@ def job(params: dict) -> Job:
         return ImageSet([root / p for p in rows.index], labels, schema, augment)
 
     arch = {"kind": p["arch"], "num_classes": len(schema["classes"])}
-    return Job(build_model(arch, pretrained=p["pretrained"]), arch, subset("train", p["augment"]), subset("val", None),
-               classification_sums, [prepared / "index.parquet"], {"schema": schema})
+    return Job(
+        build_model(arch, pretrained=p["pretrained"]),
+        arch,
+        subset("train", p["augment"]),
+        subset("val", None),
+        classification_sums,
+        [prepared / "index.parquet"],
+        {"schema": schema},
+    )
 
 
 def run(params: dict) -> None:

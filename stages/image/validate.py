@@ -5,6 +5,7 @@
 
 The suite lives in data/expectations/image/<source name>.json: commit it and edit it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,19 +20,47 @@ def suite(classes: list[str], v: dict) -> dict:
     """Expectations over the per-image table that `prepare` writes (one row per file)."""
     between = "expect_column_values_to_be_between"
     exps = [
-        {"type": "expect_column_values_to_be_null", "kwargs": {"column": "error"}, "meta": {"why": "every file decodes"}},
-        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "mode", "value_set": v["modes"]}, "meta": {}},
-        {"type": between, "kwargs": {"column": "width", "min_value": v["min_size"], "max_value": v["max_size"]},
-         "meta": {}},
-        {"type": between, "kwargs": {"column": "height", "min_value": v["min_size"], "max_value": v["max_size"]},
-         "meta": {}},
-        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "label", "value_set": classes}, "meta": {}},
-        {"type": between, "kwargs": {"column": "class_count", "min_value": v["min_per_class"]},
-         "meta": {"why": "a minimum number of images per class"}},
-        {"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "dup_across_splits", "value_set": [False]},
-         "meta": {"why": "the same file in two splits leaks test data into training"}},
+        {
+            "type": "expect_column_values_to_be_null",
+            "kwargs": {"column": "error"},
+            "meta": {"why": "every file decodes"},
+        },
+        {
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": "mode", "value_set": v["modes"]},
+            "meta": {},
+        },
+        {
+            "type": between,
+            "kwargs": {"column": "width", "min_value": v["min_size"], "max_value": v["max_size"]},
+            "meta": {},
+        },
+        {
+            "type": between,
+            "kwargs": {"column": "height", "min_value": v["min_size"], "max_value": v["max_size"]},
+            "meta": {},
+        },
+        {
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": "label", "value_set": classes},
+            "meta": {},
+        },
+        {
+            "type": between,
+            "kwargs": {"column": "class_count", "min_value": v["min_per_class"]},
+            "meta": {"why": "a minimum number of images per class"},
+        },
+        {
+            "type": "expect_column_values_to_be_in_set",
+            "kwargs": {"column": "dup_across_splits", "value_set": [False]},
+            "meta": {"why": "the same file in two splits leaks test data into training"},
+        },
     ]
-    return {"name": "image", "expectations": exps, "meta": {"created_from": "params.yaml image.validate"}}
+    return {
+        "name": "image",
+        "expectations": exps,
+        "meta": {"created_from": "params.yaml image.validate"},
+    }
 
 
 def run(params: dict, new_suite: bool = False) -> dict:
@@ -43,5 +72,9 @@ def run(params: dict, new_suite: bool = False) -> dict:
     if new_suite or not path.exists():
         save_suite(path, suite(schema["classes"], params["image"]["validate"]))
         log(f"created {path} from params.yaml image.validate: review it, edit it, commit it")
-    return check([(load_suite(path), tables)], "image", [path],
-                 {name: f"{schema['source']}, {name} split; rows are file paths" for name in SPLITS})
+    return check(
+        [(load_suite(path), tables)],
+        "image",
+        [path],
+        {name: f"{schema['source']}, {name} split; rows are file paths" for name in SPLITS},
+    )

@@ -4,6 +4,7 @@ preprocessing that training, export parity, `infer` and the app all share.
 Rows keep their CSV line number as the DataFrame index (header = line 1), so every
 error and every validation failure can point at the line a person would open.
 """
+
 from __future__ import annotations
 
 import csv
@@ -86,8 +87,27 @@ def describe_cells(bad: pd.Series, limit: int = 5, count: int | None = None) -> 
 # ---- typing rules, shared by the streaming reader (prepare.py, pyarrow) and Spark ----
 # Cells that are missing: pandas' default NA strings (what `read_csv` has always treated as
 # missing), compared after stripping spaces.
-NULLS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
-         "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+NULLS = [
+    "",
+    "#N/A",
+    "#N/A N/A",
+    "#NA",
+    "-1.#IND",
+    "-1.#QNAN",
+    "-NaN",
+    "-nan",
+    "1.#IND",
+    "1.#QNAN",
+    "<NA>",
+    "N/A",
+    "NA",
+    "NULL",
+    "NaN",
+    "None",
+    "n/a",
+    "nan",
+    "null",
+]
 # A number, as one regular expression that RE2 (pyarrow) and Java (Spark) read alike; both
 # engines then cast only matching cells, so both type every cell the same way.
 NUMBER_RE = r"(?i)^[+-]?(\d+\.?\d*(e[+-]?\d+)?|\.\d+(e[+-]?\d+)?|inf|infinity|nan)$"
@@ -107,20 +127,25 @@ class ColumnStats:
     missing_lines: list = field(default_factory=list)  # the first few missing lines (the target's)
 
 
-def column_kinds(stats: dict[str, ColumnStats], target: str, task: str, source: str,
-                 max_categories: int) -> dict[str, str]:
+def column_kinds(
+    stats: dict[str, ColumnStats], target: str, task: str, source: str, max_categories: int
+) -> dict[str, str]:
     """{column: "numeric" | "categorical"}, or the first user error, in the order a person
     fixes them: the target, then each column left to right. Numbers stored as text are
     numbers; a mostly-numeric column with stray text is an error naming its lines."""
     if task not in TASK_KINDS:
         raise StageError(f"tabular.data.task is {task!r}; choose one of: {', '.join(TASK_KINDS)}")
     if target not in stats:
-        raise StageError(f"{source}: target column {target!r} not found; columns are: {', '.join(stats)}")
+        raise StageError(
+            f"{source}: target column {target!r} not found; columns are: {', '.join(stats)}"
+        )
     t = stats[target]
     if t.missing:
         lines = ", ".join(str(i) for i in t.missing_lines[:5])
-        raise StageError(f"{source}: target {target!r} is empty in {t.missing} rows (lines {lines}); "
-                         "fill or remove those rows")
+        raise StageError(
+            f"{source}: target {target!r} is empty in {t.missing} rows (lines {lines}); "
+            "fill or remove those rows"
+        )
     if task == "regression" and t.bad:
         raise StageError(f"{source}: regression target {target!r} is not numeric")
     kinds = {}
@@ -130,14 +155,20 @@ def column_kinds(stats: dict[str, ColumnStats], target: str, task: str, source: 
         elif s.present and not s.bad:
             kinds[col] = "numeric"
         elif s.present and s.present - s.bad >= NUMERIC_SHARE * s.present:
-            cells = pd.Series([v for _, v in s.bad_cells], index=[i for i, _ in s.bad_cells], dtype=object)
-            raise StageError(f"{source}: column {col!r} is numeric but has text in {s.bad} rows "
-                             f"({describe_cells(cells, count=s.bad)})")
+            cells = pd.Series(
+                [v for _, v in s.bad_cells], index=[i for i, _ in s.bad_cells], dtype=object
+            )
+            raise StageError(
+                f"{source}: column {col!r} is numeric but has text in {s.bad} rows "
+                f"({describe_cells(cells, count=s.bad)})"
+            )
         elif s.distinct > max_categories:
             n = str(s.distinct) if s.counted_all else f"more than {s.distinct - 1}"
-            raise StageError(f"{source}: column {col!r} has {n} distinct text values, more than "
-                             f"tabular.data.max_categories={max_categories}; if it is an id or free text, "
-                             "list it in tabular.data.drop_columns")
+            raise StageError(
+                f"{source}: column {col!r} has {n} distinct text values, more than "
+                f"tabular.data.max_categories={max_categories}; if it is an id or free text, "
+                "list it in tabular.data.drop_columns"
+            )
         else:
             kinds[col] = "categorical"
     return kinds
@@ -145,8 +176,10 @@ def column_kinds(stats: dict[str, ColumnStats], target: str, task: str, source: 
 
 def check_classes(classes: list, target: str, task: str, source: str) -> None:
     if task == "classification" and len(classes) < 2:
-        raise StageError(f"{source}: target {target!r} has one class ({classes[0]!r}); "
-                         "classification needs at least two")
+        raise StageError(
+            f"{source}: target {target!r} has one class ({classes[0]!r}); "
+            "classification needs at least two"
+        )
 
 
 def csv_header(path: Path, sep: str) -> list[str]:
@@ -160,7 +193,9 @@ def not_readable(path: Path, sep: str, error: Exception) -> StageError:
     pandas reads in chunks here, so a large file costs time, not memory, and only on this path."""
     rows = 0
     try:
-        for chunk in pd.read_csv(path, sep=sep, chunksize=250_000, skipinitialspace=True, dtype=str):
+        for chunk in pd.read_csv(
+            path, sep=sep, chunksize=250_000, skipinitialspace=True, dtype=str
+        ):
             rows += len(chunk)
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         error = e
@@ -201,10 +236,16 @@ def csv_batches(path: Path, sep: str, drop: list[str] = ()):
 
     try:
         reader = pacsv.open_csv(
-            path, read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES),
+            path,
+            read_options=pacsv.ReadOptions(block_size=BLOCK_BYTES),
             parse_options=pacsv.ParseOptions(delimiter=sep),
-            convert_options=pacsv.ConvertOptions(column_types={h: pa.string() for h in header}, include_columns=keep,
-                                                 null_values=NULLS, strings_can_be_null=True))
+            convert_options=pacsv.ConvertOptions(
+                column_types={h: pa.string() for h in header},
+                include_columns=keep,
+                null_values=NULLS,
+                strings_can_be_null=True,
+            ),
+        )
         line = 2
         # Columns cleaned in parallel, and the next block parsed meanwhile: arrow's parser and
         # kernels release the GIL.
@@ -213,7 +254,16 @@ def csv_batches(path: Path, sep: str, drop: list[str] = ()):
             ahead = pool.submit(next, batches, None)
             while (batch := ahead.result()) is not None:
                 ahead = pool.submit(next, batches, None)
-                yield line, dict(zip((n.strip() for n in batch.schema.names), pool.map(clean, batch.columns)))
+                yield (
+                    line,
+                    dict(
+                        zip(
+                            (n.strip() for n in batch.schema.names),
+                            pool.map(clean, batch.columns),
+                            strict=False,
+                        )
+                    ),
+                )
                 line += batch.num_rows
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
         raise not_readable(path, sep, e) from None
@@ -224,8 +274,10 @@ def split_schema(kinds: dict[str, str], target: str):
     the pandas index, so pd.read_parquet gives the frame the stages always had."""
     import pyarrow as pa
 
-    frame = pd.DataFrame({c: pd.Series(dtype="float64" if k == "numeric" else "str") for c, k in kinds.items()},
-                         index=pd.Index([], dtype="int64", name="line"))
+    frame = pd.DataFrame(
+        {c: pd.Series(dtype="float64" if k == "numeric" else "str") for c, k in kinds.items()},
+        index=pd.Index([], dtype="int64", name="line"),
+    )
     return pa.Schema.from_pandas(frame, preserve_index=True)
 
 
@@ -248,7 +300,10 @@ def sample_split(path: str | Path, columns: list[str], rows: int) -> tuple[pd.Da
     step = max(1, -(-data.count_rows() // rows))
     if step == 1:
         return read_split(path, columns), 1
-    batches = [b.take(pa.array(np.arange(0, b.num_rows, step))) for b in data.to_batches(columns=[*columns, "line"])]
+    batches = [
+        b.take(pa.array(np.arange(0, b.num_rows, step)))
+        for b in data.to_batches(columns=[*columns, "line"])
+    ]
     return _lined(pa.Table.from_batches(batches)), step
 
 
@@ -289,7 +344,7 @@ class Preprocessor:
     categories: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, df: pd.DataFrame, kinds: dict[str, str]) -> "Preprocessor":
+    def fit(cls, df: pd.DataFrame, kinds: dict[str, str]) -> Preprocessor:
         numeric = [c for c, k in kinds.items() if k == "numeric"]
         categorical = [c for c, k in kinds.items() if k == "categorical"]
         p = cls(numeric, categorical)
@@ -301,7 +356,9 @@ class Preprocessor:
             p.medians.append(median)
             p.means.append(float(filled.mean()))
             p.stds.append(std if std > 0 and math.isfinite(std) else 1.0)
-        p.categories = {c: sorted(df[c].dropna().astype(str).unique().tolist()) for c in categorical}
+        p.categories = {
+            c: sorted(df[c].dropna().astype(str).unique().tolist()) for c in categorical
+        }
         return p
 
     @property
@@ -324,31 +381,41 @@ class Preprocessor:
         # per call was most of the time (about 1.5 ms of 1.7 ms per row; `make bench`).
         if self.numeric:
             x = df[self.numeric]
-            if not all(pd.api.types.is_numeric_dtype(t) for t in x.dtypes):  # to_numeric keeps numbers as they are
+            if not all(
+                pd.api.types.is_numeric_dtype(t) for t in x.dtypes
+            ):  # to_numeric keeps numbers as they are
                 x = x.apply(pd.to_numeric, errors="coerce")
             x = x.to_numpy(dtype="float64")
             x = np.where(np.isnan(x), np.asarray(self.medians), x)
             parts.append((x - np.asarray(self.means)) / np.asarray(self.stds))
         for c in self.categorical:
             known = self.categories[c]
-            codes = pd.Index(known).get_indexer(df[c].to_numpy(dtype=object))  # as pd.Categorical codes them
+            codes = pd.Index(known).get_indexer(
+                df[c].to_numpy(dtype=object)
+            )  # as pd.Categorical codes them
             if (codes[df[c].notna().to_numpy()] < 0).any():  # a value that is not a known category
                 values = df[c].astype(object).where(df[c].notna(), None)
                 unseen = values[values.notna() & ~values.astype(str).isin(known)]
                 if len(unseen):
-                    raise StageError(f"{source}: column {c!r} has categories not seen in training "
-                                     f"({describe_cells(unseen)}); known: {', '.join(known)}")
+                    raise StageError(
+                        f"{source}: column {c!r} has categories not seen in training "
+                        f"({describe_cells(unseen)}); known: {', '.join(known)}"
+                    )
             onehot = np.zeros((len(df), len(known)))
             rows = np.flatnonzero(codes >= 0)
             onehot[rows, codes[rows]] = 1.0
             parts.append(onehot)
-        return np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((len(df), 0), np.float32)
+        return (
+            np.concatenate(parts, axis=1).astype(np.float32)
+            if parts
+            else np.zeros((len(df), 0), np.float32)
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessor":
+    def from_dict(cls, d: dict) -> Preprocessor:
         return cls(**d)
 
 
@@ -422,8 +489,10 @@ def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.Dat
             numbers = pd.to_numeric(text, errors="coerce")
             bad = _bad_numbers(text, numbers)
             if len(bad):
-                raise StageError(f"{source}: column {col!r} must be numeric but has text in {len(bad)} rows "
-                                 f"({describe_cells(bad)})")
+                raise StageError(
+                    f"{source}: column {col!r} must be numeric but has text in {len(bad)} rows "
+                    f"({describe_cells(bad)})"
+                )
             df[col] = numbers.astype("float64")
         else:
             df[col] = df[col].astype("string").str.strip().replace("", pd.NA).astype("str")

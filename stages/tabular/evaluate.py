@@ -6,6 +6,7 @@ the same split and features.
 Outputs: metrics/tabular/metrics.json and plot data in metrics/tabular/plots/ (confusion
 matrix, micro-averaged ROC and PR curves; predicted vs actual for regression).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,12 @@ import pandas as pd
 
 from stages.core.common import log, write_json
 from stages.core.inference import softmax
-from stages.core.metrics import classification_report, fail_if_untrained, learned_nothing, regression_report
+from stages.core.metrics import (
+    classification_report,
+    fail_if_untrained,
+    learned_nothing,
+    regression_report,
+)
 from stages.core.models import load_model, predict
 from stages.tabular.data import Preprocessor, read_split, split_chunks
 from stages.tabular.model import build_model
@@ -31,7 +37,11 @@ def run(params: dict, out_dir: Path = Path("metrics/tabular")) -> dict:
     classes = schema["classes"]
 
     def labels(df: pd.DataFrame) -> np.ndarray:
-        return pd.Categorical(df[target], categories=classes).codes if classify else df[target].to_numpy("float64")
+        return (
+            pd.Categorical(df[target], categories=classes).codes
+            if classify
+            else df[target].to_numpy("float64")
+        )
 
     hgb = baseline(params, pre, prepared / "train.parquet", labels, classify)
     # The test split a million rows at a time: only the labels and outputs stay in memory
@@ -47,8 +57,13 @@ def run(params: dict, out_dir: Path = Path("metrics/tabular")) -> dict:
     if classify:
         metrics, plots = classification_report(y_test, softmax(out.astype("float64")), classes)
         # Chance: always answering the test split's most common class.
-        warnings = learned_nothing("tabular", "accuracy", metrics["accuracy"],
-                                   float(pd.Series(y_test).value_counts(normalize=True).max()), "the majority-class share")
+        warnings = learned_nothing(
+            "tabular",
+            "accuracy",
+            metrics["accuracy"],
+            float(pd.Series(y_test).value_counts(normalize=True).max()),
+            "the majority-class share",
+        )
     else:
         scale = meta["target_scaling"]
         metrics, plots = regression_report(y_test, out[:, 0] * scale["std"] + scale["mean"])
@@ -57,13 +72,24 @@ def run(params: dict, out_dir: Path = Path("metrics/tabular")) -> dict:
     if hgb is not None:
         report = classification_report if classify else regression_report
         base_metrics = report(y_test, np.concatenate(base_out), *([classes] if classify else []))[0]
-    result = {"test": metrics, "baseline_hgb": base_metrics, "test_rows": len(y_test), "warnings": warnings}
+    result = {
+        "test": metrics,
+        "baseline_hgb": base_metrics,
+        "test_rows": len(y_test),
+        "warnings": warnings,
+    }
     write_json(out_dir / "metrics.json", result)
     for name, rows in plots.items():
         write_json(out_dir / "plots" / f"{name}.json", rows)
-    log("test: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        + (" | HistGradientBoosting: " + " ".join(f"{k}={v:.4f}" for k, v in base_metrics.items())
-           if base_metrics else ""))
+    log(
+        "test: "
+        + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        + (
+            " | HistGradientBoosting: " + " ".join(f"{k}={v:.4f}" for k, v in base_metrics.items())
+            if base_metrics
+            else ""
+        )
+    )
     fail_if_untrained(warnings, "tabular", params)
     return result
 

@@ -3,6 +3,7 @@ that serving reads), failing when onnxruntime and torch disagree on the test spl
 
     python -m stages export tabular
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,14 @@ from pathlib import Path
 import torch
 
 from stages.core.common import atomic_path, log, write_json
-from stages.core.models import card_common, check_parity, export_onnx, load_model, reference, validated_ranges
+from stages.core.models import (
+    card_common,
+    check_parity,
+    export_onnx,
+    load_model,
+    reference,
+    validated_ranges,
+)
 from stages.tabular.data import Preprocessor, sample_split, split_chunks
 from stages.tabular.model import build_model
 
@@ -24,29 +32,48 @@ def run(params: dict, out_dir: Path = Path("models/tabular")) -> dict:
     model, meta = load_model(out_dir / "model.pt", build_model)
     schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
     # Parity on the test split's first rows: enough to catch a wrong graph, bounded on big data.
-    x_test = pre.transform(next(split_chunks("data/prepared/tabular/test.parquet", PARITY_ROWS)).iloc[:PARITY_ROWS])
+    x_test = pre.transform(
+        next(split_chunks("data/prepared/tabular/test.parquet", PARITY_ROWS)).iloc[:PARITY_ROWS]
+    )
     onnx_path = out_dir / "model.onnx"
     export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path)
-    parity = check_parity(model, onnx_path, x_test, p["parity_atol"], schema["task"] == "classification")
+    parity = check_parity(
+        model, onnx_path, x_test, p["parity_atol"], schema["task"] == "classification"
+    )
     if p["torchscript"]:
         with atomic_path(out_dir / "model.ts") as tmp:
             torch.jit.trace(model, torch.from_numpy(x_test[:2])).save(str(tmp))
-    train_sample, step = sample_split(TRAIN, pre.columns, REFERENCE_ROWS)  # quantiles and shares: a sample will do
+    train_sample, step = sample_split(
+        TRAIN, pre.columns, REFERENCE_ROWS
+    )  # quantiles and shares: a sample will do
     card = {
-        **card_common("tabular", schema["task"], onnx_path, ["batch", pre.n_features], meta, parity, p),
+        **card_common(
+            "tabular", schema["task"], onnx_path, ["batch", pre.n_features], meta, parity, p
+        ),
         "target": schema["target"],
         "classes": schema["classes"],
-        "features": [{**f, **({"categories": pre.categories[f["name"]]} if f["type"] == "categorical" else {})}
-                     for f in schema["features"]],
+        "features": [
+            {
+                **f,
+                **({"categories": pre.categories[f["name"]]} if f["type"] == "categorical" else {}),
+            }
+            for f in schema["features"]
+        ],
         "preprocessing": pre.to_dict(),
         "preprocessing_notes": "numeric: median-impute, then (x - mean) / std; categorical: one-hot in the "
-                               "listed order (missing = all zeros, unseen = error); see stages/tabular/data.py",
+        "listed order (missing = all zeros, unseen = error); see stages/tabular/data.py",
         "target_scaling": meta["target_scaling"],
-        "reference": reference(dict(train_sample.items()), validated_ranges("tabular"),
-                               f"{TRAIN} (the training split" + (f", every {step}th row)" if step > 1 else ")")),
-        "postprocessing": "softmax over output" if schema["task"] == "classification"
-                          else "output * target_scaling.std + target_scaling.mean",
+        "reference": reference(
+            dict(train_sample.items()),
+            validated_ranges("tabular"),
+            f"{TRAIN} (the training split" + (f", every {step}th row)" if step > 1 else ")"),
+        ),
+        "postprocessing": "softmax over output"
+        if schema["task"] == "classification"
+        else "output * target_scaling.std + target_scaling.mean",
     }
     write_json(out_dir / "model.json", card)
-    log(f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e} over {parity['rows']} rows)")
+    log(
+        f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e} over {parity['rows']} rows)"
+    )
     return card

@@ -1,12 +1,14 @@
 """infer: batch predictions with onnxruntime, and the serving hook the app calls. Imports no torch.
 
-    python -m stages infer tabular   # CSV/parquet, checked by the GX suite (no target checks) → data/predictions/tabular.csv
+    python -m stages infer tabular   # CSV/parquet, checked by the GX suite (no target checks)
+                                     # → data/predictions/tabular.csv
 
 The input is read, checked and predicted in chunks (a file larger than memory streams
 through); run(out=....parquet) writes parquet instead of CSV. With `tabular.data.engine:
 spark` the same runs on Spark (mapInPandas around predict(); docs/spark.md) and the output is
 a folder of CSV parts. Also writes metrics/tabular/infer.json with its throughput.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,7 +18,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.common import StageError, atomic_dir, atomic_path, log, read_json, write_json, write_timing
+from stages.core.common import (
+    StageError,
+    atomic_dir,
+    atomic_path,
+    log,
+    read_json,
+    write_json,
+    write_timing,
+)
 from stages.core.expectations import for_inference, load_suite, run_suite_aside, summarise
 from stages.core.inference import open_session, run_batches
 from stages.tabular.data import Preprocessor, feature_chunks, scores, scores_table
@@ -24,18 +34,24 @@ from stages.tabular.data import Preprocessor, feature_chunks, scores, scores_tab
 CHUNK_ROWS = 1_000_000
 
 
-def predict(card: dict, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096) -> pd.DataFrame:
+def predict(
+    card: dict, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
+) -> pd.DataFrame:
     """Typed feature rows → the predictions table: class and per-class probabilities, or the
     value. The app and Spark call this, `infer` the scores under it, so they answer alike."""
     return scores_table(predict_scores(card, session, df, source, batch_size), card)
 
 
-def predict_scores(card: dict, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096) -> np.ndarray:
+def predict_scores(
+    card: dict, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
+) -> np.ndarray:
     """Typed feature rows → their scores (stages.tabular.data.scores)."""
     x = Preprocessor.from_dict(card["preprocessing"]).transform(df, source)
     outputs = run_batches(session, x, batch_size)
     if not np.isfinite(outputs).all():
-        raise StageError(f"{source}: some values are so far out of range that the model gives no finite prediction")
+        raise StageError(
+            f"{source}: some values are so far out of range that the model gives no finite prediction"
+        )
     return scores(outputs, card)
 
 
@@ -47,7 +63,9 @@ def input_frames(source: str, features: list[dict], target: str):
 
 
 # "0.00" to "1.00", and "0000" to "9999", each as the four bytes of one uint32
-_HEADS = np.frombuffer("".join(f"{i // 100}.{i % 100:02d}" for i in range(101)).encode(), dtype=np.uint32)
+_HEADS = np.frombuffer(
+    "".join(f"{i // 100}.{i % 100:02d}" for i in range(101)).encode(), dtype=np.uint32
+)
 _TAILS = np.frombuffer("".join(f"{i:04d}" for i in range(10_000)).encode(), dtype=np.uint32)
 
 
@@ -95,29 +113,38 @@ class Writer:
             numbers = [predicted[:, 0]]
         if not csv:
             cols = [pa.array(v.astype(np.float32)) for v in numbers]
-            chunk = pa.table([pa.array(lines), *([labels] if classes else []), *cols], names=["line", *names])
+            chunk = pa.table(
+                [pa.array(lines), *([labels] if classes else []), *cols], names=["line", *names]
+            )
             self.out = self.out or pq.ParquetWriter(self.path, chunk.schema)
             self.out.write_table(chunk)
             return
         if self.out is None:
-            self.out = open(self.path, "wb")
+            self.out = open(self.path, "wb")  # noqa: SIM115 (closed by close(), after the last chunk)
             self.out.write((",".join(csv_field(c) for c in ["line", *names]) + "\n").encode())
         line = pc.cast(pa.array(lines), pa.string())
         if classes:  # the probabilities and the newline as one fixed-width text per row
             text = np.empty((len(predicted), 9 * len(numbers)), dtype=np.uint8)
             for j, v in enumerate(numbers):
-                text[:, 9 * j:9 * j + 8] = six_decimals(v)
+                text[:, 9 * j : 9 * j + 8] = six_decimals(v)
             text[:, 8::9] = ord(",")
             text[:, -1] = ord("\n")
             width = text.shape[1]
-            tail = pa.StringArray.from_buffers(len(text), pa.py_buffer(np.arange(0, width * len(text) + 1, width,
-                                                                                 dtype=np.int32)), pa.py_buffer(text))
+            tail = pa.StringArray.from_buffers(
+                len(text),
+                pa.py_buffer(np.arange(0, width * len(text) + 1, width, dtype=np.int32)),
+                pa.py_buffer(text),
+            )
             rows = pc.binary_join_element_wise(line, labels, tail, ",")
         else:
             value = pc.cast(pa.array(numbers[0].astype(np.float32)), pa.string())
-            rows = pc.binary_join_element_wise(pc.binary_join_element_wise(line, value, ","), "", "\n")
-        offsets = np.frombuffer(rows.buffers()[1], dtype=np.int32, count=len(rows) + 1, offset=rows.offset * 4)
-        self.out.write(memoryview(rows.buffers()[2])[offsets[0]:offsets[-1]])
+            rows = pc.binary_join_element_wise(
+                pc.binary_join_element_wise(line, value, ","), "", "\n"
+            )
+        offsets = np.frombuffer(
+            rows.buffers()[1], dtype=np.int32, count=len(rows) + 1, offset=rows.offset * 4
+        )
+        self.out.write(memoryview(rows.buffers()[2])[offsets[0] : offsets[-1]])
 
     def close(self) -> None:
         if self.out is not None:
@@ -135,8 +162,16 @@ def run(params: dict, model_dir: Path = Path("models/tabular"), out: Path | None
         from stages.tabular.spark import infer as spark_infer
 
         with atomic_dir(out) as tmp:
-            stats, seconds = spark_infer(card, model_dir / card["onnx"]["file"], suite, source, suite_file,
-                                         p["batch_size"], tmp, "parquet" if out.suffix == ".parquet" else "csv")
+            stats, seconds = spark_infer(
+                card,
+                model_dir / card["onnx"]["file"],
+                suite,
+                source,
+                suite_file,
+                p["batch_size"],
+                tmp,
+                "parquet" if out.suffix == ".parquet" else "csv",
+            )
     else:
         # GX checks the input in the validation worker, which reads it for itself while it
         # is predicted and written here: GX is pure Python, and as long as the bare loop.
@@ -165,8 +200,11 @@ def run(params: dict, model_dir: Path = Path("models/tabular"), out: Path | None
                 report = checked()
                 if not report["success"]:
                     # Rows are numbered by CSV line ("row 5" is line 5, not the fifth data row): say so.
-                    raise StageError(f"{source} does not meet the expectations in {suite_file} (target checks "
-                                     f"excluded)\n" + summarise(report, {"input": f"{source}, rows numbered by CSV line"}))
+                    raise StageError(
+                        f"{source} does not meet the expectations in {suite_file} (target checks "
+                        f"excluded)\n"
+                        + summarise(report, {"input": f"{source}, rows numbered by CSV line"})
+                    )
                 if failed is not None:
                     raise failed
         finally:

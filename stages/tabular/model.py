@@ -1,4 +1,5 @@
 """The tabular model: an MLP, rebuilt from the `arch` dict stored beside its weights."""
+
 from __future__ import annotations
 
 import torch

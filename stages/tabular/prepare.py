@@ -24,6 +24,7 @@ Either way, rows whose category (in any feature) would appear nowhere in train a
 train: a category the model never saw cannot be scored, and the suite profiled from train
 would flag it (docs/tabular.md).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,13 +68,17 @@ def run(params: dict, out_dir: str = "data/prepared/tabular") -> dict:
     if engine not in ENGINES:
         raise StageError(f"tabular.data.engine is {engine!r}; choose one of: {', '.join(ENGINES)}")
     if method not in METHODS or (engine == "spark" and method != "hash"):
-        raise StageError(f"tabular.data.split.method is {method!r}; choose hash"
-                         + (" (the only split Spark computes)" if engine == "spark" else " or sklearn"))
+        raise StageError(
+            f"tabular.data.split.method is {method!r}; choose hash"
+            + (" (the only split Spark computes)" if engine == "spark" else " or sklearn")
+        )
     source = p["source"]
     path, sep = open_csv(source)
     unknown = [c for c in p["drop_columns"] if c not in [h.strip() for h in csv_header(path, sep)]]
     if unknown:
-        log(f"warning: tabular.data.drop_columns names columns not in {source}: {', '.join(unknown)}")
+        log(
+            f"warning: tabular.data.drop_columns names columns not in {source}: {', '.join(unknown)}"
+        )
     if engine == "spark":
         from stages.tabular.spark import prepare as spark_prepare
 
@@ -97,14 +102,21 @@ def run(params: dict, out_dir: str = "data/prepared/tabular") -> dict:
             write_json(tmp / "schema.json", schema)
         for col, n in moved.items():
             log(f"moved {n} rows to train: their {col!r} value appears nowhere else in train")
-    log(f"prepared {source} ({engine}): " + ", ".join(f"{k} {v} rows" for k, v in schema["rows"].items())
-        + f" → {out_dir}")
+    log(
+        f"prepared {source} ({engine}): "
+        + ", ".join(f"{k} {v} rows" for k, v in schema["rows"].items())
+        + f" → {out_dir}"
+    )
     return schema
 
 
 def describe(p: dict, seed: int, kinds: dict, classes: list | None, codes_or_counts) -> dict:
     """schema.json: what the splits hold (both engines write the same one)."""
-    counts = np.bincount(codes_or_counts, minlength=3) if isinstance(codes_or_counts, np.ndarray) else codes_or_counts
+    counts = (
+        np.bincount(codes_or_counts, minlength=3)
+        if isinstance(codes_or_counts, np.ndarray)
+        else codes_or_counts
+    )
     return {
         "source": p["source"],
         "target": p["target"],
@@ -120,33 +132,49 @@ class Scan:
     """Pass 1 over the CSV: per column the stats typing needs, and per row the codes of
     columns with few distinct values (categories, classes) for the split."""
 
-    def __init__(self, path: Path, sep: str, drop: list[str], target: str, max_categories: int, spill: Path):
+    def __init__(
+        self, path: Path, sep: str, drop: list[str], target: str, max_categories: int, spill: Path
+    ):
         import pyarrow as pa
 
         self.stats: dict[str, ColumnStats] = {}
         self.known: dict[str, pa.Array] = {}  # distinct values so far, in order of appearance
-        self.codes: dict[str, list[np.ndarray]] = {}  # per batch, codes into known (NO_CODE: missing)
+        self.codes: dict[
+            str, list[np.ndarray]
+        ] = {}  # per batch, codes into known (NO_CODE: missing)
         self.rows = 0
         with contextlib.ExitStack() as stack:
             writer, pool = None, stack.enter_context(ThreadPoolExecutor(physical_cores()))
             for line, cols in csv_batches(path, sep, drop):
                 for col in cols:
                     if col not in self.stats:
-                        self.stats[col], self.known[col], self.codes[col] = ColumnStats(), pa_empty(), []
+                        self.stats[col], self.known[col], self.codes[col] = (
+                            ColumnStats(),
+                            pa_empty(),
+                            [],
+                        )
                 # Columns in parallel (each touches only its own stats; arrow releases the GIL).
-                cast = pool.map(lambda col, v: self._scan(line, col, v, max_categories if col != target else None,
-                                                          col == target), *zip(*cols.items()))
+                cast = pool.map(
+                    lambda col, v, line=line: self._scan(
+                        line, col, v, max_categories if col != target else None, col == target
+                    ),
+                    *zip(*cols.items(), strict=False),
+                )
                 n = len(next(iter(cols.values())))
                 self.rows += n
                 # Only numbers are spilled: a column that ends numeric had every batch cast
                 # (the cast pass 1 needed anyway), and one that ends categorical is rebuilt from
                 # its codes. A batch of text leaves its column's number field null.
-                batch = pa.RecordBatch.from_arrays([f if f is not None else pa.nulls(n, pa.float64()) for f in cast],
-                                                   names=list(cols))
+                batch = pa.RecordBatch.from_arrays(
+                    [f if f is not None else pa.nulls(n, pa.float64()) for f in cast],
+                    names=list(cols),
+                )
                 if writer is None:
                     # LZ4: the null fields of text columns cost nothing on disk.
                     options = pa.ipc.IpcWriteOptions(compression="lz4")
-                    writer = stack.enter_context(pa.ipc.new_stream(str(spill), batch.schema, options=options))
+                    writer = stack.enter_context(
+                        pa.ipc.new_stream(str(spill), batch.schema, options=options)
+                    )
                 writer.write_batch(batch)
         if not self.rows:
             raise StageError(f"{path}: no data rows (only a header)")
@@ -164,7 +192,9 @@ class Scan:
         if v.null_count and target:
             s.missing += v.null_count
             if len(s.missing_lines) < 5:
-                s.missing_lines += (line + np.flatnonzero(v.is_null().to_numpy(zero_copy_only=False))[:5]).tolist()
+                s.missing_lines += (
+                    line + np.flatnonzero(v.is_null().to_numpy(zero_copy_only=False))[:5]
+                ).tolist()
         floats = as_numbers(v) if not s.bad else None
         if floats is not None and self.known[col] is None:
             return floats  # a column of numbers with too many values to be a category: nothing to count
@@ -172,12 +202,18 @@ class Scan:
         values = enc.dictionary
         rows = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)  # -1: missing
         if floats is None:  # text: which values (so which cells) are not numbers
-            bad = np.append(~pc.fill_null(pc.match_substring_regex(values, NUMBER_RE), False)
-                            .to_numpy(zero_copy_only=False), False)[rows]
+            bad = np.append(
+                ~pc.fill_null(pc.match_substring_regex(values, NUMBER_RE), False).to_numpy(
+                    zero_copy_only=False
+                ),
+                False,
+            )[rows]
             n_bad = int(bad.sum())
             s.bad += n_bad
             if n_bad and len(s.bad_cells) < 5:
-                s.bad_cells += [(int(line + i), values[int(rows[i])].as_py()) for i in np.flatnonzero(bad)[:5]]
+                s.bad_cells += [
+                    (int(line + i), values[int(rows[i])].as_py()) for i in np.flatnonzero(bad)[:5]
+                ]
         self._track(col, values, rows, s, cap)
         return floats
 
@@ -197,7 +233,9 @@ class Scan:
         s.distinct = len(known)
         if self.codes.get(col) is not None and (cap is None or len(known) <= cap):
             where = pc.index_in(values, value_set=known).to_numpy(zero_copy_only=False)
-            self.codes[col].append(np.append(where, NO_CODE)[rows].astype(np.int32 if cap is None else np.int16))
+            self.codes[col].append(
+                np.append(where, NO_CODE)[rows].astype(np.int32 if cap is None else np.int16)
+            )
         else:
             self.codes[col] = None
         stop = len(known) > DISTINCT_CAP or (cap is not None and not s.bad and len(known) > cap)
@@ -208,7 +246,9 @@ class Scan:
         parts = self.codes.get(col)
         if parts is None:
             return None
-        return np.concatenate(parts) if parts else np.zeros(0, np.int16), self.known[col].to_pylist()
+        return np.concatenate(parts) if parts else np.zeros(0, np.int16), self.known[
+            col
+        ].to_pylist()
 
 
 def plan(scan: Scan, p: dict, seed: int) -> tuple[dict, list | None, np.ndarray, dict]:
@@ -219,22 +259,44 @@ def plan(scan: Scan, p: dict, seed: int) -> tuple[dict, list | None, np.ndarray,
         groups, labels = scan.column_codes(target)
         classes = sorted(labels)
         check_classes(classes, target, task, p["source"])
-        counts = dict(zip(labels, np.bincount(groups, minlength=len(labels)).tolist()))
+        counts = dict(
+            zip(labels, np.bincount(groups, minlength=len(labels)).tolist(), strict=False)
+        )
     else:
         groups, labels, classes = np.zeros(scan.rows, np.int32), [None], None
         counts = {None: scan.rows}
     val, test = p["split"]["val"], p["split"]["test"]
     q = quotas(counts, val, test, p["source"], target if task == "classification" else None)
     if p["split"].get("method", "hash") == "sklearn":
-        codes = sklearn_assign(np.asarray(labels, dtype=object)[groups], task == "classification", val, test, seed,
-                               p["source"])
+        codes = sklearn_assign(
+            np.asarray(labels, dtype=object)[groups],
+            task == "classification",
+            val,
+            test,
+            seed,
+            p["source"],
+        )
     else:
-        codes = hash_assign(row_hash(seed, np.arange(2, 2 + scan.rows)), groups, [q[g] for g in labels])
-    return kinds, classes, *move_unseen_categories(codes, {c: scan.column_codes(c)[0] for c, k in kinds.items()
-                                                           if k == "categorical" and c != target})
+        codes = hash_assign(
+            row_hash(seed, np.arange(2, 2 + scan.rows)), groups, [q[g] for g in labels]
+        )
+    return (
+        kinds,
+        classes,
+        *move_unseen_categories(
+            codes,
+            {
+                c: scan.column_codes(c)[0]
+                for c, k in kinds.items()
+                if k == "categorical" and c != target
+            },
+        ),
+    )
 
 
-def move_unseen_categories(codes: np.ndarray, columns: dict[str, np.ndarray]) -> tuple[np.ndarray, dict]:
+def move_unseen_categories(
+    codes: np.ndarray, columns: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict]:
     """Rows whose value in some category column has no row in train go to train. Decided on
     the split as drawn, for all columns at once (Spark does the same), then applied."""
     move = np.zeros(len(codes), bool)
@@ -251,7 +313,9 @@ def move_unseen_categories(codes: np.ndarray, columns: dict[str, np.ndarray]) ->
     return codes, moved
 
 
-def write_splits(spill: Path, kinds: dict, target: str, codes: np.ndarray, texts: dict, out: Path) -> None:
+def write_splits(
+    spill: Path, kinds: dict, target: str, codes: np.ndarray, texts: dict, out: Path
+) -> None:
     """Pass 2: the spilled numbers and the categories' codes, typed, each batch cut into the
     three splits and appended as row groups. `texts`: {column: (codes per row, values)}."""
     import pyarrow as pa
@@ -265,17 +329,32 @@ def write_splits(spill: Path, kinds: dict, target: str, codes: np.ndarray, texts
     # metadata (the line as the index) is added by hand. Statistics are kept for numbers only
     # (a string's min/max is costly and no reader prunes on them); the line, counting up, is
     # delta-encoded (35x smaller).
-    fields = [pa.field(f.name, pa.dictionary(pa.int32(), pa.string())) if f.name in texts else f for f in schema]
-    writers = [pq.ParquetWriter(out / f"{name}.parquet", pa.schema(fields), use_dictionary=list(texts),
-                                store_schema=False, write_statistics=[f.name for f in schema if f.name not in texts],
-                                column_encoding={"line": "DELTA_BINARY_PACKED"}) for name in NAMES]
+    fields = [
+        pa.field(f.name, pa.dictionary(pa.int32(), pa.string())) if f.name in texts else f
+        for f in schema
+    ]
+    writers = [
+        pq.ParquetWriter(
+            out / f"{name}.parquet",
+            pa.schema(fields),
+            use_dictionary=list(texts),
+            store_schema=False,
+            write_statistics=[f.name for f in schema if f.name not in texts],
+            column_encoding={"line": "DELTA_BINARY_PACKED"},
+        )
+        for name in NAMES
+    ]
 
     def part(code: int, batch, start: int):
         """The batch's rows in split `code` (rows picked first: filtering built text copies it)."""
-        rows = np.flatnonzero(codes[start:start + batch.num_rows] == code)
-        arrays = [batch.column(f.name).take(rows) if f.name not in texts else dictionary(texts[f.name][0][start + rows],
-                                                                                        values[f.name])
-                  for f in fields if f.name != "line"]
+        rows = np.flatnonzero(codes[start : start + batch.num_rows] == code)
+        arrays = [
+            batch.column(f.name).take(rows)
+            if f.name not in texts
+            else dictionary(texts[f.name][0][start + rows], values[f.name])
+            for f in fields
+            if f.name != "line"
+        ]
         return pa.Table.from_arrays([*arrays, pa.array(rows + start + 2)], schema=pa.schema(fields))
 
     def append(writer, table, before) -> None:
@@ -293,7 +372,13 @@ def write_splits(spill: Path, kinds: dict, target: str, codes: np.ndarray, texts
             for batch in reader:
                 wait(older)  # at most two batches in memory
                 tables = [pool.submit(part, code, batch, start) for code in (TRAIN, VAL, TEST)]
-                older, last = last, [pool.submit(append, w, t, f) for w, t, f in zip(writers, tables, last)]
+                older, last = (
+                    last,
+                    [
+                        pool.submit(append, w, t, f)
+                        for w, t, f in zip(writers, tables, last, strict=False)
+                    ],
+                )
                 start += batch.num_rows
             wait(last)
     finally:
@@ -313,8 +398,9 @@ def dictionary(codes: np.ndarray, values):
     import pyarrow as pa
 
     missing = codes == NO_CODE
-    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32), mask=missing if missing.any() else None),
-                                          values)
+    return pa.DictionaryArray.from_arrays(
+        pa.array(codes.astype(np.int32), mask=missing if missing.any() else None), values
+    )
 
 
 def pa_empty():

@@ -8,6 +8,7 @@ bit-for-bit the same (tests/test_drift.py checks it on the penguins test split).
 it cannot type as JSON values (text in a number field, an unseen category) returns None,
 and the caller falls back to the pandas path, which names the problem.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,18 @@ class Rows:
     def __init__(self, card: dict):
         pre = card["preprocessing"]
         self.numeric, self.categorical = pre["numeric"], pre["categorical"]
-        self.medians, self.means, self.stds = (np.asarray(pre[k], dtype="float64") for k in ("medians", "means", "stds"))
-        self.codes = {c: {v: i for i, v in enumerate(pre["categories"][c])} for c in self.categorical}
+        self.medians, self.means, self.stds = (
+            np.asarray(pre[k], dtype="float64") for k in ("medians", "means", "stds")
+        )
+        self.codes = {
+            c: {v: i for i, v in enumerate(pre["categories"][c])} for c in self.categorical
+        }
         self.width = len(self.numeric) + sum(len(v) for v in self.codes.values())
-        self.kind, self.classes, self.scaling = card["kind"], card["classes"], card.get("target_scaling")
+        self.kind, self.classes, self.scaling = (
+            card["kind"],
+            card["classes"],
+            card.get("target_scaling"),
+        )
         self.p_names = [f"p_{c}" for c in self.classes or []]
 
     def transform(self, rows: list[dict]) -> np.ndarray | None:
@@ -37,7 +46,9 @@ class Rows:
         n = len(rows)
         try:
             # None → NaN, as pandas does for a float64 column; numbers as float64.
-            x = np.array([[r[c] for c in self.numeric] for r in rows], dtype="float64").reshape(n, len(self.numeric))
+            x = np.array([[r[c] for c in self.numeric] for r in rows], dtype="float64").reshape(
+                n, len(self.numeric)
+            )
         except (TypeError, ValueError):
             return None
         x = np.where(np.isnan(x), self.medians, x)
@@ -55,17 +66,29 @@ class Rows:
                         return None
                     onehot[i, codes[v]] = 1.0
             parts.append(onehot)
-        return np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((n, 0), np.float32)
+        return (
+            np.concatenate(parts, axis=1).astype(np.float32)
+            if parts
+            else np.zeros((n, 0), np.float32)
+        )
 
     def decode(self, outputs: np.ndarray, source: str = "request") -> list[dict]:
         """Model outputs → one dict per row, as `decode_outputs` then `to_dict("records")`."""
         if not np.isfinite(outputs).all():
-            raise StageError(f"{source}: some values are so far out of range that the model gives no finite prediction")
+            raise StageError(
+                f"{source}: some values are so far out of range that the model gives no finite prediction"
+            )
         if self.kind != "classification":
             values = outputs[:, 0].astype("float64") * self.scaling["std"] + self.scaling["mean"]
             return [{"prediction": float(v)} for v in values]
         out = []
         for p in softmax(outputs.astype("float64")).tolist():
             best = max(range(len(p)), key=p.__getitem__)  # the first largest, as argmax
-            out.append({"prediction": self.classes[best], "probability": p[best], **dict(zip(self.p_names, p))})
+            out.append(
+                {
+                    "prediction": self.classes[best],
+                    "probability": p[best],
+                    **dict(zip(self.p_names, p, strict=False)),
+                }
+            )
         return out

@@ -6,6 +6,7 @@ stages/core/splits.py), computed as Spark expressions, so both engines give the 
 Splits are folders of parquet parts (`train.parquet/part-00000.parquet`, ...) with a `line`
 column: the CSV line, which names failing rows in GX and rows in errors.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,10 +16,17 @@ from pathlib import Path
 import pandas as pd
 
 from stages.core.common import StageError
-from stages.core.splits import NAMES, quotas, row_hash_sql
 from stages.core.spark import session
-from stages.tabular.data import (NULLS, NUMBER_RE, ColumnStats, check_classes, column_kinds, describe_cells,
-                                 not_readable)
+from stages.core.splits import NAMES, quotas, row_hash_sql
+from stages.tabular.data import (
+    NULLS,
+    NUMBER_RE,
+    ColumnStats,
+    check_classes,
+    column_kinds,
+    describe_cells,
+    not_readable,
+)
 
 PART_ROWS = 1_000_000  # rows per written parquet part
 
@@ -31,14 +39,18 @@ def read_lines(path: Path, sep: str, drop: list[str] = ()):
     from pyspark.sql import functions as F
 
     spark = session()
-    raw = spark.read.options(header=True, sep=sep, inferSchema=False, mode="FAILFAST").csv(str(path))
+    raw = spark.read.options(header=True, sep=sep, inferSchema=False, mode="FAILFAST").csv(
+        str(path)
+    )
     cols = []
     for name in raw.columns:
         if name.strip() in drop:
             continue
         v = F.regexp_replace(F.col(f"`{name}`"), r"^\s+|\s+$", "")
         cols.append(F.when(v.isin(NULLS), None).otherwise(v).alias(name.strip()))
-    df = raw.select(*cols, F.spark_partition_id().alias("_pid"), F.monotonically_increasing_id().alias("_id"))
+    df = raw.select(
+        *cols, F.spark_partition_id().alias("_pid"), F.monotonically_increasing_id().alias("_id")
+    )
     try:
         counts = dict(df.groupBy("_pid").count().collect())
     except Exception as e:  # noqa: BLE001 - a malformed file: pandas names the line (not_readable)
@@ -61,19 +73,32 @@ def column_stats(df, columns: list[str], target: str) -> dict[str, ColumnStats]:
     aggs = [F.count(F.col(f"`{c}`")).alias(f"p{i}") for i, c in enumerate(columns)]
     aggs += [F.count(F.when(bad[c], 1)).alias(f"b{i}") for i, c in enumerate(columns)]
     aggs += [F.countDistinct(F.col(f"`{c}`")).alias(f"d{i}") for i, c in enumerate(columns)]
-    aggs += [F.count(F.when(F.col(f"`{target}`").isNull(), 1)).alias("missing")] if target in columns else []
+    aggs += (
+        [F.count(F.when(F.col(f"`{target}`").isNull(), 1)).alias("missing")]
+        if target in columns
+        else []
+    )
     row = df.agg(*aggs).first()
     stats = {}
     for i, c in enumerate(columns):
         s = ColumnStats(present=row[f"p{i}"], bad=row[f"b{i}"], distinct=row[f"d{i}"])
         if s.bad:
-            s.bad_cells = [(r["line"], r["v"]) for r in
-                           df.filter(bad[c]).select("line", F.col(f"`{c}`").alias("v")).orderBy("line").limit(5).collect()]
+            s.bad_cells = [
+                (r["line"], r["v"])
+                for r in df.filter(bad[c])
+                .select("line", F.col(f"`{c}`").alias("v"))
+                .orderBy("line")
+                .limit(5)
+                .collect()
+            ]
         stats[c] = s
     if target in columns and row["missing"]:
         t = stats[target]
         t.missing = row["missing"]
-        t.missing_lines = [r["line"] for r in df.filter(F.col(f"`{target}`").isNull()).orderBy("line").limit(5).collect()]
+        t.missing_lines = [
+            r["line"]
+            for r in df.filter(F.col(f"`{target}`").isNull()).orderBy("line").limit(5).collect()
+        ]
     return stats
 
 
@@ -87,9 +112,16 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
     target, task = p["target"], p["task"]
     df, _ = read_lines(path, sep, p["drop_columns"])
     columns = [c for c in df.columns if c != "line"]
-    kinds = column_kinds(column_stats(df, columns, target), target, task, p["source"], p["max_categories"])
-    df = df.select(*[F.col(f"`{c}`").cast("double").alias(c) if k == "numeric" else F.col(f"`{c}`")
-                     for c, k in kinds.items()], "line")
+    kinds = column_kinds(
+        column_stats(df, columns, target), target, task, p["source"], p["max_categories"]
+    )
+    df = df.select(
+        *[
+            F.col(f"`{c}`").cast("double").alias(c) if k == "numeric" else F.col(f"`{c}`")
+            for c, k in kinds.items()
+        ],
+        "line",
+    )
     if task == "classification":
         counts = dict(df.groupBy(f"`{target}`").count().collect())
         classes = sorted(counts)
@@ -97,20 +129,38 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
         group = F.col(f"`{target}`")
     else:
         counts, classes, group = {None: df.count()}, None, F.lit(None).cast("string")
-    q = quotas(counts, p["split"]["val"], p["split"]["test"], p["source"],
-               target if task == "classification" else None)
+    q = quotas(
+        counts,
+        p["split"]["val"],
+        p["split"]["test"],
+        p["source"],
+        target if task == "classification" else None,
+    )
     # Rank within each group by (hash, line); the first n_test rows go to test, the next n_val to val.
-    rank = F.row_number().over(Window.partitionBy(group).orderBy(F.expr(row_hash_sql(seed)), "line"))
-    n_test = F.create_map(*[F.lit(x) for g, (t, _) in q.items() if g is not None for x in (g, t)]) if classes else None
-    n_val = F.create_map(*[F.lit(x) for g, (_, v) in q.items() if g is not None for x in (g, v)]) if classes else None
+    rank = F.row_number().over(
+        Window.partitionBy(group).orderBy(F.expr(row_hash_sql(seed)), "line")
+    )
+    n_test = (
+        F.create_map(*[F.lit(x) for g, (t, _) in q.items() if g is not None for x in (g, t)])
+        if classes
+        else None
+    )
+    n_val = (
+        F.create_map(*[F.lit(x) for g, (_, v) in q.items() if g is not None for x in (g, v)])
+        if classes
+        else None
+    )
     t = n_test[group] if classes else F.lit(q[None][0])
     v = n_val[group] if classes else F.lit(q[None][1])
     df = df.withColumn("_split", F.when(rank <= t, 2).when(rank <= t + v, 1).otherwise(0))
     # Rows whose category has no row in train go to train (prepare.move_unseen_categories):
     # decided on the split as drawn, for all columns at once.
-    unseen = [F.col(f"`{c}`").isNotNull()
-              & (F.max((F.col("_split") == 0).cast("int")).over(Window.partitionBy(f"`{c}`")) == 0)
-              for c, k in kinds.items() if k == "categorical" and c != target]
+    unseen = [
+        F.col(f"`{c}`").isNotNull()
+        & (F.max((F.col("_split") == 0).cast("int")).over(Window.partitionBy(f"`{c}`")) == 0)
+        for c, k in kinds.items()
+        if k == "categorical" and c != target
+    ]
     if unseen:
         df = df.withColumn("_split", F.when(_any(unseen), 0).otherwise(F.col("_split")))
     df = df.persist()
@@ -138,7 +188,11 @@ def write_parts(df, rows: int, out: Path, fmt: str) -> None:
 
     n = max(1, math.ceil(rows / PART_ROWS))
     tmp = out.parent / f".{out.name}.spark"
-    writer = df.repartition(n, F.floor((F.col("line") - 2) / PART_ROWS)).sortWithinPartitions("line").write
+    writer = (
+        df.repartition(n, F.floor((F.col("line") - 2) / PART_ROWS))
+        .sortWithinPartitions("line")
+        .write
+    )
     if fmt == "csv":
         writer.options(header=True).csv(str(tmp))
     else:
@@ -160,14 +214,22 @@ def profile(path: Path, schema: dict) -> dict:
     for i, f in enumerate(schema["features"]):
         c = F.col(f"`{f['name']}`")
         aggs += [F.count(F.when(c.isNull(), 1)).alias(f"n{i}")]
-        aggs += [F.min(c).alias(f"lo{i}"), F.max(c).alias(f"hi{i}")] if f["type"] == "numeric" else \
-            [F.sort_array(F.collect_set(c)).alias(f"v{i}")]
+        aggs += (
+            [F.min(c).alias(f"lo{i}"), F.max(c).alias(f"hi{i}")]
+            if f["type"] == "numeric"
+            else [F.sort_array(F.collect_set(c)).alias(f"v{i}")]
+        )
     row = df.agg(*aggs).first()
-    return {f["name"]: {"rows": row["rows"], "nulls": row[f"n{i}"],
-                        "min": row[f"lo{i}"] if f["type"] == "numeric" else None,
-                        "max": row[f"hi{i}"] if f["type"] == "numeric" else None,
-                        "values": None if f["type"] == "numeric" else list(row[f"v{i}"])}
-            for i, f in enumerate(schema["features"])}
+    return {
+        f["name"]: {
+            "rows": row["rows"],
+            "nulls": row[f"n{i}"],
+            "min": row[f"lo{i}"] if f["type"] == "numeric" else None,
+            "max": row[f"hi{i}"] if f["type"] == "numeric" else None,
+            "values": None if f["type"] == "numeric" else list(row[f"v{i}"]),
+        }
+        for i, f in enumerate(schema["features"])
+    }
 
 
 def read_features(source: str, features: list[dict]):
@@ -198,15 +260,27 @@ def read_features(source: str, features: list[dict]):
         n = bad.count()
         if n:
             first = bad.orderBy("line").select("line", c.alias("v")).limit(5).collect()
-            cells = pd.Series([r["v"] for r in first], index=[r["line"] for r in first], dtype=object)
-            raise StageError(f"{source}: column {f['name']!r} must be numeric but has text in {n} rows "
-                             f"({describe_cells(cells, count=n)})")
+            cells = pd.Series(
+                [r["v"] for r in first], index=[r["line"] for r in first], dtype=object
+            )
+            raise StageError(
+                f"{source}: column {f['name']!r} must be numeric but has text in {n} rows "
+                f"({describe_cells(cells, count=n)})"
+            )
         df = df.withColumn(f["name"], c.cast("double"))
     return df
 
 
-def infer(card: dict, onnx_path: Path, suite: dict, source: str, suite_file: str, batch_size: int,
-          out: Path, fmt: str) -> tuple[dict, float]:
+def infer(
+    card: dict,
+    onnx_path: Path,
+    suite: dict,
+    source: str,
+    suite_file: str,
+    batch_size: int,
+    out: Path,
+    fmt: str,
+) -> tuple[dict, float]:
     """infer.run on Spark: GX on the Spark DataFrame, then predict() on each partition's pandas
     batches (mapInPandas), one onnxruntime session per task (the model file shipped with
     addFile), written as a folder of `fmt` (csv or parquet) parts. Returns ({rows}, seconds)."""
@@ -222,19 +296,26 @@ def infer(card: dict, onnx_path: Path, suite: dict, source: str, suite_file: str
     df = df.drop(card["target"]) if card["target"] in df.columns else df
     report = run_suite(suite, {"input": df})
     if not report["success"]:
-        raise StageError(f"{source} does not meet the expectations in {suite_file} (target checks excluded)\n"
-                         + summarise(report, {"input": f"{source}, rows numbered by CSV line"}))
+        raise StageError(
+            f"{source} does not meet the expectations in {suite_file} (target checks excluded)\n"
+            + summarise(report, {"input": f"{source}, rows numbered by CSV line"})
+        )
     spark.sparkContext.addFile(str(onnx_path))
     name = Path(onnx_path).name
     fields = [T.StructField("line", T.LongType())]
     if card["kind"] == "classification":
-        fields += [T.StructField("prediction", T.StringType()), T.StructField("probability", T.FloatType())]
+        fields += [
+            T.StructField("prediction", T.StringType()),
+            T.StructField("probability", T.FloatType()),
+        ]
         fields += [T.StructField(f"p_{c}", T.FloatType()) for c in card["classes"]]
     else:
         fields += [T.StructField("prediction", T.FloatType())]
 
     def predict_partition(batches):
-        session_ = open_session(SparkFiles.get(name), threads=1)  # one per task; tasks run side by side
+        session_ = open_session(
+            SparkFiles.get(name), threads=1
+        )  # one per task; tasks run side by side
         for pdf in batches:
             table = predict(card, session_, pdf.set_index("line"), source, batch_size)
             table.insert(0, "line", pdf["line"].to_numpy())

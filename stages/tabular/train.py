@@ -7,6 +7,7 @@ share of parquet row groups, one at a time, so memory per rank stays bounded wha
 split's size. The preprocessor is fitted one column at a time; the validation split is held
 as preprocessed float32 features.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,12 @@ from stages.tabular.model import build_model
 def targets(df: pd.DataFrame, schema: dict, scaling: dict | None) -> torch.Tensor:
     target = df[schema["target"]]
     if schema["task"] == "classification":
-        return torch.from_numpy(pd.Categorical(target, categories=schema["classes"]).codes.astype(np.int64))
-    return torch.from_numpy(((target.to_numpy("float64") - scaling["mean"]) / scaling["std"]).astype(np.float32))
+        return torch.from_numpy(
+            pd.Categorical(target, categories=schema["classes"]).codes.astype(np.int64)
+        )
+    return torch.from_numpy(
+        ((target.to_numpy("float64") - scaling["mean"]) / scaling["std"]).astype(np.float32)
+    )
 
 
 def tensors(path: Path, pre: Preprocessor, schema: dict, scaling: dict | None) -> TensorDataset:
@@ -50,13 +55,27 @@ class RowGroups(IterableDataset):
     DataLoader workers, worker w yields the rows of batches w, w+k, ...: the loader, which
     takes batches from its workers in turn, then sees exactly the one-process order."""
 
-    def __init__(self, path: Path, pre: Preprocessor, schema: dict, scaling: dict | None, seed: int,
-                 batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        path: Path,
+        pre: Preprocessor,
+        schema: dict,
+        scaling: dict | None,
+        seed: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         import pyarrow.dataset as ds
 
-        self.groups = [(f.path, rg.id, rg.num_rows) for f in sorted(ds.dataset(path, format="parquet").get_fragments(),
-                                                                    key=lambda f: f.path)
-                       for rg in f.row_groups if rg.num_rows]
+        self.groups = [
+            (f.path, rg.id, rg.num_rows)
+            for f in sorted(
+                ds.dataset(path, format="parquet").get_fragments(), key=lambda f: f.path
+            )
+            for rg in f.row_groups
+            if rg.num_rows
+        ]
         self.rows = sum(g[2] for g in self.groups)
         self.per_rank = math.ceil(self.rows / world_size)
         self.pre, self.schema, self.scaling, self.seed = pre, schema, scaling, seed
@@ -75,11 +94,18 @@ class RowGroups(IterableDataset):
         sizes = np.array([self.groups[g][2] for g in order])
         starts = np.concatenate([[0], np.cumsum(sizes)])
         lo = self.rank * self.per_rank
-        for a, b in ((lo, min(lo + self.per_rank, self.rows)), (0, max(0, lo + self.per_rank - self.rows))):
+        for a, b in (
+            (lo, min(lo + self.per_rank, self.rows)),
+            (0, max(0, lo + self.per_rank - self.rows)),
+        ):
             for i in np.flatnonzero((starts[:-1] < b) & (starts[1:] > a)):
                 g = order[i]
                 perm = np.random.default_rng([self.seed, self.epoch, g]).permutation(sizes[i])
-                yield g, perm, slice(max(a, starts[i]) - starts[i], min(b, starts[i + 1]) - starts[i])
+                yield (
+                    g,
+                    perm,
+                    slice(max(a, starts[i]) - starts[i], min(b, starts[i + 1]) - starts[i]),
+                )
 
     def __iter__(self):
         """Whole batches (features, targets) of batch_size rows, the last one maybe shorter,
@@ -104,8 +130,13 @@ class RowGroups(IterableDataset):
             # This worker's rows are its batches end to end (batch w, w + k, ...): cut them.
             x, y = (torch.cat(xs), torch.cat(ys)) if len(xs) > 1 else (xs[0], ys[0])
             full = len(y) // self.batch_size * self.batch_size
-            for start in range(0, full, self.batch_size):  # copies: a view would hold the whole group
-                yield x[start:start + self.batch_size].clone(), y[start:start + self.batch_size].clone()
+            for start in range(
+                0, full, self.batch_size
+            ):  # copies: a view would hold the whole group
+                yield (
+                    x[start : start + self.batch_size].clone(),
+                    y[start : start + self.batch_size].clone(),
+                )
             xs, ys = [x[full:]], [y[full:]]
         if xs and len(ys[0]):
             yield xs[0].clone(), ys[0].clone()
@@ -117,7 +148,10 @@ class RowGroups(IterableDataset):
 def fit_preprocessor(path: Path, kinds: dict[str, str]) -> Preprocessor:
     """Preprocessor.fit, one column in memory at a time (it fits each column on its own)."""
     parts = [Preprocessor.fit(read_split(path, [c]), {c: k}) for c, k in kinds.items()]
-    pre = Preprocessor([c for c, k in kinds.items() if k == "numeric"], [c for c, k in kinds.items() if k != "numeric"])
+    pre = Preprocessor(
+        [c for c, k in kinds.items() if k == "numeric"],
+        [c for c, k in kinds.items() if k != "numeric"],
+    )
     for p in parts:
         pre.medians += p.medians
         pre.means += p.means
@@ -144,15 +178,23 @@ def job(params: dict) -> Job:
         t = read_split(train_path, [schema["target"]])[schema["target"]]
         scaling = {"mean": float(t.mean()), "std": float(t.std(ddof=0)) or 1.0}
     n_out = len(schema["classes"]) if schema["task"] == "classification" else 1
-    arch = {"kind": "mlp", "n_in": pre.n_features, "hidden": list(p["hidden"]), "n_out": n_out,
-            "dropout": float(p["dropout"])}
+    arch = {
+        "kind": "mlp",
+        "n_in": pre.n_features,
+        "hidden": list(p["hidden"]),
+        "n_out": n_out,
+        "dropout": float(p["dropout"]),
+    }
     ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return Job(build_model(arch), arch,
-               RowGroups(train_path, pre, schema, scaling, params["seed"], p["batch_size"], *ranks),
-               tensors(val_path, pre, schema, scaling),
-               classification_sums if schema["task"] == "classification" else regression_sums,
-               data_files(train_path) + data_files(val_path),
-               {"preprocessor": pre.to_dict(), "schema": schema, "target_scaling": scaling})
+    return Job(
+        build_model(arch),
+        arch,
+        RowGroups(train_path, pre, schema, scaling, params["seed"], p["batch_size"], *ranks),
+        tensors(val_path, pre, schema, scaling),
+        classification_sums if schema["task"] == "classification" else regression_sums,
+        data_files(train_path) + data_files(val_path),
+        {"preprocessor": pre.to_dict(), "schema": schema, "target_scaling": scaling},
+    )
 
 
 def run(params: dict) -> None:

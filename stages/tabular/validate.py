@@ -11,6 +11,7 @@ Engines (`tabular.data.engine`): pandas validates each split in chunks of
 `tabular.validate.chunk_rows` rows, so no split is ever whole in memory; Spark runs the same
 suite JSON on Spark DataFrames.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,18 @@ from stages.tabular.data import split_chunks
 
 # Type names for both engines: pandas (float64; "str" for text given as Python objects,
 # "StringDtype" for text columns, see expectations._gx_frame) and Spark (DoubleType, StringType).
-NUMERIC_TYPES = ["float64", "float32", "int64", "int32", "Float64", "Int64", "DoubleType", "FloatType",
-                 "LongType", "IntegerType"]
+NUMERIC_TYPES = [
+    "float64",
+    "float32",
+    "int64",
+    "int32",
+    "Float64",
+    "Int64",
+    "DoubleType",
+    "FloatType",
+    "LongType",
+    "IntegerType",
+]
 TEXT_TYPES = ["str", "StringDtype", "StringType"]
 
 
@@ -38,7 +49,9 @@ def null_mostly(nulls: int, rows: int, smallest: int, confidence: float) -> floa
 
     share = 1.0 if nulls >= rows else float(beta.ppf(confidence, nulls + 1, rows - nulls))
     allowed = float(binom.ppf(confidence, smallest, share)) / smallest
-    return max(0.0, math.floor((1 - allowed) * 1e4) / 1e4)  # rounded down: never stricter than the bound
+    return max(
+        0.0, math.floor((1 - allowed) * 1e4) / 1e4
+    )  # rounded down: never stricter than the bound
 
 
 def suite(profile: dict, schema: dict, range_margin: float, confidence: float) -> dict:
@@ -49,36 +62,79 @@ def suite(profile: dict, schema: dict, range_margin: float, confidence: float) -
     features = [f["name"] for f in schema["features"]]
     rows = schema["rows"]["train"]
     smallest = max(1, min(schema["rows"].values()))
-    exps = [{"type": "expect_table_columns_to_match_set",
-             "kwargs": {"column_set": features + [target], "exact_match": True}, "meta": {"role": "columns"}}]
+    exps = [
+        {
+            "type": "expect_table_columns_to_match_set",
+            "kwargs": {"column_set": features + [target], "exact_match": True},
+            "meta": {"role": "columns"},
+        }
+    ]
     for f in schema["features"]:
         col, p = f["name"], profile[f["name"]]
         numeric = f["type"] == "numeric"
-        exps.append({"type": "expect_column_values_to_be_in_type_list",
-                     "kwargs": {"column": col, "type_list": NUMERIC_TYPES if numeric else TEXT_TYPES}, "meta": {}})
-        exps.append({"type": "expect_column_values_to_not_be_null",
-                     "kwargs": {"column": col, "mostly": null_mostly(p["nulls"], rows, smallest, confidence)},
-                     "meta": {"observed_null_share": round(p["nulls"] / rows, 4), "confidence": confidence,
-                              "sized_for_rows": smallest}})
+        exps.append(
+            {
+                "type": "expect_column_values_to_be_in_type_list",
+                "kwargs": {"column": col, "type_list": NUMERIC_TYPES if numeric else TEXT_TYPES},
+                "meta": {},
+            }
+        )
+        exps.append(
+            {
+                "type": "expect_column_values_to_not_be_null",
+                "kwargs": {
+                    "column": col,
+                    "mostly": null_mostly(p["nulls"], rows, smallest, confidence),
+                },
+                "meta": {
+                    "observed_null_share": round(p["nulls"] / rows, 4),
+                    "confidence": confidence,
+                    "sized_for_rows": smallest,
+                },
+            }
+        )
         if numeric and p["min"] is not None:
             lo, hi = p["min"], p["max"]
             # A column constant in train still gets a margin (of its value's size).
             pad = range_margin * ((hi - lo) or max(abs(lo), 1.0))
-            exps.append({"type": "expect_column_values_to_be_between",
-                         "kwargs": {"column": col, "min_value": lo - pad, "max_value": hi + pad},
-                         "meta": {"observed": [lo, hi]}})
+            exps.append(
+                {
+                    "type": "expect_column_values_to_be_between",
+                    "kwargs": {"column": col, "min_value": lo - pad, "max_value": hi + pad},
+                    "meta": {"observed": [lo, hi]},
+                }
+            )
         elif not numeric:
             # Every category of val and test is in train (prepare moves rows whose category
             # train lacks), so the set is exact for the splits; new data with a category
             # never seen in training fails here, before the model would reject it.
-            exps.append({"type": "expect_column_values_to_be_in_set",
-                         "kwargs": {"column": col, "value_set": p["values"]}, "meta": {}})
-    exps.append({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": target}, "meta": {"role": "target"}})
+            exps.append(
+                {
+                    "type": "expect_column_values_to_be_in_set",
+                    "kwargs": {"column": col, "value_set": p["values"]},
+                    "meta": {},
+                }
+            )
+    exps.append(
+        {
+            "type": "expect_column_values_to_not_be_null",
+            "kwargs": {"column": target},
+            "meta": {"role": "target"},
+        }
+    )
     if schema["task"] == "classification":
-        exps.append({"type": "expect_column_values_to_be_in_set",
-                     "kwargs": {"column": target, "value_set": schema["classes"]}, "meta": {"role": "target"}})
-    return {"name": "tabular", "expectations": exps,
-            "meta": {"created_from": f"{schema['source']} (training split, {rows} rows)"}}
+        exps.append(
+            {
+                "type": "expect_column_values_to_be_in_set",
+                "kwargs": {"column": target, "value_set": schema["classes"]},
+                "meta": {"role": "target"},
+            }
+        )
+    return {
+        "name": "tabular",
+        "expectations": exps,
+        "meta": {"created_from": f"{schema['source']} (training split, {rows} rows)"},
+    }
 
 
 def profile(path: Path, schema: dict) -> dict:
@@ -104,7 +160,9 @@ def profile(path: Path, schema: dict) -> dict:
 def run(params: dict, new_suite: bool = False) -> dict:
     prepared = Path("data/prepared/tabular")
     schema = read_json(prepared / "schema.json")
-    spark = schema["params"]["tabular.data"].get("engine") == "spark"  # the engine that prepared the splits
+    spark = (
+        schema["params"]["tabular.data"].get("engine") == "spark"
+    )  # the engine that prepared the splits
     path = suite_path("tabular", schema["source"])
     if new_suite or not path.exists():
         v = params["tabular"]["validate"]
@@ -119,12 +177,23 @@ def run(params: dict, new_suite: bool = False) -> dict:
     if spark:
         from stages.core.spark import session
 
-        tables = {name: session().read.parquet(str(prepared / f"{name}.parquet")) for name in SPLITS}
+        tables = {
+            name: session().read.parquet(str(prepared / f"{name}.parquet")) for name in SPLITS
+        }
     else:
         rows = params["tabular"]["validate"]["chunk_rows"]
-        tables = {name: (lambda name=name: split_chunks(prepared / f"{name}.parquet", rows)) for name in SPLITS}
+        tables = {
+            name: (lambda name=name: split_chunks(prepared / f"{name}.parquet", rows))
+            for name in SPLITS
+        }
     # Failing rows are reported by line, the source CSV's line numbers, not positions in the
     # parquet files: say so.
-    return check([(load_suite(path), tables)], "tabular", [path],
-                 {name: f"{prepared}/{name}.parquet, rows numbered by line of {schema['source']}"
-                  for name in SPLITS})
+    return check(
+        [(load_suite(path), tables)],
+        "tabular",
+        [path],
+        {
+            name: f"{prepared}/{name}.parquet, rows numbered by line of {schema['source']}"
+            for name in SPLITS
+        },
+    )

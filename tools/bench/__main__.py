@@ -8,6 +8,7 @@ Each section measures contenders side by side in the same run (interleaved, repe
 medians) and prints rows of: what, contender A, contender B, A/B, the target, whether it
 holds. Ratios are the headline: this machine is shared and absolute times are noisy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is tools
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for the test)")
-    ap.add_argument("--out", default="metrics/bench.json", help="where the JSON goes (relative to the repo root)")
+    ap.add_argument(
+        "--out",
+        default="metrics/bench.json",
+        help="where the JSON goes (relative to the repo root)",
+    )
     ap.add_argument("--only", default="", help="comma-separated sections (default: all)")
     args = ap.parse_args(argv)
     for key in ("GX_ANALYTICS_ENABLED", "GRADIO_ANALYTICS_ENABLED"):
@@ -41,12 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    result = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "quick": args.quick,
-              "machine": {**machine(), "load_average_at_start": os.getloadavg()}, "sections": {}}
+    result = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "machine": {**machine(), "load_average_at_start": os.getloadavg()},
+        "sections": {},
+    }
     load = os.getloadavg()[0]
     if load > 0.5 * (os.cpu_count() or 1):
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: other work is running, the numbers "
-              "will be noisy (the ratios less so) and torch's much slower", flush=True)
+        print(
+            f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: other work is running, the numbers "
+            "will be noisy (the ratios less so) and torch's much slower",
+            flush=True,
+        )
     start, failed = time.perf_counter(), []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for name in names:
@@ -60,18 +72,34 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
                 out = {"rows": [], "notes": [], "details": {}, "error": f"{type(e).__name__}: {e}"}
             out["seconds"] = round(time.perf_counter() - t0, 1)
-            print_table(f"{name} ({out['seconds']} s)", out["rows"],
-                        out["notes"] + ([f"FAILED: {out['error']}"] if "error" in out else []))
-            result["sections"][name] = {**out, "rows": [r.to_json() for r in out["rows"]], "date": result["date"]}
+            print_table(
+                f"{name} ({out['seconds']} s)",
+                out["rows"],
+                out["notes"] + ([f"FAILED: {out['error']}"] if "error" in out else []),
+            )
+            result["sections"][name] = {
+                **out,
+                "rows": [r.to_json() for r in out["rows"]],
+                "date": result["date"],
+            }
     result["seconds"] = round(time.perf_counter() - start, 1)
     out_path = Path(args.out)
-    if args.only and out_path.is_file():  # some sections: the others keep their last numbers (and their dates)
+    if (
+        args.only and out_path.is_file()
+    ):  # some sections: the others keep their last numbers (and their dates)
         earlier = json.loads(out_path.read_text())
         if earlier.get("quick") == args.quick:
             result["sections"] = {**earlier.get("sections", {}), **result["sections"]}
-    targets = [(name, r) for name, s in result["sections"].items() for r in s["rows"] if r["holds"] is not None]
+    targets = [
+        (name, r)
+        for name, s in result["sections"].items()
+        for r in s["rows"]
+        if r["holds"] is not None
+    ]
     result["targets"] = {"held": sum(r["holds"] for _, r in targets), "total": len(targets)}
-    print(f"\n== targets: {result['targets']['held']} of {len(targets)} hold ({result['seconds']} s in all)")
+    print(
+        f"\n== targets: {result['targets']['held']} of {len(targets)} hold ({result['seconds']} s in all)"
+    )
     for name, r in targets:
         print(f"  {'yes' if r['holds'] else 'NO ':3}  {name}: {r['what'].strip()} ({r['target']})")
     out_path.parent.mkdir(parents=True, exist_ok=True)

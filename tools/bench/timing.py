@@ -1,20 +1,29 @@
 """Side-by-side timing on a noisy machine: contenders alternate (the order rotates every
 round), each is repeated, and what is compared is the median. Plus the rows every section
 prints and the description of the machine that bench.json records."""
+
 from __future__ import annotations
 
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
-def alternate(contenders: dict[str, Callable[[], Any]], rounds: int, number: int | None = 1,
-              warmup: int = 1, sample_s: float = 0.05, max_s: float | None = None, min_rounds: int = 3,
-              before: Callable[[str], Any] | None = None) -> dict[str, list[float]]:
+def alternate(
+    contenders: dict[str, Callable[[], Any]],
+    rounds: int,
+    number: int | None = 1,
+    warmup: int = 1,
+    sample_s: float = 0.05,
+    max_s: float | None = None,
+    min_rounds: int = 3,
+    before: Callable[[str], Any] | None = None,
+) -> dict[str, list[float]]:
     """Seconds per call of each contender: `rounds` samples of `number` calls each, the
     contenders interleaved within a round and their order rotated from round to round.
     number=None: as many calls per sample as fill about `sample_s` (fast calls).
@@ -38,7 +47,7 @@ def alternate(contenders: dict[str, Callable[[], Any]], rounds: int, number: int
     for r in range(rounds):
         if max_s is not None and r >= min_rounds and time.perf_counter() - began > max_s:
             break
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             fn, count = contenders[name], counts[name]
             before(name)
             start = time.perf_counter()
@@ -75,17 +84,29 @@ class Row:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["a"] = dict(zip(("name", "value", "unit"), self.a))
-        d["b"] = dict(zip(("name", "value", "unit"), self.b)) if self.b else None
+        d["a"] = dict(zip(("name", "value", "unit"), self.a, strict=False))
+        d["b"] = dict(zip(("name", "value", "unit"), self.b, strict=False)) if self.b else None
         return d
 
 
-def ratio_row(what: str, a: tuple[str, float, str], b: tuple[str, float, str], at_least: float | None = None,
-              **extra) -> Row:
+def ratio_row(
+    what: str,
+    a: tuple[str, float, str],
+    b: tuple[str, float, str],
+    at_least: float | None = None,
+    **extra,
+) -> Row:
     """A/B (both rates: higher is better) against an optional minimum ratio."""
     ratio = a[1] / b[1] if b[1] else float("inf")
-    return Row(what, a, b, ratio, f">= {at_least:g}x" if at_least is not None else "",
-               None if at_least is None else ratio >= at_least, extra)
+    return Row(
+        what,
+        a,
+        b,
+        ratio,
+        f">= {at_least:g}x" if at_least is not None else "",
+        None if at_least is None else ratio >= at_least,
+        extra,
+    )
 
 
 def fmt(value: float, unit: str) -> str:
@@ -97,12 +118,20 @@ def fmt(value: float, unit: str) -> str:
 
 
 def print_table(title: str, rows: list[Row], notes: list[str]) -> None:
-    cells = [(r.what, f"{r.a[0]} {fmt(r.a[1], r.a[2])}", f"{r.b[0]} {fmt(r.b[1], r.b[2])}" if r.b else "",
-              f"{r.ratio:.2f}x" if r.ratio is not None else "", r.target,
-              "" if r.holds is None else ("yes" if r.holds else "NO")) for r in rows]
+    cells = [
+        (
+            r.what,
+            f"{r.a[0]} {fmt(r.a[1], r.a[2])}",
+            f"{r.b[0]} {fmt(r.b[1], r.b[2])}" if r.b else "",
+            f"{r.ratio:.2f}x" if r.ratio is not None else "",
+            r.target,
+            "" if r.holds is None else ("yes" if r.holds else "NO"),
+        )
+        for r in rows
+    ]
     head = ("what", "A", "B", "A/B", "target", "holds")
     widths = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
-    line = lambda c: "  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip()  # noqa: E731
+    line = lambda c: "  ".join(x.ljust(w) for x, w in zip(c, widths, strict=False)).rstrip()  # noqa: E731
     print(f"\n== {title}")
     print(line(head))
     print(line(["-" * w for w in widths]))
@@ -128,6 +157,13 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
-            "native_bf16": cpu_supports_bf16(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "native_bf16": cpu_supports_bf16(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+    }
