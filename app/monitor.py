@@ -31,7 +31,7 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
 
 def feature_shares(ref: dict, values: list) -> tuple[np.ndarray, np.ndarray]:
     """(reference shares, served shares) over the reference's bins (numbers, with
-    np.searchsorted side="right" as stages/core/models.py reference() binned them) or its
+    np.searchsorted side="right" as stages/core/onnx_export.py reference() binned them) or its
     categories plus one bucket for any other value. Missing values are left out."""
     if ref["type"] == "numeric":
         v = np.asarray(values, dtype="float64")  # None → NaN

@@ -18,15 +18,16 @@ import pandas as pd
 from PIL import Image
 
 from app.monitor import Monitor
-from stages.core.common import TASKS, StageError
+from stages.core.cli import StageError
 from stages.core.inference import open_session, physical_cores, run_batches
+from stages.core.params import TASKS
 from stages.detect import infer as detect
 from stages.detect.boxes import load_for_detection, to_records
 from stages.image import infer as image
 from stages.image.data import load_rgb, top_k
 from stages.tabular import infer as tabular
 from stages.tabular.data import type_features
-from stages.tabular.rows import Rows
+from stages.tabular.serving import Rows
 
 HOW_TO_TRAIN = (
     "run `make run` (or `dvc repro infer@{task}`, or `dvc pull` from a remote that has it)"
@@ -138,7 +139,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict]:
     """Rows → one dict per row: prediction (and probabilities), and `warnings`. JSON rows
-    take the numpy fast path (stages/tabular/rows.py); a DataFrame, or a row it cannot type,
+    take the numpy fast path (stages/tabular/serving.py); a DataFrame, or a row it cannot type,
     the pandas path that `infer` uses; both give identical answers."""
     x = model.rows.transform(rows) if isinstance(rows, list) and model.rows else None
     try:

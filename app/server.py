@@ -33,7 +33,7 @@ from app.predict import (
     predict_image,
     predict_tabular,
 )
-from stages.core.common import TASKS, load_params
+from stages.core.params import TASKS, load_params
 
 log = logging.getLogger("app.access")
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.images import image_extensions
 from stages.detect.boxes import draw_boxes
 from stages.tabular.data import read_csv

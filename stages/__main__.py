@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 
-from stages.core.common import TASKS, StageError, load_params, run_main
+from stages.core.cli import StageError, run_main
+from stages.core.params import TASKS, load_params
 
 STAGES = ("demo", "prepare", "validate", "train", "evaluate", "export", "infer")
 DEMOS = ("image", "detect")  # tabular's demo data is a file in git

@@ -48,7 +48,7 @@ def imports(root: Path, path: Path) -> set[str]:
                 base = ".".join([*package[: len(package) - node.level + 1], *filter(None, [base])])
             names.add(base)
             # `from stages.detect import yolo` imports the module stages/detect/yolo.py; a
-            # name that is not a module (`from stages.core.common import log`) has no file.
+            # name that is not a module (`from stages.core.cli import log`) has no file.
             names |= {
                 f"{base}.{alias.name}"
                 for alias in node.names
@@ -131,7 +131,7 @@ def test_the_walker_finds_lazy_and_submodule_imports(tmp_path):
     # And on the real code: train@detect reaches yolo only through a module-level
     # `from stages.detect import yolo`, labels reaches it only inside a function.
     train = closure(ROOT, ["stages.detect.train"])
-    assert ROOT / "stages/detect/yolo.py" in train and ROOT / "stages/core/common.py" in train
+    assert ROOT / "stages/detect/yolo.py" in train and ROOT / "stages/core/files.py" in train
     assert ROOT / "stages/detect/yolo.py" in closure(ROOT, ["stages.detect.labels"])
 
 

@@ -358,7 +358,7 @@ def test_infer_skips_unreadable_files_and_imports_no_torch(trained, fake_home):
     # The same, in one process that must not have imported torch, torchvision, ultralytics or OpenCV.
     out = trained / "direct.json"
     code = (
-        "import sys; from pathlib import Path; from stages.core.common import load_params; "
+        "import sys; from pathlib import Path; from stages.core.params import load_params; "
         f"from stages.detect.infer import run; run(load_params(), out=Path({str(out)!r})); "
         "bad = sorted(m for m in sys.modules "
         "if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics', 'cv2')); "

@@ -16,7 +16,7 @@ from conftest import run
 
 
 def synthetic_card(rng) -> dict:
-    from stages.core.models import reference
+    from stages.core.card import reference
 
     train = pd.DataFrame(
         {"mass": rng.normal(4000, 500, 2000), "island": rng.choice(["A", "B", "C"], 2000)}
@@ -104,7 +104,7 @@ def test_fast_path_is_exactly_infer_on_the_test_split(served_repo, tab):
     from stages.core.inference import run_batches
     from stages.tabular import infer
     from stages.tabular.data import Preprocessor, type_features
-    from stages.tabular.rows import Rows
+    from stages.tabular.serving import Rows
 
     test = pd.read_parquet(served_repo / "data/prepared/tabular/test.parquet").drop(
         columns=tab.card["target"]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import TINY_TABULAR, copy_repo, run_python, set_params, stage
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.inference import open_session, physical_cores, run_batches
-from stages.core.models import check_parity, export_onnx
+from stages.core.onnx_export import check_parity, export_onnx
 from stages.tabular.model import build_model
 
 
@@ -89,7 +89,7 @@ def test_infer_on_a_csv_imports_no_torch(trained, tmp_path):
     rows.to_csv(csv, index=False)
     out = tmp_path / "pred.csv"
     code = (
-        "import sys; from pathlib import Path; from stages.core.common import load_params; "
+        "import sys; from pathlib import Path; from stages.core.params import load_params; "
         "from stages.tabular.infer import run as infer_tabular; p = load_params(); "
         f"p['tabular']['infer']['source'] = {str(csv)!r}; infer_tabular(p, out=Path({str(out)!r})); "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'ultralytics')); "

@@ -21,7 +21,7 @@ import pytest
 from conftest import copy_repo, run, run_python, set_params, stage
 from PIL import Image
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.images import image_extensions, inspect_image, list_images
 from stages.image.data import load_rgb, normalise, preprocess, top_k
 
@@ -894,7 +894,7 @@ def test_infer_reports_unreadable_files_and_goes_on(pipeline, tmp_path: Path):
     set_params(repo, {"image.infer.source": str(folder), "image.infer.batch_size": 3})
     out = tmp_path / "pred.csv"
     code = (
-        "import sys; from pathlib import Path; from stages.core.common import load_params; "
+        "import sys; from pathlib import Path; from stages.core.params import load_params; "
         "from stages.image.infer import run as infer_image; "
         f"infer_image(load_params(), out=Path({str(out)!r})); "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')); "

@@ -39,7 +39,7 @@ import torch
 import yaml
 from conftest import copy_repo, run, set_params
 
-from stages.core.common import atomic_dir, atomic_path
+from stages.core.files import atomic_dir, atomic_path
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import TINY_TABULAR, copy_repo, set_params, stage
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.inference import softmax
 from stages.core.metrics import (
     CURVE_POINTS,

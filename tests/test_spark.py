@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT, TINY_TABULAR, copy_repo, run, set_params
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.expectations import run_suite
 from stages.tabular import prepare
 from stages.tabular.data import read_split

@@ -157,7 +157,7 @@ def test_evaluate_in_chunks_scores_as_in_one_pass(served_repo, tmp_path):
     code = f"""
 import json
 from pathlib import Path
-from stages.core.common import load_params
+from stages.core.params import load_params
 from stages.tabular import evaluate
 
 one = evaluate.run(load_params(), Path({str(tmp_path / "one")!r}))

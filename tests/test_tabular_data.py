@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.splits import hash_assign, row_hash
 from stages.tabular import prepare
 from stages.tabular.data import Preprocessor, decode_outputs, read_csv, read_features

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from stages.core import distributed
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.distributed import (
     AmpPolicy,
     Runtime,

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from app.monitor import feature_shares, psi
-from stages.core.common import TASKS
+from stages.core.params import TASKS
 
 SHIFTED, WATCH = 0.25, 0.1  # PSI: above SHIFTED the feature has moved; above WATCH, watch it
 

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from stages.core.common import TASKS, StageError, load_params, run_main
+from stages.core.cli import StageError, run_main
+from stages.core.params import TASKS, load_params
 from tools.sweep import RANK_BY
 
 

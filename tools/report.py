@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.common import TASKS, StageError, read_json, run_main
+from stages.core.cli import StageError, run_main
+from stages.core.files import read_json
+from stages.core.params import TASKS
 
 HEADLINE = (
     "accuracy",

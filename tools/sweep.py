@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.core.common import StageError, run_main
+from stages.core.cli import StageError, run_main
 
 # The metric each task's sweep is ranked by, and whether higher is better.
 RANK_BY = {

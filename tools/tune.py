@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.core.common import StageError, run_main
+from stages.core.cli import StageError, run_main
 from tools.sweep import (
     Watch,
     experiments,

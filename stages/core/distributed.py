@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.core.common import StageError, atomic_dir, log, read_json, write_json
+from stages.core.cli import StageError, log
+from stages.core.files import atomic_dir, read_json, write_json
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 # GX imports pyspark when it is installed (the spark extra), which warns about pandas 3 on

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 
 
 def image_extensions() -> set[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from stages.core.common import StageError, log
+from stages.core.cli import StageError, log
 from stages.core.distributed import relaunch_under_torchrun, seed_everything, setup, teardown
 from stages.core.trainer import LoopConfig, fit, load_checkpoint, save_checkpoint
 

@@ -111,7 +111,7 @@ def learned_nothing(
         f"the {task} model learned nothing: test {metric} {value:.4g} is not above {floor_name} ({floor:.4g}); "
         f"likely too little data or too few epochs for training from scratch. Try: {FIXES[task]}"
     )
-    from stages.core.common import log
+    from stages.core.cli import log
 
     log(f"warning: {text}")
     return [text]
@@ -121,6 +121,6 @@ def fail_if_untrained(warnings: list[str], task: str, params: dict) -> None:
     """`<task>.evaluate.fail_if_untrained: true` turns the warning into a failed stage
     (after metrics.json is written, so the record says why)."""
     if warnings and params[task]["evaluate"]["fail_if_untrained"]:
-        from stages.core.common import StageError
+        from stages.core.cli import StageError
 
         raise StageError(f"{warnings[0]} ({task}.evaluate.fail_if_untrained is true)")

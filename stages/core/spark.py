@@ -12,7 +12,7 @@ import shutil
 import sys
 import warnings
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 
 
 @functools.cache

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 
 
 def check_fractions(val: float, test: float) -> None:

@@ -32,8 +32,9 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
-from stages.core.common import StageError, atomic_path, log
+from stages.core.cli import StageError, log
 from stages.core.distributed import AmpPolicy, Runtime, all_reduce_sums, amp_policy
+from stages.core.files import atomic_path
 
 SCHEDULERS = ("cosine", "step", "plateau", "none")
 LOWER_IS_BETTER = ("loss", "rmse", "mae", "error")

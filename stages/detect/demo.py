@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.core.common import atomic_dir, log
+from stages.core.cli import log
+from stages.core.files import atomic_dir
 from stages.detect.labels import yolo_line
 
 SHAPES = ["circle", "square", "triangle"]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.common import StageError, log, read_json, write_json
+from stages.core.cli import StageError, log
+from stages.core.files import read_json, write_json
 from stages.core.metrics import fail_if_untrained, learned_nothing
 from stages.detect import yolo
 from stages.detect.boxes import upright_size

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.common import StageError, atomic_path, log, read_json, write_json
+from stages.core.card import card_common, reference, validated_ranges
+from stages.core.cli import StageError, log
+from stages.core.files import atomic_path, read_json, write_json
 from stages.core.inference import open_session
-from stages.core.models import card_common, reference, validated_ranges
 from stages.detect import yolo
 from stages.detect.boxes import box_iou, load_for_detection
 from stages.detect.infer import graph_kind, predict

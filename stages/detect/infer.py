@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.common import atomic_dir, atomic_path, log, read_json, write_json, write_timing
+from stages.core.cli import log
+from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
 from stages.core.images import list_images
 from stages.core.inference import open_session
 from stages.detect.boxes import decode, draw_boxes, load_for_detection, to_records

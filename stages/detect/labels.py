@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.images import find_images, inspect_image
 
 FORMATS = ("yolo", "coco", "voc")

@@ -10,7 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages.core.common import StageError, atomic_dir, log, write_json
+from stages.core.cli import StageError, log
+from stages.core.files import atomic_dir, write_json
 from stages.core.splits import split_keys
 from stages.detect.labels import (
     FORMATS,

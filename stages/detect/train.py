@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.core.common import StageError, log, read_json
+from stages.core.cli import StageError, log
+from stages.core.files import read_json
 from stages.detect import yolo
 
 PREPARED = Path("data/prepared/detect")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.core.common import log, read_json
+from stages.core.cli import log
 from stages.core.expectations import check, load_suite, save_suite, suite_path
+from stages.core.files import read_json
 
 
 def suites(names: list[str], v: dict) -> list[dict]:

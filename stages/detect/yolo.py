@@ -215,7 +215,7 @@ def reproducible_weights(src: Path, dst: Path) -> None:
     import torch
     from ultralytics.nn.tasks import torch_safe_load
 
-    from stages.core.common import atomic_path
+    from stages.core.files import atomic_path
 
     ckpt, _ = torch_safe_load(str(src))
     ckpt = {k: v for k, v in ckpt.items() if k not in ("date", "git")}

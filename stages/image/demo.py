@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from stages.core.common import atomic_dir, log
+from stages.core.cli import log
+from stages.core.files import atomic_dir
 
 
 def run(params: dict, out_dir: str = "data/demo/digits") -> None:

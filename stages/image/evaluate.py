@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.common import log, write_json
+from stages.core.cli import log
+from stages.core.files import write_json
 from stages.core.inference import softmax
 from stages.core.metrics import classification_report, fail_if_untrained, learned_nothing
-from stages.core.models import load_model, predict
+from stages.core.onnx_export import load_model, predict
 from stages.image.data import contact_sheet, preprocess, split_images
 from stages.image.model import build_model
 

@@ -11,15 +11,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from stages.core.common import log, write_json
-from stages.core.models import (
-    card_common,
-    check_parity,
-    export_onnx,
-    load_model,
-    reference,
-    validated_ranges,
-)
+from stages.core.card import card_common, reference, validated_ranges
+from stages.core.cli import log
+from stages.core.files import write_json
+from stages.core.onnx_export import check_parity, export_onnx, load_model
 from stages.image.data import load_rgb, preprocess, split_images
 from stages.image.model import build_model
 

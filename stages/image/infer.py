@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.common import atomic_path, log, read_json, write_json, write_timing
+from stages.core.cli import log
+from stages.core.files import atomic_path, read_json, write_json, write_timing
 from stages.core.images import list_images
 from stages.core.inference import open_session, run_batches, softmax
 from stages.image.data import load_rgb, normalise, top_k

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 
 IMAGE_ARCHS = ("small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
 
@@ -105,7 +105,7 @@ def fine_tune_from(model: nn.Module, kind: str, ckpt: dict, path: str) -> nn.Mod
     own = model.state_dict()
     matching = {k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matching, strict=False)
-    from stages.core.common import log
+    from stages.core.cli import log
 
     log(
         f"fine-tuning from {path}: {len(matching)} of {len(own)} tensors"

@@ -10,7 +10,8 @@ import os
 
 import pandas as pd
 
-from stages.core.common import StageError, atomic_dir, log, write_json
+from stages.core.cli import StageError, log
+from stages.core.files import atomic_dir, write_json
 from stages.core.images import inspect_image, list_images
 from stages.core.splits import split
 

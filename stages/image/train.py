@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from stages.core.common import atomic_path, read_json
+from stages.core.files import atomic_path, read_json
 from stages.core.job import Job, train
 from stages.core.trainer import classification_sums
 from stages.image.data import load_rgb

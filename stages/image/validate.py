@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.core.common import log, read_json
+from stages.core.cli import log
 from stages.core.expectations import SPLITS, check, load_suite, save_suite, suite_path
+from stages.core.files import read_json
 
 
 def suite(classes: list[str], v: dict) -> dict:

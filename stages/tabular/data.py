@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.inference import softmax
+from stages.core.splits import NAMES
 
 TASK_KINDS = ("classification", "regression")
 # A column of strings in which at least this share parse as numbers is a numeric column
@@ -497,3 +498,21 @@ def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.Dat
         else:
             df[col] = df[col].astype("string").str.strip().replace("", pd.NA).astype("str")
     return df
+
+
+def describe(p: dict, seed: int, kinds: dict, classes: list | None, codes_or_counts) -> dict:
+    """schema.json: what the splits hold (both engines write the same one)."""
+    counts = (
+        np.bincount(codes_or_counts, minlength=3)
+        if isinstance(codes_or_counts, np.ndarray)
+        else codes_or_counts
+    )
+    return {
+        "source": p["source"],
+        "target": p["target"],
+        "task": p["task"],
+        "features": [{"name": c, "type": k} for c, k in kinds.items() if c != p["target"]],
+        "classes": classes,
+        "rows": {name: int(counts[i]) for i, name in enumerate(NAMES)},
+        "params": {"seed": seed, "tabular.data": p},
+    }

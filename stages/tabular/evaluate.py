@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.common import log, write_json
+from stages.core.cli import log
+from stages.core.files import write_json
 from stages.core.inference import softmax
 from stages.core.metrics import (
     classification_report,
@@ -22,7 +23,7 @@ from stages.core.metrics import (
     learned_nothing,
     regression_report,
 )
-from stages.core.models import load_model, predict
+from stages.core.onnx_export import load_model, predict
 from stages.tabular.data import Preprocessor, read_split, split_chunks
 from stages.tabular.model import build_model
 

@@ -10,15 +10,10 @@ from pathlib import Path
 
 import torch
 
-from stages.core.common import atomic_path, log, write_json
-from stages.core.models import (
-    card_common,
-    check_parity,
-    export_onnx,
-    load_model,
-    reference,
-    validated_ranges,
-)
+from stages.core.card import card_common, reference, validated_ranges
+from stages.core.cli import log
+from stages.core.files import atomic_path, write_json
+from stages.core.onnx_export import check_parity, export_onnx, load_model
 from stages.tabular.data import Preprocessor, sample_split, split_chunks
 from stages.tabular.model import build_model
 

@@ -18,16 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.common import (
-    StageError,
-    atomic_dir,
-    atomic_path,
-    log,
-    read_json,
-    write_json,
-    write_timing,
-)
+from stages.core.cli import StageError, log
 from stages.core.expectations import for_inference, load_suite, run_suite_aside, summarise
+from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
 from stages.core.inference import open_session, run_batches
 from stages.tabular.data import Preprocessor, feature_chunks, scores, scores_table
 
@@ -171,6 +164,7 @@ def run(params: dict, model_dir: Path = Path("models/tabular"), out: Path | None
                 p["batch_size"],
                 tmp,
                 "parquet" if out.suffix == ".parquet" else "csv",
+                predict,
             )
     else:
         # GX checks the input in the validation worker, which reads it for itself while it

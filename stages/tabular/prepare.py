@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.common import StageError, atomic_dir, log, write_json
+from stages.core.cli import StageError, log
+from stages.core.files import atomic_dir, write_json
 from stages.core.inference import physical_cores
 from stages.core.splits import (
     NAMES,
@@ -53,6 +54,7 @@ from stages.tabular.data import (
     column_kinds,
     csv_batches,
     csv_header,
+    describe,
     open_csv,
     split_schema,
 )
@@ -108,24 +110,6 @@ def run(params: dict, out_dir: str = "data/prepared/tabular") -> dict:
         + f" → {out_dir}"
     )
     return schema
-
-
-def describe(p: dict, seed: int, kinds: dict, classes: list | None, codes_or_counts) -> dict:
-    """schema.json: what the splits hold (both engines write the same one)."""
-    counts = (
-        np.bincount(codes_or_counts, minlength=3)
-        if isinstance(codes_or_counts, np.ndarray)
-        else codes_or_counts
-    )
-    return {
-        "source": p["source"],
-        "target": p["target"],
-        "task": p["task"],
-        "features": [{"name": c, "type": k} for c, k in kinds.items() if c != p["target"]],
-        "classes": classes,
-        "rows": {name: int(counts[i]) for i, name in enumerate(NAMES)},
-        "params": {"seed": seed, "tabular.data": p},
-    }
 
 
 class Scan:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.spark import session
 from stages.core.splits import NAMES, quotas, row_hash_sql
 from stages.tabular.data import (
@@ -24,8 +24,10 @@ from stages.tabular.data import (
     ColumnStats,
     check_classes,
     column_kinds,
+    describe,
     describe_cells,
     not_readable,
+    open_csv,
 )
 
 PART_ROWS = 1_000_000  # rows per written parquet part
@@ -106,8 +108,6 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
     """prepare.run's work in Spark SQL: returns schema.json's content, writes the splits into `out`."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
-
-    from stages.tabular.prepare import describe
 
     target, task = p["target"], p["task"]
     df, _ = read_lines(path, sep, p["drop_columns"])
@@ -237,8 +237,6 @@ def read_features(source: str, features: list[dict]):
     column; the same errors."""
     from pyspark.sql import functions as F
 
-    from stages.tabular.data import open_csv
-
     path = Path(source)
     if path.suffix == ".parquet":
         if not path.exists():
@@ -280,8 +278,10 @@ def infer(
     batch_size: int,
     out: Path,
     fmt: str,
+    predict,
 ) -> tuple[dict, float]:
-    """infer.run on Spark: GX on the Spark DataFrame, then predict() on each partition's pandas
+    """infer.run on Spark: GX on the Spark DataFrame, then `predict` (infer.predict, passed
+    in so that this module never imports infer.py, which imports it) on each partition's pandas
     batches (mapInPandas), one onnxruntime session per task (the model file shipped with
     addFile), written as a folder of `fmt` (csv or parquet) parts. Returns ({rows}, seconds)."""
     from pyspark import SparkFiles
@@ -289,7 +289,6 @@ def infer(
 
     from stages.core.expectations import run_suite, summarise
     from stages.core.inference import open_session
-    from stages.tabular.infer import predict
 
     spark = session()
     df = read_features(source, card["features"])

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, TensorDataset, get_worker_info
 
-from stages.core.common import read_json
+from stages.core.files import read_json
 from stages.core.job import Job, train
 from stages.core.trainer import classification_sums, regression_sums
 from stages.tabular.data import Preprocessor, read_split, split_chunks

@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from stages.core.common import log, read_json
+from stages.core.cli import log
 from stages.core.expectations import SPLITS, check, load_suite, save_suite, suite_path
+from stages.core.files import read_json
 from stages.tabular.data import split_chunks
 
 # Type names for both engines: pandas (float64; "str" for text given as Python objects,

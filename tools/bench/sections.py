@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.common import load_params, read_json
+from stages.core.files import read_json
 from stages.core.inference import open_session, physical_cores
+from stages.core.params import load_params
 from tools.bench.timing import Row, alternate, median, percentile, ratio_row
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is tools/bench/...)
@@ -63,7 +64,7 @@ def torch_model(task: str):
     if task != "detect":
         import importlib
 
-        from stages.core.models import load_model
+        from stages.core.onnx_export import load_model
 
         return load_model(
             f"models/{task}/model.pt", importlib.import_module(f"stages.{task}.model").build_model
@@ -254,7 +255,7 @@ def serving(quick: bool, scratch: Path) -> dict:
                         )
                     )
                 ratio = ms["in-process"]["p50"] / ms["session.run"]["p50"]
-                # The tabular fast path (stages/tabular/rows.py): numpy, no pandas per request.
+                # The tabular fast path (stages/tabular/serving.py): numpy, no pandas per request.
                 rows.append(
                     Row(
                         f"{task} p50 latency",

@@ -1,7 +1,6 @@
-"""What every stage shares: the task list, params, one-line user errors, atomic writes, JSON.
-
-Torch-free on purpose: `infer` and `app/` import this module too.
-"""
+"""Writing outputs safely: atomic files and folders (a killed stage never leaves half a
+file, and the previous version stays until the new one is complete), JSON, run timings.
+Torch-free."""
 
 from __future__ import annotations
 
@@ -10,37 +9,13 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-PARAMS_FILE = "params.yaml"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-# The one list of tasks: stages/<task>/ is its package, models/<task>/ its model.
-TASKS = ("tabular", "image", "detect")
-
-
-class StageError(Exception):
-    """Bad input or configuration: the stage prints this one line and exits 1 (no traceback)."""
-
-
-def load_params(path: str | Path = PARAMS_FILE) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
-
-
-def run_main(main: Callable[[list[str]], Any]) -> None:
-    """Entry point of every stage and tool: user errors become `error: ...` and exit status 1."""
-    try:
-        main(sys.argv[1:])
-    except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -133,7 +108,3 @@ def write_timing(name: str, stats: dict) -> None:
     """A run's timings go to .cache/timings/<name>.json (git- and DVC-ignored), never into
     a tracked output: they differ on every run and would make every rerun look like a change."""
     write_json(Path(".cache/timings") / f"{name}.json", stats)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from stages.core.common import StageError
+from stages.core.cli import StageError
 from stages.core.inference import softmax
 
 
