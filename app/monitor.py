@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app.settings import Settings
+
 EPS = 1e-4  # share given to an empty bin, so PSI stays finite
 
 
@@ -73,15 +75,15 @@ def value_warnings(ref: dict, row: dict) -> list[str]:
 
 
 class Monitor:
-    def __init__(self, task: str, card: dict, cfg: dict):
+    def __init__(self, task: str, card: dict, cfg: Settings):
         self.task = task
         self.ref = (card.get("reference") or {}).get("features", {})
-        self.strict = bool(cfg.get("strict", False))
-        window = int(cfg.get("drift_window", 1000))
+        self.strict = cfg.strict
+        window = cfg.drift_window
         self.min_rows = max(1, window // 10)  # fewer values than this say nothing yet
         self.window = {name: deque(maxlen=window) for name in self.ref}
         self.lock = threading.Lock()  # request threads append while /metrics reads
-        self.sample = float(cfg.get("request_log_sample", 0))
+        self.sample = cfg.request_log_sample
         self.log = request_logger(task, cfg) if self.sample > 0 else None
         self.warned = self.warned_reported = (
             0  # rows with warnings; reported: already counted in /metrics
@@ -121,19 +123,19 @@ class Monitor:
         return out
 
 
-def request_logger(task: str, cfg: dict) -> logging.Logger:
+def request_logger(task: str, cfg: Settings) -> logging.Logger:
     """JSON lines in <request_log_dir>/<task>-<pid>.jsonl, rotated at request_log_mb with
     request_log_backups old files: one file per worker process, so no two processes ever
     rotate the same file."""
-    folder = Path(cfg.get("request_log_dir", ".cache/requests"))
+    folder = Path(cfg.request_log_dir)
     folder.mkdir(parents=True, exist_ok=True)
     log = logging.getLogger(f"app.requests.{task}.{os.getpid()}.{id(cfg)}")
     log.propagate, log.level = False, logging.INFO
     if not log.handlers:
         handler = logging.handlers.RotatingFileHandler(
             folder / f"{task}-{os.getpid()}.jsonl",
-            maxBytes=int(cfg.get("request_log_mb", 10) * 2**20),
-            backupCount=int(cfg.get("request_log_backups", 2)),
+            maxBytes=int(cfg.request_log_mb * 2**20),
+            backupCount=cfg.request_log_backups,
         )
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)

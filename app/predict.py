@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from app.monitor import Monitor
+from app.settings import Settings
 from stages.core.cli import StageError
 from stages.core.inference import open_session, physical_cores, run_batches
 from stages.core.params import TASKS
@@ -66,13 +67,18 @@ class Limiter:
 class Loaded:
     card: dict
     session: object
-    monitor: Monitor | None = None
-    limit: Limiter | None = None
+    monitor: Monitor
+    limit: Limiter
     rows: Rows | None = None  # the tabular fast path
+    batch_size: int = 1  # rows per onnxruntime run (tabular: tabular.infer.batch_size)
 
-    def __post_init__(self):
-        self.monitor = self.monitor or Monitor(self.card["task"], self.card, {})
-        self.limit = self.limit or Limiter(physical_cores(), 60)
+    @property
+    def version(self) -> str:
+        """Which model answers: its registry version when served from the registry, else the
+        md5 of the trained model the ONNX file was exported from."""
+        if self.card.get("registry"):
+            return str(self.card["registry"]["version"])
+        return self.card["provenance"]["model_md5"]
 
     def checked(self, rows: list[dict]) -> list[list[str]]:
         """Warnings per row; with serve.strict on, any warning refuses the request (422)."""
@@ -85,16 +91,11 @@ class Loaded:
         return warnings
 
 
-def load_models(
-    models_dir: str | Path = "models", cfg: dict | None = None
-) -> tuple[dict[str, Loaded], dict[str, str]]:
-    """({task: Loaded} for every exported model, {task: why it is missing} for the rest).
-    cfg: params.yaml `serve:` (workers, concurrency, strict, drift and request-log keys)."""
-    cfg = cfg or {}
-    workers = int(cfg.get("workers", 1))
+def load_models(models_dir: str | Path, cfg: Settings) -> tuple[dict[str, Loaded], dict[str, str]]:
+    """({task: Loaded} for every exported model, {task: why it is missing} for the rest)."""
     # The cores (cgroup quota and affinity included) shared out between the worker processes.
-    threads = max(1, physical_cores() // workers)
-    limit = Limiter(int(cfg.get("concurrency", threads)), float(cfg.get("queue_timeout_s", 60)))
+    threads = max(1, physical_cores() // cfg.workers)
+    limit = Limiter(cfg.concurrency, cfg.queue_timeout_s)
     loaded, missing = {}, {}
     for task in TASKS:
         card_path = Path(models_dir) / task / "model.json"
@@ -110,6 +111,7 @@ def load_models(
                 Monitor(task, card, cfg),
                 limit,
                 Rows(card) if task == "tabular" else None,
+                cfg.tabular_batch_size if task == "tabular" else 1,
             )
         except FileNotFoundError:
             missing[task] = (
@@ -160,8 +162,8 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
                 # One run up to infer's default batch (as run_batches would), without its lookups.
                 out = (
                     model.session.run(None, {model.card["onnx"]["input"]: x})[0]
-                    if len(x) <= 4096
-                    else run_batches(model.session, x, 4096)
+                    if len(x) <= model.batch_size
+                    else run_batches(model.session, x, model.batch_size)
                 )
                 preds = model.rows.decode(out)
     except StageError as e:

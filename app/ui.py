@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
+from app.settings import Settings
 from stages.core.cli import StageError
 from stages.core.images import image_extensions
 from stages.detect.boxes import draw_boxes
@@ -274,191 +275,200 @@ def card_markdown(task: str, c: dict) -> str:
     )
 
 
-def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: dict):
+def image_input(label: str, elem_id: str):
+    """gr.Image whose failed decoding is a sentence: Gradio's own preprocessing opens the
+    upload with PIL first and would show PIL's message with the cache path in it."""
     import gradio as gr
 
-    k, max_pixels = cfg["top_k"], cfg["max_pixels"]
-    age = cfg.get("gradio_cache_s", 3600)
+    class ImageUpload(gr.Image):
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except gr.Error:
+                raise
+            except Exception:  # noqa: BLE001 - PIL raises several types for "not an image"
+                name = Path(getattr(payload, "orig_name", None) or "the upload").name
+                raise _error(
+                    f"{name} is not an image that can be read (use PNG, JPEG, BMP, GIF or WebP)"
+                ) from None
+
+    return ImageUpload(type="filepath", label=label, elem_id=elem_id, height=220)
+
+
+def number_or_choice(f: dict, label: str, value):
+    import gradio as gr
+
+    if f["type"] == "numeric":
+        return gr.Number(value=value, label=label, elem_id=f"tab-{f['name']}")
+    return gr.Dropdown(f["categories"], value=value, label=label, elem_id=f"tab-{f['name']}")
+
+
+def tabular_tab(m: Loaded, cfg: Settings) -> None:
+    import gradio as gr
+
+    gr.Markdown(
+        "Each field starts at the training median (numbers) or most common value; "
+        "its label shows the range seen in training. Empty = missing (imputed)."
+    )
+    with gr.Row():
+        inputs = [
+            number_or_choice(f, label, value)
+            for f, (label, value) in zip(m.card["features"], form_defaults(m.card), strict=False)
+        ]
+    go = gr.Button("Predict", variant="primary", elem_id="tab-predict")
+    with gr.Row():
+        out = (
+            gr.Label(label="prediction", elem_id="tab-out")
+            if m.card["kind"] == "classification"
+            else gr.Number(label=f"predicted {m.card['target']}", elem_id="tab-out")
+        )
+        note = gr.Markdown(elem_id="tab-warnings")
+    go.click(lambda *v: tabular_form(m, *v), inputs, [out, note], api_name="tabular_form")
+    examples = tabular_examples(m.card)
+    if examples:
+        gr.Examples(
+            examples,
+            inputs,
+            label=f"Examples from {m.card['data']['source']}",
+            elem_id="tab-examples",
+        )
+    gr.Markdown("Or upload a CSV with the feature columns:")
+    csv_in = gr.File(file_types=[".csv"], label="CSV", elem_id="tab-csv")
+    csv_out = gr.File(label="predictions")
+    csv_in.upload(
+        lambda p: tabular_csv(m, p, cfg.max_rows), csv_in, csv_out, api_name="tabular_csv"
+    )
+
+
+def image_tab(m: Loaded, cfg: Settings) -> None:
+    import gradio as gr
+
+    k, max_pixels = cfg.top_k, cfg.max_pixels
+    with gr.Row():
+        img = image_input("image", "img-in")
+        with gr.Column():
+            label = gr.Label(num_top_classes=k, label="top classes", elem_id="img-out")
+            img_note = gr.Markdown(elem_id="img-warnings")
+
+    def classify(p):
+        return image_one(m, p, k, max_pixels)
+
+    img.upload(classify, img, [label, img_note], api_name="image_one")
+    examples = image_examples(m.card)
+    if examples:
+        gr.Examples(
+            examples,
+            img,
+            [label, img_note],
+            classify,
+            run_on_click=True,
+            cache_examples=False,
+            label="Examples from the demo data",
+            elem_id="img-examples",
+        )
+    gr.Markdown("Or a zip of images:")
+    zip_in = gr.File(file_types=[".zip"], label="zip", elem_id="img-zip")
+    zip_out = gr.File(label="predictions")
+    zip_in.upload(lambda p: image_zip(m, p, k, max_pixels), zip_in, zip_out, api_name="image_zip")
+
+
+def detect_tab(m: Loaded, cfg: Settings) -> None:
+    import gradio as gr
+
+    with gr.Row():
+        det_in = image_input("image", "det-in")
+        det_img = gr.Image(type="pil", label="detections", elem_id="det-img", height=220)
+    post = m.card["postprocessing"]  # the thresholds export checked parity at
+    conf = gr.Slider(0, 1, value=post["conf"], step=0.01, label="confidence", elem_id="det-conf")
+    iou = gr.Slider(0, 1, value=post["iou"], step=0.01, label="NMS IoU", elem_id="det-iou")
+    det_note = gr.Markdown(elem_id="det-warnings")
+    table = gr.Dataframe(
+        pd.DataFrame(columns=DETECT_COLUMNS),
+        headers=DETECT_COLUMNS,
+        label="objects",
+        elem_id="det-table",
+    )
+    run = gr.Button("Detect", variant="primary", elem_id="det-run")
+
+    def detect(p, c, i):
+        return detect_one(m, p, c, i, cfg.max_pixels)
+
+    outputs = [det_img, table, det_note]
+    det_in.upload(detect, [det_in, conf, iou], outputs, api_name=False)
+    run.click(detect, [det_in, conf, iou], outputs, api_name="detect_one")
+    examples = image_examples(m.card)
+    if examples:
+        gr.Examples(
+            [[p, post["conf"], post["iou"]] for p in examples],
+            [det_in, conf, iou],
+            outputs,
+            detect,
+            run_on_click=True,
+            cache_examples=False,
+            label="Examples from the demo data",
+            elem_id="det-examples",
+        )
+
+
+def models_tab(models: dict[str, Loaded], missing: dict[str, str]) -> None:
+    import gradio as gr
+
+    for task, m in models.items():
+        gr.Markdown(card_markdown(task, m.card))
+        data = plots(task)
+        with gr.Row():
+            if "confusion" in data:
+                gr.Dataframe(
+                    data["confusion"],
+                    label=f"{task}: confusion matrix (test split)",
+                    elem_id=f"models-{task}-confusion",
+                    min_width=420,
+                )
+            if "pr" in data:
+                gr.LinePlot(
+                    data["pr"],
+                    x="recall",
+                    y="precision",
+                    label=f"{task}: precision-recall (test)",
+                    elem_id=f"models-{task}-pr",
+                    height=240,
+                )
+            if "curves" in data:
+                gr.LinePlot(
+                    data["curves"],
+                    x="step",
+                    y="value",
+                    color="series",
+                    label=f"{task}: training curves",
+                    elem_id=f"models-{task}-curves",
+                    height=240,
+                )
+    for task, why in missing.items():
+        gr.Markdown(f"### {task}\n\nNot loaded: {why}\n")
+
+
+def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: Settings):
+    import gradio as gr
+
+    age = cfg.gradio_cache_s
     # delete_cache: every `age` s, uploads and outputs older than `age` s are deleted.
     with gr.Blocks(title="model-train", analytics_enabled=False, delete_cache=(age, age)) as demo:
         gr.Markdown(
             "# model-train\nPredictions from the exported ONNX models. REST API: [/docs](/docs)."
         )
-        with gr.Tab("Tabular"):
-            m = models.get("tabular")
-            if m is None:
-                gr.Markdown(f"**No tabular model.** {missing['tabular']}")
-            else:
-                gr.Markdown(
-                    "Each field starts at the training median (numbers) or most common value; "
-                    "its label shows the range seen in training. Empty = missing (imputed)."
-                )
-                inputs = []
-                with gr.Row():
-                    for f, (label, value) in zip(
-                        m.card["features"], form_defaults(m.card), strict=False
-                    ):
-                        if f["type"] == "numeric":
-                            inputs.append(
-                                gr.Number(value=value, label=label, elem_id=f"tab-{f['name']}")
-                            )
-                        else:
-                            inputs.append(
-                                gr.Dropdown(
-                                    f["categories"],
-                                    value=value,
-                                    label=label,
-                                    elem_id=f"tab-{f['name']}",
-                                )
-                            )
-                go = gr.Button("Predict", variant="primary", elem_id="tab-predict")
-                with gr.Row():
-                    out = (
-                        gr.Label(label="prediction", elem_id="tab-out")
-                        if m.card["kind"] == "classification"
-                        else gr.Number(label=f"predicted {m.card['target']}", elem_id="tab-out")
-                    )
-                    note = gr.Markdown(elem_id="tab-warnings")
-                go.click(
-                    lambda *v, m=m: tabular_form(m, *v),
-                    inputs,
-                    [out, note],
-                    api_name="tabular_form",
-                )
-                examples = tabular_examples(m.card)
-                if examples:
-                    gr.Examples(
-                        examples,
-                        inputs,
-                        label=f"Examples from {m.card['data']['source']}",
-                        elem_id="tab-examples",
-                    )
-                gr.Markdown("Or upload a CSV with the feature columns:")
-                csv_in = gr.File(file_types=[".csv"], label="CSV", elem_id="tab-csv")
-                csv_out = gr.File(label="predictions")
-                csv_in.upload(
-                    lambda p, m=m: tabular_csv(m, p, cfg["max_rows"]),
-                    csv_in,
-                    csv_out,
-                    api_name="tabular_csv",
-                )
-        with gr.Tab("Image"):
-            m = models.get("image")
-            if m is None:
-                gr.Markdown(f"**No image model.** {missing['image']}")
-            else:
-                with gr.Row():
-                    img = gr.Image(type="filepath", label="image", elem_id="img-in", height=220)
-                    with gr.Column():
-                        label = gr.Label(num_top_classes=k, label="top classes", elem_id="img-out")
-                        img_note = gr.Markdown(elem_id="img-warnings")
-                img.upload(
-                    lambda p, m=m: image_one(m, p, k, max_pixels),
-                    img,
-                    [label, img_note],
-                    api_name="image_one",
-                )
-                examples = image_examples(m.card)
-                if examples:
-                    gr.Examples(
-                        examples,
-                        img,
-                        [label, img_note],
-                        lambda p, m=m: image_one(m, p, k, max_pixels),
-                        run_on_click=True,
-                        cache_examples=False,
-                        label="Examples from the demo data",
-                        elem_id="img-examples",
-                    )
-                gr.Markdown("Or a zip of images:")
-                zip_in, zip_out = (
-                    gr.File(file_types=[".zip"], label="zip"),
-                    gr.File(label="predictions"),
-                )
-                zip_in.upload(
-                    lambda p, m=m: image_zip(m, p, k, max_pixels),
-                    zip_in,
-                    zip_out,
-                    api_name="image_zip",
-                )
-        with gr.Tab("Detection"):
-            m = models.get("detect")
-            if m is None:
-                gr.Markdown(f"**No detection model.** {missing['detect']}")
-            else:
-                with gr.Row():
-                    det_in = gr.Image(type="filepath", label="image", elem_id="det-in", height=220)
-                    det_img = gr.Image(
-                        type="pil", label="detections", elem_id="det-img", height=220
-                    )
-                post = m.card["postprocessing"]  # the thresholds export checked parity at
-                conf = gr.Slider(0, 1, value=post["conf"], step=0.01, label="confidence")
-                iou = gr.Slider(0, 1, value=post["iou"], step=0.01, label="NMS IoU")
-                det_note = gr.Markdown(elem_id="det-warnings")
-                table = gr.Dataframe(
-                    pd.DataFrame(columns=DETECT_COLUMNS),
-                    headers=DETECT_COLUMNS,
-                    label="objects",
-                    elem_id="det-table",
-                )
-                run = gr.Button("Detect", variant="primary", elem_id="det-run")
-
-                def detect(p, c, i, m=m):
-                    return detect_one(m, p, c, i, max_pixels)
-
-                for trigger in (det_in.upload, run.click):
-                    trigger(
-                        detect,
-                        [det_in, conf, iou],
-                        [det_img, table, det_note],
-                        api_name="detect_one" if trigger == run.click else False,
-                    )
-                examples = image_examples(m.card)
-                if examples:
-                    gr.Examples(
-                        [[p, post["conf"], post["iou"]] for p in examples],
-                        [det_in, conf, iou],
-                        [det_img, table, det_note],
-                        detect,
-                        run_on_click=True,
-                        cache_examples=False,
-                        label="Examples from the demo data",
-                        elem_id="det-examples",
-                    )
+        for name, task, tab in (
+            ("Tabular", "tabular", tabular_tab),
+            ("Image", "image", image_tab),
+            ("Detection", "detect", detect_tab),
+        ):
+            with gr.Tab(name):
+                if task in models:
+                    tab(models[task], cfg)
+                else:
+                    gr.Markdown(f"**No {task} model.** {missing[task]}")
         with gr.Tab("Models"):
-            for task, m in models.items():
-                gr.Markdown(card_markdown(task, m.card))
-                data = plots(task)
-                with gr.Row():
-                    if "confusion" in data:
-                        gr.Dataframe(
-                            data["confusion"],
-                            label=f"{task}: confusion matrix (test split)",
-                            elem_id=f"models-{task}-confusion",
-                            min_width=420,
-                        )
-                    if "pr" in data:
-                        gr.LinePlot(
-                            data["pr"],
-                            x="recall",
-                            y="precision",
-                            label=f"{task}: precision-recall (test)",
-                            elem_id=f"models-{task}-pr",
-                            height=240,
-                        )
-                    if "curves" in data:
-                        gr.LinePlot(
-                            data["curves"],
-                            x="step",
-                            y="value",
-                            color="series",
-                            label=f"{task}: training curves",
-                            elem_id=f"models-{task}-curves",
-                            height=240,
-                        )
-            for task, why in missing.items():
-                gr.Markdown(f"### {task}\n\nNot loaded: {why}\n")
+            models_tab(models, missing)
     # Gradio's queue runs at most as many handlers at once as the shared model limit has
     # slots; the limit itself (app.predict.Limiter) is what REST and UI share.
-    demo.queue(default_concurrency_limit=cfg.get("concurrency", 2))
+    demo.queue(default_concurrency_limit=cfg.concurrency)
     return demo
