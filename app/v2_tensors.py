@@ -142,12 +142,12 @@ def _json_values(name: str, dtype: str, data: list):
     for i, v in enumerate(data):
         if isinstance(v, NonFinite):
             raise TensorError(
-                f"input {name}, row {i + 1}: {v} is not a number here; send null for a missing value"
+                f"row {i + 1}, field {name}: {v} is not a number here; send null for a missing value"
             )
         if v is not None and (
             isinstance(v, bool) != (dtype == "BOOL") or not isinstance(v, int | float)
         ):
-            raise TensorError(f"input {name}, row {i + 1}: {v!r} is not a {dtype} value")
+            raise TensorError(f"row {i + 1}, field {name}: {v!r} is not a {dtype} value")
     return np.array([math.nan if v is None else v for v in data], dtype=np.float64)
 
 

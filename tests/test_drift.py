@@ -12,7 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import run
+from conftest import ROOT, run
+
+
+def settings(**changes):
+    """The repository's serve settings with some changed (app/settings.py)."""
+    from app.settings import load_settings
+
+    return load_settings(ROOT / "params.yaml").replace(**changes)
 
 
 def synthetic_card(rng) -> dict:
@@ -39,25 +46,24 @@ def test_monitor_psi_rises_for_a_shifted_stream_only(tmp_path):
 
     rng = np.random.default_rng(0)
     card = synthetic_card(rng)
-    cfg = {
-        "drift_window": 500,
-        "request_log_sample": 1.0,
-        "request_log_dir": str(tmp_path / "log"),
-        "request_log_mb": 0.002,
-        "request_log_backups": 2,
-    }
-    same, moved = Monitor("tabular", card, cfg), Monitor("tabular", card, {"drift_window": 500})
+    cfg = settings(
+        drift_window=500,
+        request_log_sample=1.0,
+        request_log_dir=str(tmp_path / "log"),
+        request_log_mb=0.002,
+        request_log_backups=2,
+    )
+    quiet = settings(drift_window=500, request_log_sample=0.0)
+    same, moved = Monitor("tabular", card, cfg), Monitor("tabular", card, quiet)
     same.observe(stream(rng, 600))
     moved.observe(stream(rng, 600, shift=800, island=("A",)))
     assert max(same.drift().values()) < 0.1, same.drift()
     assert min(moved.drift().values()) > 0.25, moved.drift()
-    assert (
-        Monitor("tabular", card, {"drift_window": 500}).drift() == {}
-    )  # too few values: no number yet
+    assert Monitor("tabular", card, quiet).drift() == {}  # too few values: no number yet
     # The log rotates at request_log_mb and keeps request_log_backups old files.
     files = sorted((tmp_path / "log").iterdir())
     assert 1 < len(files) <= 3 and all(f.stat().st_size < 2.5 * 2**10 for f in files), files
-    assert Monitor("tabular", card, {}).warnings(
+    assert Monitor("tabular", card, quiet).warnings(
         [{"mass": 0.0, "island": "A"}, {"mass": 4000.0, "island": "D"}]
     ) == [
         [
@@ -72,7 +78,7 @@ def test_monitor_psi_rises_for_a_shifted_stream_only(tmp_path):
 def tab(served_repo):
     from app.predict import load_models
 
-    models, _ = load_models(served_repo / "models")
+    models, _ = load_models(served_repo / "models", settings(request_log_sample=0.0))
     return models["tabular"]
 
 
@@ -254,11 +260,13 @@ def test_rest_and_ui_share_one_limit_per_worker(served_repo, tmp_path, monkeypat
             tabular_form(tab, *[row[f["name"]] for f in tab.card["features"]])
     assert client.post("/predict/tabular", json={"rows": [row]}).status_code == 200
     # Threads per worker: the cores shared out; Gradio's cache is cleaned.
-    two, _ = load_models("models", {"workers": 2})
+    two, _ = load_models("models", settings(workers=2))
     assert two["tabular"].session.get_session_options().intra_op_num_threads == max(
         1, physical_cores() // 2
     )
-    assert build_ui(models, {}, {**client.app.state.config, "gradio_cache_s": 60}).delete_cache == (
+    assert build_ui(
+        models, {}, client.app.state.config.replace(gradio_cache_s=60)
+    ).delete_cache == (
         60,
         60,
     )
