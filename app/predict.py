@@ -127,15 +127,17 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
     except Exception:  # noqa: BLE001 - PIL raises several types for "not an image"
-        raise BadInput("the upload is not an image PIL can read", 415) from None
+        raise BadInput("the upload is not an image (PNG, JPEG, BMP, GIF or WebP)", 415) from None
     if im.width * im.height > max_pixels:
         raise BadInput(
             f"the image has {im.width}x{im.height} pixels, more than the limit of {max_pixels}", 413
         )
     try:
         im.load()
-    except Exception as e:  # noqa: BLE001 - truncated or corrupt pixel data
-        raise BadInput(f"the image could not be decoded ({type(e).__name__}: {e})") from None
+    except Exception:  # noqa: BLE001 - truncated or corrupt pixel data
+        raise BadInput(
+            "the image is damaged or cut short: its pixels could not be decoded"
+        ) from None
     return im
 
 

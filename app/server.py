@@ -92,7 +92,7 @@ def create_app(
     if ui and not cfg.api_keys:
         import gradio as gr
 
-        from app.ui import build_ui
+        from app.ui import build_ui, page_style
 
         app = gr.mount_gradio_app(
             app,
@@ -104,6 +104,7 @@ def create_app(
             ssr_mode=False,
             mcp_server=False,
             footer_links=["api"],
+            **page_style(),
         )
     return app
 

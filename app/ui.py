@@ -27,6 +27,51 @@ HEADLINE = ("accuracy", "f1_macro", "roc_auc", "rmse", "mae", "r2", "mAP50", "mA
 MAX_ZIP_IMAGES = 1000
 DETECT_COLUMNS = ["category", "score", "x", "y", "width", "height"]
 N_EXAMPLES = 3
+# Contrast (WCAG AA, 4.5:1) where Gradio's default light theme falls short: the primary
+# buttons (white on orange-500 is 2.8:1), the uploads' "- or -" and the footer's API link (1.9:1).
+CSS = ".or, .show-api, .show-api * { color: #4b5563 !important; }"
+# Gradio 6 puts aria-label on role-less divs (its "Empty value" boxes), renders image examples
+# and output images as buttons without text, and nests the toast's Close button in a role=button header; axe-core
+# flags all three as serious. Fixed in the page as they appear.
+HEAD = """<script>
+(() => {
+  let queued = false;
+  const fix = () => {
+    queued = false;
+    document.querySelectorAll('div[aria-label]:not([role])').forEach(e => e.setAttribute('role', 'img'));
+    // The error toast's header is a role=button holding the Close button (nested controls).
+    document.querySelectorAll('.toast-header[role="button"]').forEach(e => {
+      e.removeAttribute('role'); e.removeAttribute('tabindex');
+    });
+    document.querySelectorAll('button.gallery-item').forEach((b, i) => {
+      if (!b.innerText.trim() && !b.hasAttribute('aria-label')) b.setAttribute('aria-label', 'example ' + (i + 1));
+    });
+    // An output image is a button (it opens full size) holding only the image.
+    document.querySelectorAll('.image-container button:not([aria-label])').forEach(b => {
+      if (!b.innerText.trim()) b.setAttribute('aria-label', 'the image, full size');
+    });
+  };
+  new MutationObserver(() => { if (!queued) { queued = true; requestAnimationFrame(fix); } })
+    .observe(document.documentElement, {subtree: true, childList: true});
+})();
+</script>"""
+
+
+def page_style() -> dict:
+    """theme, css and head for gr.mount_gradio_app: the page's accessibility fixes, and only
+    the system's fonts (nothing fetched from a font CDN)."""
+    import gradio as gr
+
+    theme = gr.themes.Default(
+        primary_hue="blue",
+        font=["ui-sans-serif", "system-ui", "sans-serif"],
+        font_mono=["ui-monospace", "monospace"],
+    ).set(
+        button_primary_background_fill="*primary_700",
+        button_primary_background_fill_hover="*primary_800",
+        button_primary_text_color="white",
+    )
+    return {"theme": theme, "css": CSS, "head": HEAD}
 
 
 def _error(e: Exception | str):
@@ -63,9 +108,23 @@ def tabular_form(model: Loaded, *values) -> tuple[dict | float, str]:
     return pred["prediction"], warnings_markdown(pred["warnings"])
 
 
+def looks_like_text(path: str) -> bool:
+    """The file's first 64 kB are UTF-8 text without NUL bytes (a CSV), not an image or zip."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    try:
+        head.decode()
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the 64 kB boundary
+            return False
+    return b"\0" not in head
+
+
 def tabular_csv(model: Loaded, path: str | None, max_rows: int) -> str:
     """An uploaded CSV → a CSV of predictions (line, prediction, probabilities, warnings), as a file."""
     _need_file(path, "a .csv file with the feature columns")
+    if not looks_like_text(path):
+        raise _error(f"{Path(path).name} is not a CSV file: it holds binary data, not text")
     try:
         df = read_csv(path)
         if len(df) > max_rows:
@@ -277,22 +336,27 @@ def card_markdown(task: str, c: dict) -> str:
 
 def image_input(label: str, elem_id: str):
     """gr.Image whose failed decoding is a sentence: Gradio's own preprocessing opens the
-    upload with PIL first and would show PIL's message with the cache path in it."""
+    upload with PIL first and would show PIL's message with the cache path in it. (Wrapped
+    on the instance: a subclass of a Gradio component makes Gradio write a .pyi beside it.)"""
     import gradio as gr
 
-    class ImageUpload(gr.Image):
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except gr.Error:
-                raise
-            except Exception:  # noqa: BLE001 - PIL raises several types for "not an image"
-                name = Path(getattr(payload, "orig_name", None) or "the upload").name
-                raise _error(
-                    f"{name} is not an image that can be read (use PNG, JPEG, BMP, GIF or WebP)"
-                ) from None
+    # image_mode=None: the file as it is (the model converts it as batch infer does).
+    component = gr.Image(type="filepath", image_mode=None, label=label, elem_id=elem_id, height=220)
+    preprocess = component.preprocess
 
-    return ImageUpload(type="filepath", label=label, elem_id=elem_id, height=220)
+    def readable(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001 - PIL raises several types for "not an image"
+            name = Path(getattr(payload, "orig_name", None) or "the upload").name
+            raise _error(
+                f"{name} is not an image that can be read (use PNG, JPEG, BMP, GIF or WebP)"
+            ) from None
+
+    component.preprocess = readable
+    return component
 
 
 def number_or_choice(f: dict, label: str, value):

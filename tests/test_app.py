@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -228,6 +229,18 @@ def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
     with pytest.raises(Exception) as bad:  # a sentence about the file, not a Python message
         c.predict(handle_file(str(wrong)), api_name="/tabular_csv")
     assert "NoneType" not in str(bad.value) and "PathLike" not in str(bad.value)
+    assert "notes.txt is not a CSV file" in str(bad.value) and "/tmp" not in str(bad.value)
+    # A text file, and a PNG cut short, to the image and detect tabs: one sentence each.
+    text, broken = tmp_path / "notes.png", tmp_path / "broken.png"
+    text.write_text("my notes, not an image")
+    digit_bytes = sorted((served_repo / "data/demo/digits/5").iterdir())[0].read_bytes()
+    broken.write_bytes(digit_bytes[: len(digit_bytes) // 2])
+    for api, extra in (("/image_one", ()), ("/detect_one", (0.25, 0.7))):
+        for f, says in ((text, "notes.png is not an image"), (broken, "damaged or cut short")):
+            with pytest.raises(Exception) as err:
+                c.predict(handle_file(str(f)), *extra, api_name=api)
+            msg = str(err.value)
+            assert says in msg and "/tmp" not in msg and "Error:" not in msg.split(says)[1], msg
 
     digit = sorted((served_repo / "data/demo/digits/5").iterdir())[0]
     label, note = c.predict(handle_file(str(digit)), api_name="/image_one")
@@ -258,7 +271,14 @@ def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
     ] and note.startswith("No objects")
 
 
-def test_schemathesis_finds_no_server_errors(server):
+def test_schemathesis_finds_no_server_errors(server, tmp_path):
+    # tests/schemathesis_hooks.py puts NaN and ±Infinity into half of the JSON bodies.
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "NAN_LOG": str(tmp_path / "nan.log"),
+    }
     res = subprocess.run(
         [
             sys.executable,
@@ -281,8 +301,12 @@ def test_schemathesis_finds_no_server_errors(server):
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    poisoned = (tmp_path / "nan.log").read_text().splitlines()
+    assert sum("/predict/tabular" in p for p in poisoned) >= 10, poisoned[:20]
+    assert any("/infer" in p for p in poisoned), sorted(set(poisoned))
 
 
 def test_dockerfile_passes_hadolint():

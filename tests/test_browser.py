@@ -1,8 +1,13 @@
-"""The Gradio app in a real browser: Debian's chromium driven by Playwright (no browser
-download). Checks that the form starts at the training medians with the ranges in its
-labels, that an out-of-range value shows a warning beside the prediction, that each tab's
-examples run, that a wrong upload gets a sentence, and that the Models tab shows its
-plots; saves a small screenshot of each under metrics/ui/ (tracked, for reviewers)."""
+"""The Gradio app and the API docs in a real browser: Debian's chromium driven by Playwright
+(no browser download), with every request outside the server blocked.
+
+Each tab is visited empty, with a result, with a warning and with an error; axe-core (the
+copy that axe-playwright-python ships, injected into the page: no CDN) checks each state,
+and the test fails on any serious or critical violation. The states' screenshots (small
+palette PNGs) and axe's own JSON per state (docs/ui/axe.json) are tracked, for reviewers.
+It also checks that the form starts at the training medians with the ranges in its labels,
+that a wrong upload gets a sentence, that the Models tab shows its plots, and that /docs
+and /redoc render offline."""
 
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SHOTS = ROOT / "metrics" / "ui"
+SHOTS = ROOT / "docs" / "ui"
+AXE: list[dict] = []  # one axe result per tab and state, written by the last test
+TOAST = ".toast-body, [data-testid='toast-body']"
 
 
 def shot(page, name: str) -> None:
@@ -38,6 +45,33 @@ def shot(page, name: str) -> None:
     assert (SHOTS / f"{name}.png").stat().st_size > 5_000
 
 
+def check(page, name: str) -> None:
+    """axe-core over the page in this state; a serious or critical violation fails the test."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    # Gradio dims an output while it updates (opacity): wait until nothing is pending.
+    page.wait_for_function("() => !document.querySelector('.pending, .generating')")
+    page.wait_for_timeout(400)
+    result = Axe().run(page).response
+    AXE.append({"state": name, **result})
+    shot(page, name)
+    bad = [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+        for v in result["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]
+    assert not bad, f"{name}: " + "; ".join(bad)
+
+
+def offline(server: str):
+    def route(r):
+        if r.request.url.startswith(server):
+            return r.continue_()
+        return r.abort()
+
+    return route
+
+
 @pytest.fixture(scope="module")
 def page(server):
     from playwright.sync_api import sync_playwright
@@ -47,80 +81,97 @@ def page(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         pg = browser.new_page(viewport={"width": 1100, "height": 800})
+        pg.route("**/*", offline(server))  # nothing but the server: an offline host
         pg.set_default_timeout(30_000)
         pg.goto(server + "/")
         yield pg
         browser.close()
 
 
-def test_tabular_form_defaults_warnings_and_examples(page, served_repo):
+def error_toast(page) -> str:
+    toast = page.locator(TOAST).first
+    toast.wait_for()
+    page.wait_for_timeout(600)  # the toast has faded in
+    return toast.inner_text()
+
+
+def test_tabular_states(page, served_repo, tmp_path):
     card = json.loads((served_repo / "models/tabular/model.json").read_text())
     ref = card["reference"]["features"]
     page.get_by_role("tab", name="Tabular").click()
     mass = page.locator("#tab-body_mass_g input")
-    assert (
-        float(mass.input_value()) == ref["body_mass_g"]["median"]
-    )  # starts at the training median
-    assert (
-        f"training {ref['body_mass_g']['min']:g} to {ref['body_mass_g']['max']:g}"
-        in page.locator("#tab-body_mass_g").inner_text()
-    )
+    assert float(mass.input_value()) == ref["body_mass_g"]["median"]  # the training median
+    label = f"training {ref['body_mass_g']['min']:g} to {ref['body_mass_g']['max']:g}"
+    assert label in page.locator("#tab-body_mass_g").inner_text()
     assert page.locator("#tab-island input").input_value() == ref["island"]["mode"]
+    check(page, "tabular-empty")
     page.locator("#tab-predict").click()
     page.wait_for_function(
         "() => /inside the range/.test(document.querySelector('#tab-warnings').innerText)"
     )
+    check(page, "tabular-result")
     mass.fill("0")
     page.locator("#tab-predict").click()
     page.wait_for_function(
         "() => /body_mass_g = 0 is outside/.test(document.querySelector('#tab-warnings').innerText)"
     )
     assert any(c in page.locator("#tab-out").inner_text() for c in card["classes"])
-    shot(page, "tabular-warning")
-    # An example fills the form with a row of the demo data.
-    page.locator("#tab-examples table tbody tr, #tab-examples button.gallery-item").first.click()
-    page.wait_for_function("() => document.querySelector('#tab-body_mass_g input').value !== '0'")
-    page.locator("#tab-predict").click()
-    page.wait_for_function(
-        "() => /inside the range/.test(document.querySelector('#tab-warnings').innerText)"
-    )
-    shot(page, "tabular-example")
-
-
-def test_wrong_upload_gets_a_sentence(page, tmp_path):
-    page.get_by_role("tab", name="Tabular").click()
+    check(page, "tabular-warning")
     bad = tmp_path / "penguins.csv"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00 not a table")
     page.locator("#tab-csv input[type=file]").set_input_files(str(bad))
-    toast = page.locator(".toast-body, [data-testid='toast-body']").first
-    toast.wait_for()
-    text = toast.inner_text()
+    text = error_toast(page)
     assert "penguins.csv" in text and "/tmp/" not in text and "NoneType" not in text, text
-    page.wait_for_timeout(600)  # the toast has faded in
-    shot(page, "tabular-error")
-    page.reload()  # no toast in the next screenshots
+    check(page, "tabular-error")
+    page.reload()  # no toast in the next states
 
 
-def test_image_example(page):
-    page.get_by_role("tab", name="Image").click()
-    page.locator("#img-examples table tbody tr, #img-examples button.gallery-item").first.click()
-    page.wait_for_function("() => /[0-9]/.test(document.querySelector('#img-out').innerText)")
+def image_states(page, tab: str, prefix: str, out: str, tmp_path, served_repo) -> None:
+    from PIL import Image
+
+    key = {"image": "img", "detect": "det"}[prefix]
+    page.get_by_role("tab", name=tab).click()
+    check(page, f"{prefix}-empty")
+    page.locator(
+        f"#{key}-examples table tbody tr, #{key}-examples button.gallery-item"
+    ).first.click()
     page.wait_for_function(
-        "() => /range|Check/.test(document.querySelector('#img-warnings').innerText)"
+        f"() => document.querySelector('#{out}').innerText.length > 0 || document.querySelector('#{out} img')"
     )
-    shot(page, "image")
+    page.wait_for_function(
+        f"() => /range|Check|objects/.test(document.querySelector('#{key}-warnings').innerText)"
+    )
+    check(page, f"{prefix}-result")
+    odd = tmp_path / f"{prefix}-wide.png"
+    # Wider than the image suite allows, and grey where detection trained on colour.
+    Image.new("L", (5000, 12), 200).save(odd)
+    page.locator(f"#{key}-in input[type=file]").set_input_files(str(odd))
+    page.wait_for_function(
+        f"() => /Check these inputs/.test(document.querySelector('#{key}-warnings').innerText)"
+    )
+    check(page, f"{prefix}-warning")
+    page.reload()
+    page.get_by_role("tab", name=tab).click()
+    notes = tmp_path / "notes.png"
+    notes.write_text("these are my notes, not an image")
+    page.locator(f"#{key}-in input[type=file]").set_input_files(str(notes))
+    text = error_toast(page)
+    assert "notes.png is not an image" in text and "/tmp/" not in text and "PIL" not in text, text
+    check(page, f"{prefix}-error")
+    page.reload()
 
 
-def test_detection_example(page):
+def test_image_states(page, tmp_path, served_repo):
+    image_states(page, "Image", "image", "img-out", tmp_path, served_repo)
+
+
+def test_detection_states(page, tmp_path, served_repo):
     page.get_by_role("tab", name="Detection").click()
     headers = page.locator("#det-table").inner_text()
     assert (
         "category" in headers and "score" in headers and "1\t2" not in headers
     )  # named, even when empty
-    page.locator("#det-examples table tbody tr, #det-examples button.gallery-item").first.click()
-    page.wait_for_selector("#det-img img", timeout=30_000)
-    page.wait_for_function("() => document.querySelector('#det-warnings').innerText.length > 0")
-    shot(page, "detect")
+    image_states(page, "Detection", "detect", "det-img", tmp_path, served_repo)
 
 
 def test_models_tab_shows_plots(page):
@@ -130,4 +181,17 @@ def test_models_tab_shows_plots(page):
         page.locator(plot).wait_for()
     page.wait_for_selector("#models-tabular-curves canvas, #models-tabular-curves svg")
     assert "Adelie" in page.locator("#models-tabular-confusion").inner_text()
-    shot(page, "models")
+    check(page, "models")
+
+
+def test_docs_render_offline_and_axe_report(page, server):
+    page.goto(server + "/docs")
+    page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)
+    assert page.locator(".opblock").count() > 10  # the operations rendered from local assets
+    shot(page, "docs")
+    page.goto(server + "/redoc")
+    page.wait_for_selector("[role=menuitem], .menu-content li", timeout=30_000)
+    assert "predict" in page.content().lower()
+    states = {a["state"] for a in AXE}
+    assert len(states) >= 13 and len(list(SHOTS.glob("*.png"))) >= 10, states
+    (SHOTS / "axe.json").write_text(json.dumps(AXE) + "\n")

@@ -1,6 +1,6 @@
 """The server under load: 50 concurrent clients, 2,000 requests over the three tasks,
 on 127.0.0.1 only, bounded in count and time; with one worker process and again with
-two (uvicorn factory mode, Prometheus multiprocess mode). Both results go to
+two (uvicorn factory mode, Prometheus multiprocess mode) and API keys on. Both results go to
 metrics/load.json."""
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def test_two_thousand_requests_no_errors_flat_memory(server, served_repo):
     assert load(server, served_repo)["workers"] == 1
 
 
-def test_two_workers_share_the_load_and_sum_their_metrics(served_repo):
+def test_two_workers_share_the_load_and_sum_their_metrics(served_repo, monkeypatch):
+    # With API keys on (tools/loadtest.py sends the first key of APP_API_KEYS).
+    monkeypatch.setenv("APP_API_KEYS", "load-test-key,other-key")
     with serving(served_repo, APP_WORKERS="2") as url:
         result = load(url, served_repo)
         text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()

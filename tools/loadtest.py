@@ -9,6 +9,8 @@ The result goes into the --out JSON under "workers_<n>" (n from the server's /re
 the runs with other worker counts already there.
 
 Inputs come from the repo: a test row, a demo digit, a demo scene (run `make run` first).
+With APP_API_KEYS in the environment (as the server reads it: keys, or a file of keys), the
+requests carry the first key as `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -63,7 +66,13 @@ async def run(url: str, clients: int, total: int, repo: Path, samples: int = 5) 
     for task in plan:
         queue.put_nowait(task)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    from app.settings import parse_api_keys
+
+    keys = parse_api_keys(os.environ.get("APP_API_KEYS", ""))
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    async with httpx.AsyncClient(
+        base_url=url, timeout=60, limits=limits, headers=headers
+    ) as client:
         # Warm-up at full concurrency (not counted): the server's thread pool and allocator
         # arenas reach their working size, so what memory does afterwards is the signal.
         warm = [t for t, n in MIX for _ in range(n)] * max(1, clients // 10)
