@@ -229,7 +229,11 @@ def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
     with pytest.raises(Exception) as bad:  # a sentence about the file, not a Python message
         c.predict(handle_file(str(wrong)), api_name="/tabular_csv")
     assert "NoneType" not in str(bad.value) and "PathLike" not in str(bad.value)
-    assert "notes.txt is not a CSV file" in str(bad.value) and "/tmp" not in str(bad.value)
+    binary = tmp_path / "penguins.csv"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00 not a table")
+    with pytest.raises(Exception) as bad:
+        c.predict(handle_file(str(binary)), api_name="/tabular_csv")
+    assert "penguins.csv is not a CSV file" in str(bad.value) and "/tmp" not in str(bad.value)
     # A text file, and a PNG cut short, to the image and detect tabs: one sentence each.
     text, broken = tmp_path / "notes.png", tmp_path / "broken.png"
     text.write_text("my notes, not an image")

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SECTIONS = {"inference", "serving", "batch", "training", "validation", "pipeline"}
+SECTIONS = {"inference", "serving", "batch", "training", "validation", "pipeline", "edge"}
 
 
 def test_quick_bench_writes_every_section(tmp_path, served_repo):
@@ -56,6 +56,7 @@ def test_quick_bench_writes_every_section(tmp_path, served_repo):
         ("inference", "image batch 1"),
         ("inference", "detect batch 1"),
         ("serving", "tabular p50 latency"),
+        ("edge", "p50 per request, edge + key check"),
     } <= targets
     assert sum(name == "batch" for name, _ in targets) == 2
     assert sum(name == "training" and "amp" in what for name, what in targets) >= 2

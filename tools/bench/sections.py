@@ -177,11 +177,11 @@ def serving(quick: bool, scratch: Path) -> dict:
     import httpx
 
     from app.predict import load_models, predict_image, predict_tabular
-    from app.server import serve_config
+    from app.settings import load_settings
     from stages.image.data import preprocess, split_images
     from stages.tabular.data import Preprocessor, type_features
 
-    cfg = serve_config()
+    cfg = load_settings()
     models, missing = load_models("models", cfg)  # the server's own loader: same session options
     if {"tabular", "image"} - set(models):
         raise RuntimeError(f"models missing: {missing}")
@@ -197,7 +197,7 @@ def serving(quick: bool, scratch: Path) -> dict:
     )
     digit = split_images(read_json("data/prepared/image/schema.json"))[0][0].read_bytes()
     x_img = preprocess([io.BytesIO(digit)], img.card["preprocessing"])
-    k = min(cfg["top_k"], len(img.card["classes"]))
+    k = min(cfg.top_k, len(img.card["classes"]))
     n = 20 if quick else 300
     rows, details = [], {"requests_per_contender": n}
     proc, url = start_server(scratch)
@@ -218,7 +218,7 @@ def serving(quick: bool, scratch: Path) -> dict:
 
             same = (
                 post_tabular() == predict_tabular(tab, row),
-                post_image() == predict_image(img, digit, k, cfg["max_pixels"]),
+                post_image() == predict_image(img, digit, k, cfg.max_pixels),
             )
             sname, iname = tab.session.get_inputs()[0].name, img.session.get_inputs()[0].name
             cases = {
@@ -229,7 +229,7 @@ def serving(quick: bool, scratch: Path) -> dict:
                 },
                 "image": {
                     "server": post_image,
-                    "in-process": lambda: predict_image(img, digit, k, cfg["max_pixels"]),
+                    "in-process": lambda: predict_image(img, digit, k, cfg.max_pixels),
                     "session.run": lambda: img.session.run(None, {iname: x_img}),
                 },
             }
