@@ -26,7 +26,7 @@ from app.limits import Edge
 from app.metrics import Metrics
 from app.predict import load_models
 from app.routes import Served, info_routes, install_handlers, predict_routes, tabular_request
-from app.settings import Settings, load_settings
+from app.settings import Settings, SettingsError, load_settings
 
 VERSION = "0.1.0"
 
@@ -116,7 +116,10 @@ def main() -> None:
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
-    cfg = load_settings()
+    try:
+        cfg = load_settings()
+    except SettingsError as e:  # one line naming the key, no traceback
+        raise SystemExit(f"error: {e}") from None
     if cfg.workers > 1:
         # Before any worker imports prometheus_client: a fresh folder, so no counts of an
         # earlier run are summed in.
