@@ -85,6 +85,9 @@ def install_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
+        if any(tuple(e["loc"]) == ("path", "name") for e in exc.errors()):  # v2: no such model
+            name = request.path_params.get("name")
+            return answer(request, 404, f"no model named {name!r}; the models: {', '.join(TASKS)}")
         return answer(request, 422, sentences(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's, and the body limit's

@@ -263,6 +263,8 @@ def test_head_405_request_id_and_model_version(server, served_repo):
     status, headers, _ = request(server, "GET", "/predict/tabular")
     assert status == 405 and "POST" in headers["allow"]
     assert request(server, "DELETE", "/v2/models/image/infer")[0] == 405
+    status, _, body = request(server, "GET", "/v2/models/nope")
+    assert status == 404 and "no model named 'nope'" in json.loads(body)["error"]
     _, headers, _ = request(server, "GET", "/health", headers={"X-Request-ID": "trace-42"})
     assert headers["x-request-id"] == "trace-42"
     generated = request(server, "GET", "/health")[1]["x-request-id"]
