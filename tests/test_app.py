@@ -309,7 +309,7 @@ def test_schemathesis_finds_no_server_errors(server, tmp_path):
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     poisoned = (tmp_path / "nan.log").read_text().splitlines()
-    assert sum("/predict/tabular" in p for p in poisoned) >= 10, poisoned[:20]
+    assert sum("/predict/tabular" in p for p in poisoned) >= 3, poisoned[:20]
     assert any("/infer" in p for p in poisoned), sorted(set(poisoned))
 
 

@@ -269,7 +269,7 @@ def test_head_405_request_id_and_model_version(server, served_repo):
     assert headers["x-request-id"] == "trace-42"
     generated = request(server, "GET", "/health")[1]["x-request-id"]
     assert len(generated) == 32 and generated != "trace-42"
-    log = next((served_repo / ".cache").glob("server-*.log")).read_text()
+    log = (served_repo / ".cache" / f"server-{urlparse(server).port}.log").read_text()
     assert '"request_id": "trace-42"' in log
     digit = sorted((served_repo / "data/demo/digits/3").iterdir())[0].read_bytes()
     import httpx
