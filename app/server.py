@@ -25,6 +25,7 @@ from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict, Field, create_model
 
+from app.monitor import serving_metrics
 from app.predict import (
     BadInput,
     Loaded,
@@ -109,7 +110,8 @@ def create_app(
     drift = Gauge(
         "input_drift_psi",
         "PSI of served inputs over the last serve.drift_window values against the "
-        "training data (model card reference); > 0.25 is a shift",
+        "training data (model card reference); above input_drift_psi_threshold "
+        "(serve.drift_threshold) is a shift",
         ["task", "feature"],
         registry=registry,
         multiprocess_mode="livemax",
@@ -131,6 +133,7 @@ def create_app(
         registry=registry,
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     )
+    serving_metrics(registry, cfg, models, missing)  # for deploy/'s alerts and dashboard
     app = FastAPI(
         title="model-train",
         version="0.1.0",
