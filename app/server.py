@@ -134,6 +134,9 @@ def create_app(
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     )
     serving_metrics(registry, cfg, models, missing)  # for deploy/'s alerts and dashboard
+    for task in models:  # at 0 from the start: rate() sees no rise from a series it never saw
+        warned.labels(task)
+        errors.labels(task)
     app = FastAPI(
         title="model-train",
         version="0.1.0",

@@ -65,4 +65,11 @@ def test_two_workers_share_the_load_and_sum_their_metrics(served_repo):
         for v in re.findall(r'^requests_total\{status="200",task="\w+"\} (\S+)$', text, re.M)
     )
     assert served == 2050, served
+    # What deploy/'s alert rules read: one series each, however many workers set it.
+    assert re.findall(r"^input_drift_psi_threshold (\S+)$", text, re.M) == ["0.25"]
+    assert sorted(re.findall(r'^model_ready\{task="(\w+)"\} 1\.0$', text, re.M)) == [
+        "detect",
+        "image",
+        "tabular",
+    ]
     assert len(json.loads((served_repo / "metrics/load.json").read_text())) >= 2
