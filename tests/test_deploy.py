@@ -72,6 +72,12 @@ def test_rules_and_panels_name_no_job_and_the_drift_rule_no_threshold():
     assert len(drift) == 1 and "input_drift_psi_threshold" in drift[0]["expr"]
     assert not re.search(r"\d", drift[0]["expr"]), drift[0]["expr"]  # no level of its own
     assert metric_names(drift[0]["expr"]) == {"input_drift_psi", "input_drift_psi_threshold"}
+    # One source for the threshold: params.yaml; neither the rules nor the drift report copy it.
+    level = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]["drift_threshold"]
+    for path in ("deploy/alerts.yml", "tools/drift.py"):
+        assert not re.search(
+            rf"(?<![\d.]){re.escape(str(level))}(?![\d])", (ROOT / path).read_text()
+        ), path
 
 
 def test_dashboard_panels_always_show_a_series_from_the_provisioned_datasource():

@@ -10,6 +10,7 @@ import re
 import urllib.request
 
 import pytest
+import yaml
 from conftest import run, serving
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,9 @@ def test_two_workers_share_the_load_and_sum_their_metrics(served_repo):
     )
     assert served == 2050, served
     # What deploy/'s alert rules read: one series each, however many workers set it.
-    assert re.findall(r"^input_drift_psi_threshold (\S+)$", text, re.M) == ["0.25"]
+    params = yaml.safe_load((served_repo / "params.yaml").read_text())["serve"]
+    found = re.findall(r"^input_drift_psi_threshold (\S+)$", text, re.M)
+    assert [float(v) for v in found] == [params["drift_threshold"]], found
     assert sorted(re.findall(r'^model_ready\{task="(\w+)"\} 1\.0$', text, re.M)) == [
         "detect",
         "image",
