@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
 import yaml
@@ -176,8 +177,6 @@ def prometheus_config(tmp: Path, target: str) -> Path:
 
 class Prometheus:
     def __init__(self, url: str):
-        import httpx
-
         self.http = httpx.Client(base_url=url, timeout=10)
 
     def get(self, path: str, **params) -> dict | list:
@@ -214,8 +213,6 @@ def split_rows(repo: Path, n: int) -> list[dict]:
 
 
 def send(server: str, rows: list[dict]) -> None:
-    import httpx
-
     for i in range(0, len(rows), 500):
         r = httpx.post(f"{server}/predict/tabular", json={"rows": rows[i : i + 500]}, timeout=60)
         assert r.status_code == 200, r.text
@@ -266,8 +263,6 @@ def test_live_prometheus_fires_drift_on_drifted_rows_only_and_feeds_every_panel(
             for r in split_rows(served_repo, window)
         ]
         send(server, drifted)
-        import httpx
-
         assert httpx.post(f"{server}/predict/tabular", json={}).status_code == 422
         fired = prom.wait(
             "the drift alert",
@@ -298,8 +293,6 @@ def plus(value: float | None, shift: float) -> float | None:
 
 
 def _ready(prom: Prometheus) -> bool:
-    import httpx
-
     try:
         return prom.http.get("/-/ready").status_code == 200
     except httpx.TransportError:
