@@ -17,6 +17,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from app.monitor import serving_metrics
+from app.settings import Settings
+
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -28,7 +31,7 @@ def resident_bytes() -> int:
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, models: dict):
+    def __init__(self, models: dict, missing: dict, cfg: Settings):
         self.models, self.last_refresh = models, 0.0
         registry = self.registry = CollectorRegistry()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several workers: each writes its files
@@ -49,7 +52,8 @@ class Metrics:
         self.drift = Gauge(
             "input_drift_psi",
             "PSI of served inputs over the last serve.drift_window values against the "
-            "training data (model card reference); > 0.25 is a shift",
+            "training data (model card reference); above input_drift_psi_threshold "
+            "(serve.drift_threshold) is a shift",
             ["task", "feature"],
             registry=registry,
             multiprocess_mode="livemax",
@@ -71,6 +75,10 @@ class Metrics:
             registry=registry,
             buckets=BUCKETS,
         )
+        serving_metrics(registry, cfg, models, missing)  # for deploy/'s alerts and dashboard
+        for task in models:  # at 0 from the start: rate() sees no rise from a series it never saw
+            self.warned.labels(task)
+            self.errors.labels(task)
 
     def refresh(self) -> None:
         """Push this worker's drift, warning count and memory into the metrics."""

@@ -26,7 +26,8 @@ EPS = 1e-4  # share given to an empty bin, so PSI stays finite
 
 
 def psi(expected: np.ndarray, actual: np.ndarray) -> float:
-    """Population stability index between two share vectors: < 0.1 stable, > 0.25 shifted."""
+    """Population stability index between two share vectors: < 0.1 stable, above
+    serve.drift_threshold (0.25 by default, the usual rule of thumb) shifted."""
     e, a = np.clip(expected, EPS, None), np.clip(actual, EPS, None)
     return float(np.sum((a - e) * np.log(a / e)))
 
@@ -74,6 +75,50 @@ def value_warnings(ref: dict, row: dict) -> list[str]:
     return out
 
 
+def model_version(card: dict) -> str:
+    """The registry version `make serve` fetched (tools/registry.py writes it into the card),
+    else "workspace": models/ as the pipeline left it."""
+    return (card.get("registry") or {}).get("version") or "workspace"
+
+
+def serving_metrics(registry, cfg: Settings, models: dict, missing: dict) -> None:
+    """What the alert rules and the dashboard (deploy/) read besides the traffic metrics:
+    the drift threshold (serve.drift_threshold, so the rule file holds no copy of it), which
+    models are ready, which version each one is (gauges set once per worker at start; with
+    several workers each sets the same values, so max/min merge them), and the rows checked
+    for warnings, the denominator of the warnings share (a counter each Monitor counts into)."""
+    from prometheus_client import Counter, Gauge
+
+    Gauge(
+        "input_drift_psi_threshold",
+        "serve.drift_threshold: input_drift_psi above it means the feature has shifted",
+        registry=registry,
+        multiprocess_mode="max",
+    ).set(cfg.drift_threshold)
+    ready = Gauge(
+        "model_ready",
+        "1: the task's model is loaded and served; 0: missing or broken (see /ready)",
+        ["task"],
+        registry=registry,
+        multiprocess_mode="min",
+    )
+    info = Gauge(
+        "model_info",
+        "1 per served model: its registry version (or workspace) and ONNX sha256 prefix",
+        ["task", "version", "sha256"],
+        registry=registry,
+        multiprocess_mode="max",
+    )
+    for task in [*models, *missing]:
+        ready.labels(task).set(1 if task in models else 0)
+    rows = Counter(
+        "input_rows", "served rows (images) checked for warnings", ["task"], registry=registry
+    )
+    for task, m in models.items():
+        info.labels(task, model_version(m.card), m.card["onnx"]["sha256"][:12]).set(1)
+        m.monitor.rows = rows.labels(task)
+
+
 class Monitor:
     def __init__(self, task: str, card: dict, cfg: Settings):
         self.task = task
@@ -88,9 +133,12 @@ class Monitor:
         self.warned = self.warned_reported = (
             0  # rows with warnings; reported: already counted in /metrics
         )
+        self.rows = None  # the input_rows_total counter, where serving_metrics() set one
 
     def warnings(self, rows: list[dict]) -> list[list[str]]:
         out = [value_warnings(self.ref, r) for r in rows]
+        if self.rows is not None:
+            self.rows.inc(len(rows))
         if any(out):
             with self.lock:
                 self.warned += sum(1 for w in out if w)

@@ -48,7 +48,7 @@ def api(cfg: Settings, models_dir: str | Path) -> FastAPI:
         models,
         missing,
         cfg,
-        Metrics(models),
+        Metrics(models, missing, cfg),
         tabular_request(models["tabular"].card if "tabular" in models else None, cfg.max_rows),
         VERSION,
     )

@@ -37,6 +37,7 @@ class Settings:
     queue_timeout_s: float
     strict: bool
     drift_window: int
+    drift_threshold: float
     request_log_dir: str
     request_log_sample: float
     request_log_mb: float

@@ -10,6 +10,7 @@ import re
 import urllib.request
 
 import pytest
+import yaml
 from conftest import run, serving
 
 pytestmark = pytest.mark.slow
@@ -67,4 +68,13 @@ def test_two_workers_share_the_load_and_sum_their_metrics(served_repo, monkeypat
         for v in re.findall(r'^requests_total\{status="200",task="\w+"\} (\S+)$', text, re.M)
     )
     assert served == 2050, served
+    # What deploy/'s alert rules read: one series each, however many workers set it.
+    params = yaml.safe_load((served_repo / "params.yaml").read_text())["serve"]
+    found = re.findall(r"^input_drift_psi_threshold (\S+)$", text, re.M)
+    assert [float(v) for v in found] == [params["drift_threshold"]], found
+    assert sorted(re.findall(r'^model_ready\{task="(\w+)"\} 1\.0$', text, re.M)) == [
+        "detect",
+        "image",
+        "tabular",
+    ]
     assert len(json.loads((served_repo / "metrics/load.json").read_text())) >= 2

@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from app.monitor import feature_shares, psi
-from stages.core.params import TASKS
+from stages.core.params import TASKS, load_params
 
-SHIFTED, WATCH = 0.25, 0.1  # PSI: above SHIFTED the feature has moved; above WATCH, watch it
+WATCH = 0.1  # PSI above this (and below serve.drift_threshold): watch the feature
 
 
 def read_log(folder: Path, task: str) -> list[dict]:
@@ -45,7 +45,8 @@ def training_values(card: dict) -> pd.DataFrame | None:
     return pd.read_parquet(path) if card["task"] == "tabular" and path.is_file() else None
 
 
-def compare(card: dict, rows: list[dict]) -> list[dict]:
+def compare(card: dict, rows: list[dict], shifted: float) -> list[dict]:
+    """Per feature: PSI (above `shifted`, serve.drift_threshold: the feature has moved), KS."""
     from scipy.stats import ks_2samp
 
     train = training_values(card)
@@ -76,7 +77,7 @@ def compare(card: dict, rows: list[dict]) -> list[dict]:
             "-"
             if row["psi"] is None
             else "shifted"
-            if row["psi"] > SHIFTED
+            if row["psi"] > shifted
             else "watch"
             if row["psi"] > WATCH
             else "stable"
@@ -117,8 +118,8 @@ def draw(task: str, card: dict, results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def report(task: str, card: dict, rows: list[dict], out: Path) -> dict:
-    results = compare(card, rows)
+def report(task: str, card: dict, rows: list[dict], out: Path, shifted: float) -> dict:
+    results = compare(card, rows, shifted)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{task}.png"
     draw(task, card, results, png)
@@ -131,7 +132,7 @@ def report(task: str, card: dict, rows: list[dict], out: Path) -> dict:
     (out / f"{task}.html").write_text(
         f"<!doctype html><meta charset=utf-8><title>drift: {task}</title><h1>{task}: served inputs against the "
         f"training data</h1><p>{len(rows)} logged requests; reference: {html.escape(card['reference']['source'])}. "
-        f"PSI &gt; {SHIFTED}: shifted, &gt; {WATCH}: watch. KS: against the training split.</p>"
+        f"PSI &gt; {shifted}: shifted, &gt; {WATCH}: watch. KS: against the training split.</p>"
         f"<table border=1 cellpadding=4><tr><th>feature</th><th>served values</th><th>PSI</th><th>KS</th>"
         f"<th>verdict</th></tr>{table}</table><p><img src='data:image/png;base64,{image}'></p>"
     )
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="models")
     ap.add_argument("--out", default="report/drift")
     args = ap.parse_args(argv)
+    shifted = float(load_params()["serve"]["drift_threshold"])
     done = 0
     for task in args.task or TASKS:
         rows = read_log(Path(args.logs), task)
@@ -164,10 +166,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(
                 f"error: {card_path} has no reference statistics: export it again (dvc repro export@{task})"
             )
-        summary = report(task, card, rows, Path(args.out))
-        shifted = [f for f, r in summary["features"].items() if r["verdict"] == "shifted"]
+        summary = report(task, card, rows, Path(args.out), shifted)
+        moved = [f for f, r in summary["features"].items() if r["verdict"] == "shifted"]
         print(
-            f"{task}: {len(rows)} requests, shifted: {', '.join(shifted) or 'none'} → {args.out}/{task}.html"
+            f"{task}: {len(rows)} requests, shifted: {', '.join(moved) or 'none'} → {args.out}/{task}.html"
         )
         done += 1
     if not done:
