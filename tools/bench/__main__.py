@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from tools.bench.sections import OPT_IN, SECTIONS
     from tools.bench.timing import machine, print_table
+    from tools.bench.trust import trust
+
+    SECTIONS = {**SECTIONS, "trust": trust}
 
     names = [s for s in args.only.split(",") if s] or [s for s in SECTIONS if s not in OPT_IN]
     unknown = set(names) - set(SECTIONS)
