@@ -21,7 +21,7 @@ from app.monitor import Monitor
 from stages.core.cli import StageError
 from stages.core.inference import open_session, physical_cores, run_all
 from stages.core.params import TASKS
-from stages.core.trust import with_trust
+from stages.core.trust import ood_vectors, with_trust
 from stages.detect import infer as detect
 from stages.detect.boxes import load_for_detection, to_records
 from stages.image import infer as image
@@ -166,7 +166,8 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
                 )
                 preds = model.rows.decode(outs[0])
                 if "trust" in model.card:  # prediction_set or interval, and ood
-                    preds = with_trust(model.card, preds, scores(outs[0], model.card), outs[1])
+                    vectors = ood_vectors(model.card, x, outs)
+                    preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
     except StageError as e:
         raise BadInput(str(e)) from None
     model.monitor.observe(records)  # the monitor reads the features it knows

@@ -91,3 +91,13 @@ def test_sets_always_hold_the_top_class_and_describe_reads_well():
     rec = trust.records(fit, np.array([[0.2, 0.5, 0.3]]), np.array([[10.0]]), ["A", "B", "C"])[0]
     assert rec == {"prediction_set": ["B"], "ood": {"flagged": True, "p_value": 0.25}}
     assert trust.describe(rec) == "(set: B) · unlike the training data (p = 0.25)"
+
+
+def test_the_gate_refuses_coverage_below_one_minus_alpha_minus_0_05():
+    from tools.registry import coverage_rows
+
+    card = {"trust": {"alpha": 0.1}, "metrics": {"test": {"coverage": 0.86}}}
+    assert coverage_rows(card)[0][-1] is True
+    card["metrics"]["test"]["coverage"] = 0.84
+    assert coverage_rows(card)[0][-1] is False
+    assert coverage_rows({"metrics": {}}) == []  # detect, or a card from before trust

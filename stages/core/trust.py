@@ -52,7 +52,9 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
         z = z - z.max(axis=1, keepdims=True)
         return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[rows, y]))
 
-    res = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    # T below 0.5 is only ever "best" when the validation split is classified without a
+    # mistake (penguins): the NLL then falls as T -> 0, sharpening every answer to 1.0.
+    res = minimize_scalar(nll, bounds=(math.log(0.5), math.log(20.0)), method="bounded")
     return float(math.exp(res.x)) if res.fun <= nll(0.0) else 1.0
 
 
@@ -117,9 +119,12 @@ def fit(
     train_feats: np.ndarray,
     train_y: np.ndarray | None,
     classify: bool,
+    space: str = "features",
 ) -> dict:
     """The card's `trust` section from the validation outputs (classification: raw logits;
-    regression: predictions in target units) and features, and the training features."""
+    regression: predictions in target units) and OOD vectors, and the training ones. space:
+    what the OOD vectors are, "features" (the graph's penultimate output) or "input" (the
+    model's input row, for tabular data); serving passes the same (ood_vectors)."""
     if classify:
         temperature = fit_temperature(val_out, val_y)
         probs = softmax(val_out.astype("float64") / temperature)
@@ -136,8 +141,21 @@ def fit(
         "score": "1 - p(class) (LAC), top class always in" if classify else "|y - prediction|",
         "quantile": conformal_quantile(scores, alpha),
         "calibration_rows": len(val_y),
-        "ood": {**ood, "threshold": threshold, "distance": "min Mahalanobis to class means"},
+        "ood": {
+            **ood,
+            "threshold": threshold,
+            "space": space,
+            "distance": "min Mahalanobis to class means",
+        },
     }
+
+
+def ood_vectors(card: dict, x: np.ndarray, outputs: list):
+    """What the card's OOD score reads: the model input x or the graph's features output
+    (None for a card without trust)."""
+    if "trust" not in card:
+        return None
+    return x if card["trust"]["ood"]["space"] == "input" else outputs[1]
 
 
 def apply(trust: dict, scores: np.ndarray, feats: np.ndarray) -> dict:

@@ -18,7 +18,7 @@ from stages.core.cli import log
 from stages.core.files import atomic_path, read_json, write_json, write_timing
 from stages.core.images import list_images
 from stages.core.inference import open_session, run_all, softmax
-from stages.core.trust import with_trust
+from stages.core.trust import ood_vectors, with_trust
 from stages.image.data import load_rgb, normalise, top_k
 
 
@@ -34,7 +34,7 @@ def predict_outputs(card: dict, session, rgb: np.ndarray) -> tuple[np.ndarray, n
     spec = card["preprocessing"]
     x = normalise(rgb, spec["mean"], spec["std"])
     outs = run_all(session, x, max(len(x), 1))
-    return softmax(outs[0].astype("float64")), (outs[1] if "trust" in card else None)
+    return softmax(outs[0].astype("float64")), ood_vectors(card, x, outs)
 
 
 TRUST = ["prediction_set", "ood_flagged", "ood_p_value"]  # empty for a card without trust

@@ -22,7 +22,7 @@ from stages.core.cli import StageError, log
 from stages.core.expectations import for_inference, load_suite, run_suite_aside, summarise
 from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
 from stages.core.inference import open_session, run_all
-from stages.core.trust import apply, with_trust
+from stages.core.trust import apply, ood_vectors, with_trust
 from stages.tabular.data import Preprocessor, feature_chunks, scores, scores_table
 
 CHUNK_ROWS = 1_000_000
@@ -46,14 +46,14 @@ def predict_scores(
 def predict_outputs(
     card: dict, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(scores, the penultimate features that trust reads, or None for a card without trust)."""
+    """(scores, what the card's OOD score reads (ood_vectors), or None for a card without trust)."""
     x = Preprocessor.from_dict(card["preprocessing"]).transform(df, source)
     outputs = run_all(session, x, batch_size)
     if not np.isfinite(outputs[0]).all():
         raise StageError(
             f"{source}: some values are so far out of range that the model gives no finite prediction"
         )
-    return scores(outputs[0], card), (outputs[1] if "trust" in card else None)
+    return scores(outputs[0], card), ood_vectors(card, x, outputs)
 
 
 def predict_records(card: dict, session, df: pd.DataFrame, source: str = "input") -> list[dict]:
