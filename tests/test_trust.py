@@ -101,3 +101,37 @@ def test_the_gate_refuses_coverage_below_one_minus_alpha_minus_0_05():
     card["metrics"]["test"]["coverage"] = 0.84
     assert coverage_rows(card)[0][-1] is False
     assert coverage_rows({"metrics": {}}) == []  # detect, or a card from before trust
+
+
+def test_batch_infer_writes_interval_and_ood_columns(tmp_path):
+    """The regression side of `infer`'s Writer, CSV and parquet, against the serving records."""
+    import pandas as pd
+
+    from stages.tabular.infer import Writer
+
+    rng = np.random.default_rng(3)
+    x_tr, x_val = rng.normal(0, 1, (200, 3)), rng.normal(0, 1, (100, 3))
+    y_val = x_val.sum(1) + rng.normal(0, 0.5, 100)
+    fit = trust.fit(ALPHA, 0.05, x_val.sum(1)[:, None], y_val, x_val, x_tr, None, False)
+    card = {"kind": "regression", "classes": None, "trust": fit}
+    x = np.vstack([rng.normal(0, 1, (4, 3)), np.full((1, 3), 1e6)])
+    values = x.sum(1)[:, None]
+    expected = trust.records(fit, values, x, None)
+    for suffix in (".csv", ".parquet"):
+        w = Writer(tmp_path / f"out{suffix}", card)
+        w.write(values, np.arange(2, 7), x)
+        w.close()
+        got = (pd.read_csv if suffix == ".csv" else pd.read_parquet)(tmp_path / f"out{suffix}")
+        assert list(got.columns) == [
+            "line",
+            "prediction",
+            "interval_low",
+            "interval_high",
+            "ood_flagged",
+            "ood_p_value",
+        ]
+        assert got["ood_flagged"].tolist() == [r["ood"]["flagged"] for r in expected]
+        assert got["ood_flagged"].iloc[-1]  # the absurd row
+        np.testing.assert_allclose(
+            got[["interval_low", "interval_high"]], [r["interval"] for r in expected], rtol=1e-6
+        )
