@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from tools.bench.sections import OPT_IN
+from tools.bench.sections import SECTIONS as BASE_SECTIONS
 from tools.bench.timing import Row, alternate, percentile
 
 
@@ -101,3 +103,7 @@ def trust(quick: bool, scratch: Path) -> dict:
         "each over one keep-alive connection, interleaved"
     ]
     return {"rows": rows, "notes": notes, "details": details}
+
+
+SECTIONS = {**BASE_SECTIONS, "trust": trust}
+__all__ = ["OPT_IN", "SECTIONS", "trust"]
