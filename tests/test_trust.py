@@ -135,3 +135,16 @@ def test_batch_infer_writes_interval_and_ood_columns(tmp_path):
         np.testing.assert_allclose(
             got[["interval_low", "interval_high"]], [r["interval"] for r in expected], rtol=1e-6
         )
+
+
+def test_too_few_validation_rows_give_every_class_and_no_infinity_in_json():
+    import json
+
+    rng = np.random.default_rng(4)
+    logits, feats, y = synthetic_classifier(5, rng)  # 5 rows < 1 / 0.1 - 1
+    fit = trust.fit(ALPHA, 0.05, logits, y, feats, feats, y, True)
+    assert fit["quantile"] is None and "Infinity" not in json.dumps(fit)
+    assert trust.apply(fit, trust.softmax(logits), feats)["sets"].all()
+    reg = trust.fit(ALPHA, 0.05, y[:, None] * 1.0, y * 1.0, feats, feats, None, False)
+    rec = trust.records(reg, np.ones((1, 1)), feats[:1], None)[0]
+    assert rec["interval"] == [None, None] and "(interval: -inf to inf)" in trust.describe(rec)

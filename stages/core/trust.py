@@ -153,7 +153,9 @@ def fit(
         "alpha": alpha,
         "temperature": temperature,
         "score": "1 - p(class) (LAC), top class always in" if classify else "|y - prediction|",
-        "quantile": conformal_quantile(scores, alpha),
+        # None: too few validation rows for this alpha (n < 1/alpha - 1); the set is then
+        # every class, the interval unbounded. JSON has no infinity.
+        "quantile": None if math.isinf(q := conformal_quantile(scores, alpha)) else q,
         "calibration_rows": len(val_y),
         "ood": {
             **ood,
@@ -176,7 +178,7 @@ def apply(trust: dict, scores: np.ndarray, feats: np.ndarray) -> dict:
     """What serving and batch infer add to predictions, from the card's `trust` and the
     (calibrated) probabilities or values: `sets` (rows × classes, bool) or `intervals`
     (rows × 2), and the OOD `p_value` and `flagged` per row."""
-    q = trust["quantile"]
+    q = math.inf if trust["quantile"] is None else trust["quantile"]
     ood = trust["ood"]
     p = p_values(ood_distance(feats, ood), _arrays(ood)[3])
     out = {"p_value": p, "flagged": p <= ood["threshold"]}
@@ -200,10 +202,14 @@ def records(trust: dict, scores: np.ndarray, feats: np.ndarray, classes: list | 
     if "sets" in a:
         sets = [[classes[j] for j in np.flatnonzero(row)] for row in a["sets"]]
         return [{"prediction_set": s, "ood": o} for s, o in zip(sets, ood, strict=True)]
-    return [
-        {"interval": [float(lo), float(hi)], "ood": o}
+    return [  # an unbounded end is null (JSON has no infinity)
+        {"interval": [_finite(lo), _finite(hi)], "ood": o}
         for (lo, hi), o in zip(a["intervals"], ood, strict=True)
     ]
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
 
 
 def describe(record: dict) -> str:
@@ -211,8 +217,11 @@ def describe(record: dict) -> str:
     if "prediction_set" in record:
         head = f"set: {', '.join(map(str, record['prediction_set']))}"
     else:
-        lo, hi = record["interval"]
-        head = f"interval: {lo:.4g} to {hi:.4g}"
+        lo, hi = (
+            ("-inf", "inf")[i] if v is None else f"{v:.4g}"
+            for i, v in enumerate(record["interval"])
+        )
+        head = f"interval: {lo} to {hi}"
     ood = record["ood"]
     tail = (
         f"unlike the training data (p = {ood['p_value']:.3g})"
