@@ -20,14 +20,15 @@ from PIL import Image
 from app.monitor import Monitor
 from app.settings import Settings
 from stages.core.cli import StageError
-from stages.core.inference import open_session, physical_cores, run_batches
+from stages.core.inference import open_session, physical_cores, run_all
 from stages.core.params import TASKS
+from stages.core.trust import ood_vectors, with_trust
 from stages.detect import infer as detect
 from stages.detect.boxes import load_for_detection, to_records
 from stages.image import infer as image
 from stages.image.data import load_rgb, top_k
 from stages.tabular import infer as tabular
-from stages.tabular.data import type_features
+from stages.tabular.data import scores, type_features
 from stages.tabular.serving import Rows
 
 HOW_TO_TRAIN = (
@@ -159,15 +160,18 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
         warnings = model.checked(records)
         with model.limit:
             if x is None:
-                preds = tabular.predict(model.card, model.session, df, "request").to_dict("records")
+                preds = tabular.predict_records(model.card, model.session, df, "request")
             else:
-                # One run up to infer's default batch (as run_batches would), without its lookups.
-                out = (
-                    model.session.run(None, {model.card["onnx"]["input"]: x})[0]
+                # One run up to infer's default batch (as run_all would), without its lookups.
+                outs = (
+                    model.session.run(None, {model.card["onnx"]["input"]: x})
                     if len(x) <= model.batch_size
-                    else run_batches(model.session, x, model.batch_size)
+                    else run_all(model.session, x, model.batch_size)
                 )
-                preds = model.rows.decode(out)
+                preds = model.rows.decode(outs[0])
+                if "trust" in model.card:  # prediction_set or interval, and ood
+                    vectors = ood_vectors(model.card, x, outs)
+                    preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
     except StageError as e:
         raise BadInput(str(e)) from None
     model.monitor.observe(records)  # the monitor reads the features it knows
@@ -188,11 +192,14 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     }
     warnings = model.checked([seen])[0]
     with model.limit:
-        probs = image.predict(card, model.session, rgb[None])[0]
+        probs, feats = image.predict_outputs(card, model.session, rgb[None])
     model.monitor.observe([seen])
     classes = card["classes"]
+    trusted = with_trust(card, [{}], probs, feats)[0]  # prediction_set and ood
+    probs = probs[0]
     order = np.argsort(-probs)[:k]
     return {
+        **trusted,
         "prediction": classes[int(order[0])],
         "probability": float(probs[order[0]]),
         "top_k": [{"class": classes[int(i)], "probability": float(probs[i])} for i in order],

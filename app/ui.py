@@ -20,6 +20,7 @@ from app.predict import BadInput, Loaded, predict_detect, predict_image, predict
 from app.settings import Settings
 from stages.core.cli import StageError
 from stages.core.images import image_extensions
+from stages.core.trust import describe
 from stages.detect.boxes import draw_boxes
 from stages.tabular.data import read_csv
 
@@ -88,7 +89,11 @@ def _need_file(path: str | None, what: str) -> str:
     return path
 
 
-def warnings_markdown(warnings: list[str]) -> str:
+def warnings_markdown(warnings: list[str], pred: dict | None = None) -> str:
+    """The input warnings; first, for a model with trust, e.g. "Gentoo (set: Gentoo) · looks
+    like training data" (stages/core/trust.py)."""
+    if pred and "ood" in pred:
+        return f"{pred['prediction']} {describe(pred)}\n\n" + warnings_markdown(warnings)
     if not warnings:
         return "All inputs are inside the range the model was validated on."
     return "**Check these inputs:**\n" + "\n".join(f"- {w}" for w in warnings)
@@ -103,9 +108,9 @@ def tabular_form(model: Loaded, *values) -> tuple[dict | float, str]:
         raise _error(e) from None
     if model.card["kind"] == "classification":
         return {c: pred[f"p_{c}"] for c in model.card["classes"]}, warnings_markdown(
-            pred["warnings"]
+            pred["warnings"], pred
         )
-    return pred["prediction"], warnings_markdown(pred["warnings"])
+    return pred["prediction"], warnings_markdown(pred["warnings"], pred)
 
 
 def looks_like_text(path: str) -> bool:
@@ -148,7 +153,7 @@ def image_one(model: Loaded, path: str | None, k: int, max_pixels: int) -> tuple
     except BadInput as e:
         raise _error(e) from None
     return {r["class"]: r["probability"] for r in result["top_k"]}, warnings_markdown(
-        result["warnings"]
+        result["warnings"], result
     )
 
 

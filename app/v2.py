@@ -64,7 +64,40 @@ def tensors(card: dict) -> tuple[list[dict], list[dict]]:
     else:
         outputs = [("prediction", "FP64", [-1])]
     outputs.append(("warnings", "BYTES", [-1]))
+    if "trust" in card:  # the REST routes' prediction_set / interval and ood, as tensors
+        outputs += [
+            ("prediction_set", "BYTES", [-1])  # each element: the set as a JSON list
+            if card["kind"] == "classification"
+            else ("interval", "FP64", [-1, 2]),
+            ("ood_flagged", "BOOL", [-1]),
+            ("ood_p_value", "FP64", [-1]),
+        ]
     return inputs, [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs]
+
+
+def trust_tensors(preds: list[dict]) -> dict:
+    """The trust fields of REST predictions as v2 outputs (none where the card has no trust).
+    An unbounded interval end (a calibration split too small for alpha) is ±max float64,
+    since JSON has no infinity."""
+    if not preds or "ood" not in preds[0]:
+        return {}
+    n, big = len(preds), float(np.finfo(np.float64).max)
+    out = {}
+    if "prediction_set" in preds[0]:
+        sets = [json.dumps(p["prediction_set"]) for p in preds]
+        out["prediction_set"] = ("BYTES", sets, [n], {})
+    else:
+        bounds = [
+            [
+                -big if p["interval"][0] is None else p["interval"][0],
+                big if p["interval"][1] is None else p["interval"][1],
+            ]
+            for p in preds
+        ]
+        out["interval"] = ("FP64", bounds, [n, 2], {})
+    out["ood_flagged"] = ("BOOL", [p["ood"]["flagged"] for p in preds], [n], {})
+    out["ood_p_value"] = ("FP64", [p["ood"]["p_value"] for p in preds], [n], {})
+    return out
 
 
 def tabular_rows(m: Loaded, inputs: dict, request_model, max_rows: int) -> list[dict]:
@@ -119,6 +152,7 @@ def run_model(m: Loaded, task: str, inputs: dict, request: dict, ctx) -> dict:
             return {
                 "prediction": ("FP64", [p["prediction"] for p in preds], [n], {}),
                 "warnings": ("BYTES", warnings, [n], {}),
+                **trust_tensors(preds),
             }
         classes = m.card["classes"]
         probs = [[p[f"p_{c}"] for c in classes] for p in preds]
@@ -126,6 +160,7 @@ def run_model(m: Loaded, task: str, inputs: dict, request: dict, ctx) -> dict:
             "label": ("BYTES", [p["prediction"] for p in preds], [n], {}),
             "probabilities": ("FP32", probs, [n, len(classes)], {"classes": classes}),
             "warnings": ("BYTES", warnings, [n], {}),
+            **trust_tensors(preds),
         }
     if set(inputs) != {"image"} or inputs["image"][0] != "BYTES":
         raise TensorError("the model takes one BYTES input named `image`: encoded image bytes")
@@ -151,6 +186,7 @@ def run_model(m: Loaded, task: str, inputs: dict, request: dict, ctx) -> dict:
             "label": ("BYTES", [r["prediction"] for r in results], [n], {}),
             "probabilities": ("FP32", probs, [n, len(classes)], {"classes": classes}),
             "warnings": ("BYTES", ["; ".join(r["warnings"]) for r in results], [n], {}),
+            **trust_tensors(results),
         }
     if len(images) != 1:
         raise TensorError("input image: the detect model takes one image per request (shape [1])")

@@ -208,9 +208,8 @@ def test_gradio_functions_through_gradio_client(server, served_repo, tmp_path):
     row = a_row(served_repo)
     card = json.loads((served_repo / "models/tabular/model.json").read_text())
     label, note = c.predict(*[row[f["name"]] for f in card["features"]], api_name="/tabular_form")
-    assert label["label"] in ("Adelie", "Chinstrap", "Gentoo") and note.startswith(
-        "All inputs are inside"
-    )
+    assert label["label"] in ("Adelie", "Chinstrap", "Gentoo") and "All inputs are inside" in note
+    assert f"{label['label']} (set: " in note and "training data" in note  # stages/core/trust.py
     _, note = c.predict(
         *[0.0 if f["name"] == "body_mass_g" else row[f["name"]] for f in card["features"]],
         api_name="/tabular_form",

@@ -619,7 +619,8 @@ def test_repro_writes_every_output(pipeline):
     )
 
     preds = pd.read_csv(repo / "data/predictions/image.csv")
-    assert list(preds.columns) == ["path", "prediction", "probability", "top_k", "error"]
+    trust = ["prediction_set", "ood_flagged", "ood_p_value"]  # stages/core/trust.py
+    assert list(preds.columns) == ["path", "prediction", "probability", "top_k", "error", *trust]
     test_csv = pd.read_csv(repo / "data/prepared/image/test.csv")
     assert preds["path"].tolist() == test_csv["path"].tolist() and len(preds) == n_test
     # The manifest's paths are relative to the manifest and name the source's files.

@@ -121,7 +121,10 @@ def test_a_regression_csv_by_editing_only_data_params(repo):
     )
     run(repo, "dvc", "repro", "infer@tabular")
     metrics = read(repo, "metrics/tabular/metrics.json")
-    assert set(metrics["test"]) == {"rmse", "mae", "r2"} and set(metrics["baseline_hgb"]) == {
+    trust = {"coverage", "mean_interval_width", "ood_flagged_share", "ood_p_le_0.1", "ood_p_le_0.5"}
+    assert set(metrics["test"]) == {"rmse", "mae", "r2", *trust} and set(
+        metrics["baseline_hgb"]
+    ) == {
         "rmse",
         "mae",
         "r2",
@@ -129,6 +132,12 @@ def test_a_regression_csv_by_editing_only_data_params(repo):
     assert metrics["test"]["r2"] > 0.2
     preds = pd.read_csv(repo / "data/predictions/tabular.csv")
     assert (
-        list(preds.columns) == ["line", "prediction"] and preds["prediction"].between(0, 500).all()
+        list(preds.columns)
+        == ["line", "prediction", "interval_low", "interval_high", "ood_flagged", "ood_p_value"]
+        and preds["prediction"].between(0, 500).all()
     )
+    assert (
+        metrics["test"]["coverage"] >= 0.8
+    )  # conformal intervals at alpha 0.1 (stages/core/trust.py)
+    assert (preds["interval_low"] < preds["prediction"]).all()
     assert read(repo, "models/tabular/model.json")["parity"]["max_abs_diff"] <= 1e-4

@@ -143,16 +143,21 @@ def test_tritonclient_tabular(triton, binary, served_repo):
     meta = c.get_model_metadata("tabular")
     assert [i["name"] for i in meta["inputs"]] == [f["name"] for f in card["features"]]
     assert {i["name"]: i["datatype"] for i in meta["inputs"]}["island"] == "BYTES"
-    assert {o["name"] for o in meta["outputs"]} == {"label", "probabilities", "warnings"}
+    trust = {"prediction_set", "ood_flagged", "ood_p_value"}
+    assert {o["name"] for o in meta["outputs"]} == {"label", "probabilities", "warnings", *trust}
     version = meta["versions"][0]
     assert c.is_model_ready("tabular", model_version=version)
     outs = [
         th.InferRequestedOutput(n, binary_data=binary)
-        for n in ("label", "probabilities", "warnings")
+        for n in ("label", "probabilities", "warnings", *sorted(trust))
     ]
     r = c.infer("tabular", tabular_inputs(th, binary), outputs=outs, model_version=version)
     labels = [v.decode() if isinstance(v, bytes) else v for v in r.as_numpy("label")]
     assert set(labels) <= set(card["classes"]) and len(labels) == 2
+    # The trust fields as REST gives them: the label is in its set, a p-value per row.
+    sets = [json.loads(v) for v in r.as_numpy("prediction_set")]
+    assert all(label in s for label, s in zip(labels, sets, strict=True))
+    assert r.as_numpy("ood_flagged").dtype == bool and r.as_numpy("ood_p_value").shape == (2,)
     assert np.allclose(r.as_numpy("probabilities").sum(axis=1), 1, atol=1e-5)
     assert r.get_response()["model_version"] == version
     # The same checks as REST: an unknown category and an Infinity name the field and the row.

@@ -187,6 +187,7 @@ def gate(cand: dict, cur: dict | None, latency: list[float], cfg: dict) -> list[
             bool(cand["validation"]["success"]),
         ),
         ("ONNX parity", parity_passed(cand), "", "passed", parity_passed(cand)),
+        *coverage_rows(cand),
     ]
     if cur is None:
         return rows
@@ -214,6 +215,24 @@ def gate(cand: dict, cur: dict | None, latency: list[float], cfg: dict) -> list[
         )
     )
     return rows
+
+
+def coverage_rows(card: dict) -> list[tuple]:
+    """The conformal check (stages/core/trust.py): test coverage >= 1 - alpha - 0.05. A
+    card without trust (detect, or a model exported before it) has no row."""
+    if "trust" not in card:
+        return []
+    floor = 1 - card["trust"]["alpha"] - 0.05
+    c = metric(card, "test.coverage")
+    return [
+        (
+            "test coverage (conformal)",
+            f"{c:.4f}",
+            "",
+            f">= 1 - alpha - 0.05 = {floor:.2f}",
+            c >= floor,
+        )
+    ]
 
 
 def table(rows: list[tuple]) -> str:

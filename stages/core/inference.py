@@ -92,3 +92,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def run_all(session, x: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """run_batches for every output of the model (the logits, and the features for trust)."""
+    name = session.get_inputs()[0].name
+    outs = [session.run(None, {name: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+    if not outs:
+        return [np.zeros((0,), np.float32) for _ in session.get_outputs()]
+    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]

@@ -35,7 +35,9 @@ def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 256) -> np.
     )
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_onnx(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, outputs: tuple = ("output",)
+) -> None:
     """Dynamo export with a symbolic batch dimension; everything else stays fixed."""
     batch = torch.export.Dim("batch", min=1, max=1_000_000)
     with atomic_path(path) as tmp:
@@ -44,7 +46,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
             (example,),
             dynamic_shapes=({0: batch},),
             input_names=["input"],
-            output_names=["output"],
+            output_names=list(outputs),
             dynamo=True,
             verbose=False,
         )
@@ -96,3 +98,60 @@ def check_parity(
             f"minimum {min_agreement})"
         )
     return result
+
+
+class WithFeatures(torch.nn.Module):
+    """The model as export writes it: (outputs / temperature, penultimate features), the
+    features being the input of the last nn.Linear (the head), which the OOD score reads
+    (stages/core/trust.py). Found by a forward pre-hook so that every architecture here
+    (the MLP, the small CNN, torchvision's) works unchanged; a model without a Linear gives
+    its flattened input. temperature None: outputs as they are (regression)."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float | None = None):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+        heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        # A list held by the hook's closure, not a module attribute: export warns about
+        # tensors stored on modules.
+        seen: list[torch.Tensor] = []
+        self._seen = lambda: seen
+        self.head = heads[-1] if heads else None
+        self.handle = (
+            self.head.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+            if self.head is not None
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._seen().clear()
+        out = self.model(x)
+        feats = self._seen()[-1] if self.head is not None else x.flatten(1)
+        if self.temperature is not None:
+            out = out / self.temperature
+        return out, feats.flatten(1)
+
+
+class FirstOutput(torch.nn.Module):
+    """A two-output module's first output: what the parity check compares."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[0]
+
+
+@torch.inference_mode()
+def outputs_and_features(
+    model: torch.nn.Module, x: np.ndarray, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """The raw outputs and penultimate features of `model` (not yet wrapped) over x."""
+    wrapped, outs, feats = WithFeatures(model), [], []
+    for i in range(0, max(len(x), 1), batch_size):
+        o, f = wrapped(torch.from_numpy(x[i : i + batch_size]))
+        outs.append(o.float().numpy())
+        feats.append(f.float().numpy())
+    if wrapped.handle is not None:
+        wrapped.handle.remove()
+    return np.concatenate(outs), np.concatenate(feats)

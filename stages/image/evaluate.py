@@ -17,6 +17,7 @@ from stages.core.metrics import classification_report, fail_if_untrained, learne
 from stages.core.onnx_export import load_model, predict
 from stages.image.data import contact_sheet, preprocess, split_images
 from stages.image.model import build_model
+from stages.image.trust import trust_report
 
 
 def run(params: dict, out_dir: Path = Path("metrics/image")) -> dict:
@@ -40,6 +41,8 @@ def run(params: dict, out_dir: Path = Path("metrics/image")) -> dict:
     warnings = learned_nothing(
         "image", "accuracy", metrics["accuracy"], majority, "the majority-class share"
     )
+    trusted, trust_plots = trust_report(params, model, schema)  # stages/core/trust.py
+    metrics, plots = {**metrics, **trusted}, {**plots, **trust_plots}
     result = {"test": metrics, "test_images": len(paths), "warnings": warnings}
     write_json(out_dir / "metrics.json", result)
     for name, rows in plots.items():

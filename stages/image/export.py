@@ -14,9 +14,16 @@ import torch
 from stages.core.card import card_common, reference, validated_ranges
 from stages.core.cli import log
 from stages.core.files import write_json
-from stages.core.onnx_export import check_parity, export_onnx, load_model
+from stages.core.onnx_export import (
+    FirstOutput,
+    WithFeatures,
+    check_parity,
+    export_onnx,
+    load_model,
+)
 from stages.image.data import load_rgb, preprocess, split_images
 from stages.image.model import build_model
+from stages.image.trust import fit_trust
 
 
 def image_reference(schema: dict, size: int, sample: int = 2000) -> dict:
@@ -45,8 +52,13 @@ def run(params: dict, out_dir: Path = Path("models/image")) -> dict:
     paths, _ = split_images(schema)
     x_test = preprocess(paths, schema)
     onnx_path = out_dir / "model.onnx"
-    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path)
-    parity = check_parity(model, onnx_path, x_test, p["parity_atol"], True, p["min_top1_agreement"])
+    # The graph: (logits / temperature, penultimate features): calibrated, with what OOD reads.
+    trust = fit_trust(params, model, schema)
+    model = WithFeatures(model, trust["temperature"])
+    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path, ("output", "features"))
+    parity = check_parity(
+        FirstOutput(model), onnx_path, x_test, p["parity_atol"], True, p["min_top1_agreement"]
+    )
     size = schema["image_size"]
     card = {
         **card_common(
@@ -62,8 +74,9 @@ def run(params: dict, out_dir: Path = Path("models/image")) -> dict:
             "scale": "x / 255",
             "layout": "NCHW float32",
         },
-        "postprocessing": "softmax over output",
+        "postprocessing": "softmax over output (the logits / trust.temperature, in the graph)",
         "reference": image_reference(schema, size),
+        "trust": trust,
     }
     write_json(out_dir / "model.json", card)
     log(

@@ -17,16 +17,44 @@ import pandas as pd
 from stages.core.cli import log
 from stages.core.files import atomic_path, read_json, write_json, write_timing
 from stages.core.images import list_images
-from stages.core.inference import open_session, run_batches, softmax
+from stages.core.inference import open_session, run_all, softmax
+from stages.core.trust import ood_vectors, with_trust
 from stages.image.data import load_rgb, normalise, top_k
 
 
 def predict(card: dict, session, rgb: np.ndarray) -> np.ndarray:
     """N × H × W × 3 uint8 images (load_rgb at the card's size) → N × classes probabilities.
     `infer` and the app both call this, so they answer alike."""
+    return predict_outputs(card, session, rgb)[0]
+
+
+def predict_outputs(card: dict, session, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(probabilities, the penultimate features that trust reads, or None for a card
+    without trust)."""
     spec = card["preprocessing"]
     x = normalise(rgb, spec["mean"], spec["std"])
-    return softmax(run_batches(session, x, len(x)).astype("float64"))
+    outs = run_all(session, x, max(len(x), 1))
+    return softmax(outs[0].astype("float64")), ood_vectors(card, x, outs)
+
+
+TRUST = ["prediction_set", "ood_flagged", "ood_p_value"]  # empty for a card without trust
+
+
+def trust_fields(card: dict, probs: np.ndarray, feats) -> list[dict]:
+    """Per image: prediction_set (a JSON list), ood_flagged, ood_p_value, as CSV columns."""
+    import json
+
+    rows = with_trust(card, [{} for _ in probs], probs, feats)
+    return [
+        {
+            "prediction_set": json.dumps(r["prediction_set"]),
+            "ood_flagged": r["ood"]["flagged"],
+            "ood_p_value": r["ood"]["p_value"],
+        }
+        if r
+        else {}
+        for r in rows
+    ]
 
 
 def run(
@@ -50,12 +78,13 @@ def run(
             except Exception as e:  # noqa: BLE001 - unreadable file: report it, keep going
                 errors[name] = f"{type(e).__name__}: {e}"
         # Decode file by file (to catch unreadable ones), then predict the batch at once.
-        probs = (
-            predict(card, session, np.stack([rgb for _, rgb in good]))
+        probs, feats = (
+            predict_outputs(card, session, np.stack([rgb for _, rgb in good]))
             if good
-            else np.zeros((0, len(classes)))
+            else (np.zeros((0, len(classes))), None)
         )
-        tops = zip(probs, top_k(probs, classes, p["top_k"]), strict=True)
+        trusted = trust_fields(card, probs, feats)
+        tops = zip(probs, top_k(probs, classes, p["top_k"]), trusted, strict=True)
         ranked = dict(zip([n for n, _ in good], tops, strict=True))
         for name in files[i : i + p["batch_size"]]:
             if name in errors:
@@ -69,7 +98,7 @@ def run(
                     }
                 )
             else:
-                prob, best = ranked[name]
+                prob, best, extra = ranked[name]
                 rows.append(
                     {
                         "path": name,
@@ -77,13 +106,14 @@ def run(
                         "probability": round(float(prob.max()), 6),
                         "top_k": best,
                         "error": None,
+                        **extra,
                     }
                 )
     seconds = time.perf_counter() - start
     with atomic_path(out) as tmp:
-        pd.DataFrame(rows, columns=["path", "prediction", "probability", "top_k", "error"]).to_csv(
-            tmp, index=False
-        )
+        pd.DataFrame(
+            rows, columns=["path", "prediction", "probability", "top_k", "error", *TRUST]
+        ).to_csv(tmp, index=False)
     failed = sum(r["error"] is not None for r in rows)
     stats = {"images": len(rows), "failed": failed}
     timing = {

@@ -26,6 +26,7 @@ from stages.core.metrics import (
 from stages.core.onnx_export import load_model, predict
 from stages.tabular.data import Preprocessor, read_split, split_chunks
 from stages.tabular.model import build_model
+from stages.tabular.trust import trust_report
 
 CHUNK_ROWS = 1_000_000
 
@@ -69,6 +70,8 @@ def run(params: dict, out_dir: Path = Path("metrics/tabular")) -> dict:
         scale = meta["target_scaling"]
         metrics, plots = regression_report(y_test, out[:, 0] * scale["std"] + scale["mean"])
         warnings = learned_nothing("tabular", "r2", metrics["r2"], 0.0, "predicting the mean")
+    trusted, trust_plots = trust_report(params, model, meta, pre)  # stages/core/trust.py
+    metrics, plots = {**metrics, **trusted}, {**plots, **trust_plots}
     base_metrics = {}
     if hgb is not None:
         report = classification_report if classify else regression_report

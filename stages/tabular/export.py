@@ -13,9 +13,16 @@ import torch
 from stages.core.card import card_common, reference, validated_ranges
 from stages.core.cli import log
 from stages.core.files import atomic_path, write_json
-from stages.core.onnx_export import check_parity, export_onnx, load_model
+from stages.core.onnx_export import (
+    FirstOutput,
+    WithFeatures,
+    check_parity,
+    export_onnx,
+    load_model,
+)
 from stages.tabular.data import Preprocessor, sample_split, split_chunks
 from stages.tabular.model import build_model
+from stages.tabular.trust import fit_trust
 
 TRAIN = "data/prepared/tabular/train.parquet"
 PARITY_ROWS = 100_000
@@ -31,13 +38,16 @@ def run(params: dict, out_dir: Path = Path("models/tabular")) -> dict:
         next(split_chunks("data/prepared/tabular/test.parquet", PARITY_ROWS)).iloc[:PARITY_ROWS]
     )
     onnx_path = out_dir / "model.onnx"
-    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path)
+    # The graph: (logits / temperature, penultimate features): calibrated, with what OOD reads.
+    trust = fit_trust(params, model, meta, pre)
+    model = WithFeatures(model, trust["temperature"])
+    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path, ("output", "features"))
     parity = check_parity(
-        model, onnx_path, x_test, p["parity_atol"], schema["task"] == "classification"
+        FirstOutput(model), onnx_path, x_test, p["parity_atol"], schema["task"] == "classification"
     )
     if p["torchscript"]:
         with atomic_path(out_dir / "model.ts") as tmp:
-            torch.jit.trace(model, torch.from_numpy(x_test[:2])).save(str(tmp))
+            torch.jit.trace(model.model, torch.from_numpy(x_test[:2])).save(str(tmp))
     train_sample, step = sample_split(
         TRAIN, pre.columns, REFERENCE_ROWS
     )  # quantiles and shares: a sample will do
@@ -63,9 +73,10 @@ def run(params: dict, out_dir: Path = Path("models/tabular")) -> dict:
             validated_ranges("tabular"),
             f"{TRAIN} (the training split" + (f", every {step}th row)" if step > 1 else ")"),
         ),
-        "postprocessing": "softmax over output"
+        "postprocessing": "softmax over output (the logits / trust.temperature, in the graph)"
         if schema["task"] == "classification"
         else "output * target_scaling.std + target_scaling.mean",
+        "trust": trust,
     }
     write_json(out_dir / "model.json", card)
     log(

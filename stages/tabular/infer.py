@@ -21,7 +21,8 @@ import pandas as pd
 from stages.core.cli import StageError, log
 from stages.core.expectations import for_inference, load_suite, run_suite_aside, summarise
 from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
-from stages.core.inference import open_session, run_batches
+from stages.core.inference import open_session, run_all
+from stages.core.trust import apply, ood_vectors, with_trust
 from stages.tabular.data import Preprocessor, feature_chunks, scores, scores_table
 
 CHUNK_ROWS = 1_000_000
@@ -39,13 +40,27 @@ def predict_scores(
     card: dict, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
 ) -> np.ndarray:
     """Typed feature rows → their scores (stages.tabular.data.scores)."""
+    return predict_outputs(card, session, df, source, batch_size)[0]
+
+
+def predict_outputs(
+    card: dict, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scores, what the card's OOD score reads (ood_vectors), or None for a card without trust)."""
     x = Preprocessor.from_dict(card["preprocessing"]).transform(df, source)
-    outputs = run_batches(session, x, batch_size)
-    if not np.isfinite(outputs).all():
+    outputs = run_all(session, x, batch_size)
+    if not np.isfinite(outputs[0]).all():
         raise StageError(
             f"{source}: some values are so far out of range that the model gives no finite prediction"
         )
-    return scores(outputs, card)
+    return scores(outputs[0], card), ood_vectors(card, x, outputs)
+
+
+def predict_records(card: dict, session, df: pd.DataFrame, source: str = "input") -> list[dict]:
+    """predict() as dicts, with the trust fields (prediction_set or interval, ood): the app's
+    pandas path."""
+    s, feats = predict_outputs(card, session, df, source)
+    return with_trust(card, scores_table(s, card).to_dict("records"), s, feats)
 
 
 def input_frames(source: str, features: list[dict], target: str):
@@ -79,6 +94,36 @@ def csv_field(text: str) -> str:
     return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\r\n') else text
 
 
+def trust_columns(card: dict, predicted: np.ndarray, feats, csv: bool) -> list[tuple]:
+    """The trust fields as (name, arrow array) columns: prediction_set (a JSON list in CSV,
+    a list column in parquet) or interval_low / interval_high, then ood_flagged and
+    ood_p_value; [] for a card without trust."""
+    import json
+
+    import pyarrow as pa
+
+    if "trust" not in card or feats is None:
+        return []
+    a = apply(card["trust"], predicted, feats)
+    if "sets" in a:
+        classes = card["classes"]
+        sets = [[classes[j] for j in np.flatnonzero(row)] for row in a["sets"]]
+        first = [
+            ("prediction_set", pa.array([csv_field(json.dumps(x)) for x in sets] if csv else sets))
+        ]
+    else:
+        first = [
+            (f"interval_{k}", pa.array(a["intervals"][:, i].astype(np.float32)))
+            for i, k in enumerate(["low", "high"])
+        ]
+    flags = pa.array(["true" if f else "false" for f in a["flagged"]] if csv else a["flagged"])
+    return [
+        *first,
+        ("ood_flagged", flags),
+        ("ood_p_value", pa.array(a["p_value"].astype(np.float32))),
+    ]
+
+
 class Writer:
     """Appends chunks of scores (stages.tabular.data.scores) to a CSV or a parquet file (by
     the suffix) as predict()'s table, the line first. Parquet keeps numbers as float32, what
@@ -91,13 +136,15 @@ class Writer:
     def __init__(self, path: Path, card: dict):
         self.path, self.card, self.out = path, card, None
 
-    def write(self, predicted: np.ndarray, lines: np.ndarray) -> None:
+    def write(self, predicted: np.ndarray, lines: np.ndarray, feats=None) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         csv, classes = self.path.suffix != ".parquet", self.card.get("classes")
         names = ["prediction", *(["probability", *(f"p_{c}" for c in classes)] if classes else [])]
+        extra = trust_columns(self.card, predicted, feats, csv)
+        names += [n for n, _ in extra]
         if classes:  # as scores_table: the first most probable class, and its probability
             best = predicted.argmax(axis=1)
             labels = pa.array([csv_field(c) if csv else c for c in classes]).take(pa.array(best))
@@ -107,7 +154,8 @@ class Writer:
         if not csv:
             cols = [pa.array(v.astype(np.float32)) for v in numbers]
             chunk = pa.table(
-                [pa.array(lines), *([labels] if classes else []), *cols], names=["line", *names]
+                [pa.array(lines), *([labels] if classes else []), *cols, *(a for _, a in extra)],
+                names=["line", *names],
             )
             self.out = self.out or pq.ParquetWriter(self.path, chunk.schema)
             self.out.write_table(chunk)
@@ -121,7 +169,7 @@ class Writer:
             for j, v in enumerate(numbers):
                 text[:, 9 * j : 9 * j + 8] = six_decimals(v)
             text[:, 8::9] = ord(",")
-            text[:, -1] = ord("\n")
+            text[:, -1] = ord("," if extra else "\n")
             width = text.shape[1]
             tail = pa.StringArray.from_buffers(
                 len(text),
@@ -131,9 +179,12 @@ class Writer:
             rows = pc.binary_join_element_wise(line, labels, tail, ",")
         else:
             value = pc.cast(pa.array(numbers[0].astype(np.float32)), pa.string())
-            rows = pc.binary_join_element_wise(
-                pc.binary_join_element_wise(line, value, ","), "", "\n"
-            )
+            rows = pc.binary_join_element_wise(line, value, ",")
+            rows = pc.binary_join_element_wise(rows, "", "," if extra else "\n")
+        if extra:  # the trust columns, then the newline
+            texts = [pc.cast(a, pa.string()) for _, a in extra]
+            rows = pc.binary_join_element_wise(rows, pc.binary_join_element_wise(*texts, ","), "")
+            rows = pc.binary_join_element_wise(rows, "", "\n")
         offsets = np.frombuffer(
             rows.buffers()[1], dtype=np.int32, count=len(rows) + 1, offset=rows.offset * 4
         )
@@ -180,14 +231,16 @@ def run(params: dict, model_dir: Path = Path("models/tabular"), out: Path | None
                     for df in frames():
                         start = time.perf_counter()
                         try:
-                            predicted = predict_scores(card, session, df, source, p["batch_size"])
+                            predicted, feats = predict_outputs(
+                                card, session, df, source, p["batch_size"]
+                            )
                         except StageError as e:
                             # A chunk GX is about to fail (an unseen category) can't be predicted;
                             # GX's report names every broken value, so it speaks first below.
                             failed = e
                             break
                         seconds += time.perf_counter() - start
-                        writer.write(predicted, df.index.to_numpy())
+                        writer.write(predicted, df.index.to_numpy(), feats)
                         rows += len(df)
                 finally:
                     writer.close()

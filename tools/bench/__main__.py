@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     from tools.bench.edge import edge
-    from tools.bench.sections import OPT_IN, SECTIONS
+    from tools.bench.timing import machine, print_table
+    from tools.bench.trust import OPT_IN, SECTIONS  # sections.py's, and `trust`
 
     SECTIONS = {**SECTIONS, "edge": edge}
-    from tools.bench.timing import machine, print_table
 
     names = [s for s in args.only.split(",") if s] or [s for s in SECTIONS if s not in OPT_IN]
     unknown = set(names) - set(SECTIONS)
