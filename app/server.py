@@ -39,7 +39,8 @@ log = logging.getLogger("app.access")
 
 
 def serve_config(params_path: str | Path = "params.yaml") -> dict:
-    cfg = dict(load_params(params_path)["serve"])
+    params = load_params(params_path)  # checked against stages/core/schema.py
+    cfg = {**params["serve"], "top_k": params["image"]["infer"]["top_k"]}  # one top_k key
     cfg["host"] = os.environ.get("APP_HOST", cfg["host"])
     cfg["port"] = int(os.environ.get("APP_PORT", cfg["port"]))
     cfg["workers"] = int(os.environ.get("APP_WORKERS", cfg.get("workers", 1)))

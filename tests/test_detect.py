@@ -42,7 +42,6 @@ TINY_DETECT = {
     "detect.evaluate.coco_tolerance": TOLERANCE,
     "detect.export.conf": CONF,
     "detect.export.min_matched": 0.9,
-    "detect.infer.conf": CONF,
 }
 # The home directory Ultralytics must never write to: the subprocesses get a fake one.
 HOME_ULTRALYTICS = Path.home() / ".config" / "Ultralytics"

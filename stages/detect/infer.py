@@ -34,6 +34,13 @@ def graph_kind(session) -> str:
     return "end2end" if session.get_outputs()[0].shape[-1] == 6 else "raw"
 
 
+def thresholds(card: dict) -> tuple[float, float]:
+    """(conf, iou): the model card's, which export checked parity at (detect.export.conf, iou).
+    Batch infer and serving both take them from here, so they detect the same boxes."""
+    post = card["postprocessing"]
+    return post["conf"], post["iou"]
+
+
 def predict(
     session, images: list[tuple[np.ndarray, dict]], conf: float, iou: float
 ) -> list[np.ndarray]:
@@ -72,6 +79,7 @@ def run(
     table, root = list_images(p["source"], labelled=False)
     files = table["path"].tolist()
     session = open_session(model_dir / card["onnx"]["file"])
+    conf, iou = thresholds(card)
     results, errors, shown = [], [], []
     start = time.perf_counter()
     for i in range(0, len(files), p["batch_size"]):
@@ -84,7 +92,7 @@ def run(
                 continue
             batch.append((x, meta))
             names_ok.append(f)
-        for f, dets in zip(names_ok, predict(session, batch, p["conf"], p["iou"]), strict=False):
+        for f, dets in zip(names_ok, predict(session, batch, conf, iou), strict=False):
             if len(shown) < p["render"]:
                 shown.append((f, dets))
             results += [{"file": f, **r} for r in to_records(dets, names)]
