@@ -200,12 +200,12 @@ def run_suite(suite: dict, tables: dict, docs_dir: str | Path | None = None) -> 
 
 
 def _result_format(docs: bool, engine: str) -> dict:
-    """The report keeps 5 unexpected values and rows per expectation; only Data Docs show
-    more (every unexpected row, and a query that lists them). Without docs, SUMMARY gives
-    the same report without GX collecting, copying and serialising every unexpected row
-    and filtering the whole table once more per expectation for the query (a fifth of
-    the time on a million rows, more the more rows fail; `make bench`). On Spark, COMPLETE
-    would collect every failing row on the driver: SUMMARY always."""
+    """The report keeps 5 unexpected values and rows per expectation; only Data Docs show more
+    (every unexpected row, and a query that lists them). Without docs, SUMMARY gives the same
+    report without GX collecting, copying and serialising every unexpected row and filtering
+    the whole table once more per expectation for the query (a fifth of the time on a million
+    rows, more the more rows fail; `make bench`). On Spark, COMPLETE would collect every
+    failing row on the driver: SUMMARY always."""
     complete = docs and engine == "pandas"
     result_format = {
         "result_format": "COMPLETE" if complete else "SUMMARY",
@@ -232,18 +232,15 @@ def _suite_groups(ctx, suite: dict, suite_name: str, engine: str, docs: bool) ->
         gx_suite = ctx.suites.add(gx_suite) if docs else gx_suite
     if engine == "spark":
         return gx_suite, [(None, range(len(suite["expectations"])), gx_suite)]
-    groups = [
+    exps = suite["expectations"]
+    return gx_suite, [
         (
             cols,
             at,
-            gx.ExpectationSuite(
-                name=f"{suite_name}/{i}",
-                expectations=[suite["expectations"][j] for j in at],
-            ),
+            gx.ExpectationSuite(name=f"{suite_name}/{i}", expectations=[exps[j] for j in at]),
         )
-        for i, (cols, at) in enumerate(_column_groups(suite["expectations"]))
+        for i, (cols, at) in enumerate(_column_groups(exps))
     ]
-    return gx_suite, groups
 
 
 def _validate_with_docs(

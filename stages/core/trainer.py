@@ -469,18 +469,8 @@ def fit(
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
-        train_loss = _train_one_epoch(
-            net,
-            model,
-            loader,
-            opt,
-            scaler,
-            sums_fn,
-            cfg,
-            rt,
-            amp,
-            f"epoch {epoch + 1}/{cfg.epochs}",
-        )
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        train_loss = _train_one_epoch(net, model, loader, opt, scaler, sums_fn, cfg, rt, amp, desc)
         val = _evaluate(net, val_loader, sums_fn, rt, amp)
         metrics = _epoch_metrics(train_loss, val, opt.param_groups[0]["lr"], cfg, epoch)
         improved = _record(state, metrics, cfg, epoch)
@@ -489,18 +479,8 @@ def fit(
         else:
             sched.step()
         stopped_early = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
-        _checkpoint(
-            ckpt_dir,
-            model,
-            opt,
-            sched,
-            scaler,
-            state,
-            fingerprint,
-            stopped_early or state["epoch"] == cfg.epochs,
-            improved,
-            rt,
-        )
+        finished = stopped_early or state["epoch"] == cfg.epochs
+        _checkpoint(ckpt_dir, model, opt, sched, scaler, state, fingerprint, finished, improved, rt)
         if rt.is_main:
             _show_epoch(live, epoch, metrics, cfg, time.perf_counter() - t0, improved)
         if rt.distributed:

@@ -18,15 +18,81 @@ from tools.bench.repo import (
 from tools.bench.timing import alternate, median, ratio_row
 
 
+def tabular_steps(read, pre, tsession, bs: int, tcard: dict, work: Path, rounds: int) -> dict:
+    """infer_tabular's steps, each timed alone with the same helpers and session."""
+    from stages.core.expectations import for_inference, load_suite, run_suite
+    from stages.core.inference import run_batches
+    from stages.tabular import infer as tabular_infer
+    from stages.tabular.data import scores
+
+    suite = for_inference(load_suite(ROOT / tcard["validation"]["suite_file"]))
+    df = read()
+    x = pre.transform(df)
+    out = run_batches(tsession, x, bs)
+    predicted = scores(out, tcard)
+    return alternate(
+        {
+            "read + type the CSV": read,
+            "GX validation": lambda: run_suite(suite, {"input": df}),
+            "open the session": lambda: open_session(ROOT / "models/tabular/model.onnx"),
+            "preprocess": lambda: pre.transform(df),
+            "session.run": lambda: run_batches(tsession, x, bs),
+            "scores (softmax)": lambda: scores(out, tcard),
+            "write the CSV": lambda: write_predictions(
+                tabular_infer, tcard, predicted, df, work / "steps.csv"
+            ),
+            "write parquet": lambda: write_predictions(
+                tabular_infer, tcard, predicted, df, work / "steps.parquet"
+            ),
+        },
+        rounds,
+    )
+
+
+def batch_report(med: dict, steps: dict, n_rows: int, n_files: int) -> tuple[list, list]:
+    """(rows, notes) from the median seconds of each contender and of infer_tabular's steps."""
+    rows, notes = [], []
+    rows.append(
+        ratio_row(
+            f"tabular, {n_rows:,} rows",
+            ("infer_tabular", n_rows / med["infer_tabular"], "rows/s"),
+            ("bare loop", n_rows / med["bare"], "rows/s"),
+            0.8,
+        )
+    )
+    rows.append(
+        ratio_row(
+            f"image, {n_files} test images",
+            ("infer_image", n_files / med["infer_image"], "images/s"),
+            ("bare loop", n_files / med["bare image"], "images/s"),
+            0.8,
+        )
+    )
+    step_s = {k: median(v) for k, v in steps.items()}
+    total = sum(step_s.values())
+    notes.append(
+        "both sides read and type the same CSV, preprocess and run with the same helpers and session "
+        "options; the bare loop decodes into predict()'s table and skips GX validation and writing; "
+        "infer_tabular writes the CSV from the scores"
+    )
+    notes.append(
+        "infer_tabular, step by step: "
+        + ", ".join(
+            f"{k} {v * 1e3:.0f} ms ({v / total:.0%})"
+            for k, v in sorted(step_s.items(), key=lambda kv: -kv[1])
+        )
+    )
+    return rows, notes
+
+
 def batch(quick: bool, scratch: Path) -> dict:
     """The infer stage's core end to end vs a bare loop with the same helpers and session."""
-    from stages.core.expectations import for_inference, load_suite, run_suite
     from stages.core.images import list_images
     from stages.core.inference import run_batches, softmax
     from stages.image import infer as image_infer
     from stages.image.data import preprocess, top_k
     from stages.tabular import infer as tabular_infer
-    from stages.tabular.data import Preprocessor, decode_outputs, read_features, scores
+    from stages.tabular.data import Preprocessor, decode_outputs, read_features
 
     params = load_params()
     n_rows = 2_000 if quick else 100_000
@@ -49,7 +115,6 @@ def batch(quick: bool, scratch: Path) -> dict:
         Preprocessor.from_dict(tcard["preprocessing"]),
         params["tabular"]["infer"]["batch_size"],
     )
-    suite = for_inference(load_suite(ROOT / tcard["validation"]["suite_file"]))
     table, root = list_images(params["image"]["infer"]["source"], labelled=False)
     files = table["path"].tolist()
     ip = params["image"]["infer"]
@@ -75,7 +140,7 @@ def batch(quick: bool, scratch: Path) -> dict:
             )
 
     rounds = 2 if quick else 7
-    rows, notes, details = [], [], {"tabular_rows": n_rows, "images": len(files)}
+    details = {"tabular_rows": n_rows, "images": len(files)}
     with chdir(work):
         times = alternate(
             {
@@ -91,60 +156,11 @@ def batch(quick: bool, scratch: Path) -> dict:
             rounds,
         )
         # Where infer_tabular's time goes: its steps, timed one by one with the same helpers.
-        df = read()
-        x = pre.transform(df)
-        out = run_batches(tsession, x, bs)
-        predicted = scores(out, tcard)
-        steps = alternate(
-            {
-                "read + type the CSV": read,
-                "GX validation": lambda: run_suite(suite, {"input": df}),
-                "open the session": lambda: open_session(ROOT / "models/tabular/model.onnx"),
-                "preprocess": lambda: pre.transform(df),
-                "session.run": lambda: run_batches(tsession, x, bs),
-                "scores (softmax)": lambda: scores(out, tcard),
-                "write the CSV": lambda: write_predictions(
-                    tabular_infer, tcard, predicted, df, work / "steps.csv"
-                ),
-                "write parquet": lambda: write_predictions(
-                    tabular_infer, tcard, predicted, df, work / "steps.parquet"
-                ),
-            },
-            rounds,
-        )
+        steps = tabular_steps(read, pre, tsession, bs, tcard, work, rounds)
     med = {k: median(v) for k, v in times.items()}
-    rows.append(
-        ratio_row(
-            f"tabular, {n_rows:,} rows",
-            ("infer_tabular", n_rows / med["infer_tabular"], "rows/s"),
-            ("bare loop", n_rows / med["bare"], "rows/s"),
-            0.8,
-        )
-    )
-    rows.append(
-        ratio_row(
-            f"image, {len(files)} test images",
-            ("infer_image", len(files) / med["infer_image"], "images/s"),
-            ("bare loop", len(files) / med["bare image"], "images/s"),
-            0.8,
-        )
-    )
-    step_s = {k: median(v) for k, v in steps.items()}
+    rows, notes = batch_report(med, steps, n_rows, len(files))
     details["seconds"] = med
-    details["infer_tabular_steps_s"] = step_s
-    total = sum(step_s.values())
-    notes.append(
-        "both sides read and type the same CSV, preprocess and run with the same helpers and session "
-        "options; the bare loop decodes into predict()'s table and skips GX validation and writing; "
-        "infer_tabular writes the CSV from the scores"
-    )
-    notes.append(
-        "infer_tabular, step by step: "
-        + ", ".join(
-            f"{k} {v * 1e3:.0f} ms ({v / total:.0%})"
-            for k, v in sorted(step_s.items(), key=lambda kv: -kv[1])
-        )
-    )
+    details["infer_tabular_steps_s"] = {k: median(v) for k, v in steps.items()}
     return {"rows": rows, "notes": notes, "details": details}
 
 

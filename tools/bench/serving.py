@@ -48,6 +48,38 @@ def start_server(scratch: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.3)
 
 
+def latency_rows(task: str, ms: dict) -> list[Row]:
+    """p50 and p99 of the server vs in process, and in process vs the bare session.run."""
+    rows = []
+    for q in ("p50", "p99"):
+        added = ms["server"][q] - ms["in-process"][q]
+        rule = task == "tabular" and q == "p50"
+        rows.append(
+            Row(
+                f"{task} {q} latency",
+                ("server", ms["server"][q], "ms"),
+                ("in-process", ms["in-process"][q], "ms"),
+                ms["server"][q] / ms["in-process"][q],
+                "server adds <= 3 ms" if rule else f"server adds {added:.2f} ms",
+                added <= 3 if rule else None,
+                {"added_ms": added},
+            )
+        )
+    ratio = ms["in-process"]["p50"] / ms["session.run"]["p50"]
+    # The tabular fast path (stages/tabular/serving.py): numpy, no pandas per request.
+    rows.append(
+        Row(
+            f"{task} p50 latency",
+            ("in-process", ms["in-process"]["p50"], "ms"),
+            ("session.run", ms["session.run"]["p50"], "ms"),
+            ratio,
+            "<= 10x" if task == "tabular" else "",
+            ratio <= 10 if task == "tabular" else None,
+        )
+    )
+    return rows
+
+
 def serving(quick: bool, scratch: Path) -> dict:
     """p50/p99 through the HTTP server vs the same call in process vs the bare session.run."""
     import httpx
@@ -116,32 +148,7 @@ def serving(quick: bool, scratch: Path) -> dict:
                     for c, v in times.items()
                 }
                 details[task] = ms
-                for q in ("p50", "p99"):
-                    added = ms["server"][q] - ms["in-process"][q]
-                    rule = task == "tabular" and q == "p50"
-                    rows.append(
-                        Row(
-                            f"{task} {q} latency",
-                            ("server", ms["server"][q], "ms"),
-                            ("in-process", ms["in-process"][q], "ms"),
-                            ms["server"][q] / ms["in-process"][q],
-                            "server adds <= 3 ms" if rule else f"server adds {added:.2f} ms",
-                            added <= 3 if rule else None,
-                            {"added_ms": added},
-                        )
-                    )
-                ratio = ms["in-process"]["p50"] / ms["session.run"]["p50"]
-                # The tabular fast path (stages/tabular/serving.py): numpy, no pandas per request.
-                rows.append(
-                    Row(
-                        f"{task} p50 latency",
-                        ("in-process", ms["in-process"]["p50"], "ms"),
-                        ("session.run", ms["session.run"]["p50"], "ms"),
-                        ratio,
-                        "<= 10x" if task == "tabular" else "",
-                        ratio <= 10 if task == "tabular" else None,
-                    )
-                )
+                rows += latency_rows(task, ms)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -22,11 +22,6 @@ from tools.bench.timing import Row, alternate, median, ratio_row
 def validation(quick: bool, scratch: Path) -> dict:
     """The tabular GX suite on a large table (with and without Data Docs); prepare and
     validate as processes on a very large CSV, with their peak memory."""
-    import cProfile
-    import pstats
-
-    import yaml
-
     from stages.core.expectations import load_suite, run_suite
 
     n = 20_000 if quick else 1_000_000
@@ -65,26 +60,42 @@ def validation(quick: bool, scratch: Path) -> dict:
         )
     )
     notes, details = [], {"gx_rows": n, "gx_rows_per_s": rate}
-    # Where GX spends it: the functions with the most time of their own.
+    details["gx_profile_top"], note = gx_profile(lambda: run_suite(suite, {"train": big}))
+    notes.append(note)
+    more, note, found = ingestion(50_000 if quick else 5_000_000, scratch)
+    rows += more
+    notes.append(note)
+    details.update(found)
+    return {"rows": rows, "notes": notes, "details": details}
+
+
+def gx_profile(run) -> tuple[list, str]:
+    """Where GX spends its time: the functions with the most time of their own."""
+    import cProfile
+    import pstats
+
     prof = cProfile.Profile()
-    prof.runcall(run_suite, suite, {"train": big})
+    prof.runcall(run)
     stats = pstats.Stats(prof)
     total = stats.total_tt
     top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:6]
-    details["gx_profile_top"] = [
+    found = [
         {"function": f"{Path(f).name}:{line}({fn})", "seconds": round(tt, 3)}
         for (f, line, fn), (_, _, tt, _, _) in top
     ]
-    notes.append(
-        f"GX time by function (own time, of {total:.2f} s): "
-        + ", ".join(
-            f"{Path(f).parent.name}/{Path(f).name}:{fn} {tt / total:.0%}"
-            for (f, _, fn), (_, _, tt, _, _) in top
-        )
+    note = f"GX time by function (own time, of {total:.2f} s): " + ", ".join(
+        f"{Path(f).parent.name}/{Path(f).name}:{fn} {tt / total:.0%}"
+        for (f, _, fn), (_, _, tt, _, _) in top
     )
+    return found, note
 
-    # prepare + validate on a very large CSV, in a copy of the repo, as the pipeline runs them
-    n_csv = 50_000 if quick else 5_000_000
+
+def ingestion(n_csv: int, scratch: Path) -> tuple[list, str, dict]:
+    """prepare + validate on a very large CSV, in a copy of the repo, as the pipeline runs
+    them: (rows, note, details)."""
+    import yaml
+
+    rows = []
     repo = copy_repo(scratch / "repo")
     csv = synthetic_csv(
         scratch / "big" / "penguins.csv", n_csv
@@ -113,7 +124,7 @@ def validation(quick: bool, scratch: Path) -> dict:
             extra={"csv_mib": size_mb},
         )
     )
-    details.update(
+    details = dict(
         csv_rows=n_csv,
         csv_mib=size_mb,
         prepare_s=prep_s,
@@ -139,8 +150,8 @@ def validation(quick: bool, scratch: Path) -> dict:
             prep_mb <= 3 * size_mb,
         )
     )
-    notes.append(
+    note = (
         f"prepare {n_csv / prep_s:,.0f} rows/s, peak {prep_mb / size_mb:.1f}x the CSV's size; "
         f"validate (3 splits, Data Docs) {n_csv / val_s:,.0f} rows/s"
     )
-    return {"rows": rows, "notes": notes, "details": details}
+    return rows, note, details
