@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, read_json, write_json
 
@@ -36,9 +37,7 @@ SPLITS = ("train", "val", "test")
 
 def suite_path(task: str, source: str, part: str = "") -> Path:
     """One suite per data source, so switching the data never validates against a stale suite."""
-    return (
-        Path("data/expectations") / task / f"{Path(source).stem}{'.' + part if part else ''}.json"
-    )
+    return layout.expectations(task) / f"{Path(source).stem}{'.' + part if part else ''}.json"
 
 
 def save_suite(path: str | Path, suite: dict) -> None:
@@ -584,11 +583,11 @@ def check(
     sources: dict[str, str],
 ) -> dict:
     """Run the suites, write the report and Data Docs, and fail loudly if any table breaks them."""
-    with atomic_dir(Path("metrics") / task / "datadocs") as docs:
+    with atomic_dir(layout.datadocs(task)) as docs:
         report = run_suites(pairs, docs_dir=docs)
     report["suite_file"] = ", ".join(str(p) for p in paths)
     path = " and ".join(str(p) for p in paths)
-    write_json(Path("metrics") / task / "validation.json", report)
+    write_json(layout.validation(task), report)
     total = sum(len(t["results"]) for t in report["tables"].values())
     if not report["success"]:
         raise StageError(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import read_json, write_json
 from stages.core.metrics import fail_if_untrained, learned_nothing
@@ -108,17 +109,17 @@ def _write_plots(plots: Path, box, names: list[str], per_class: dict) -> None:
     )
 
 
-def run(params: dict, out_dir: Path = Path("metrics/detect")) -> dict:
+def run(params: dict, out_dir: Path = layout.metrics_dir("detect")) -> dict:
     """Ultralytics' validator on the test split, and the same predictions scored again by
     pycocotools. The two mAPs must agree within evaluate.coco_tolerance."""
     p = params["detect"]["evaluate"]
     yolo.configure()
     from ultralytics import YOLO
 
-    dataset = read_json("data/prepared/detect/dataset.json")
+    dataset = read_json(layout.prepared("detect") / "dataset.json")
     names = dataset["names"]
     data, runs = yolo.dataset_view(names), yolo.run_dir("evaluate")
-    model = YOLO("models/detect/model.pt")
+    model = YOLO(layout.model_pt("detect"))
     # save_json: the validator writes its predictions (COCO style, original pixels) for pycocotools.
     m = model.val(
         data=str(data),
@@ -142,7 +143,7 @@ def run(params: dict, out_dir: Path = Path("metrics/detect")) -> dict:
         if (runs / "predictions.json").exists()
         else []
     )
-    prepared = Path("data/prepared/detect")
+    prepared = layout.prepared("detect")
     coco = coco_map(
         coco_ground_truth(prepared / "images/test", prepared / "labels/test", len(names)),
         predictions,

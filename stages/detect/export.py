@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.card import card_common, reference, validated_ranges
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_path, read_json, write_json
@@ -67,7 +68,7 @@ def detect_reference(files: list[Path], found: list[np.ndarray]) -> dict:
     import pandas as pd
     from PIL import Image
 
-    images = pd.read_parquet("data/prepared/detect/images.parquet")
+    images = pd.read_parquet(layout.prepared("detect") / "images.parquet")
     train = images[images["split"] == "train"]
     modes, scores, sizes = [], [], []
     for f in train["file"]:
@@ -88,7 +89,7 @@ def detect_reference(files: list[Path], found: list[np.ndarray]) -> dict:
             "box_size": pd.Series(sizes, dtype="float64"),
         },
         validated_ranges("detect"),
-        "data/prepared/detect (training images; detections on val images)",
+        f"{layout.prepared('detect')} (training images; detections on val images)",
     )
 
 
@@ -179,7 +180,7 @@ def postprocessing(kind: str, p: dict) -> dict:
     }
 
 
-def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
+def run(params: dict, out_dir: Path = layout.model_dir("detect")) -> dict:
     """Ultralytics' ONNX exporter (dynamic axes), then the input fixed to imgsz × imgsz with
     a dynamic batch; parity: our numpy pipeline vs Ultralytics' predict on the val images."""
     p = params["detect"]["export"]
@@ -198,19 +199,19 @@ def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
             f"{model.ckpt['train_args']['model']}: NMS inside needs a head with NMS (YOLOv8/11), "
             "end2end an NMS-free head (YOLO26, YOLOv10)"
         )
-    files = sorted(f for f in Path("data/prepared/detect/images/val").iterdir() if f.is_file())
+    files = sorted(f for f in (layout.prepared("detect") / "images/val").iterdir() if f.is_file())
     parity, ours = parity_check(model, session, files, size, p)
     if min(parity["matched_of_ultralytics"], parity["matched_of_onnx"]) < p["min_matched"]:
         raise StageError(
             f"{onnx_path}: onnxruntime + numpy decoding matches Ultralytics on too few boxes: {parity}"
         )
-    names = read_json("data/prepared/detect/dataset.json")["names"]
+    names = read_json(layout.prepared("detect") / "dataset.json")["names"]
     args = model.ckpt["train_args"]
     meta = {
         "train": {
             k: args.get(k) for k in ("model", "epochs", "imgsz", "batch", "lr0", "patience", "seed")
         },
-        "schema": read_json("data/prepared/detect/dataset.json"),
+        "schema": read_json(layout.prepared("detect") / "dataset.json"),
         "params": {"seed": args.get("seed")},
     }
     card = {

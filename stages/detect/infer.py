@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
 from stages.core.images import list_images
@@ -67,9 +68,9 @@ def predict(
 
 def run(
     params: dict,
-    model_dir: Path = Path("models/detect"),
-    out: Path = Path("data/predictions/detect.json"),
-    rendered: Path = Path("data/predictions/detect_rendered"),
+    model_dir: Path = layout.model_dir("detect"),
+    out: Path = layout.PREDICTIONS["detect"],
+    rendered: Path = layout.RENDERED,
 ) -> dict:
     """COCO-style results ({file, category_id, category, bbox [x, y, w, h] in pixels, score})
     for every image; unreadable files are listed in metrics/detect/infer.json and skipped."""
@@ -109,7 +110,7 @@ def run(
     n = len(files) - len(errors)
     stats = {"images": n, "failed": len(errors), "detections": len(results), "errors": errors}
     timing = {"seconds": round(seconds, 4), "images_per_s": round(n / max(seconds, 1e-9), 1)}
-    write_json(Path("metrics/detect/infer.json"), stats)
+    write_json(layout.infer_stats("detect"), stats)
     write_timing("infer-detect", timing)
     log(
         f"detected {len(results)} objects in {n} images from {p['source']} → {out} ({timing['images_per_s']} images/s)"

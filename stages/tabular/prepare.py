@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, write_json
 from stages.core.inference import physical_cores
@@ -64,7 +65,7 @@ METHODS = ("hash", "sklearn")
 NO_CODE = -1  # a missing cell, or a column whose values are no longer tracked
 
 
-def run(params: dict, out_dir: str = "data/prepared/tabular") -> dict:
+def run(params: dict, out_dir: str | Path = layout.prepared("tabular")) -> dict:
     p = params["tabular"]["data"]
     engine, method = p.get("engine", "pandas"), p["split"].get("method", "hash")
     if engine not in ENGINES:
