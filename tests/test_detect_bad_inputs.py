@@ -11,15 +11,6 @@ from pathlib import Path
 import detect_helpers
 import pytest
 from conftest import set_params, stage
-from detect_helpers import (
-    COCO,
-    VOC_XML,
-    read_json,
-    voc_xml,
-    write_images,
-    write_shapes,
-    write_voc,
-)
 
 # HOME for every subprocess of this module (detect_helpers.fake_home).
 fake_home = pytest.fixture(scope="module", autouse=True)(detect_helpers.fake_home)
@@ -124,7 +115,7 @@ def test_validate_names_the_bad_label_or_image(repo: Path, case: str):
     which names the expectation, the column, the value and the image (and label line)."""
     make, failing, value, row = VALIDATE_CASES[case]
     root = repo / "data/bad"
-    write_shapes(root, 6)
+    detect_helpers.write_shapes(root, 6)
     make(root)
     row = row.format(n=line_after(root))
     set_params(repo, {"detect.data.source": "data/bad"})
@@ -155,7 +146,7 @@ def test_validate_names_the_bad_label_or_image(repo: Path, case: str):
         rf"\(row {re.escape(row)}\)",
         err,
     ), err
-    report = read_json(repo / "metrics/detect/validation.json")
+    report = detect_helpers.read_json(repo / "metrics/detect/validation.json")
     assert report["success"] is False
     got = {
         (name, r["expectation"], r["column"])
@@ -174,11 +165,11 @@ def test_validate_names_the_bad_label_or_image(repo: Path, case: str):
 
 def test_validate_control_passes(repo: Path):
     """The control for the cases above: the untouched dataset validates."""
-    write_shapes(repo / "data/bad", 6)
+    detect_helpers.write_shapes(repo / "data/bad", 6)
     set_params(repo, {"detect.data.source": "data/bad"})
     stage(repo, "prepare", "detect")
     stage(repo, "validate", "detect")
-    assert read_json(repo / "metrics/detect/validation.json")["success"] is True
+    assert detect_helpers.read_json(repo / "metrics/detect/validation.json")["success"] is True
 
 
 def _empty(repo):
@@ -190,11 +181,12 @@ def _empty(repo):
 
 
 def _coco_missing_images(repo):
-    write_images(repo / "data/coco/images")
+    detect_helpers.write_images(repo / "data/coco/images")
     (repo / "data/coco/images/b.png").unlink()
     coco = {
-        **COCO,
-        "images": COCO["images"] + [{"id": 40, "file_name": "gone.png", "width": 8, "height": 8}],
+        **detect_helpers.COCO,
+        "images": detect_helpers.COCO["images"]
+        + [{"id": 40, "file_name": "gone.png", "width": 8, "height": 8}],
     }
     (repo / "data/coco/instances.json").write_text(json.dumps(coco))
     return (
@@ -207,8 +199,10 @@ def _coco_missing_images(repo):
 
 
 def _voc_malformed(repo):
-    root = write_voc(repo / "data/voc")
-    (root / "Annotations/b.xml").write_text(voc_xml("b", VOC_XML["b"]).replace("</annotation>", ""))
+    root = detect_helpers.write_voc(repo / "data/voc")
+    (root / "Annotations/b.xml").write_text(
+        detect_helpers.voc_xml("b", detect_helpers.VOC_XML["b"]).replace("</annotation>", "")
+    )
     return (
         {"detect.data.source": "data/voc", "detect.data.format": "voc"},
         [r"^error: data/voc/Annotations/b\.xml: malformed VOC annotation \(ParseError: .*line 1"],
@@ -216,9 +210,9 @@ def _voc_malformed(repo):
 
 
 def _voc_no_size(repo):
-    root = write_voc(repo / "data/voc")
+    root = detect_helpers.write_voc(repo / "data/voc")
     (root / "Annotations/a.xml").write_text(
-        re.sub(r"<size>.*</size>", "", voc_xml("a", VOC_XML["a"]))
+        re.sub(r"<size>.*</size>", "", detect_helpers.voc_xml("a", detect_helpers.VOC_XML["a"]))
     )
     return (
         {"detect.data.source": "data/voc", "detect.data.format": "voc"},
@@ -227,7 +221,7 @@ def _voc_no_size(repo):
 
 
 def _unknown_format(repo):
-    write_shapes(repo / "data/tiny", 3)
+    detect_helpers.write_shapes(repo / "data/tiny", 3)
     return (
         {"detect.data.source": "data/tiny", "detect.data.format": "kitti"},
         [r"^error: detect\.data\.format is 'kitti'; choose one of: yolo, coco, voc$"],
@@ -235,7 +229,7 @@ def _unknown_format(repo):
 
 
 def _no_names(repo):
-    write_shapes(repo / "data/tiny", 3)
+    detect_helpers.write_shapes(repo / "data/tiny", 3)
     (repo / "data/tiny/data.yaml").unlink()
     return {"detect.data.source": "data/tiny"}, [r"^error: data/tiny: no class names"]
 
