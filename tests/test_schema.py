@@ -161,3 +161,22 @@ def test_docs_params_md_documents_exactly_the_schema():
     schema_keys = set(schema.leaf_keys())
     assert sorted(schema_keys - documented) == [], "schema keys missing from docs/params.md"
     assert sorted(documented - schema_keys) == [], "docs/params.md keys not in the schema"
+
+
+def test_tune_and_sweep_specs_are_checked_before_queueing(tmp_path, monkeypatch):
+    from tools.sweep import run_sweep
+    from tools.tune import load_spec
+
+    monkeypatch.chdir(ROOT)
+    for spec in sorted((ROOT / "sweeps").glob("*-tune.yaml")):
+        load_spec(str(spec))  # the committed ones pass
+    tune = tmp_path / "tune.yaml"
+    tune.write_text(
+        "task: tabular\nmetric: val_acc\nspace:\n  tabular.train.lrr: {low: 0.001, high: 0.1}\n"
+    )
+    with pytest.raises(StageError, match=r"tabular.train.lrr: unknown key \(did you mean"):
+        load_spec(str(tune))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("task: tabular\ngrid:\n  tabular.train.dropout: [0.1, 1.5]\n")
+    with pytest.raises(StageError, match=r"^params.yaml: tabular.train.dropout: input should be"):
+        run_sweep(str(sweep))  # fails before a single experiment is queued

@@ -67,7 +67,7 @@ NO_CODE = -1  # a missing cell, or a column whose values are no longer tracked
 
 def run(params: dict, out_dir: str | Path = layout.prepared("tabular")) -> dict:
     p = params["tabular"]["data"]
-    engine, method = p.get("engine", "pandas"), p["split"].get("method", "hash")
+    engine, method = p["engine"], p["split"]["method"]  # the schema requires both
     if engine not in ENGINES:
         raise StageError(f"tabular.data.engine is {engine!r}; choose one of: {', '.join(ENGINES)}")
     if method not in METHODS or (engine == "spark" and method != "hash"):
@@ -252,7 +252,7 @@ def plan(scan: Scan, p: dict, seed: int) -> tuple[dict, list | None, np.ndarray,
         counts = {None: scan.rows}
     val, test = p["split"]["val"], p["split"]["test"]
     q = quotas(counts, val, test, p["source"], target if task == "classification" else None)
-    if p["split"].get("method", "hash") == "sklearn":
+    if p["split"]["method"] == "sklearn":
         codes = sklearn_assign(
             np.asarray(labels, dtype=object)[groups],
             task == "classification",
