@@ -84,7 +84,7 @@ class TabularValidate(Section):
 
 
 class TabularTrain(Loop):
-    hidden: Annotated[list[Positive], Field(min_length=1)]
+    hidden: list[Positive]  # [] = a linear model
     dropout: Annotated[float, Field(ge=0, lt=1)]
     monitor: Literal["val_loss", "val_acc", "val_mae"]
 
@@ -318,15 +318,15 @@ def _dotted(loc: tuple) -> str:
     model: type[BaseModel] | None = Params
     parts: list[str] = []
     for item in loc:
-        if isinstance(item, int):
-            parts[-1] += f"[{item}]"
-        elif model is not None and item in _fields(model):
+        if model is not None and item in _fields(model):
             parts.append(item)
             sub = _fields(model)[item].annotation
             model = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
-        elif model is not None:  # an unknown key: it is the last item
+        elif model is not None:  # an unknown key (YAML allows 1: as a key): the last item
             parts.append(str(item))
             model = None
+        elif isinstance(item, int) and parts:  # inside a list
+            parts[-1] += f"[{item}]"
     return ".".join(parts)
 
 
