@@ -224,7 +224,9 @@ def _unknown_format(repo):
     detect_helpers.write_shapes(repo / "data/tiny", 3)
     return (
         {"detect.data.source": "data/tiny", "detect.data.format": "kitti"},
-        [r"^error: detect\.data\.format is 'kitti'; choose one of: yolo, coco, voc$"],
+        [
+            r"^error: params\.yaml: detect\.data\.format: input should be 'yolo', 'coco' or 'voc' \(it is 'kitti'\)$"
+        ],
     )
 
 
