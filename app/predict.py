@@ -217,8 +217,9 @@ def predict_detect(
     im = open_image(data, max_pixels)
     seen = {"width": im.width, "height": im.height, "mode": im.mode}
     warnings = model.checked([seen])[0]
-    conf = card["postprocessing"]["conf"] if conf is None else conf
-    iou = card["postprocessing"]["iou"] if iou is None else iou
+    card_conf, card_iou = detect.thresholds(card)  # the ones batch infer uses
+    conf = card_conf if conf is None else conf
+    iou = card_iou if iou is None else iou
     loaded = load_for_detection(io.BytesIO(data), card["preprocessing"]["imgsz"])
     with model.limit:
         found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card["classes"])

@@ -30,7 +30,6 @@ class Settings:
     max_upload_mb: float
     max_pixels: int
     max_rows: int
-    top_k: int
     cors_origins: tuple[str, ...]
     workers: int
     concurrency: int
@@ -45,6 +44,8 @@ class Settings:
     gradio_cache_s: int
     # tabular.infer.batch_size: rows per onnxruntime run, as batch infer runs them
     tabular_batch_size: int
+    # image.infer.top_k: classes listed per image, as batch infer lists them
+    top_k: int
     # From the environment only (a path of this machine, and secrets).
     models_dir: str = "models"
     api_keys: tuple[str, ...] = ()
@@ -57,7 +58,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-NOT_SERVE = {"models_dir", "api_keys", "tabular_batch_size"}
+NOT_SERVE = {"models_dir", "api_keys", "tabular_batch_size", "top_k"}
 
 
 def _typed(name: str, value, kind: str):
@@ -86,7 +87,7 @@ def parse_api_keys(value: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in value.split(",") if k.strip())
 
 
-def from_mapping(serve: dict, batch_size: int, environ: dict | None = None) -> Settings:
+def from_mapping(serve: dict, batch_size: int, top_k: int, environ: dict | None = None) -> Settings:
     """Settings from a params.yaml `serve:` mapping, tabular.infer.batch_size and an
     environment (default: os.environ)."""
     env = os.environ if environ is None else environ
@@ -104,6 +105,7 @@ def from_mapping(serve: dict, batch_size: int, environ: dict | None = None) -> S
         raise SettingsError(f"params.yaml serve: missing {', '.join(missing)}")
     values = {f.name: _typed(f"serve.{f.name}", serve[f.name], f.type) for f in wanted}
     values["tabular_batch_size"] = _typed("tabular.infer.batch_size", batch_size, "int")
+    values["top_k"] = _typed("image.infer.top_k", top_k, "int")
     if "APP_MODELS_DIR" in env:
         values["models_dir"] = env["APP_MODELS_DIR"]
     values["api_keys"] = parse_api_keys(env["APP_API_KEYS"]) if "APP_API_KEYS" in env else ()
@@ -115,4 +117,8 @@ def from_mapping(serve: dict, batch_size: int, environ: dict | None = None) -> S
 
 def load_settings(params_path: str | Path = "params.yaml") -> Settings:
     params = load_params(params_path)
-    return from_mapping(params["serve"], params["tabular"]["infer"]["batch_size"])
+    return from_mapping(
+        params["serve"],
+        params["tabular"]["infer"]["batch_size"],
+        params["image"]["infer"]["top_k"],
+    )

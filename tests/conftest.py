@@ -119,7 +119,6 @@ TINY_ALL = {
     "detect.evaluate.coco_tolerance": 0.01,
     "detect.export.conf": 0.002,
     "detect.export.min_matched": 0.9,
-    "detect.infer.conf": 0.002,
 }
 
 

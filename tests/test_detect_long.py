@@ -4,7 +4,7 @@ weights, flagged when they learned nothing, exported as each ONNX graph kind.
 Real `python -m stages ...` processes in repo copies, real signals, real Ultralytics.
 Tiny (30 scenes of 64 × 64, 2 epochs): a model this small learns nothing (mAP 0), which
 is what the "learned nothing" check must say; its outputs are the head's priors, far from
-any threshold at conf 0.002 (see tests/test_detect.py), so export parity is exact.
+any threshold at conf 0.002 (see tests/detect_helpers.py), so export parity is exact.
 
 Resume is not bit-exact in Ultralytics, and this does not pretend it is: its last.pt holds
 the EMA weights and the optimizer state in fp16 and no RNG state, and a resumed run
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import copy_repo, set_params, stage
-from test_detect import CONF, TINY_DETECT, write_shapes
+from detect_helpers import CONF, TINY_DETECT, write_shapes
 
 pytestmark = pytest.mark.slow
 

@@ -62,12 +62,12 @@ def post_json(url, path, text: str, **headers):
 def test_settings_come_from_params_and_env_only(tmp_path):
     s = load_settings(ROOT / "params.yaml")
     assert s.queue_timeout_s == 30 and s.concurrency == 2  # params.yaml's, not a literal's
-    extra = ("models_dir", "api_keys", "tabular_batch_size")
+    extra = ("models_dir", "api_keys", "tabular_batch_size", "top_k")
     serve = {f: getattr(s, f) for f in s.__dataclass_fields__ if f not in extra}
     keys = tmp_path / "keys"
     keys.write_text("alpha\nbeta,gamma\n")
     env = {"APP_PORT": "9000", "APP_API_KEYS": str(keys), "APP_MODELS_DIR": "/m"}
-    t = from_mapping({**serve, "cors_origins": []}, 64, env)
+    t = from_mapping({**serve, "cors_origins": []}, 64, 3, env)
     assert (t.port, t.api_keys, t.models_dir, t.tabular_batch_size) == (
         9000,
         ("alpha", "beta", "gamma"),
@@ -76,11 +76,11 @@ def test_settings_come_from_params_and_env_only(tmp_path):
     )
     assert parse_api_keys(" a, b ,") == ("a", "b")
     with pytest.raises(SettingsError, match="serve.concurrency"):
-        from_mapping({**serve, "concurrency": "many"}, 64, {})
-    with pytest.raises(SettingsError, match="missing top_k"):
-        from_mapping({k: v for k, v in serve.items() if k != "top_k"}, 64, {})
+        from_mapping({**serve, "concurrency": "many"}, 64, 3, {})
+    with pytest.raises(SettingsError, match="missing queue_timeout_s"):
+        from_mapping({k: v for k, v in serve.items() if k != "queue_timeout_s"}, 64, 3, {})
     with pytest.raises(SettingsError, match="serve.strict"):
-        from_mapping({**serve, "strict": "yes"}, 64, {})
+        from_mapping({**serve, "strict": "yes"}, 64, 3, {})
 
 
 def test_binary_tensor_codec():

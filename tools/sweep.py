@@ -27,6 +27,8 @@ from pathlib import Path
 import yaml
 
 from stages.core.cli import StageError, run_main
+from stages.core.params import load_params
+from stages.core.schema import overridden, validate
 
 # The metric each task's sweep is ranked by, and whether higher is better.
 RANK_BY = {
@@ -165,6 +167,9 @@ def run_sweep(spec_path: str, poll: float = 5.0) -> dict[str, str]:
         raise StageError(
             f"{spec_path}: needs `task` (one of {', '.join(RANK_BY)}) and a non-empty `grid`"
         )
+    params = load_params()
+    for combo in combinations(grid):  # a misspelt key or a bad value fails here, not per run
+        validate(overridden(params, combo))
     stamp = time.strftime("%H%M%S")
     names = []
     wait_for_idle_workers()

@@ -28,6 +28,8 @@ from pathlib import Path
 import yaml
 
 from stages.core.cli import StageError, run_main
+from stages.core.params import load_params
+from stages.core.schema import overridden, validate
 from tools.sweep import (
     Watch,
     experiments,
@@ -53,6 +55,10 @@ def load_spec(path: str) -> dict:
             f"{path}: needs `task` (tabular or image), `metric` (a validation metric of the "
             f"training loop, e.g. val_acc) and a non-empty `space`"
         )
+    params = load_params()
+    for key, s in spec["space"].items():  # a misspelt key or an out-of-range bound fails here
+        for value in s.get("choices") or [s.get("low"), s.get("high")]:
+            validate(overridden(params, {key: value}))
     return spec
 
 
@@ -74,7 +80,7 @@ def suggest(trial, space: dict) -> dict:
 def defaults(space: dict) -> dict:
     """The current params.yaml values of the searched keys, as the study's first trial (the
     baseline every other trial is measured against), or {} when one lies outside the space."""
-    params, found = yaml.safe_load(Path("params.yaml").read_text()), {}
+    params, found = load_params(), {}
     for key, s in space.items():
         value = params
         for part in key.split("."):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.files import read_json
 from stages.core.inference import open_session
 
@@ -59,12 +60,12 @@ def card_common(
     export_params: dict,
 ) -> dict:
     """The model-card fields every task shares."""
-    validation = read_json(f"metrics/{task}/validation.json")
+    validation = read_json(layout.validation(task))
     session = open_session(onnx_path, threads=1)
     return {
         "task": task,
         "kind": kind,
-        "provenance": provenance(task, Path("models") / task / "model.pt"),
+        "provenance": provenance(task, layout.model_pt(task)),
         "onnx": {
             "file": onnx_path.name,
             "sha256": sha256(onnx_path),
@@ -72,7 +73,7 @@ def card_common(
             "output": session.get_outputs()[0].name,
             "input_shape": input_shape,
         },
-        "metrics": read_json(f"metrics/{task}/metrics.json"),
+        "metrics": read_json(layout.metrics(task)),
         "training": meta["train"],
         "params": {**meta["schema"]["params"], **meta["params"], f"{task}.export": export_params},
         "validation": {"success": validation["success"], "suite_file": validation["suite_file"]},
@@ -88,7 +89,7 @@ def validated_ranges(task: str) -> dict:
     """{column: [min, max] or [allowed values]} from the suite results in
     metrics/<task>/validation.json (the first table that names the column wins)."""
     found = {}
-    for table in read_json(f"metrics/{task}/validation.json").get("tables", {}).values():
+    for table in read_json(layout.validation(task)).get("tables", {}).values():
         for r in table.get("results", []):
             kw, col = r.get("kwargs", {}), r.get("column")
             if col in found or col is None:

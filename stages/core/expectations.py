@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, read_json, write_json
 
@@ -36,9 +37,7 @@ SPLITS = ("train", "val", "test")
 
 def suite_path(task: str, source: str, part: str = "") -> Path:
     """One suite per data source, so switching the data never validates against a stale suite."""
-    return (
-        Path("data/expectations") / task / f"{Path(source).stem}{'.' + part if part else ''}.json"
-    )
+    return layout.expectations(task) / f"{Path(source).stem}{'.' + part if part else ''}.json"
 
 
 def save_suite(path: str | Path, suite: dict) -> None:
@@ -199,30 +198,14 @@ def run_suite(suite: dict, tables: dict, docs_dir: str | Path | None = None) -> 
     return run_suites([(suite, tables)], docs_dir)
 
 
-def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = None) -> dict:
-    """Several suites, each over its own tables, in one GX context (so one set of Data Docs).
-    With more than one suite, table names are prefixed `<suite name>/`.
-
-    A table is a pandas DataFrame, a Spark DataFrame (with a `line` column naming failing
-    rows), or a function returning an iterator of pandas chunks: a table larger than memory,
-    validated chunk by chunk with the results added up (Data Docs show the first chunk)."""
-    import great_expectations as gx
-
-    engine = (
-        "spark" if any(_is_spark(t) for _, tables in pairs for t in tables.values()) else "pandas"
-    )
-    if docs_dir is None:
-        ctx, batch, counter = _cached(engine)
-    else:  # a fresh context per docs site: Data Docs list every run of their context
-        ctx, batch, counter = _cached.__wrapped__(engine)
-        ctx.add_data_docs_site(site_name="docs", site_config=_docs_site(docs_dir))
-    # The report keeps 5 unexpected values and rows per expectation; only Data Docs show
-    # more (every unexpected row, and a query that lists them). Without docs, SUMMARY gives
-    # the same report without GX collecting, copying and serialising every unexpected row
-    # and filtering the whole table once more per expectation for the query (a fifth of
-    # the time on a million rows, more the more rows fail; `make bench`). On Spark, COMPLETE
-    # would collect every failing row on the driver: SUMMARY always.
-    complete = docs_dir is not None and engine == "pandas"
+def _result_format(docs: bool, engine: str) -> dict:
+    """The report keeps 5 unexpected values and rows per expectation; only Data Docs show more
+    (every unexpected row, and a query that lists them). Without docs, SUMMARY gives the same
+    report without GX collecting, copying and serialising every unexpected row and filtering
+    the whole table once more per expectation for the query (a fifth of the time on a million
+    rows, more the more rows fail; `make bench`). On Spark, COMPLETE would collect every
+    failing row on the driver: SUMMARY always."""
+    complete = docs and engine == "pandas"
     result_format = {
         "result_format": "COMPLETE" if complete else "SUMMARY",
         "partial_unexpected_count": 5,
@@ -231,33 +214,81 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
         result_format["return_unexpected_index_query"] = False
     if engine == "spark":
         result_format["unexpected_index_column_names"] = ["line"]
+    return result_format
+
+
+def _suite_groups(ctx, suite: dict, suite_name: str, engine: str, docs: bool) -> tuple:
+    """(the whole suite as GX's or None, [(columns, expectation indices, GX suite)]).
+
+    The whole suite as GX's: Spark validates it at once (it reads only the columns it
+    needs anyway); Data Docs need it stored in the context, with a validation definition.
+    Without docs, storing them was a fifth of a small run's time."""
+    import great_expectations as gx
+
+    gx_suite = None
+    if engine == "spark" or docs:
+        gx_suite = gx.ExpectationSuite(name=suite_name, expectations=suite["expectations"])
+        gx_suite = ctx.suites.add(gx_suite) if docs else gx_suite
+    if engine == "spark":
+        return gx_suite, [(None, range(len(suite["expectations"])), gx_suite)]
+    exps = suite["expectations"]
+    return gx_suite, [
+        (
+            cols,
+            at,
+            gx.ExpectationSuite(name=f"{suite_name}/{i}", expectations=[exps[j] for j in at]),
+        )
+        for i, (cols, at) in enumerate(_column_groups(exps))
+    ]
+
+
+def _validate_with_docs(
+    ctx, batch, key: str, run_id: int, gx_suite, frame, result_format: dict
+) -> list:
+    """One chunk through a stored validation definition and checkpoint: Data Docs written."""
+    import great_expectations as gx
+
+    vd = ctx.validation_definitions.add(
+        gx.ValidationDefinition(
+            name=key + (f"#{run_id}" if run_id else ""), data=batch, suite=gx_suite
+        )
+    )
+    cp = ctx.checkpoints.add(
+        gx.Checkpoint(
+            name=f"checkpoint_{key}",
+            validation_definitions=[vd],
+            result_format=result_format,
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["docs"])],
+        )
+    )
+    with _one_validation():
+        res = next(iter(cp.run(batch_parameters={"dataframe": frame}).run_results.values()))
+    return [_result(r) for r in res.results]
+
+
+def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = None) -> dict:
+    """Several suites, each over its own tables, in one GX context (so one set of Data Docs).
+    With more than one suite, table names are prefixed `<suite name>/`.
+
+    A table is a pandas DataFrame, a Spark DataFrame (with a `line` column naming failing
+    rows), or a function returning an iterator of pandas chunks: a table larger than memory,
+    validated chunk by chunk with the results added up (Data Docs show the first chunk)."""
+    engine = (
+        "spark" if any(_is_spark(t) for _, tables in pairs for t in tables.values()) else "pandas"
+    )
+    if docs_dir is None:
+        ctx, batch, counter = _cached(engine)
+    else:  # a fresh context per docs site: Data Docs list every run of their context
+        ctx, batch, counter = _cached.__wrapped__(engine)
+        ctx.add_data_docs_site(site_name="docs", site_config=_docs_site(docs_dir))
+    result_format = _result_format(docs_dir is not None, engine)
     report = {"success": True, "suites": [suite["name"] for suite, _ in pairs], "tables": {}}
     for suite, tables in pairs:
         if engine == "spark":
             suite = _with_line(suite)
         run_id = next(counter)
         suite_name = f"{suite['name']}" + (f"#{run_id}" if run_id else "")
-        # The whole suite as GX's: Spark validates it at once (it reads only the columns it
-        # needs anyway); Data Docs need it stored in the context, with a validation definition.
-        # Without docs, storing them was a fifth of a small run's time.
-        gx_suite = None
-        if engine == "spark" or docs_dir is not None:
-            gx_suite = gx.ExpectationSuite(name=suite_name, expectations=suite["expectations"])
-            gx_suite = ctx.suites.add(gx_suite) if docs_dir is not None else gx_suite
-        if engine == "spark":
-            groups = [(None, range(len(suite["expectations"])), gx_suite)]
-        else:
-            groups = [
-                (
-                    cols,
-                    at,
-                    gx.ExpectationSuite(
-                        name=f"{suite_name}/{i}",
-                        expectations=[suite["expectations"][j] for j in at],
-                    ),
-                )
-                for i, (cols, at) in enumerate(_column_groups(suite["expectations"]))
-            ]
+        gx_suite, groups = _suite_groups(ctx, suite, suite_name, engine, docs_dir is not None)
         for name, table in tables.items():
             key = f"{suite['name']}/{name}" if len(pairs) > 1 else name
             chunks = table() if callable(table) else [table]
@@ -267,26 +298,9 @@ def run_suites(pairs: list[tuple[dict, dict]], docs_dir: str | Path | None = Non
                 if docs_dir is None or i:
                     results = _validate(batch, groups, frame, result_format)
                 else:
-                    vd = ctx.validation_definitions.add(
-                        gx.ValidationDefinition(
-                            name=key + (f"#{run_id}" if run_id else ""), data=batch, suite=gx_suite
-                        )
+                    results = _validate_with_docs(
+                        ctx, batch, key, run_id, gx_suite, frame, result_format
                     )
-                    cp = ctx.checkpoints.add(
-                        gx.Checkpoint(
-                            name=f"checkpoint_{key}",
-                            validation_definitions=[vd],
-                            result_format=result_format,
-                            actions=[
-                                gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["docs"])
-                            ],
-                        )
-                    )
-                    with _one_validation():
-                        res = next(
-                            iter(cp.run(batch_parameters={"dataframe": frame}).run_results.values())
-                        )
-                    results = [_result(r) for r in res.results]
                 merged = (
                     results
                     if merged is None
@@ -569,11 +583,11 @@ def check(
     sources: dict[str, str],
 ) -> dict:
     """Run the suites, write the report and Data Docs, and fail loudly if any table breaks them."""
-    with atomic_dir(Path("metrics") / task / "datadocs") as docs:
+    with atomic_dir(layout.datadocs(task)) as docs:
         report = run_suites(pairs, docs_dir=docs)
     report["suite_file"] = ", ".join(str(p) for p in paths)
     path = " and ".join(str(p) for p in paths)
-    write_json(Path("metrics") / task / "validation.json", report)
+    write_json(layout.validation(task), report)
     total = sum(len(t["results"]) for t in report["tables"].values())
     if not report["success"]:
         raise StageError(

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.distributed import relaunch_under_torchrun, seed_everything, setup, teardown
 from stages.core.trainer import LoopConfig, fit, load_checkpoint, save_checkpoint
@@ -121,7 +122,7 @@ def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
     cfg = LoopConfig.from_params(p, f"{task}.train")
     if relaunch_under_torchrun(cfg.nproc, "stages", ["train", task]):
         return
-    out_dir, live_dir = Path("models") / task, Path("metrics") / task / "train"
+    out_dir, live_dir = layout.model_dir(task), layout.train_log(task)
     rt = setup(cfg.device)
     try:
         seed_everything(params["seed"], rt.rank)

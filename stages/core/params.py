@@ -1,4 +1,5 @@
-"""params.yaml: the one list of tasks and reading the file. Torch-free: `infer` and `app/` use it."""
+"""params.yaml: the one list of tasks and reading the file, checked against the schema
+(stages/core/schema.py). Torch-free: `infer` and `app/` use it."""
 
 from __future__ import annotations
 
@@ -6,11 +7,20 @@ from pathlib import Path
 
 import yaml
 
+from stages.core.cli import StageError
+from stages.core.schema import validate
+
 PARAMS_FILE = "params.yaml"
 # The one list of tasks: stages/<task>/ is its package, models/<task>/ its model.
 TASKS = ("tabular", "image", "detect")
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
+    """params.yaml as a dict, after the schema check: every stage, tool and the server start
+    here, so a misspelt key or a wrong value stops them with one line naming it."""
+    try:
+        with open(path) as f:
+            params = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise StageError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    return validate(params)

@@ -385,6 +385,52 @@ def _record(state: dict, metrics: dict[str, float], cfg: LoopConfig, epoch: int)
     return improved
 
 
+def _wrap(model: torch.nn.Module, cfg: LoopConfig, rt: Runtime):
+    """The module that runs forward and backward: model on its device, in DDP under torchrun,
+    compiled when train.compile is set."""
+    model.to(rt.device)
+    net = (
+        DistributedDataParallel(
+            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None
+        )
+        if rt.distributed
+        else model
+    )
+    if cfg.compile:
+        # The compiled module runs forward and backward; `model` (sharing its parameters) is
+        # what is checkpointed and exported, so state dicts keep their plain names.
+        net = torch.compile(net)
+    return net
+
+
+def _epoch_metrics(
+    train_loss, val: dict, lr: float, cfg: LoopConfig, epoch: int
+) -> dict[str, float]:
+    """An epoch's metrics (train_loss, val_*, lr), or StageError if the monitored one is
+    missing or training diverged."""
+    metrics = {"train_loss": train_loss}
+    metrics.update({f"val_{k}": v for k, v in val.items()})
+    metrics["lr"] = lr
+    if cfg.monitor not in metrics:
+        raise StageError(f"train.monitor is {cfg.monitor!r}; choose one of: {', '.join(metrics)}")
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise StageError(
+            f"training diverged at epoch {epoch + 1} ({metrics}); lower train.lr or enable grad_clip"
+        )
+    return metrics
+
+
+def _show_epoch(
+    live, epoch: int, metrics: dict, cfg: LoopConfig, seconds: float, improved: bool
+) -> None:
+    """Rank 0: the epoch to DVCLive and a log line."""
+    if live is not None:
+        _log_live(live, epoch, metrics)
+        live.next_step()
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    log(f"epoch {epoch + 1}/{cfg.epochs} {shown} ({seconds:.1f}s)" + (" *" if improved else ""))
+
+
 def fit(
     model: torch.nn.Module,
     train_set: Dataset,
@@ -411,18 +457,7 @@ def fit(
     Returns a summary: best epoch, its metrics, epochs run, whether it stopped early.
     """
     ckpt_dir = Path(ckpt_dir)
-    model.to(rt.device)
-    net = (
-        DistributedDataParallel(
-            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None
-        )
-        if rt.distributed
-        else model
-    )
-    if cfg.compile:
-        # The compiled module runs forward and backward; `model` (sharing its parameters) is
-        # what is checkpointed and exported, so state dicts keep their plain names.
-        net = torch.compile(net)
+    net = _wrap(model, cfg, rt)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, cfg)
     amp = amp_policy(cfg.amp, rt.device)
@@ -434,59 +469,20 @@ def fit(
     for epoch in range(state["epoch"], cfg.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
-        metrics = {
-            "train_loss": _train_one_epoch(
-                net,
-                model,
-                loader,
-                opt,
-                scaler,
-                sums_fn,
-                cfg,
-                rt,
-                amp,
-                f"epoch {epoch + 1}/{cfg.epochs}",
-            )
-        }
-        metrics.update(
-            {f"val_{k}": v for k, v in _evaluate(net, val_loader, sums_fn, rt, amp).items()}
-        )
-        metrics["lr"] = opt.param_groups[0]["lr"]
-        if cfg.monitor not in metrics:
-            raise StageError(
-                f"train.monitor is {cfg.monitor!r}; choose one of: {', '.join(metrics)}"
-            )
-        if not all(math.isfinite(v) for v in metrics.values()):
-            raise StageError(
-                f"training diverged at epoch {epoch + 1} ({metrics}); lower train.lr or enable grad_clip"
-            )
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        train_loss = _train_one_epoch(net, model, loader, opt, scaler, sums_fn, cfg, rt, amp, desc)
+        val = _evaluate(net, val_loader, sums_fn, rt, amp)
+        metrics = _epoch_metrics(train_loss, val, opt.param_groups[0]["lr"], cfg, epoch)
         improved = _record(state, metrics, cfg, epoch)
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(metrics[cfg.monitor])
         else:
             sched.step()
         stopped_early = cfg.patience > 0 and state["bad_epochs"] >= cfg.patience
-        _checkpoint(
-            ckpt_dir,
-            model,
-            opt,
-            sched,
-            scaler,
-            state,
-            fingerprint,
-            stopped_early or state["epoch"] == cfg.epochs,
-            improved,
-            rt,
-        )
+        finished = stopped_early or state["epoch"] == cfg.epochs
+        _checkpoint(ckpt_dir, model, opt, sched, scaler, state, fingerprint, finished, improved, rt)
         if rt.is_main:
-            if live is not None:
-                _log_live(live, epoch, metrics)
-                live.next_step()
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            log(
-                f"epoch {epoch + 1}/{cfg.epochs} {shown} ({time.perf_counter() - t0:.1f}s)"
-                + (" *" if improved else "")
-            )
+            _show_epoch(live, epoch, metrics, cfg, time.perf_counter() - t0, improved)
         if rt.distributed:
             dist.barrier()  # no rank starts the next epoch (or exits) before the checkpoint exists
         if on_epoch is not None:

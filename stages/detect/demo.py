@@ -6,9 +6,12 @@ YOLO layout → data/demo/shapes/{images,labels}/ and data.yaml, fixed by detect
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageDraw
 
+from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import atomic_dir
 from stages.detect.labels import yolo_line
@@ -45,7 +48,7 @@ def shapes_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, list
     return img, boxes
 
 
-def run(params: dict, out_dir: str = "data/demo/shapes") -> None:
+def run(params: dict, out_dir: str | Path = layout.DEMO["detect"]) -> None:
     p = params["detect"]["demo"]
     rng = np.random.default_rng(p["seed"])
     with atomic_dir(out_dir) as tmp:

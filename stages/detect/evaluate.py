@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import read_json, write_json
 from stages.core.metrics import fail_if_untrained, learned_nothing
@@ -72,17 +73,53 @@ def coco_map(ground_truth: dict, predictions: list[dict]) -> dict:
     return {"mAP50-95": max(float(result.stats[0]), 0.0), "mAP50": max(float(result.stats[1]), 0.0)}
 
 
-def run(params: dict, out_dir: Path = Path("metrics/detect")) -> dict:
+def _scores(box, names: list[str]) -> tuple[dict, dict]:
+    """Ultralytics' box metrics → ({mAP50, mAP50-95, precision, recall}, {class: ap50, ap50_95})."""
+    per_class = {
+        names[int(c)]: {"ap50": float(box.ap50[i]), "ap50_95": float(box.ap[i])}
+        for i, c in enumerate(box.ap_class_index)
+    }
+    ours = {
+        "mAP50": float(box.map50),
+        "mAP50-95": float(box.map),
+        "precision": float(box.mp),
+        "recall": float(box.mr),
+    }
+    return ours, per_class
+
+
+def _write_plots(plots: Path, box, names: list[str], per_class: dict) -> None:
+    """The PR curve (mean over classes and per class, at most ~100 points) and AP per class."""
+    px, curves = box.curves_results[0][0], np.asarray(box.curves_results[0][1])
+    step = max(1, len(px) // 100)
+    write_json(
+        plots / "pr.json",
+        [
+            {
+                "recall": float(px[j]),
+                "precision": float(curves[:, j].mean()) if curves.size else 0.0,
+                **{names[int(c)]: float(curves[i, j]) for i, c in enumerate(box.ap_class_index)},
+            }
+            for j in range(0, len(px), step)
+        ],
+    )
+    write_json(
+        plots / "per_class_ap.json",
+        [{"class": n, "ap50": v["ap50"], "ap50_95": v["ap50_95"]} for n, v in per_class.items()],
+    )
+
+
+def run(params: dict, out_dir: Path = layout.metrics_dir("detect")) -> dict:
     """Ultralytics' validator on the test split, and the same predictions scored again by
     pycocotools. The two mAPs must agree within evaluate.coco_tolerance."""
     p = params["detect"]["evaluate"]
     yolo.configure()
     from ultralytics import YOLO
 
-    dataset = read_json("data/prepared/detect/dataset.json")
+    dataset = read_json(layout.prepared("detect") / "dataset.json")
     names = dataset["names"]
     data, runs = yolo.dataset_view(names), yolo.run_dir("evaluate")
-    model = YOLO("models/detect/model.pt")
+    model = YOLO(layout.model_pt("detect"))
     # save_json: the validator writes its predictions (COCO style, original pixels) for pycocotools.
     m = model.val(
         data=str(data),
@@ -100,22 +137,13 @@ def run(params: dict, out_dir: Path = Path("metrics/detect")) -> dict:
         verbose=False,
     )
     box = m.box
-    per_class = {
-        names[int(c)]: {"ap50": float(box.ap50[i]), "ap50_95": float(box.ap[i])}
-        for i, c in enumerate(box.ap_class_index)
-    }
-    ours = {
-        "mAP50": float(box.map50),
-        "mAP50-95": float(box.map),
-        "precision": float(box.mp),
-        "recall": float(box.mr),
-    }
+    ours, per_class = _scores(box, names)
     predictions = (
         json.loads((runs / "predictions.json").read_text())
         if (runs / "predictions.json").exists()
         else []
     )
-    prepared = Path("data/prepared/detect")
+    prepared = layout.prepared("detect")
     coco = coco_map(
         coco_ground_truth(prepared / "images/test", prepared / "labels/test", len(names)),
         predictions,
@@ -133,23 +161,7 @@ def run(params: dict, out_dir: Path = Path("metrics/detect")) -> dict:
         "warnings": warnings,
     }
     write_json(out_dir / "metrics.json", result)
-    px, curves = box.curves_results[0][0], np.asarray(box.curves_results[0][1])
-    step = max(1, len(px) // 100)
-    write_json(
-        out_dir / "plots" / "pr.json",
-        [
-            {
-                "recall": float(px[j]),
-                "precision": float(curves[:, j].mean()) if curves.size else 0.0,
-                **{names[int(c)]: float(curves[i, j]) for i, c in enumerate(box.ap_class_index)},
-            }
-            for j in range(0, len(px), step)
-        ],
-    )
-    write_json(
-        out_dir / "plots" / "per_class_ap.json",
-        [{"class": n, "ap50": v["ap50"], "ap50_95": v["ap50_95"]} for n, v in per_class.items()],
-    )
+    _write_plots(out_dir / "plots", box, names, per_class)
     log(
         f"test: mAP50={ours['mAP50']:.4f} mAP50-95={ours['mAP50-95']:.4f} (pycocotools: mAP50={coco['mAP50']:.4f} "
         f"mAP50-95={coco['mAP50-95']:.4f})"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.card import card_common, reference, validated_ranges
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_path, read_json, write_json
@@ -67,7 +68,7 @@ def detect_reference(files: list[Path], found: list[np.ndarray]) -> dict:
     import pandas as pd
     from PIL import Image
 
-    images = pd.read_parquet("data/prepared/detect/images.parquet")
+    images = pd.read_parquet(layout.prepared("detect") / "images.parquet")
     train = images[images["split"] == "train"]
     modes, scores, sizes = [], [], []
     for f in train["file"]:
@@ -88,40 +89,36 @@ def detect_reference(files: list[Path], found: list[np.ndarray]) -> dict:
             "box_size": pd.Series(sizes, dtype="float64"),
         },
         validated_ranges("detect"),
-        "data/prepared/detect (training images; detections on val images)",
+        f"{layout.prepared('detect')} (training images; detections on val images)",
     )
 
 
-def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
+def export_onnx(pt: Path, onnx_path: Path, wanted: str, conf: float, iou: float) -> None:
     """Ultralytics' ONNX exporter (dynamic axes), then the input fixed to imgsz × imgsz with
-    a dynamic batch; parity: our numpy pipeline vs Ultralytics' predict on the val images."""
+    a dynamic batch, written to onnx_path."""
     import onnx
-
-    p = params["detect"]["export"]
-    yolo.configure()
     from ultralytics import YOLO
 
-    model = YOLO(out_dir / "model.pt")
-    size = int(model.ckpt["train_args"]["imgsz"])
-    onnx_path = out_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=yolo.CACHE) as tmp:
-        shutil.copy2(out_dir / "model.pt", Path(tmp) / "model.pt")
-        if p["graph"] not in GRAPHS:
+        shutil.copy2(pt, Path(tmp) / "model.pt")
+        if wanted not in GRAPHS:
             raise StageError(
-                f"detect.export.graph is {p['graph']!r}; choose one of: {', '.join(GRAPHS)}"
+                f"detect.export.graph is {wanted!r}; choose one of: {', '.join(GRAPHS)}"
             )
+        model = YOLO(Path(tmp) / "model.pt")
+        size = int(model.ckpt["train_args"]["imgsz"])
         # nms: None keeps the raw head; True puts NMS in the graph (conf, iou as below); False
         # exports an NMS-free head end to end (YOLO26, YOLOv10; others stay raw).
-        exported = YOLO(Path(tmp) / "model.pt").export(
+        exported = model.export(
             format="onnx",
             imgsz=size,
             dynamic=True,
             simplify=False,
             device="cpu",
             verbose=False,
-            nms=GRAPHS[p["graph"]],
-            conf=p["conf"],
-            iou=p["iou"],
+            nms=GRAPHS[wanted],
+            conf=conf,
+            iou=iou,
         )
         graph = onnx.load(exported)
         dims = graph.graph.input[0].type.tensor_type.shape.dim
@@ -133,15 +130,10 @@ def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
         graph.metadata_props.extend(kept)
         with atomic_path(onnx_path) as out:
             onnx.save(graph, str(out))
-    session = open_session(onnx_path)
-    kind = graph_kind(session)
-    if kind != p["graph"]:
-        raise StageError(
-            f"detect.export.graph is {p['graph']!r} but Ultralytics exported a {kind!r} graph for "
-            f"{model.ckpt['train_args']['model']}: NMS inside needs a head with NMS (YOLOv8/11), "
-            "end2end an NMS-free head (YOLO26, YOLOv10)"
-        )
-    files = sorted(f for f in Path("data/prepared/detect/images/val").iterdir() if f.is_file())
+
+
+def parity_check(model, session, files: list[Path], size: int, p: dict) -> tuple[dict, list]:
+    """Our numpy pipeline vs Ultralytics' predict on files: (the parity record, our boxes)."""
     theirs = [
         np.concatenate(
             [r.boxes.xyxy.numpy(), r.boxes.conf.numpy()[:, None], r.boxes.cls.numpy()[:, None]], 1
@@ -165,17 +157,61 @@ def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
         "matched_of_onnx": match_share(ours, theirs, p["match_iou"]),
         "match_iou": p["match_iou"],
     }
+    return parity, ours
+
+
+def postprocessing(kind: str, p: dict) -> dict:
+    """The card's postprocessing: what infer and serving do after the graph, at which
+    thresholds (stages/detect/infer.py thresholds)."""
+    return {
+        "graph": kind,
+        "output": OUTPUTS[kind],
+        "nms": "per class, greedy"
+        + (
+            " (inside the graph, at the conf and iou below)"
+            if kind == "nms"
+            else " (none: an NMS-free head)"
+            if kind == "end2end"
+            else ""
+        ),
+        "conf": p["conf"],
+        "iou": p["iou"],
+        "max_det": 300,
+    }
+
+
+def run(params: dict, out_dir: Path = layout.model_dir("detect")) -> dict:
+    """Ultralytics' ONNX exporter (dynamic axes), then the input fixed to imgsz × imgsz with
+    a dynamic batch; parity: our numpy pipeline vs Ultralytics' predict on the val images."""
+    p = params["detect"]["export"]
+    yolo.configure()
+    from ultralytics import YOLO
+
+    model = YOLO(out_dir / "model.pt")
+    size = int(model.ckpt["train_args"]["imgsz"])
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(out_dir / "model.pt", onnx_path, p["graph"], p["conf"], p["iou"])
+    session = open_session(onnx_path)
+    kind = graph_kind(session)
+    if kind != p["graph"]:
+        raise StageError(
+            f"detect.export.graph is {p['graph']!r} but Ultralytics exported a {kind!r} graph for "
+            f"{model.ckpt['train_args']['model']}: NMS inside needs a head with NMS (YOLOv8/11), "
+            "end2end an NMS-free head (YOLO26, YOLOv10)"
+        )
+    files = sorted(f for f in (layout.prepared("detect") / "images/val").iterdir() if f.is_file())
+    parity, ours = parity_check(model, session, files, size, p)
     if min(parity["matched_of_ultralytics"], parity["matched_of_onnx"]) < p["min_matched"]:
         raise StageError(
             f"{onnx_path}: onnxruntime + numpy decoding matches Ultralytics on too few boxes: {parity}"
         )
-    names = read_json("data/prepared/detect/dataset.json")["names"]
+    names = read_json(layout.prepared("detect") / "dataset.json")["names"]
     args = model.ckpt["train_args"]
     meta = {
         "train": {
             k: args.get(k) for k in ("model", "epochs", "imgsz", "batch", "lr0", "patience", "seed")
         },
-        "schema": read_json("data/prepared/detect/dataset.json"),
+        "schema": read_json(layout.prepared("detect") / "dataset.json"),
         "params": {"seed": args.get("seed")},
     }
     card = {
@@ -188,21 +224,7 @@ def run(params: dict, out_dir: Path = Path("models/detect")) -> dict:
             "scale": "x / 255",
             "layout": "NCHW float32",
         },
-        "postprocessing": {
-            "graph": kind,
-            "output": OUTPUTS[kind],
-            "nms": "per class, greedy"
-            + (
-                " (inside the graph, at the conf and iou below)"
-                if kind == "nms"
-                else " (none: an NMS-free head)"
-                if kind == "end2end"
-                else ""
-            ),
-            "conf": p["conf"],
-            "iou": p["iou"],
-            "max_det": 300,
-        },
+        "postprocessing": postprocessing(kind, p),
         "reference": detect_reference(files, ours),
     }
     write_json(out_dir / "model.json", card)

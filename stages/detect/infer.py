@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
 from stages.core.images import list_images
@@ -32,6 +33,13 @@ def graph_kind(session) -> str:
     if "args" in meta:
         return "raw"
     return "end2end" if session.get_outputs()[0].shape[-1] == 6 else "raw"
+
+
+def thresholds(card: dict) -> tuple[float, float]:
+    """(conf, iou): the model card's, which export checked parity at (detect.export.conf, iou).
+    Batch infer and serving both take them from here, so they detect the same boxes."""
+    post = card["postprocessing"]
+    return post["conf"], post["iou"]
 
 
 def predict(
@@ -60,9 +68,9 @@ def predict(
 
 def run(
     params: dict,
-    model_dir: Path = Path("models/detect"),
-    out: Path = Path("data/predictions/detect.json"),
-    rendered: Path = Path("data/predictions/detect_rendered"),
+    model_dir: Path = layout.model_dir("detect"),
+    out: Path = layout.PREDICTIONS["detect"],
+    rendered: Path = layout.RENDERED,
 ) -> dict:
     """COCO-style results ({file, category_id, category, bbox [x, y, w, h] in pixels, score})
     for every image; unreadable files are listed in metrics/detect/infer.json and skipped."""
@@ -72,6 +80,7 @@ def run(
     table, root = list_images(p["source"], labelled=False)
     files = table["path"].tolist()
     session = open_session(model_dir / card["onnx"]["file"])
+    conf, iou = thresholds(card)
     results, errors, shown = [], [], []
     start = time.perf_counter()
     for i in range(0, len(files), p["batch_size"]):
@@ -84,7 +93,7 @@ def run(
                 continue
             batch.append((x, meta))
             names_ok.append(f)
-        for f, dets in zip(names_ok, predict(session, batch, p["conf"], p["iou"]), strict=False):
+        for f, dets in zip(names_ok, predict(session, batch, conf, iou), strict=False):
             if len(shown) < p["render"]:
                 shown.append((f, dets))
             results += [{"file": f, **r} for r in to_records(dets, names)]
@@ -101,7 +110,7 @@ def run(
     n = len(files) - len(errors)
     stats = {"images": n, "failed": len(errors), "detections": len(results), "errors": errors}
     timing = {"seconds": round(seconds, 4), "images_per_s": round(n / max(seconds, 1e-9), 1)}
-    write_json(Path("metrics/detect/infer.json"), stats)
+    write_json(layout.infer_stats("detect"), stats)
     write_timing("infer-detect", timing)
     log(
         f"detected {len(results)} objects in {n} images from {p['source']} → {out} ({timing['images_per_s']} images/s)"

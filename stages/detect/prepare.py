@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, write_json
 from stages.core.splits import split_keys
@@ -23,7 +24,7 @@ from stages.detect.labels import (
 )
 
 
-def run(params: dict, out_dir: str = "data/prepared/detect") -> dict:
+def run(params: dict, out_dir: str | Path = layout.prepared("detect")) -> dict:
     """Any of YOLO, COCO, VOC → one YOLO layout (images/ and labels/ per split), plus the
     per-image and per-box tables that validation checks. Splits are made anew by seed."""
     p = params["detect"]["data"]

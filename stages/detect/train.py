@@ -16,17 +16,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import read_json
 from stages.detect import yolo
 
-PREPARED = Path("data/prepared/detect")
+PREPARED = layout.prepared("detect")
 
 
 def run(
     params: dict,
-    out_dir: Path = Path("models/detect"),
-    live_dir: Path = Path("metrics/detect/train"),
+    out_dir: Path = layout.model_dir("detect"),
+    live_dir: Path = layout.train_log("detect"),
 ) -> dict:
     p = params["detect"]["train"]
     yolo.configure()

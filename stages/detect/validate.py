@@ -9,10 +9,9 @@ The suites live in data/expectations/detect/<source name>.{images,boxes}.json.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
+from stages.core import layout
 from stages.core.cli import log
 from stages.core.expectations import check, load_suite, save_suite, suite_path
 from stages.core.files import read_json
@@ -99,7 +98,7 @@ def suites(names: list[str], v: dict) -> list[dict]:
 
 
 def run(params: dict, new_suite: bool = False) -> dict:
-    prepared = Path("data/prepared/detect")
+    prepared = layout.prepared("detect")
     schema = read_json(prepared / "dataset.json")
     images, boxes = (
         pd.read_parquet(prepared / "images.parquet"),

@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+from stages.core import layout
+
 CACHE = Path(".cache")
 
 
@@ -46,7 +48,7 @@ def configure() -> None:
     )
 
 
-def dataset_view(names: list[str], prepared: Path = Path("data/prepared/detect")) -> Path:
+def dataset_view(names: list[str], prepared: Path = layout.prepared("detect")) -> Path:
     """data.yaml over symlinks to the prepared files; returns its absolute path.
 
     The split folders are real folders of per-file links, not links to the prepared

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
 
+from stages.core import layout
+
 
 def load_rgb(path: str | Path, size: int) -> np.ndarray:
     """Decode any image PIL reads → size × size × 3 uint8."""
@@ -73,7 +75,7 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[str]:
 
 
 def split_images(
-    schema: dict, split: str = "test", index_path: Path = Path("data/prepared/image/index.parquet")
+    schema: dict, split: str = "test", index_path: Path = layout.prepared("image") / "index.parquet"
 ) -> tuple[list[Path], np.ndarray]:
     """A split's files and their class indices."""
     index = pd.read_parquet(index_path)

@@ -6,14 +6,17 @@ upscaled to `image.demo.size` pixels as grayscale PNGs in ImageFolder layout.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
+from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import atomic_dir
 
 
-def run(params: dict, out_dir: str = "data/demo/digits") -> None:
+def run(params: dict, out_dir: str | Path = layout.DEMO["image"]) -> None:
     from sklearn.datasets import load_digits
 
     size = params["image"]["demo"]["size"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import write_json
 from stages.core.inference import softmax
@@ -20,10 +21,10 @@ from stages.image.model import build_model
 from stages.image.trust import trust_report
 
 
-def run(params: dict, out_dir: Path = Path("metrics/image")) -> dict:
+def run(params: dict, out_dir: Path = layout.metrics_dir("image")) -> dict:
     from sklearn.metrics import precision_recall_fscore_support
 
-    model, meta = load_model("models/image/model.pt", build_model)
+    model, meta = load_model(layout.model_pt("image"), build_model)
     schema, classes = meta["schema"], meta["schema"]["classes"]
     paths, y = split_images(schema)
     probs = softmax(predict(model, preprocess(paths, schema)).astype("float64"))

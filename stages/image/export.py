@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from stages.core import layout
 from stages.core.card import card_common, reference, validated_ranges
 from stages.core.cli import log
 from stages.core.files import write_json
@@ -29,7 +30,7 @@ from stages.image.trust import fit_trust
 def image_reference(schema: dict, size: int, sample: int = 2000) -> dict:
     """Per training image: width, height, mode (from the prepared index) and brightness, the
     mean of the model's RGB input / 255 (on the first `sample` images: a bounded cost)."""
-    index = pd.read_parquet("data/prepared/image/index.parquet")
+    index = pd.read_parquet(layout.prepared("image") / "index.parquet")
     train = index[index["split"] == "train"]
     paths, _ = split_images(schema, "train")
     brightness = [float(load_rgb(p, size).mean() / 255) for p in paths[:sample]]
@@ -41,11 +42,11 @@ def image_reference(schema: dict, size: int, sample: int = 2000) -> dict:
             "brightness": pd.Series(brightness, dtype="float64"),
         },
         validated_ranges("image"),
-        "data/prepared/image/index.parquet (the training split)",
+        f"{layout.prepared('image') / 'index.parquet'} (the training split)",
     )
 
 
-def run(params: dict, out_dir: Path = Path("models/image")) -> dict:
+def run(params: dict, out_dir: Path = layout.model_dir("image")) -> dict:
     p = params["image"]["export"]
     model, meta = load_model(out_dir / "model.pt", build_model)
     schema = meta["schema"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import atomic_path, read_json, write_json, write_timing
 from stages.core.images import list_images
@@ -59,8 +60,8 @@ def trust_fields(card: dict, probs: np.ndarray, feats) -> list[dict]:
 
 def run(
     params: dict,
-    model_dir: Path = Path("models/image"),
-    out: Path = Path("data/predictions/image.csv"),
+    model_dir: Path = layout.model_dir("image"),
+    out: Path = layout.PREDICTIONS["image"],
 ) -> dict:
     """Predict every image; one that can't be read gets a row with its error, and the batch goes on."""
     p = params["image"]["infer"]
@@ -120,7 +121,7 @@ def run(
         "seconds": round(seconds, 4),
         "images_per_s": round(len(rows) / max(seconds, 1e-9), 1),
     }
-    write_json(Path("metrics/image/infer.json"), stats)
+    write_json(layout.infer_stats("image"), stats)
     write_timing("infer-image", timing)
     log(
         f"predicted {len(rows) - failed} images from {p['source']} → {out} ({timing['images_per_s']} images/s)"

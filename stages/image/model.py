@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stages.core import layout
 from stages.core.cli import StageError
 
 IMAGE_ARCHS = ("small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
@@ -130,7 +131,7 @@ def build_model(arch: dict, pretrained: bool | str = False) -> nn.Module:
         if kind == "small_cnn":
             raise StageError(
                 f"image.train.pretrained: {pretrained}: small_cnn starts from an earlier run's "
-                "models/image/model.pt only"
+                f"{layout.model_pt('image')} only"
             )
     if kind == "small_cnn":
         return SmallCNN(arch["num_classes"])

@@ -7,9 +7,11 @@ content hash, decode error), split stratified by label, with split manifests.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pandas as pd
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, write_json
 from stages.core.images import inspect_image, list_images
@@ -24,7 +26,7 @@ def index_images(table: pd.DataFrame, root) -> pd.DataFrame:
     return pd.concat([table, info], axis=1)
 
 
-def run(params: dict, out_dir: str = "data/prepared/image") -> dict:
+def run(params: dict, out_dir: str | Path = layout.prepared("image")) -> dict:
     """Index every image (size, mode, bytes, content hash, decode error), split stratified
     by label, and flag files that occur in two splits (a leak)."""
     p = params["image"]["data"]

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from stages.core import layout
 from stages.core.files import atomic_path, read_json
 from stages.core.job import Job, train
 from stages.core.trainer import classification_sums
@@ -105,7 +106,7 @@ def decoded_images(
 
 def job(params: dict) -> Job:
     p = params["image"]["train"]
-    prepared = Path("data/prepared/image")
+    prepared = layout.prepared("image")
     schema = read_json(prepared / "schema.json")
     index = pd.read_parquet(prepared / "index.parquet")
     root = Path(schema["root"])

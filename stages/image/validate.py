@@ -8,10 +8,9 @@ The suite lives in data/expectations/image/<source name>.json: commit it and edi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
+from stages.core import layout
 from stages.core.cli import log
 from stages.core.expectations import SPLITS, check, load_suite, save_suite, suite_path
 from stages.core.files import read_json
@@ -65,7 +64,7 @@ def suite(classes: list[str], v: dict) -> dict:
 
 
 def run(params: dict, new_suite: bool = False) -> dict:
-    prepared = Path("data/prepared/image")
+    prepared = layout.prepared("image")
     schema = read_json(prepared / "schema.json")
     index = pd.read_parquet(prepared / "index.parquet")
     tables = {name: index[index["split"] == name] for name in SPLITS}

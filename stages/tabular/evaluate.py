@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import write_json
 from stages.core.inference import softmax
@@ -31,10 +32,10 @@ from stages.tabular.trust import trust_report
 CHUNK_ROWS = 1_000_000
 
 
-def run(params: dict, out_dir: Path = Path("metrics/tabular")) -> dict:
-    model, meta = load_model("models/tabular/model.pt", build_model)
+def run(params: dict, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
+    model, meta = load_model(layout.model_pt("tabular"), build_model)
     schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
-    prepared = Path("data/prepared/tabular")
+    prepared = layout.prepared("tabular")
     target, classify = schema["target"], schema["task"] == "classification"
     classes = schema["classes"]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from stages.core import layout
 from stages.core.card import card_common, reference, validated_ranges
 from stages.core.cli import log
 from stages.core.files import atomic_path, write_json
@@ -24,18 +25,20 @@ from stages.tabular.data import Preprocessor, sample_split, split_chunks
 from stages.tabular.model import build_model
 from stages.tabular.trust import fit_trust
 
-TRAIN = "data/prepared/tabular/train.parquet"
+TRAIN = layout.prepared("tabular") / "train.parquet"
 PARITY_ROWS = 100_000
 REFERENCE_ROWS = 1_000_000
 
 
-def run(params: dict, out_dir: Path = Path("models/tabular")) -> dict:
+def run(params: dict, out_dir: Path = layout.model_dir("tabular")) -> dict:
     p = params["tabular"]["export"]
     model, meta = load_model(out_dir / "model.pt", build_model)
     schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
     # Parity on the test split's first rows: enough to catch a wrong graph, bounded on big data.
     x_test = pre.transform(
-        next(split_chunks("data/prepared/tabular/test.parquet", PARITY_ROWS)).iloc[:PARITY_ROWS]
+        next(split_chunks(layout.prepared("tabular") / "test.parquet", PARITY_ROWS)).iloc[
+            :PARITY_ROWS
+        ]
     )
     onnx_path = out_dir / "model.onnx"
     # The graph: (logits / temperature, penultimate features): calibrated, with what OOD reads.

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.expectations import for_inference, load_suite, run_suite_aside, summarise
 from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
@@ -195,7 +196,9 @@ class Writer:
             self.out.close()
 
 
-def run(params: dict, model_dir: Path = Path("models/tabular"), out: Path | None = None) -> dict:
+def run(
+    params: dict, model_dir: Path = layout.model_dir("tabular"), out: Path | None = None
+) -> dict:
     p = params["tabular"]["infer"]
     out = Path(out or p["output"])
     card = read_json(model_dir / "model.json")
@@ -258,7 +261,7 @@ def run(params: dict, model_dir: Path = Path("models/tabular"), out: Path | None
             checked.cancel()  # a run that stopped early: its report is not waited for
         stats = {"rows": rows}
     timing = {"seconds": round(seconds, 4), "rows_per_s": round(stats["rows"] / max(seconds, 1e-9))}
-    write_json(Path("metrics/tabular/infer.json"), stats)
+    write_json(layout.infer_stats("tabular"), stats)
     write_timing("infer-tabular", timing)
     log(f"predicted {stats['rows']} rows from {source} → {out} ({timing['rows_per_s']} rows/s)")
     return {**stats, **timing}

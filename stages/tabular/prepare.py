@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, write_json
 from stages.core.inference import physical_cores
@@ -64,9 +65,9 @@ METHODS = ("hash", "sklearn")
 NO_CODE = -1  # a missing cell, or a column whose values are no longer tracked
 
 
-def run(params: dict, out_dir: str = "data/prepared/tabular") -> dict:
+def run(params: dict, out_dir: str | Path = layout.prepared("tabular")) -> dict:
     p = params["tabular"]["data"]
-    engine, method = p.get("engine", "pandas"), p["split"].get("method", "hash")
+    engine, method = p["engine"], p["split"]["method"]  # the schema requires both
     if engine not in ENGINES:
         raise StageError(f"tabular.data.engine is {engine!r}; choose one of: {', '.join(ENGINES)}")
     if method not in METHODS or (engine == "spark" and method != "hash"):
@@ -251,7 +252,7 @@ def plan(scan: Scan, p: dict, seed: int) -> tuple[dict, list | None, np.ndarray,
         counts = {None: scan.rows}
     val, test = p["split"]["val"], p["split"]["test"]
     q = quotas(counts, val, test, p["source"], target if task == "classification" else None)
-    if p["split"].get("method", "hash") == "sklearn":
+    if p["split"]["method"] == "sklearn":
         codes = sklearn_assign(
             np.asarray(labels, dtype=object)[groups],
             task == "classification",

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, TensorDataset, get_worker_info
 
+from stages.core import layout
 from stages.core.files import read_json
 from stages.core.job import Job, train
 from stages.core.trainer import classification_sums, regression_sums
@@ -169,7 +170,7 @@ def job(params: dict) -> Job:
     import torch.distributed as dist
 
     p = params["tabular"]["train"]
-    prepared = Path("data/prepared/tabular")
+    prepared = layout.prepared("tabular")
     schema = read_json(prepared / "schema.json")
     train_path, val_path = prepared / "train.parquet", prepared / "val.parquet"
     pre = fit_preprocessor(train_path, {f["name"]: f["type"] for f in schema["features"]})

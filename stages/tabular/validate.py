@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from stages.core import layout
 from stages.core.cli import log
 from stages.core.expectations import SPLITS, check, load_suite, save_suite, suite_path
 from stages.core.files import read_json
@@ -159,7 +160,7 @@ def profile(path: Path, schema: dict) -> dict:
 
 
 def run(params: dict, new_suite: bool = False) -> dict:
-    prepared = Path("data/prepared/tabular")
+    prepared = layout.prepared("tabular")
     schema = read_json(prepared / "schema.json")
     spark = (
         schema["params"]["tabular.data"].get("engine") == "spark"

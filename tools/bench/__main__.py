@@ -24,6 +24,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is tools/bench/...)
 
 
+def print_targets(result: dict) -> None:
+    """Count the rows with a target into result["targets"] and list whether each holds."""
+    targets = [
+        (name, r)
+        for name, s in result["sections"].items()
+        for r in s["rows"]
+        if r["holds"] is not None
+    ]
+    result["targets"] = {"held": sum(r["holds"] for _, r in targets), "total": len(targets)}
+    print(
+        f"\n== targets: {result['targets']['held']} of {len(targets)} hold ({result['seconds']} s in all)"
+    )
+    for name, r in targets:
+        print(f"  {'yes' if r['holds'] else 'NO ':3}  {name}: {r['what'].strip()} ({r['target']})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds, for the test)")
@@ -39,11 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
-    from tools.bench.edge import edge
+    from tools.bench.sections import OPT_IN, SECTIONS
     from tools.bench.timing import machine, print_table
-    from tools.bench.trust import OPT_IN, SECTIONS  # sections.py's, and `trust`
-
-    SECTIONS = {**SECTIONS, "edge": edge}
 
     names = [s for s in args.only.split(",") if s] or [s for s in SECTIONS if s not in OPT_IN]
     unknown = set(names) - set(SECTIONS)
@@ -93,18 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(out_path.read_text())
         if earlier.get("quick") == args.quick:
             result["sections"] = {**earlier.get("sections", {}), **result["sections"]}
-    targets = [
-        (name, r)
-        for name, s in result["sections"].items()
-        for r in s["rows"]
-        if r["holds"] is not None
-    ]
-    result["targets"] = {"held": sum(r["holds"] for _, r in targets), "total": len(targets)}
-    print(
-        f"\n== targets: {result['targets']['held']} of {len(targets)} hold ({result['seconds']} s in all)"
-    )
-    for name, r in targets:
-        print(f"  {'yes' if r['holds'] else 'NO ':3}  {name}: {r['what'].strip()} ({r['target']})")
+    print_targets(result)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"wrote {out_path}")

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from tools.bench.sections import OPT_IN
-from tools.bench.sections import SECTIONS as BASE_SECTIONS
 from tools.bench.timing import Row, alternate, percentile
 
 
@@ -36,12 +34,12 @@ def bare_models(dst: Path) -> Path:
 def trust(quick: bool, scratch: Path) -> dict:
     import httpx
 
-    from app.server import serve_config
+    from app.settings import load_settings
     from stages.core.files import read_json
     from stages.image.data import split_images
     from tools.bench.sections import start_server
 
-    cfg = serve_config()
+    cfg = load_settings()
     row = json.loads(
         pd.read_parquet("data/prepared/tabular/test.parquet")
         .drop(columns=read_json("models/tabular/model.json")["target"])
@@ -71,7 +69,7 @@ def trust(quick: bool, scratch: Path) -> dict:
             return lambda: c.post("/predict/tabular", json={"rows": row}).raise_for_status()
 
         def image(c):
-            k = cfg["top_k"]
+            k = cfg.top_k
             files = {"file": ("digit.png", digit, "image/png")}
             return lambda: c.post(f"/predict/image?top_k={k}", files=files).raise_for_status()
 
@@ -103,7 +101,3 @@ def trust(quick: bool, scratch: Path) -> dict:
         "each over one keep-alive connection, interleaved"
     ]
     return {"rows": rows, "notes": notes, "details": details}
-
-
-SECTIONS = {**BASE_SECTIONS, "trust": trust}
-__all__ = ["OPT_IN", "SECTIONS", "trust"]

@@ -1,0 +1,83 @@
+"""The repository layout: where each stage reads and writes, every path that dvc.yaml also
+names, written once.
+
+dvc.yaml's templates (`data/prepared/${key}`, `models/${key}/model.onnx`, ...) mirror these
+functions; tests/test_layout.py checks that every dep and out of dvc.yaml's stages is one of
+them (or a params.yaml key, or code), and that no other module under stages/ spells one.
+Paths are relative to the repository root, where dvc runs the stages. Torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The demo stage's outputs (tabular's demo data is a file in git: tabular.data.source).
+DEMO = {"image": Path("data/demo/digits"), "detect": Path("data/demo/shapes")}
+# infer's outputs where params.yaml does not name them (tabular: tabular.infer.output).
+PREDICTIONS = {
+    "image": Path("data/predictions/image.csv"),
+    "detect": Path("data/predictions/detect.json"),
+}
+# Not a DVC output: boxes drawn on the first detect.infer.render images.
+RENDERED = Path("data/predictions/detect_rendered")
+
+
+def prepared(task: str) -> Path:
+    """prepare's output folder: the splits and what describes them."""
+    return Path("data/prepared") / task
+
+
+def expectations(task: str) -> Path:
+    """The committed GX suites (one per data source)."""
+    return Path("data/expectations") / task
+
+
+def model_dir(task: str) -> Path:
+    return Path("models") / task
+
+
+def model_pt(task: str) -> Path:
+    """train's output: weights and the meta evaluate and export read."""
+    return model_dir(task) / "model.pt"
+
+
+def model_onnx(task: str) -> Path:
+    return model_dir(task) / "model.onnx"
+
+
+def card(task: str) -> Path:
+    """export's model card, which infer and serving read."""
+    return model_dir(task) / "model.json"
+
+
+def metrics_dir(task: str) -> Path:
+    return Path("metrics") / task
+
+
+def validation(task: str) -> Path:
+    """validate's report (train runs only after it)."""
+    return metrics_dir(task) / "validation.json"
+
+
+def datadocs(task: str) -> Path:
+    """GX Data Docs: written by validate, no DVC output (they carry run times)."""
+    return metrics_dir(task) / "datadocs"
+
+
+def train_log(task: str) -> Path:
+    """train's DVCLive folder (persisted between runs)."""
+    return metrics_dir(task) / "train"
+
+
+def metrics(task: str) -> Path:
+    """evaluate's test metrics."""
+    return metrics_dir(task) / "metrics.json"
+
+
+def plots(task: str) -> Path:
+    return metrics_dir(task) / "plots"
+
+
+def infer_stats(task: str) -> Path:
+    """infer's throughput and the inputs it could not read."""
+    return metrics_dir(task) / "infer.json"

@@ -1,0 +1,135 @@
+"""One place for each path: dvc.yaml's stage deps and outs are exactly what
+stages/core/layout.py gives (or a params.yaml key, or code), and no other module under
+stages/ spells a path that dvc.yaml names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+from conftest import ROOT
+from dvc.repo import Repo
+
+from stages.core import layout
+from stages.core.params import TASKS, load_params
+
+CODE = {"stages/__init__.py", "stages/__main__.py", "stages/core", "params.yaml"}  # and params
+
+
+def expected(stage: str, task: str, params: dict) -> tuple[set, set]:
+    """(deps, outs) of stage@task, from the layout and params.yaml, code deps aside."""
+    source = params[task]["data"]["source"]
+    prepared, model, valid = layout.prepared(task), layout.model_pt(task), layout.validation(task)
+    io = {
+        "demo": (set(), {layout.DEMO.get(task)}),
+        "prepare": ({source}, {prepared}),
+        "validate": ({prepared, layout.expectations(task)}, {valid}),
+        "train": ({prepared, source, valid}, {model, layout.train_log(task)}),
+        "evaluate": ({model, prepared, source}, {layout.metrics(task), layout.plots(task)}),
+        "export": (
+            {model, prepared, source, layout.metrics(task), valid},
+            {layout.model_onnx(task), layout.card(task)},
+        ),
+        "infer": (
+            {
+                layout.model_onnx(task),
+                layout.card(task),
+                layout.expectations(task),
+                params[task]["infer"]["source"],
+            },
+            {
+                layout.PREDICTIONS.get(task) or params[task]["infer"]["output"],
+                layout.infer_stats(task),
+            },
+        ),
+    }[stage]
+    return tuple({str(p) for p in paths} for paths in io)
+
+
+def test_dvc_yaml_names_the_layouts_paths():
+    params = load_params(ROOT / "params.yaml")
+    seen = 0
+    with Repo(str(ROOT)) as repo:
+        for stage in repo.index.stages:
+            name, task = stage.name.split("@")
+            deps = {d.def_path for d in stage.deps} - CODE - {f"stages/{task}"}
+            outs = {o.def_path for o in stage.outs}
+            assert (deps, outs) == expected(name, task, params), stage.name
+            seen += 1
+    assert seen == 2 + 6 * len(TASKS)  # demo@image, demo@detect and six stages per task
+
+
+def dvc_paths() -> set[str]:
+    """Every path dvc.yaml names for a stage, the artifacts, metrics and plots, expanded per
+    task, and the folders they share (data/prepared, models, metrics, ...)."""
+    text = (ROOT / "dvc.yaml").read_text()
+    found = set()
+    for task in TASKS:
+        expanded = text.replace("${key}", task).replace("${item}", task)
+        for word in expanded.split():
+            word = word.strip("-:'\",{}")
+            if word.startswith(("data/", "models/", "metrics/")) and "$" not in word:
+                found.add(word)
+    return found
+
+
+def literals(path: Path):
+    """(line, text) of each string literal in a module, docstrings aside; of an f-string its
+    leading text (f"metrics/{task}/..." → "metrics/")."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr) and node.values:
+            first = node.values[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                yield node.lineno, first.value
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+        ):
+            yield node.lineno, node.value
+
+
+def spells_a_dvc_path(text: str, named: set[str], folders: set[str]) -> bool:
+    return any(text == p or text.startswith(p + "/") for p in named) or text in folders
+
+
+def test_no_module_under_stages_spells_a_dvc_yaml_path():
+    named = dvc_paths()
+    # The folders they share, as a literal or the start of an f-string ("models/{task}").
+    folders = {"data/prepared", "data/expectations", "data/predictions", "data/demo"}
+    folders |= {f + "/" for f in folders} | {"models/", "metrics/"}
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {text!r}"
+        for path in sorted((ROOT / "stages").rglob("*.py"))
+        if path.name != "layout.py" or path.parent.name != "core"
+        for line, text in sorted(set(literals(path)))  # an f-string's text is walked twice
+        if spells_a_dvc_path(text, named, folders)
+    ]
+    assert found == [], "use stages/core/layout.py:\n" + "\n".join(found)
+
+
+def test_the_check_sees_a_path_literal():
+    named = dvc_paths()
+    assert {"data/prepared/tabular", "models/detect/model.onnx", "metrics/image/train"} <= named
+    folders = {"models/", "metrics/"}
+    for text in ("data/prepared/tabular", "data/prepared/tabular/train.parquet", "metrics/"):
+        assert spells_a_dvc_path(text, named, folders), text
+    # Ultralytics' metric names and prose are no paths of ours.
+    for text in ("metrics/mAP50(B)", "models", "the data/prepared/tabular folder"):
+        assert not spells_a_dvc_path(text, named, folders), text
+
+
+def test_params_yaml_paths_are_not_layout_paths_in_disguise():
+    """Paths that params.yaml names are read from params, never from the layout."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["tabular"]["infer"]["output"] not in {str(p) for p in layout.PREDICTIONS.values()}
