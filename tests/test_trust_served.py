@@ -19,8 +19,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def models(served_repo):
     from app.predict import load_models
+    from app.settings import load_settings
 
-    loaded, missing = load_models(served_repo / "models", {"concurrency": 2})
+    cfg = load_settings(served_repo / "params.yaml")
+    loaded, missing = load_models(served_repo / "models", cfg)
     assert {"tabular", "image"} <= set(loaded), missing
     return loaded
 

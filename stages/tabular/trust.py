@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from stages.core import trust
+from stages.core import layout, trust
 from stages.core.onnx_export import outputs_and_features
 from stages.tabular.data import Preprocessor, sample_split
 
-PREPARED = "data/prepared/tabular"
 FIT_ROWS = 200_000
 
 
@@ -30,7 +29,7 @@ def _split(model, meta: dict, pre: Preprocessor, split: str):
     """(raw outputs, features, labels or target values in their units) of a split's sample."""
     schema = meta["schema"]
     target = schema["target"]
-    df, _ = sample_split(f"{PREPARED}/{split}.parquet", [*pre.columns, target], FIT_ROWS)
+    df, _ = sample_split(layout.prepared("tabular") / f"{split}.parquet", [*pre.columns, target], FIT_ROWS)
     x = pre.transform(df)
     out, _ = outputs_and_features(model, x)
     feats = x  # OOD reads the input row (space "input"): see the module docstring

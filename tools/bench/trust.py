@@ -37,7 +37,7 @@ def trust(quick: bool, scratch: Path) -> dict:
     from app.settings import load_settings
     from stages.core.files import read_json
     from stages.image.data import split_images
-    from tools.bench.sections import start_server
+    from tools.bench.serving import start_server
 
     cfg = load_settings()
     row = json.loads(
