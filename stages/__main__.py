@@ -16,7 +16,7 @@ import importlib
 from stages.core.cli import StageError, run_main
 from stages.core.params import TASKS, load_params
 
-STAGES = ("demo", "prepare", "validate", "train", "evaluate", "export", "infer")
+STAGES = ("demo", "prepare", "validate", "train", "evaluate", "export", "infer", "labels")
 DEMOS = ("image", "detect")  # tabular's demo data is a file in git
 
 
