@@ -17,7 +17,23 @@ import numpy as np
 import pandas as pd
 
 from stages.core import label_issues
+from stages.core.cli import StageError, log
 from stages.core.files import read_json
+
+
+def exclude(table: pd.DataFrame, paths: list, source: str) -> pd.DataFrame:
+    """prepare's image table without the paths of `image.data.exclude` (relative to the
+    source, as label_issues.csv names them), before the split."""
+    if not paths:
+        return table
+    unknown = sorted(set(map(str, paths)) - set(table["path"]))
+    if unknown:
+        raise StageError(
+            f"image.data.exclude: {unknown[0]!r} is not an image of {source}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        )
+    log(f"excluded {len(set(paths))} images of {source} (image.data.exclude)")
+    return table[~table["path"].isin(set(map(str, paths)))].reset_index(drop=True)
 
 
 def fold_model(images: np.ndarray, labels: np.ndarray, schema: dict, p: dict, seed: int):

@@ -16,9 +16,38 @@ import numpy as np
 import pandas as pd
 
 from stages.core import label_issues
+from stages.core.cli import StageError, log
 from stages.core.files import read_json
 from stages.core.splits import NAMES
 from stages.tabular.data import Preprocessor, read_split
+
+EXCLUDED = len(NAMES)  # a split code after train, val and test (0, 1, 2): rows in no split
+
+
+def exclude(codes: np.ndarray, lines: list, source: str) -> np.ndarray:
+    """prepare's split codes (row i = CSV line i + 2) with the rows of
+    `tabular.data.exclude_lines` set to EXCLUDED, a code no split takes. The split is drawn first, so
+    every other row stays in the split it had: runs with and without the exclusions compare."""
+    if not lines:
+        return codes
+    try:
+        at = np.asarray(lines, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise StageError(
+            f"tabular.data.exclude_lines: {lines!r} is not a list of line numbers"
+        ) from None
+    outside = at[(at < 2) | (at >= len(codes) + 2)]
+    if len(outside):
+        raise StageError(
+            f"tabular.data.exclude_lines: line {outside[0]} is not a data line of {source} "
+            f"(lines 2 to {len(codes) + 1}; header = 1)"
+        )
+    codes = codes.copy()
+    codes[at - 2] = EXCLUDED
+    log(
+        f"excluded {len(set(at.tolist()))} lines of {source} from every split (tabular.data.exclude_lines)"
+    )
+    return codes
 
 
 def fold_model(
