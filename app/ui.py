@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from app.label_issues import show as show_label_issues
 from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
 from stages.core.cli import StageError
 from stages.core.images import image_extensions
@@ -428,6 +429,7 @@ def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: dict):
         with gr.Tab("Models"):
             for task, m in models.items():
                 gr.Markdown(card_markdown(task, m.card))
+                show_label_issues(gr, task, m.card)
                 data = plots(task)
                 with gr.Row():
                     if "confusion" in data:

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
+from app.label_issues import image_items, tabular_rows
 from stages.core.cli import StageError
 from stages.core.params import load_params
 from stages.image import demo
@@ -22,6 +23,7 @@ from stages.image import labels as image_labels
 from stages.image import prepare as image_prepare
 from stages.tabular import labels as tabular_labels
 from stages.tabular import prepare as tabular_prepare
+from tools.report import label_issues_md
 
 FLIP_SEED = 31
 SHARE = 0.05
@@ -56,7 +58,7 @@ def tabular_issues(tmp_path: Path, share: float) -> tuple[pd.DataFrame, set, dic
     return issues, set((rows + 2).tolist()), summary  # row i of the frame is CSV line i + 2
 
 
-def test_tabular_finds_flipped_penguins(tmp_path):
+def test_tabular_finds_flipped_penguins(tmp_path, monkeypatch):
     issues, flipped, summary = tabular_issues(tmp_path, SHARE)
     recall, precision = scores(issues["line"], flipped)
     print(
@@ -67,6 +69,13 @@ def test_tabular_finds_flipped_penguins(tmp_path):
     assert issues["score"].is_monotonic_increasing  # worst first
     assert (issues["given"] != issues["suggested"]).all()
     assert summary["count"] == len(issues) and summary["rows"] == 344
+
+    # `line` is the CSV's file line: the app shows that line, whose label is the given one.
+    shown = tabular_rows(issues, tmp_path / "penguins.csv")
+    assert (shown["species"] == shown["given"]).all() and len(shown) == len(issues)
+    monkeypatch.chdir(tmp_path)
+    md = label_issues_md("tabular", top=3)
+    assert f"{len(issues)} of 344 rows" in md and str(issues["line"].iloc[0]) in md
 
 
 def test_tabular_clean_list_is_short(tmp_path):
@@ -103,6 +112,8 @@ def test_image_finds_flipped_digits(tmp_path, monkeypatch):
     )
     assert recall >= 0.6 and precision >= 0.5, issues
     assert summary["count"] == len(issues) and summary["rows"] == 1797
+    shown = image_items(issues.head(6), params["image"]["data"]["source"])
+    assert len(shown) == 6 and all(Path(f).is_file() for f, _ in shown)
 
     # Review → exclude → rerun: the listed paths leave every split.
     params["image"]["data"]["exclude"] = issues["line"].tolist()

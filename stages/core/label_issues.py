@@ -145,3 +145,14 @@ def predict_proba(model, x, batch_size: int = 4096) -> np.ndarray:
         return np.concatenate(
             [torch.softmax(model(xb).float(), 1).numpy() for xb in x.split(batch_size)]
         ).astype(np.float64)
+
+
+def read(task: str, metrics_dir: str | Path = "metrics") -> tuple[pd.DataFrame, dict] | None:
+    """The stage's list and summary, for the report and the app (torch-free); None before
+    the stage has run."""
+    folder = Path(metrics_dir) / task
+    if not (folder / "label_issues.csv").is_file() or not (folder / "label_issues.json").is_file():
+        return None
+    from stages.core.files import read_json
+
+    return pd.read_csv(folder / "label_issues.csv"), read_json(folder / "label_issues.json")

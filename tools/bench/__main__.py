@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
+    from tools.bench.labels import labels
     from tools.bench.sections import OPT_IN, SECTIONS
+
+    SECTIONS = {**SECTIONS, "labels": labels}
     from tools.bench.timing import machine, print_table
 
     names = [s for s in args.only.split(",") if s] or [s for s in SECTIONS if s not in OPT_IN]
