@@ -30,7 +30,8 @@ def tabular_rows(issues: pd.DataFrame, source: str | Path) -> pd.DataFrame:
     if len(rows) != len(wanted):  # the CSV changed since the stage ran: show the list alone
         return issues
     rows.index = sorted(wanted)
-    return issues.set_index("line", drop=False).join(rows, how="left", rsuffix=" (csv)")
+    joined = issues.set_index("line", drop=False).join(rows, how="left", rsuffix=" (csv)")
+    return joined.reset_index(drop=True)
 
 
 def image_items(issues: pd.DataFrame, source: str | Path) -> list[tuple[str, str]]:
