@@ -33,7 +33,9 @@ def main(argv: list[str]) -> None:
     if stage == "demo" and task not in DEMOS:
         raise StageError(f"there is no demo stage for {task}; tasks with one: {', '.join(DEMOS)}")
     if stage == "labels" and task not in LABELS:
-        raise StageError(f"there is no labels stage for {task}; tasks with one: {', '.join(LABELS)}")
+        raise StageError(
+            f"there is no labels stage for {task}; tasks with one: {', '.join(LABELS)}"
+        )
     if flags and (stage, flags) != ("validate", ["--new-suite"]):
         raise StageError(
             f"unknown option {' '.join(flags)} (only `validate TASK --new-suite` takes one)"
