@@ -30,7 +30,8 @@ def tabular_rows(issues: pd.DataFrame, source: str | Path) -> pd.DataFrame:
     if len(rows) != len(wanted):  # the CSV changed since the stage ran: show the list alone
         return issues
     rows.index = sorted(wanted)
-    joined = issues.set_index("line", drop=False).join(rows, how="left", rsuffix=" (csv)")
+    rows = rows.rename(columns={c: f"{c} (csv)" for c in rows.columns if c in issues.columns})
+    joined = issues.set_index("line", drop=False).join(rows, how="left")
     return joined.reset_index(drop=True)
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from app.label_issues import image_items, tabular_rows
+from app.label_issues import image_items, show, tabular_rows
 from stages.core.cli import StageError
 from stages.core.params import load_params
 from stages.image import demo
@@ -58,6 +58,7 @@ def tabular_issues(tmp_path: Path, share: float) -> tuple[pd.DataFrame, set, dic
     return issues, set((rows + 2).tolist()), summary  # row i of the frame is CSV line i + 2
 
 
+@pytest.mark.slow
 def test_tabular_finds_flipped_penguins(tmp_path, monkeypatch):
     issues, flipped, summary = tabular_issues(tmp_path, SHARE)
     recall, precision = scores(issues["line"], flipped)
@@ -73,11 +74,23 @@ def test_tabular_finds_flipped_penguins(tmp_path, monkeypatch):
     # `line` is the CSV's file line: the app shows that line, whose label is the given one.
     shown = tabular_rows(issues, tmp_path / "penguins.csv")
     assert (shown["species"] == shown["given"]).all() and len(shown) == len(issues)
+    import gradio as gr
+
+    with gr.Blocks() as ui:  # the Models tab's section: a heading and the rows
+        show(
+            gr,
+            "tabular",
+            {"data": {"source": str(tmp_path / "penguins.csv")}},
+            tmp_path / "metrics",
+        )
+    kinds = [type(b).__name__ for b in ui.blocks.values()]
+    assert kinds == ["Markdown", "Dataframe"], kinds
     monkeypatch.chdir(tmp_path)
     md = label_issues_md("tabular", top=3)
     assert f"{len(issues)} of 344 rows" in md and str(issues["line"].iloc[0]) in md
 
 
+@pytest.mark.slow
 def test_tabular_clean_list_is_short(tmp_path):
     issues, _, _ = tabular_issues(tmp_path, 0.0)
     print(f"penguins, no flips: {len(issues)} listed")
