@@ -48,7 +48,7 @@ def fold_model(images: np.ndarray, labels: np.ndarray, schema: dict, p: dict, se
     arch = {"kind": p["arch"], "num_classes": len(schema["classes"])}
 
     def fit_predict(train: np.ndarray, held: np.ndarray) -> np.ndarray:
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the fold's initial weights: outputs reproduce byte for byte
         model = label_issues.fit_network(
             build_model(arch), x[train], y[train], p["epochs"], p["batch_size"], p["lr"], seed
         )
