@@ -23,6 +23,8 @@ from stages.core.cli import StageError, log
 from stages.core.files import atomic_path, write_json
 
 COLUMNS = ["line", "given", "suggested", "score"]
+# Fold models are short runs, not tuned per data set: a light, fixed weight decay for all.
+FOLD_WEIGHT_DECAY = 1e-4
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -122,7 +124,7 @@ def fit_network(model, x, y, epochs: int, batch_size: int, lr: float, seed: int,
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=FOLD_WEIGHT_DECAY)
     steps = epochs * -(-len(y) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     model.train()

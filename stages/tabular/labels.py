@@ -66,7 +66,7 @@ def fold_model(
             "n_in": pre.n_features,
             "hidden": list(p["hidden"]),
             "n_out": n_classes,
-            "dropout": 0.1,
+            "dropout": float(p["dropout"]),
         }
         model = label_issues.fit_network(
             build_model(arch),
