@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from app.label_issues import show as show_label_issues
 from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
 from stages.core.cli import StageError
@@ -484,6 +485,7 @@ def models_tab(models: dict[str, Loaded], missing: dict[str, str]) -> None:
 
     for task, m in models.items():
         gr.Markdown(card_markdown(task, m.card))
+        show_label_issues(gr, task, m.card)
         data = plots(task)
         with gr.Row():
             if "confusion" in data:

@@ -16,8 +16,9 @@ import importlib
 from stages.core.cli import StageError, run_main
 from stages.core.params import TASKS, load_params
 
-STAGES = ("demo", "prepare", "validate", "train", "evaluate", "export", "infer")
+STAGES = ("demo", "prepare", "validate", "train", "evaluate", "export", "infer", "labels")
 DEMOS = ("image", "detect")  # tabular's demo data is a file in git
+LABELS = ("tabular", "image")  # classification labels to check (stages/core/label_issues.py)
 
 
 def main(argv: list[str]) -> None:
@@ -31,6 +32,10 @@ def main(argv: list[str]) -> None:
     stage, task = args
     if stage == "demo" and task not in DEMOS:
         raise StageError(f"there is no demo stage for {task}; tasks with one: {', '.join(DEMOS)}")
+    if stage == "labels" and task not in LABELS:
+        raise StageError(
+            f"there is no labels stage for {task}; tasks with one: {', '.join(LABELS)}"
+        )
     if flags and (stage, flags) != ("validate", ["--new-suite"]):
         raise StageError(
             f"unknown option {' '.join(flags)} (only `validate TASK --new-suite` takes one)"

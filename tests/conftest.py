@@ -29,6 +29,8 @@ TINY_TABULAR = {
     "tabular.train.lr": 0.01,
     "tabular.train.patience": 0,
     "tabular.train.amp": "off",
+    "tabular.labels.folds": 2,  # the labels stage (issue 31) runs in every tabular `dvc repro`
+    "tabular.labels.epochs": 5,
 }
 
 
@@ -110,6 +112,8 @@ TINY_ALL = {
     "image.data.image_size": 16,
     "image.train.epochs": 1,
     "image.train.batch_size": 128,
+    "image.labels.folds": 2,
+    "image.labels.epochs": 1,
     "detect.demo.images": 30,
     "detect.demo.size": 64,
     "detect.train.imgsz": 64,

@@ -12,7 +12,17 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SECTIONS = {"inference", "serving", "batch", "training", "validation", "pipeline", "edge", "trust"}
+SECTIONS = {
+    "inference",
+    "serving",
+    "batch",
+    "training",
+    "validation",
+    "pipeline",
+    "edge",
+    "trust",
+    "labels",
+}
 
 
 def test_quick_bench_writes_every_section(tmp_path, served_repo):

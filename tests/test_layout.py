@@ -27,6 +27,10 @@ def expected(stage: str, task: str, params: dict) -> tuple[set, set]:
         "validate": ({prepared, layout.expectations(task)}, {valid}),
         "train": ({prepared, source, valid}, {model, layout.train_log(task)}),
         "evaluate": ({model, prepared, source}, {layout.metrics(task), layout.plots(task)}),
+        "labels": (
+            {prepared, source, valid},
+            {layout.label_issues(task), layout.label_issues(task).with_suffix(".json")},
+        ),
         "export": (
             {model, prepared, source, layout.metrics(task), valid},
             {layout.model_onnx(task), layout.card(task)},
@@ -57,7 +61,8 @@ def test_dvc_yaml_names_the_layouts_paths():
             outs = {o.def_path for o in stage.outs}
             assert (deps, outs) == expected(name, task, params), stage.name
             seen += 1
-    assert seen == 2 + 6 * len(TASKS)  # demo@image, demo@detect and six stages per task
+    # demo@image, demo@detect, six stages per task, and labels@ for the classifiers
+    assert seen == 2 + 6 * len(TASKS) + 2
 
 
 def dvc_paths() -> set[str]:

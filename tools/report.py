@@ -155,6 +155,24 @@ def _save(fig, path: Path) -> str:
     return path.as_posix()
 
 
+def label_issues_md(task: str, top: int = 10) -> str:
+    """The labels stage's summary and its worst rows (docs/validation.md); "" without one."""
+    from stages.core.label_issues import read
+
+    found = read(task)
+    if found is None:
+        return ""
+    issues, s = found
+    text = f"### Suspected label errors\n\n{s['count']} of {s['rows']} rows"
+    if not s["rows"]:
+        return f"{text}: skipped ({s.get('skipped')}).\n"
+    text += (
+        f" ({s['share']:.1%}), `metrics/{task}/label_issues.csv`; review, then exclude by params.\n"
+    )
+    rows = issues.head(top).values.tolist()
+    return text + ("\n" + table(list(issues.columns), rows) + "\n" if rows else "")
+
+
 def build_report(
     base: str, out_md: Path = Path("report.md"), plots_dir: Path = Path("report")
 ) -> str:
@@ -192,6 +210,7 @@ def build_report(
                 f"### Validation\n\n{'passed' if v['success'] else '**failed**'}: {total - failed} of {total} "
                 f"expectations met over {', '.join(v['tables'])} (`{v['suite_file']}`).\n"
             )
+        parts.append(label_issues_md(task))
         onnx, card_path = Path(f"models/{task}/model.onnx"), Path(f"models/{task}/model.json")
         if onnx.exists() and card_path.exists():
             card = read_json(card_path)

@@ -78,6 +78,11 @@ def plots(task: str) -> Path:
     return metrics_dir(task) / "plots"
 
 
+def label_issues(task: str) -> Path:
+    """the labels stage's list of suspected label errors (its summary: .json beside it)."""
+    return metrics_dir(task) / "label_issues.csv"
+
+
 def infer_stats(task: str) -> Path:
     """infer's throughput and the inputs it could not read."""
     return metrics_dir(task) / "infer.json"

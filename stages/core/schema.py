@@ -25,6 +25,7 @@ Fraction = Annotated[float, Field(gt=0, lt=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]
+Arch = Literal["small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0"]
 
 
 class Section(BaseModel):
@@ -75,6 +76,18 @@ class TabularData(Section):
     max_categories: Positive
     engine: Literal["pandas", "spark"]
     split: TabularSplit
+    exclude_lines: list[Annotated[int, Field(ge=2)]]  # CSV file lines (header = 1)
+
+
+class TabularLabels(Section):
+    """The labels stage (stages/core/label_issues.py): K-fold, and each fold's short MLP."""
+
+    folds: Annotated[int, Field(ge=2)]
+    epochs: Positive
+    batch_size: Positive
+    lr: Annotated[float, Field(gt=0)]
+    hidden: Annotated[list[Positive], Field(min_length=1)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
 
 
 class TabularValidate(Section):
@@ -111,6 +124,7 @@ class Tabular(Section):
     data: TabularData
     validate_: TabularValidate = Field(alias="validate")  # BaseModel has .validate
     train: TabularTrain
+    labels: TabularLabels
     evaluate: TabularEvaluate
     export: TabularExport
     infer: TabularInfer
@@ -130,6 +144,17 @@ class ImageData(Section):
     std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)]
     duplicates: Literal["fail", "drop"]
     split: Split
+    exclude: list[str]  # image paths relative to the source
+
+
+class ImageLabels(Section):
+    """The labels stage: K-fold, and each fold's CNN (no augmentation)."""
+
+    folds: Annotated[int, Field(ge=2)]
+    epochs: Positive
+    arch: Arch
+    batch_size: Positive
+    lr: Annotated[float, Field(gt=0)]
 
 
 class ImageValidate(Section):
@@ -147,7 +172,7 @@ class Augment(Section):
 
 
 class ImageTrain(Loop):
-    arch: Literal["small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0"]
+    arch: Arch
     pretrained: bool | str  # false | true (torchvision weights) | a .pth path
     augment: Augment
     monitor: Literal["val_loss", "val_acc"]
@@ -176,6 +201,7 @@ class Image(Section):
     data: ImageData
     validate_: ImageValidate = Field(alias="validate")  # BaseModel has .validate
     train: ImageTrain
+    labels: ImageLabels
     evaluate: ImageEvaluate
     export: ImageExport
     infer: ImageInfer

@@ -16,6 +16,7 @@ from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, write_json
 from stages.core.images import inspect_image, list_images
 from stages.core.splits import split
+from stages.image.labels import exclude
 
 DUPLICATE_POLICIES = ("fail", "drop")
 
@@ -35,6 +36,7 @@ def run(params: dict, out_dir: str | Path = layout.prepared("image")) -> dict:
             f"image.data.duplicates is {p['duplicates']!r}; choose one of: {', '.join(DUPLICATE_POLICIES)}"
         )
     table, root = list_images(p["source"])
+    table = exclude(table, p["exclude"], p["source"])
     classes = sorted(table["label"].unique())
     if len(classes) < 2:
         raise StageError(

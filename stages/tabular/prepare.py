@@ -59,6 +59,7 @@ from stages.tabular.data import (
     open_csv,
     split_schema,
 )
+from stages.tabular.labels import exclude
 
 ENGINES = ("pandas", "spark")
 METHODS = ("hash", "sklearn")
@@ -98,6 +99,7 @@ def run(params: dict, out_dir: str | Path = layout.prepared("tabular")) -> dict:
 
             pa.default_memory_pool().release_unused()
             kinds, classes, codes, moved = plan(scan, p, params["seed"])
+            codes = exclude(codes, p["exclude_lines"], source)  # reviewed rows: in no split
             schema = describe(p, params["seed"], kinds, classes, codes)
             texts = {c: scan.column_codes(c) for c, k in kinds.items() if k == "categorical"}
             write_splits(spill, kinds, p["target"], codes, texts, tmp)

@@ -163,6 +163,10 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
     ]
     if unseen:
         df = df.withColumn("_split", F.when(_any(unseen), 0).otherwise(F.col("_split")))
+    if p[
+        "exclude_lines"
+    ]:  # after the split is drawn, as prepare.run does (stages/tabular/labels.py)
+        df = df.filter(~F.col("line").isin([int(x) for x in p["exclude_lines"]]))
     df = df.persist()
     sizes = dict(df.groupBy("_split").count().collect())
     rows = [sizes.get(i, 0) for i in range(3)]

@@ -29,7 +29,9 @@ def _split(model, meta: dict, pre: Preprocessor, split: str):
     """(raw outputs, features, labels or target values in their units) of a split's sample."""
     schema = meta["schema"]
     target = schema["target"]
-    df, _ = sample_split(layout.prepared("tabular") / f"{split}.parquet", [*pre.columns, target], FIT_ROWS)
+    df, _ = sample_split(
+        layout.prepared("tabular") / f"{split}.parquet", [*pre.columns, target], FIT_ROWS
+    )
     x = pre.transform(df)
     out, _ = outputs_and_features(model, x)
     feats = x  # OOD reads the input row (space "input"): see the module docstring

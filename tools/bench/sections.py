@@ -13,6 +13,7 @@ from __future__ import annotations
 from tools.bench.batch import batch
 from tools.bench.edge import edge
 from tools.bench.inference import inference
+from tools.bench.labels import labels
 from tools.bench.large import large
 from tools.bench.pipeline import pipeline
 from tools.bench.serving import serving
@@ -29,6 +30,7 @@ SECTIONS = {
     "pipeline": pipeline,
     "trust": trust,
     "edge": edge,
+    "labels": labels,
     "large": large,
 }
 OPT_IN = {"large"}  # run only when named in --only
