@@ -187,6 +187,8 @@ def form_defaults(card: dict) -> list[tuple[str, object]]:
             out.append((f"{f['name']} (training {r['min']:g} to {r['max']:g})", r["median"]))
         elif f["type"] == "numeric":
             out.append((f["name"], None))
+        elif f["type"] in ("text", "datetime"):
+            out.append((f"{f['name']} ({f['type']}{', ' + f['format'] if 'format' in f else ''})", None))
         else:
             out.append((f"{f['name']} (training: {', '.join(f['categories'])})", r.get("mode")))
     return out
@@ -302,6 +304,8 @@ def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: dict):
                             inputs.append(
                                 gr.Number(value=value, label=label, elem_id=f"tab-{f['name']}")
                             )
+                        elif f["type"] in ("text", "datetime"):
+                            inputs.append(gr.Textbox(label=label, elem_id=f"tab-{f['name']}"))
                         else:
                             inputs.append(
                                 gr.Dropdown(
