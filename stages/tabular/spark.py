@@ -217,10 +217,11 @@ def write_parts(df, rows: int, out: Path, fmt: str) -> None:
     tmp.rmdir()
 
 
-def profile(paths: list[Path], schema: dict) -> dict:
+def profile(paths: list[Path] | Path, schema: dict) -> dict:
     """validate.profile on Spark: per feature rows, nulls, min, max, sorted values."""
     from pyspark.sql import functions as F
 
+    paths = [paths] if isinstance(paths, str | Path) else paths
     df = session().read.parquet(*map(str, paths))
     aggs = [F.count(F.lit(1)).alias("rows")]
     for i, f in enumerate(schema["features"]):

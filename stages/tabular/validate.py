@@ -196,12 +196,13 @@ def merge_suite(old: dict, fresh: dict, schema: dict) -> tuple[dict, list[str]]:
     return {**old, "expectations": [fresh["expectations"][0], *kept, *added]}, changes
 
 
-def profile(paths: list[Path], schema: dict) -> dict:
+def profile(paths: list[Path] | Path, schema: dict) -> dict:
     """Per feature over the prepared splits: rows, nulls, min, max, sorted values
     (categories); one column in memory at a time."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
+    paths = [paths] if isinstance(paths, str | Path) else paths
     data = ds.dataset([str(p) for p in paths], format="parquet")
     out = {}
     for f in schema["features"]:
