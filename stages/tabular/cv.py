@@ -106,9 +106,7 @@ def cv_metrics(prepared: Path, schema: dict, arch: dict, params: dict) -> dict |
     log(
         f"{k}-fold CV over {rows} rows: "
         + " ".join(
-            f"{m}={v['mean']:.4f}±{v['sd']:.4f}"
-            for m, v in result.items()
-            if isinstance(v, dict)
+            f"{m}={v['mean']:.4f}±{v['sd']:.4f}" for m, v in result.items() if isinstance(v, dict)
         )
     )
     return result
