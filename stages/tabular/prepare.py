@@ -338,15 +338,7 @@ def move_unseen_categories(
     return codes, moved
 
 
-def write_splits(
-    spill: Path,
-    kinds: dict,
-    target: str,
-    codes: np.ndarray,
-    texts: dict,
-    out: Path,
-    strings: dict | None = None,
-) -> None:
+def write_splits(spill: Path, kinds, target, codes, texts: dict, out: Path, strings=None) -> None:
     """Pass 2: the spilled numbers and the categories' codes, typed, each batch cut into the
     three splits and appended as row groups. `texts`: {column: (codes per row, values)};
     `strings`: {column: whole string array} (text and date columns)."""
