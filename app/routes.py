@@ -44,6 +44,8 @@ def tabular_request(card: dict | None, max_rows: int):
         for f in card["features"]:
             if f["type"] == "numeric":
                 fields[f["name"]] = (Annotated[float, Field(allow_inf_nan=False)] | None, ...)
+            elif f["type"] in ("text", "datetime"):  # free strings: the preprocessor reads dates
+                fields[f["name"]] = (str | None, ...)
             else:
                 fields[f["name"]] = (Literal[tuple(f["categories"])] | None, ...)
         row = create_model("TabularRow", __config__=ConfigDict(extra="forbid"), **fields)

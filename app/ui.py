@@ -253,6 +253,10 @@ def form_defaults(card: dict) -> list[tuple[str, object]]:
             out.append((f"{f['name']} (training {r['min']:g} to {r['max']:g})", r["median"]))
         elif f["type"] == "numeric":
             out.append((f["name"], None))
+        elif f["type"] in ("text", "datetime"):
+            out.append(
+                (f"{f['name']} ({f['type']}{', ' + f['format'] if 'format' in f else ''})", None)
+            )
         else:
             out.append((f"{f['name']} (training: {', '.join(f['categories'])})", r.get("mode")))
     return out
@@ -370,6 +374,8 @@ def number_or_choice(f: dict, label: str, value):
 
     if f["type"] == "numeric":
         return gr.Number(value=value, label=label, elem_id=f"tab-{f['name']}")
+    if f["type"] in ("text", "datetime"):  # free strings: the preprocessor reads dates
+        return gr.Textbox(label=label, elem_id=f"tab-{f['name']}")
     return gr.Dropdown(f["categories"], value=value, label=label, elem_id=f"tab-{f['name']}")
 
 

@@ -144,11 +144,8 @@ PREPARE_CASES = {
         [r": column 'bill_length_mm' is numeric but has text in 1 rows \(line 10: 'abc'\)"],
         {},
     ),
-    "nan_target": (
-        lambda rows: to_csv(set_cell(set_cell(rows, 7, "species", ""), 40, "species", "NA")),
-        [r": target 'species' is empty in 2 rows \(lines 7, 40\)"],
-        {},
-    ),
+    # empty target cells are no longer an error: the rows are dropped and counted
+    # (tests/test_tabular_roles.py::test_missing_targets_dropped_and_counted)
     "one_class": (
         lambda rows: to_csv([r for r in rows if r[0] in ("species", "Adelie")]),
         [r": target 'species' has one class \('Adelie'\); classification needs at least two"],
@@ -157,11 +154,6 @@ PREPARE_CASES = {
     "class_too_small_to_split": (
         _one_small_class,
         [r": cannot split 21 rows into train/val/test", r"'Gentoo' with 1 rows"],
-        {},
-    ),
-    "id_column": (
-        lambda rows: to_csv(add_column(rows, "name", (f"penguin {i}" for i in range(len(rows))))),
-        [r": column 'name' has 344 distinct text values", r"drop_columns"],
         {},
     ),
     "text_regression_target": (

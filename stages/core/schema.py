@@ -71,8 +71,9 @@ class TabularSplit(Split):
 class TabularData(Section):
     source: str
     target: str
-    task: Literal["classification", "regression"]
-    drop_columns: list[str]
+    task: Literal["auto", "classification", "regression"]
+    # column → role (stages/tabular/roles.py); `drop` is how a column is left out
+    roles: dict[str, Literal["drop", "numeric", "categorical", "boolean", "datetime", "text"]]
     max_categories: Positive
     engine: Literal["pandas", "spark"]
     split: TabularSplit
@@ -105,6 +106,8 @@ class TabularTrain(Loop):
 class TabularEvaluate(Section):
     baseline: bool
     fail_if_untrained: bool
+    cv_below: Count  # tables with fewer rows also get K-fold CV metrics; 0 = off
+    cv_folds: Annotated[int, Field(ge=2)]
     alpha: Fraction  # conformal miscoverage (stages/core/trust.py)
     ood_threshold: Fraction  # OOD p-value at or below which a row is flagged
 

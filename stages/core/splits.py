@@ -104,10 +104,14 @@ def row_hash_sql(seed: int, line: str = "line") -> str:
     return mix(f"(({line} ^ {salt}) & {MASK})")
 
 
-def quotas(counts: dict, val: float, test: float, source: str, target: str | None) -> dict:
+def quotas(
+    counts: dict, val: float, test: float, source: str, target: str | None, at_least: int = 1
+) -> dict:
     """{group: (n_test, n_val)}: each group's rows in test and val (the rest train), rounded
-    half up; one group (regression) or one per class (classification). Errors when a class
-    is too small to stratify or a split would be empty."""
+    half up; one group (regression) or one per class (classification). Small tables: test
+    and val get at least `at_least` rows each while train keeps half the table (rows taken
+    from the groups with most train rows). Errors when a class is too small to stratify or a
+    split would be empty."""
     check_fractions(val, test)
     total = sum(counts.values())
     if target is not None and min(counts.values()) < 2:
@@ -117,6 +121,7 @@ def quotas(counts: dict, val: float, test: float, source: str, target: str | Non
             f"class needs at least 2 rows); smallest class: {small!r} with {counts[small]} rows"
         )
     out = {g: (math.floor(test * n + 0.5), math.floor(val * n + 0.5)) for g, n in counts.items()}
+    out = _top_up(out, counts, at_least)
     if (
         not all(sum(q[i] for q in out.values()) for i in (0, 1))
         or sum(sum(q) for q in out.values()) >= total
@@ -126,6 +131,19 @@ def quotas(counts: dict, val: float, test: float, source: str, target: str | Non
             "a split would be empty"
         )
     return out
+
+
+def _top_up(out: dict, counts: dict, at_least: int) -> dict:
+    out = {g: list(q) for g, q in out.items()}
+    total = sum(counts.values())
+    for i in (0, 1):
+        while sum(q[i] for q in out.values()) < at_least:
+            train = {g: counts[g] - sum(q) for g, q in out.items()}
+            g = max(train, key=lambda g: (train[g], str(g)))
+            if train[g] < 2 or sum(train.values()) - 1 < total / 2:
+                break
+            out[g][i] += 1
+    return {g: tuple(q) for g, q in out.items()}
 
 
 def hash_assign(keys: np.ndarray, groups: np.ndarray, quota: list[tuple[int, int]]) -> np.ndarray:

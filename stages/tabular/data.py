@@ -18,8 +18,8 @@ import pandas as pd
 from stages.core.cli import StageError
 from stages.core.inference import softmax
 from stages.core.splits import NAMES
+from stages.tabular.encoders import TextEncoder, date_part_names, date_parts
 
-TASK_KINDS = ("classification", "regression")
 # A column of strings in which at least this share parse as numbers is a numeric column
 # with bad cells, not a categorical one.
 NUMERIC_SHARE = 0.9
@@ -128,53 +128,6 @@ class ColumnStats:
     missing_lines: list = field(default_factory=list)  # the first few missing lines (the target's)
 
 
-def column_kinds(
-    stats: dict[str, ColumnStats], target: str, task: str, source: str, max_categories: int
-) -> dict[str, str]:
-    """{column: "numeric" | "categorical"}, or the first user error, in the order a person
-    fixes them: the target, then each column left to right. Numbers stored as text are
-    numbers; a mostly-numeric column with stray text is an error naming its lines."""
-    if task not in TASK_KINDS:
-        raise StageError(f"tabular.data.task is {task!r}; choose one of: {', '.join(TASK_KINDS)}")
-    if target not in stats:
-        raise StageError(
-            f"{source}: target column {target!r} not found; columns are: {', '.join(stats)}"
-        )
-    t = stats[target]
-    if t.missing:
-        lines = ", ".join(str(i) for i in t.missing_lines[:5])
-        raise StageError(
-            f"{source}: target {target!r} is empty in {t.missing} rows (lines {lines}); "
-            "fill or remove those rows"
-        )
-    if task == "regression" and t.bad:
-        raise StageError(f"{source}: regression target {target!r} is not numeric")
-    kinds = {}
-    for col, s in stats.items():
-        if col == target:  # class labels are names, even when they look like numbers (0/1, 1..5)
-            kinds[col] = "numeric" if task == "regression" else "categorical"
-        elif s.present and not s.bad:
-            kinds[col] = "numeric"
-        elif s.present and s.present - s.bad >= NUMERIC_SHARE * s.present:
-            cells = pd.Series(
-                [v for _, v in s.bad_cells], index=[i for i, _ in s.bad_cells], dtype=object
-            )
-            raise StageError(
-                f"{source}: column {col!r} is numeric but has text in {s.bad} rows "
-                f"({describe_cells(cells, count=s.bad)})"
-            )
-        elif s.distinct > max_categories:
-            n = str(s.distinct) if s.counted_all else f"more than {s.distinct - 1}"
-            raise StageError(
-                f"{source}: column {col!r} has {n} distinct text values, more than "
-                f"tabular.data.max_categories={max_categories}; if it is an id or free text, "
-                "list it in tabular.data.drop_columns"
-            )
-        else:
-            kinds[col] = "categorical"
-    return kinds
-
-
 def check_classes(classes: list, target: str, task: str, source: str) -> None:
     if task == "classification" and len(classes) < 2:
         raise StageError(
@@ -213,7 +166,7 @@ BLOCK_BYTES = 16 << 20  # CSV bytes per record batch: a few hundred thousand row
 
 def csv_batches(path: Path, sep: str, drop: list[str] = ()):
     """Stream a CSV as (first line number, {column: stripped strings, missing cells null}) per
-    record batch; every cell is read as text, so typing is ours (column_kinds), not a guess
+    record batch; every cell is read as text, so typing is ours (roles.decide), not a guess
     from the first block. Header = line 1, as in read_csv."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -331,10 +284,14 @@ def _lined(table) -> pd.DataFrame:
 
 @dataclass
 class Preprocessor:
-    """Median-impute and standardise numbers; one-hot categories (missing = all zeros).
+    """Median-impute and standardise numbers, date parts and text components; one-hot
+    categories (missing = all zeros).
 
-    Fitted on the training split only; stored as plain JSON in the model card so that
-    serving needs neither torch nor pickle.
+    Dates (`dates`: column → format) become year, month, day, weekday, hour, elapsed days;
+    text (`texts`: column → fitted encoder, stages/tabular/encoders.py) becomes TF-IDF SVD
+    components. Fitted on the training split only; stored as plain JSON in the model card so
+    that serving needs neither torch, scikit-learn nor pickle. `medians`, `means` and `stds`
+    cover the continuous block: numeric columns, then date parts, then text components.
     """
 
     numeric: list[str]
@@ -343,50 +300,83 @@ class Preprocessor:
     means: list[float] = field(default_factory=list)
     stds: list[float] = field(default_factory=list)
     categories: dict[str, list[str]] = field(default_factory=dict)
+    dates: dict[str, str] = field(default_factory=dict)
+    texts: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, df: pd.DataFrame, kinds: dict[str, str]) -> Preprocessor:
-        numeric = [c for c, k in kinds.items() if k == "numeric"]
-        categorical = [c for c, k in kinds.items() if k == "categorical"]
-        p = cls(numeric, categorical)
-        for c in numeric:
-            col = df[c].astype("float64")
-            median = float(col.median()) if col.notna().any() else 0.0
-            filled = col.fillna(median)
-            std = float(filled.std(ddof=0))
+    def fit(cls, df: pd.DataFrame, kinds: dict[str, str], formats: dict | None = None):
+        from stages.tabular.encoders import fit_text
+
+        p = cls(
+            [c for c, k in kinds.items() if k == "numeric"],
+            [c for c, k in kinds.items() if k == "categorical"],
+            dates={c: (formats or {})[c] for c, k in kinds.items() if k == "datetime"},
+        )
+        p.texts = {
+            c: fit_text(df[c].dropna().astype(str).tolist())
+            for c, k in kinds.items()
+            if k == "text"
+        }
+        for col in p.continuous(df, "training split").T:
+            median = float(np.nanmedian(col)) if (~np.isnan(col)).any() else 0.0
+            filled = np.where(np.isnan(col), median, col)
+            std = float(filled.std())
             p.medians.append(median)
             p.means.append(float(filled.mean()))
             p.stds.append(std if std > 0 and math.isfinite(std) else 1.0)
         p.categories = {
-            c: sorted(df[c].dropna().astype(str).unique().tolist()) for c in categorical
+            c: sorted(df[c].dropna().astype(str).unique().tolist()) for c in p.categorical
         }
         return p
 
     @property
     def columns(self) -> list[str]:
-        return self.numeric + self.categorical
+        return self.numeric + list(self.dates) + list(self.texts) + self.categorical
 
     @property
     def n_features(self) -> int:
-        return len(self.numeric) + sum(len(v) for v in self.categories.values())
+        return len(self.medians) + sum(len(v) for v in self.categories.values())
 
     def feature_names(self) -> list[str]:
-        return self.numeric + [f"{c}={v}" for c in self.categorical for v in self.categories[c]]
+        return (
+            self.numeric
+            + [f"{c}.{part}" for c, f in self.dates.items() for part in date_part_names(f)]
+            + [f"{c}.svd{i}" for c, e in self.texts.items() for i in range(len(e["components"]))]
+            + [f"{c}={v}" for c in self.categorical for v in self.categories[c]]
+        )
+
+    def continuous(self, df: pd.DataFrame, source: str) -> np.ndarray:
+        """Numbers, date parts and text components before imputation (NaN = missing)."""
+        parts = []
+        # Few pandas calls per column: on the one-row requests of the app, pandas' fixed cost
+        # per call was most of the time (about 1.5 ms of 1.7 ms per row; `make bench`).
+        if self.numeric:
+            x = df[self.numeric]
+            if not all(pd.api.types.is_numeric_dtype(t) for t in x.dtypes):
+                x = x.apply(pd.to_numeric, errors="coerce")  # keeps numbers as they are
+            parts.append(x.to_numpy(dtype="float64"))
+        for c, fmt in self.dates.items():
+            values = df[c].to_numpy(dtype=object)
+            rows = [date_parts(v, fmt) for v in values]
+            bad = [i for i, r in enumerate(rows) if r is None]
+            if bad:
+                cells = df[c].iloc[bad]
+                raise StageError(
+                    f"{source}: column {c!r} must be dates like {fmt!r} but has "
+                    f"{describe_cells(cells, count=len(bad))}"
+                )
+            parts.append(np.array(rows, dtype="float64").reshape(len(df), -1))
+        for c, enc in self.texts.items():
+            parts.append(TextEncoder(enc).matrix(df[c].to_numpy(dtype=object)))
+        return np.concatenate(parts, axis=1) if parts else np.zeros((len(df), 0))
 
     def transform(self, df: pd.DataFrame, source: str = "input") -> np.ndarray:
         missing = [c for c in self.columns if c not in df.columns]
         if missing:
             raise StageError(f"{source}: missing feature columns: {', '.join(missing)}")
         parts = []
-        # Few pandas calls per column: on the one-row requests of the app, pandas' fixed cost
-        # per call was most of the time (about 1.5 ms of 1.7 ms per row; `make bench`).
-        if self.numeric:
-            x = df[self.numeric]
-            if not all(
-                pd.api.types.is_numeric_dtype(t) for t in x.dtypes
-            ):  # to_numeric keeps numbers as they are
-                x = x.apply(pd.to_numeric, errors="coerce")
-            x = x.to_numpy(dtype="float64")
+        if self.medians:
+            x = self.continuous(df, source)
             x = np.where(np.isnan(x), np.asarray(self.medians), x)
             parts.append((x - np.asarray(self.means)) / np.asarray(self.stds))
         for c in self.categorical:
@@ -500,7 +490,9 @@ def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.Dat
     return df
 
 
-def describe(p: dict, seed: int, kinds: dict, classes: list | None, codes_or_counts) -> dict:
+def describe(
+    p: dict, seed: int, kinds: dict, classes: list | None, codes_or_counts, plan=None
+) -> dict:
     """schema.json: what the splits hold (both engines write the same one)."""
     counts = (
         np.bincount(codes_or_counts, minlength=3)
@@ -510,8 +502,13 @@ def describe(p: dict, seed: int, kinds: dict, classes: list | None, codes_or_cou
     return {
         "source": p["source"],
         "target": p["target"],
-        "task": p["task"],
-        "features": [{"name": c, "type": k} for c, k in kinds.items() if c != p["target"]],
+        "task": plan.task if plan else p["task"],
+        **({"task_why": plan.task_why} if plan else {}),
+        "features": [
+            {"name": c, "type": k, **({"format": plan.formats[c]} if k == "datetime" else {})}
+            for c, k in kinds.items()
+            if c != p["target"]
+        ],
         "classes": classes,
         "rows": {name: int(counts[i]) for i, name in enumerate(NAMES)},
         "params": {"seed": seed, "tabular.data": p},

@@ -79,6 +79,7 @@ def run(params: dict, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
         base_metrics = report(y_test, np.concatenate(base_out), *([classes] if classify else []))[0]
     result = {
         "test": metrics,
+        **small_table_cv(prepared, schema, meta, params),
         "baseline_hgb": base_metrics,
         "test_rows": len(y_test),
         "warnings": warnings,
@@ -97,6 +98,21 @@ def run(params: dict, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
     )
     fail_if_untrained(warnings, "tabular", params)
     return result
+
+
+def small_table_cv(prepared: Path, schema: dict, meta: dict, params: dict) -> dict:
+    """`cv` (K-fold metrics on small tables; stages/tabular/cv.py) and what prepare decided:
+    the task, the column roles, rows dropped, warnings."""
+    from stages.tabular.cv import cv_metrics
+
+    out = {
+        "task": schema["task"],
+        "columns": {c["column"]: c["role"] for c in schema.get("columns", [])},
+        "dropped_rows": schema.get("dropped_rows", {}),
+        "data_warnings": schema.get("warnings", []),
+    }
+    cv = cv_metrics(prepared, schema, meta["arch"], params)
+    return {**out, **({"cv": cv} if cv else {})}
 
 
 def baseline(params: dict, pre: Preprocessor, train_path: Path, labels, classify: bool):

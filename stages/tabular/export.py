@@ -51,9 +51,9 @@ def run(params: dict, out_dir: Path = layout.model_dir("tabular")) -> dict:
     if p["torchscript"]:
         with atomic_path(out_dir / "model.ts") as tmp:
             torch.jit.trace(model.model, torch.from_numpy(x_test[:2])).save(str(tmp))
-    train_sample, step = sample_split(
-        TRAIN, pre.columns, REFERENCE_ROWS
-    )  # quantiles and shares: a sample will do
+    # Quantiles and shares (a sample will do) of numbers and categories: text and dates have
+    # no shares worth keeping.
+    train_sample, step = sample_split(TRAIN, pre.numeric + pre.categorical, REFERENCE_ROWS)
     card = {
         **card_common(
             "tabular", schema["task"], onnx_path, ["batch", pre.n_features], meta, parity, p
@@ -68,8 +68,11 @@ def run(params: dict, out_dir: Path = layout.model_dir("tabular")) -> dict:
             for f in schema["features"]
         ],
         "preprocessing": pre.to_dict(),
-        "preprocessing_notes": "numeric: median-impute, then (x - mean) / std; categorical: one-hot in the "
-        "listed order (missing = all zeros, unseen = error); see stages/tabular/data.py",
+        "task_inferred": meta["schema"].get("task_why"),
+        "preprocessing_notes": "numeric, date parts (dates: format), text SVD components (texts: "
+        "char_wb n-gram tf-idf, l2, times components): median-impute, then (x - mean) / std; "
+        "categorical: one-hot in the listed order (missing = all zeros, unseen = error); see "
+        "stages/tabular/data.py and encoders.py",
         "target_scaling": meta["target_scaling"],
         "reference": reference(
             dict(train_sample.items()),

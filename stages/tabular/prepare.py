@@ -52,7 +52,6 @@ from stages.tabular.data import (
     NUMBER_RE,
     ColumnStats,
     check_classes,
-    column_kinds,
     csv_batches,
     csv_header,
     describe,
@@ -60,10 +59,14 @@ from stages.tabular.data import (
     split_schema,
 )
 from stages.tabular.labels import exclude
+from stages.tabular.roles import decide, read_sample
+from stages.tabular.roles import table as role_table
 
 ENGINES = ("pandas", "spark")
 METHODS = ("hash", "sklearn")
 NO_CODE = -1  # a missing cell, or a column whose values are no longer tracked
+DROPPED = 3  # a row's split code when its target is missing: written to no split
+STRINGS = ("text", "datetime")  # kinds kept as the user's strings in the splits
 
 
 def run(params: dict, out_dir: str | Path = layout.prepared("tabular")) -> dict:
@@ -78,41 +81,66 @@ def run(params: dict, out_dir: str | Path = layout.prepared("tabular")) -> dict:
         )
     source = p["source"]
     path, sep = open_csv(source)
-    unknown = [c for c in p["drop_columns"] if c not in [h.strip() for h in csv_header(path, sep)]]
-    if unknown:
-        log(
-            f"warning: tabular.data.drop_columns names columns not in {source}: {', '.join(unknown)}"
-        )
     if engine == "spark":
         from stages.tabular.spark import prepare as spark_prepare
 
         with atomic_dir(out_dir) as tmp:
-            schema = spark_prepare(path, sep, p, params["seed"], tmp)
+            schema, roles = spark_prepare(path, sep, p, params["seed"], tmp)
             write_json(tmp / "schema.json", schema)
     else:
         with atomic_dir(out_dir) as tmp:
             spill = tmp / "rows.arrow"
-            scan = Scan(path, sep, p["drop_columns"], p["target"], p["max_categories"], spill)
+            scan = Scan(path, sep, [], p["target"], p["max_categories"], spill)
             # Arrow's allocator keeps pass 1's freed blocks; handed back, the split's arrays
             # (about 25 bytes a row) don't stack on them: a peak of 2.7x the CSV, not 2.7-3.3x.
             import pyarrow as pa
 
             pa.default_memory_pool().release_unused()
-            kinds, classes, codes, moved = plan(scan, p, params["seed"])
+            roles = decide(scan.stats, read_sample(path, sep), p, source)
+            kinds, classes, codes, moved = plan(scan, p, params["seed"], roles)
             codes = exclude(codes, p["exclude_lines"], source)  # reviewed rows: in no split
-            schema = describe(p, params["seed"], kinds, classes, codes)
+            schema = describe(p, params["seed"], kinds, classes, codes, roles)
+            schema["dropped_rows"] = {"missing_target": scan.stats[p["target"]].missing}
+            schema["columns"] = roles.roles
+            schema["warnings"] = [f"possible leak: {c}" for c in roles.leaks]
             texts = {c: scan.column_codes(c) for c, k in kinds.items() if k == "categorical"}
-            write_splits(spill, kinds, p["target"], codes, texts, tmp)
+            strings = read_columns(path, sep, [c for c, k in kinds.items() if k in STRINGS])
+            write_splits(spill, kinds, p["target"], codes, texts, tmp, strings)
             spill.unlink()
             write_json(tmp / "schema.json", schema)
         for col, n in moved.items():
             log(f"moved {n} rows to train: their {col!r} value appears nowhere else in train")
+    report_roles(roles, schema, p)
     log(
         f"prepared {source} ({engine}): "
         + ", ".join(f"{k} {v} rows" for k, v in schema["rows"].items())
         + f" → {out_dir}"
     )
     return schema
+
+
+def report_roles(roles, schema: dict, p: dict) -> None:
+    """The task, the roles table and the rows dropped for a missing target, logged; schema.json
+    keeps them (`columns`), and evaluate copies them into metrics.json."""
+    log(f"task: {roles.task} ({roles.task_why})\n{role_table(roles)}")
+    missing = schema.get("dropped_rows", {}).get("missing_target", 0)
+    if missing:
+        log(f"dropped {missing} rows whose target {p['target']!r} is missing")
+
+
+def read_columns(path: Path, sep: str, columns: list[str]) -> dict:
+    """Text and date columns as whole arrow string columns (a second read of the CSV, only
+    for them): pass 1 spills numbers only, and codes stop past max_categories."""
+    if not columns:
+        return {}
+    import pyarrow as pa
+
+    header = [h.strip() for h in csv_header(path, sep)]
+    parts = {c: [] for c in columns}
+    for _, cols in csv_batches(path, sep, [h for h in header if h not in columns]):
+        for c in columns:
+            parts[c].append(cols[c])
+    return {c: pa.chunked_array(v, pa.string()).combine_chunks() for c, v in parts.items()}
 
 
 class Scan:
@@ -130,6 +158,7 @@ class Scan:
             str, list[np.ndarray]
         ] = {}  # per batch, codes into known (NO_CODE: missing)
         self.rows = 0
+        self.target_missing: list[np.ndarray] = []  # per batch, rows whose target is missing
         with contextlib.ExitStack() as stack:
             writer, pool = None, stack.enter_context(ThreadPoolExecutor(physical_cores()))
             for line, cols in csv_batches(path, sep, drop):
@@ -176,6 +205,8 @@ class Scan:
 
         s = self.stats[col]
         s.present += len(v) - v.null_count
+        if target:
+            self.target_missing.append(v.is_null().to_numpy(zero_copy_only=False))
         if v.null_count and target:
             s.missing += v.null_count
             if len(s.missing_lines) < 5:
@@ -238,47 +269,57 @@ class Scan:
         ].to_pylist()
 
 
-def plan(scan: Scan, p: dict, seed: int) -> tuple[dict, list | None, np.ndarray, dict]:
-    """Types, classes and each row's split code; and how many rows each category column moved to train."""
-    target, task = p["target"], p["task"]
-    kinds = column_kinds(scan.stats, target, task, p["source"], p["max_categories"])
+def plan(scan: Scan, p: dict, seed: int, roles) -> tuple[dict, list | None, np.ndarray, dict]:
+    """Types, classes and each row's split code (DROPPED: no target); and how many rows each
+    category column moved to train."""
+    target, task = p["target"], roles.task
+    kinds = roles.kinds
+    keep = ~np.concatenate(scan.target_missing) if scan.target_missing else np.ones(0, bool)
     if task == "classification":
+        if scan.column_codes(target) is None:
+            raise StageError(
+                f"{p['source']}: target {target!r} has more than {DISTINCT_CAP} distinct values: "
+                "too many classes; set tabular.data.task: regression if it is a number"
+            )
         groups, labels = scan.column_codes(target)
+        groups = groups[keep]
         classes = sorted(labels)
         check_classes(classes, target, task, p["source"])
         counts = dict(
             zip(labels, np.bincount(groups, minlength=len(labels)).tolist(), strict=False)
         )
+        counts, groups, labels = stratify_or_not(counts, groups, labels, target, p["source"])
     else:
-        groups, labels, classes = np.zeros(scan.rows, np.int32), [None], None
-        counts = {None: scan.rows}
+        groups, labels, classes = np.zeros(int(keep.sum()), np.int32), [None], None
+        counts = {None: int(keep.sum())}
     val, test = p["split"]["val"], p["split"]["test"]
-    q = quotas(counts, val, test, p["source"], target if task == "classification" else None)
+    at_least = max(5, len(classes or []))
+    q = quotas(counts, val, test, p["source"], target if len(counts) > 1 else None, at_least)
+    lines = np.arange(2, 2 + scan.rows)[keep]
     if p["split"]["method"] == "sklearn":
-        codes = sklearn_assign(
-            np.asarray(labels, dtype=object)[groups],
-            task == "classification",
-            val,
-            test,
-            seed,
-            p["source"],
+        kept = sklearn_assign(
+            np.asarray(labels, dtype=object)[groups], len(counts) > 1, val, test, seed, p["source"]
         )
     else:
-        codes = hash_assign(
-            row_hash(seed, np.arange(2, 2 + scan.rows)), groups, [q[g] for g in labels]
-        )
-    return (
-        kinds,
-        classes,
-        *move_unseen_categories(
-            codes,
-            {
-                c: scan.column_codes(c)[0]
-                for c, k in kinds.items()
-                if k == "categorical" and c != target
-            },
-        ),
+        kept = hash_assign(row_hash(seed, lines), groups, [q[g] for g in labels])
+    codes = np.full(scan.rows, DROPPED, np.uint8)
+    codes[keep] = kept
+    columns = {
+        c: scan.column_codes(c)[0] for c, k in kinds.items() if k == "categorical" and c != target
+    }
+    return (kinds, classes, *move_unseen_categories(codes, columns))
+
+
+def stratify_or_not(counts: dict, groups: np.ndarray, labels: list, target: str, source: str):
+    """Classes to stratify on, or one group with a warning when a class is too small."""
+    if min(counts.values()) >= 2:
+        return counts, groups, labels
+    small = min(counts, key=lambda c: (counts[c], str(c)))
+    log(
+        f"warning: {source}: class {small!r} of {target!r} has {counts[small]} row(s): "
+        "the split is not stratified"
     )
+    return {None: int(sum(counts.values()))}, np.zeros(len(groups), np.int32), [None]
 
 
 def move_unseen_categories(
@@ -291,7 +332,7 @@ def move_unseen_categories(
     for col, vc in columns.items():
         seen = np.zeros(int(vc.max(initial=0)) + 2, bool)
         seen[vc[(codes == TRAIN) & (vc != NO_CODE)]] = True
-        unseen = (vc != NO_CODE) & ~seen[vc]
+        unseen = (vc != NO_CODE) & ~seen[vc] & (codes != DROPPED)
         if unseen.any():
             moved[col] = int(unseen.sum())
             move |= unseen
@@ -300,11 +341,11 @@ def move_unseen_categories(
     return codes, moved
 
 
-def write_splits(
-    spill: Path, kinds: dict, target: str, codes: np.ndarray, texts: dict, out: Path
-) -> None:
+def write_splits(spill: Path, kinds, target, codes, texts: dict, out: Path, strings=None) -> None:
     """Pass 2: the spilled numbers and the categories' codes, typed, each batch cut into the
-    three splits and appended as row groups. `texts`: {column: (codes per row, values)}."""
+    three splits and appended as row groups. `texts`: {column: (codes per row, values)};
+    `strings`: {column: whole string array} (text and date columns)."""
+    strings = strings or {}
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -336,9 +377,11 @@ def write_splits(
         """The batch's rows in split `code` (rows picked first: filtering built text copies it)."""
         rows = np.flatnonzero(codes[start : start + batch.num_rows] == code)
         arrays = [
-            batch.column(f.name).take(rows)
-            if f.name not in texts
-            else dictionary(texts[f.name][0][start + rows], values[f.name])
+            dictionary(texts[f.name][0][start + rows], values[f.name])
+            if f.name in texts
+            else strings[f.name].take(pa.array(start + rows))
+            if f.name in strings
+            else batch.column(f.name).take(rows)
             for f in fields
             if f.name != "line"
         ]

@@ -17,6 +17,7 @@ import numpy as np
 
 from stages.core.cli import StageError
 from stages.core.inference import softmax
+from stages.tabular.encoders import TextEncoder, date_parts
 
 
 def _missing(v) -> bool:
@@ -33,7 +34,9 @@ class Rows:
         self.codes = {
             c: {v: i for i, v in enumerate(pre["categories"][c])} for c in self.categorical
         }
-        self.width = len(self.numeric) + sum(len(v) for v in self.codes.values())
+        self.dates = pre.get("dates", {})
+        self.texts = {c: TextEncoder(e) for c, e in pre.get("texts", {}).items()}
+        self.width = len(self.medians) + sum(len(v) for v in self.codes.values())
         self.kind, self.classes, self.scaling = (
             card["kind"],
             card["classes"],
@@ -51,8 +54,17 @@ class Rows:
             )
         except (TypeError, ValueError):
             return None
+        extra = []
+        for c, fmt in self.dates.items():  # the very per-value functions data.py calls
+            values = [date_parts(r[c], fmt) for r in rows]
+            if any(v is None for v in values):
+                return None
+            extra.append(np.array(values, dtype="float64").reshape(n, -1))
+        extra += [t.matrix([r[c] for r in rows]) for c, t in self.texts.items()]
+        if extra:
+            x = np.concatenate([x, *extra], axis=1)
         x = np.where(np.isnan(x), self.medians, x)
-        parts = [(x - self.means) / self.stds] if self.numeric else []
+        parts = [(x - self.means) / self.stds] if len(self.medians) else []
         for c in self.categorical:
             codes = self.codes[c]
             onehot = np.zeros((n, len(codes)))

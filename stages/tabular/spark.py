@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.core.cli import StageError
+from stages.core.cli import StageError, log
 from stages.core.spark import session
 from stages.core.splits import NAMES, quotas, row_hash_sql
 from stages.tabular.data import (
@@ -23,7 +23,6 @@ from stages.tabular.data import (
     NUMBER_RE,
     ColumnStats,
     check_classes,
-    column_kinds,
     describe,
     describe_cells,
     not_readable,
@@ -109,13 +108,16 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    target, task = p["target"], p["task"]
-    df, _ = read_lines(path, sep, p["drop_columns"])
+    from stages.tabular.roles import decide, read_sample
+
+    target = p["target"]
+    df, _ = read_lines(path, sep)
     columns = [c for c in df.columns if c != "line"]
-    kinds = column_kinds(
-        column_stats(df, columns, target), target, task, p["source"], p["max_categories"]
-    )
-    df = df.select(
+    stats = column_stats(df, columns, target)
+    roles = decide(stats, read_sample(path, sep), p, p["source"])
+    task, kinds = roles.task, roles.kinds
+    missing = stats[target].missing if target in stats else 0
+    df = df.filter(F.col(f"`{target}`").isNotNull()).select(
         *[
             F.col(f"`{c}`").cast("double").alias(c) if k == "numeric" else F.col(f"`{c}`")
             for c, k in kinds.items()
@@ -127,6 +129,11 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
         classes = sorted(counts)
         check_classes(classes, target, task, p["source"])
         group = F.col(f"`{target}`")
+        if min(counts.values()) < 2:  # as prepare.stratify_or_not
+            log(
+                f"warning: {p['source']}: a class of {target!r} has 1 row: the split is not stratified"
+            )
+            counts, group = {None: sum(counts.values())}, F.lit(None).cast("string")
     else:
         counts, classes, group = {None: df.count()}, None, F.lit(None).cast("string")
     q = quotas(
@@ -134,7 +141,8 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
         p["split"]["val"],
         p["split"]["test"],
         p["source"],
-        target if task == "classification" else None,
+        target if len(counts) > 1 else None,
+        max(5, len(classes or [])),
     )
     # Rank within each group by (hash, line); the first n_test rows go to test, the next n_val to val.
     rank = F.row_number().over(
@@ -142,16 +150,16 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
     )
     n_test = (
         F.create_map(*[F.lit(x) for g, (t, _) in q.items() if g is not None for x in (g, t)])
-        if classes
+        if None not in q
         else None
     )
     n_val = (
         F.create_map(*[F.lit(x) for g, (_, v) in q.items() if g is not None for x in (g, v)])
-        if classes
+        if None not in q
         else None
     )
-    t = n_test[group] if classes else F.lit(q[None][0])
-    v = n_val[group] if classes else F.lit(q[None][1])
+    t = n_test[group] if None not in q else F.lit(q[None][0])
+    v = n_val[group] if None not in q else F.lit(q[None][1])
     df = df.withColumn("_split", F.when(rank <= t, 2).when(rank <= t + v, 1).otherwise(0))
     # Rows whose category has no row in train go to train (prepare.move_unseen_categories):
     # decided on the split as drawn, for all columns at once.
@@ -174,7 +182,11 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
         part = df.filter(F.col("_split") == code).drop("_split")
         write_parts(part, rows[code], out / f"{name}.parquet", "parquet")
     df.unpersist()
-    return describe(p, seed, {c: k for c, k in kinds.items()}, classes, rows)
+    schema = describe(p, seed, dict(kinds), classes, rows, roles)
+    schema["dropped_rows"] = {"missing_target": int(missing)}
+    schema["columns"] = roles.roles
+    schema["warnings"] = [f"possible leak: {c}" for c in roles.leaks]
+    return schema, roles
 
 
 def _any(conditions):
@@ -209,11 +221,12 @@ def write_parts(df, rows: int, out: Path, fmt: str) -> None:
     tmp.rmdir()
 
 
-def profile(path: Path, schema: dict) -> dict:
+def profile(paths: list[Path] | Path, schema: dict) -> dict:
     """validate.profile on Spark: per feature rows, nulls, min, max, sorted values."""
     from pyspark.sql import functions as F
 
-    df = session().read.parquet(str(path))
+    paths = [paths] if isinstance(paths, str | Path) else paths
+    df = session().read.parquet(*map(str, paths))
     aggs = [F.count(F.lit(1)).alias("rows")]
     for i, f in enumerate(schema["features"]):
         c = F.col(f"`{f['name']}`")
@@ -221,7 +234,11 @@ def profile(path: Path, schema: dict) -> dict:
         aggs += (
             [F.min(c).alias(f"lo{i}"), F.max(c).alias(f"hi{i}")]
             if f["type"] == "numeric"
-            else [F.sort_array(F.collect_set(c)).alias(f"v{i}")]
+            else [
+                F.sort_array(F.collect_set(c if f["type"] == "categorical" else None)).alias(
+                    f"v{i}"
+                )
+            ]
         )
     row = df.agg(*aggs).first()
     return {
@@ -230,7 +247,7 @@ def profile(path: Path, schema: dict) -> dict:
             "nulls": row[f"n{i}"],
             "min": row[f"lo{i}"] if f["type"] == "numeric" else None,
             "max": row[f"hi{i}"] if f["type"] == "numeric" else None,
-            "values": None if f["type"] == "numeric" else list(row[f"v{i}"]),
+            "values": list(row[f"v{i}"]) if f["type"] == "categorical" else None,
         }
         for i, f in enumerate(schema["features"])
     }

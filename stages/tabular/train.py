@@ -146,18 +146,27 @@ class RowGroups(IterableDataset):
     batched = True
 
 
-def fit_preprocessor(path: Path, kinds: dict[str, str]) -> Preprocessor:
-    """Preprocessor.fit, one column in memory at a time (it fits each column on its own)."""
-    parts = [Preprocessor.fit(read_split(path, [c]), {c: k}) for c, k in kinds.items()]
+def fit_preprocessor(path: Path, features: list[dict] | dict) -> Preprocessor:
+    """Preprocessor.fit, one column in memory at a time (it fits each column on its own),
+    merged in the order of its continuous block: numbers, dates, texts; then categories.
+    `features`: schema.json's list, or {column: kind}."""
+    if isinstance(features, dict):
+        features = [{"name": c, "type": k} for c, k in features.items()]
+    kinds = {f["name"]: f["type"] for f in features}
+    formats = {f["name"]: f["format"] for f in features if "format" in f}
+    parts = {c: Preprocessor.fit(read_split(path, [c]), {c: k}, formats) for c, k in kinds.items()}
     pre = Preprocessor(
         [c for c, k in kinds.items() if k == "numeric"],
-        [c for c, k in kinds.items() if k != "numeric"],
+        [c for c, k in kinds.items() if k == "categorical"],
+        dates={c: formats[c] for c, k in kinds.items() if k == "datetime"},
     )
-    for p in parts:
-        pre.medians += p.medians
-        pre.means += p.means
-        pre.stds += p.stds
-        pre.categories.update(p.categories)
+    for kind in ("numeric", "datetime", "text", "categorical"):
+        for c in (c for c, k in kinds.items() if k == kind):
+            pre.medians += parts[c].medians
+            pre.means += parts[c].means
+            pre.stds += parts[c].stds
+            pre.categories.update(parts[c].categories)
+            pre.texts.update(parts[c].texts)
     return pre
 
 
@@ -173,7 +182,7 @@ def job(params: dict) -> Job:
     prepared = layout.prepared("tabular")
     schema = read_json(prepared / "schema.json")
     train_path, val_path = prepared / "train.parquet", prepared / "val.parquet"
-    pre = fit_preprocessor(train_path, {f["name"]: f["type"] for f in schema["features"]})
+    pre = fit_preprocessor(train_path, schema["features"])
     scaling = None
     if schema["task"] == "regression":
         t = read_split(train_path, [schema["target"]])[schema["target"]]

@@ -1,8 +1,9 @@
-"""validate: the tabular suite (profiled from the training split) on every split; stops the
+"""validate: the tabular suite (profiled from the whole table) on every split; stops the
 pipeline with a readable summary, naming CSV lines, when the data breaks it.
 
-    python -m stages validate tabular               # creates the suite if it is missing
-    python -m stages validate tabular --new-suite   # (re)create it from the training split
+    python -m stages validate tabular               # creates the suite if it is missing; when
+                                                    # columns changed, rebuilds only theirs
+    python -m stages validate tabular --new-suite   # (re)create it from the whole table
 
 The suite lives in data/expectations/tabular/<source name>.json: commit it and edit it.
 Outputs: metrics/tabular/validation.json and GX Data Docs in metrics/tabular/datadocs/.
@@ -57,73 +58,89 @@ def null_mostly(nulls: int, rows: int, smallest: int, confidence: float) -> floa
 
 
 def suite(profile: dict, schema: dict, range_margin: float, confidence: float) -> dict:
-    """Expectations profiled from the training split (`profile`: per column rows, nulls,
-    min, max, values): columns, types, nulls (sized to the smallest split), ranges,
-    categories, classes."""
+    """Expectations profiled from the whole table (`profile`: per column rows, nulls, min,
+    max, values over all splits): columns, types, nulls (sized to the smallest split),
+    ranges, categories, classes. Every split passes it, and so does a clean resample."""
     target = schema["target"]
     features = [f["name"] for f in schema["features"]]
-    rows = schema["rows"]["train"]
+    rows = sum(schema["rows"].values())
     smallest = max(1, min(schema["rows"].values()))
+    exps = [columns_expectation(features + [target])]
+    for f in schema["features"]:
+        exps += column_expectations(f, profile[f["name"]], rows, smallest, range_margin, confidence)
+    exps += target_expectations(schema)
+    return {
+        "name": "tabular",
+        "expectations": exps,
+        "meta": {"created_from": f"{schema['source']} (all splits, {rows} rows)"},
+    }
+
+
+def columns_expectation(columns: list[str]) -> dict:
+    return {
+        "type": "expect_table_columns_to_match_set",
+        "kwargs": {"column_set": columns, "exact_match": True},
+        "meta": {"role": "columns"},
+    }
+
+
+def column_expectations(
+    f: dict, p: dict, rows: int, smallest: int, range_margin: float, confidence: float
+) -> list[dict]:
+    """One feature's expectations: its type, its nulls, and its range or set of categories."""
+    col, numeric = f["name"], f["type"] == "numeric"
     exps = [
         {
-            "type": "expect_table_columns_to_match_set",
-            "kwargs": {"column_set": features + [target], "exact_match": True},
-            "meta": {"role": "columns"},
-        }
+            "type": "expect_column_values_to_be_in_type_list",
+            "kwargs": {"column": col, "type_list": NUMERIC_TYPES if numeric else TEXT_TYPES},
+            "meta": {"kind": f["type"]},
+        },
+        {
+            "type": "expect_column_values_to_not_be_null",
+            "kwargs": {
+                "column": col,
+                "mostly": null_mostly(p["nulls"], rows, smallest, confidence),
+            },
+            "meta": {
+                "observed_null_share": round(p["nulls"] / rows, 4),
+                "confidence": confidence,
+                "sized_for_rows": smallest,
+            },
+        },
     ]
-    for f in schema["features"]:
-        col, p = f["name"], profile[f["name"]]
-        numeric = f["type"] == "numeric"
+    if numeric and p["min"] is not None:
+        lo, hi = p["min"], p["max"]
+        # A constant column still gets a margin (of its value's size).
+        pad = range_margin * ((hi - lo) or max(abs(lo), 1.0))
         exps.append(
             {
-                "type": "expect_column_values_to_be_in_type_list",
-                "kwargs": {"column": col, "type_list": NUMERIC_TYPES if numeric else TEXT_TYPES},
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {"column": col, "min_value": lo - pad, "max_value": hi + pad},
+                "meta": {"observed": [lo, hi]},
+            }
+        )
+    elif f["type"] == "categorical":
+        # The set seen in the whole table: new data with a category never seen fails here,
+        # before the model would reject it. Text and dates have no closed set.
+        exps.append(
+            {
+                "type": "expect_column_values_to_be_in_set",
+                "kwargs": {"column": col, "value_set": p["values"]},
                 "meta": {},
             }
         )
-        exps.append(
-            {
-                "type": "expect_column_values_to_not_be_null",
-                "kwargs": {
-                    "column": col,
-                    "mostly": null_mostly(p["nulls"], rows, smallest, confidence),
-                },
-                "meta": {
-                    "observed_null_share": round(p["nulls"] / rows, 4),
-                    "confidence": confidence,
-                    "sized_for_rows": smallest,
-                },
-            }
-        )
-        if numeric and p["min"] is not None:
-            lo, hi = p["min"], p["max"]
-            # A column constant in train still gets a margin (of its value's size).
-            pad = range_margin * ((hi - lo) or max(abs(lo), 1.0))
-            exps.append(
-                {
-                    "type": "expect_column_values_to_be_between",
-                    "kwargs": {"column": col, "min_value": lo - pad, "max_value": hi + pad},
-                    "meta": {"observed": [lo, hi]},
-                }
-            )
-        elif not numeric:
-            # Every category of val and test is in train (prepare moves rows whose category
-            # train lacks), so the set is exact for the splits; new data with a category
-            # never seen in training fails here, before the model would reject it.
-            exps.append(
-                {
-                    "type": "expect_column_values_to_be_in_set",
-                    "kwargs": {"column": col, "value_set": p["values"]},
-                    "meta": {},
-                }
-            )
-    exps.append(
+    return exps
+
+
+def target_expectations(schema: dict) -> list[dict]:
+    target = schema["target"]
+    exps = [
         {
             "type": "expect_column_values_to_not_be_null",
             "kwargs": {"column": target},
             "meta": {"role": "target"},
         }
-    )
+    ]
     if schema["task"] == "classification":
         exps.append(
             {
@@ -132,20 +149,62 @@ def suite(profile: dict, schema: dict, range_margin: float, confidence: float) -
                 "meta": {"role": "target"},
             }
         )
-    return {
-        "name": "tabular",
-        "expectations": exps,
-        "meta": {"created_from": f"{schema['source']} (training split, {rows} rows)"},
+    return exps
+
+
+def stored_kinds(old: dict) -> dict[str, str]:
+    """{column: kind} of a stored suite, from its type checks (older suites: numeric or
+    categorical)."""
+    out = {}
+    for e in old["expectations"]:
+        if e["type"] == "expect_column_values_to_be_in_type_list":
+            numeric = "float64" in e["kwargs"]["type_list"]
+            kind = e.get("meta", {}).get("kind") or ("numeric" if numeric else "categorical")
+            out[e["kwargs"]["column"]] = kind
+    return out
+
+
+def _column(e: dict):
+    return e["kwargs"].get("column")
+
+
+def merge_suite(old: dict, fresh: dict, schema: dict) -> tuple[dict, list[str]]:
+    """The stored suite with only the changed columns' expectations rebuilt from `fresh`
+    (columns added, dropped or retyped, or a new target): the user's edits to the others
+    survive. Returns it and what changed (none: the stored suite as it is)."""
+    before = stored_kinds(old)
+    now = {f["name"]: f["type"] for f in schema["features"]}
+    target = schema["target"]
+    old_targets = {
+        _column(e) for e in old["expectations"] if e.get("meta", {}).get("role") == "target"
     }
+    retyped = {c for c, k in now.items() if c in before and before[c] != k}
+    redo = {c for c in now if c not in before} | {c for c in before if c not in now} | retyped
+    changes = [f"added {c!r}" for c in now if c not in before]
+    changes += [f"dropped {c!r}" for c in before if c not in now]
+    changes += [f"retyped {c!r} ({before[c]} → {now[c]})" for c in sorted(retyped)]
+    if old_targets != {target}:
+        changes.append(f"the target is {target!r}")
+        redo |= old_targets | {target}
+    if not changes:
+        return old, []
+    kept = [
+        e
+        for e in old["expectations"]
+        if e.get("meta", {}).get("role") != "columns" and _column(e) not in redo
+    ]
+    added = [e for e in fresh["expectations"][1:] if _column(e) in redo]
+    return {**old, "expectations": [fresh["expectations"][0], *kept, *added]}, changes
 
 
-def profile(path: Path, schema: dict) -> dict:
-    """Per feature of a prepared split: rows, nulls, min, max, sorted values (categories);
-    one column in memory at a time."""
+def profile(paths: list[Path] | Path, schema: dict) -> dict:
+    """Per feature over the prepared splits: rows, nulls, min, max, sorted values
+    (categories); one column in memory at a time."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    data = ds.dataset(path, format="parquet")
+    paths = [paths] if isinstance(paths, str | Path) else paths
+    data = ds.dataset([str(p) for p in paths], format="parquet")
     out = {}
     for f in schema["features"]:
         col = data.to_table(columns=[f["name"]]).column(0)
@@ -153,7 +212,7 @@ def profile(path: Path, schema: dict) -> dict:
         if f["type"] == "numeric":
             mm = pc.min_max(col)
             p["min"], p["max"] = mm["min"].as_py(), mm["max"].as_py()
-        else:
+        elif f["type"] == "categorical":
             p["values"] = sorted(pc.drop_null(pc.unique(col)).to_pylist())
         out[f["name"]] = p
     return out
@@ -162,20 +221,29 @@ def profile(path: Path, schema: dict) -> dict:
 def run(params: dict, new_suite: bool = False) -> dict:
     prepared = layout.prepared("tabular")
     schema = read_json(prepared / "schema.json")
-    spark = (
-        schema["params"]["tabular.data"].get("engine") == "spark"
-    )  # the engine that prepared the splits
+    # the engine that prepared the splits
+    spark = schema["params"]["tabular.data"].get("engine") == "spark"
     path = suite_path("tabular", schema["source"])
-    if new_suite or not path.exists():
-        v = params["tabular"]["validate"]
-        if spark:
-            from stages.tabular.spark import profile as spark_profile
+    v = params["tabular"]["validate"]
+    splits = [prepared / f"{name}.parquet" for name in SPLITS]
+    if spark:
+        from stages.tabular.spark import profile as spark_profile
 
-            stats = spark_profile(prepared / "train.parquet", schema)
-        else:
-            stats = profile(prepared / "train.parquet", schema)
-        save_suite(path, suite(stats, schema, v["range_margin"], v["confidence"]))
-        log(f"created {path} from the training split: review it, edit it, commit it")
+        stats = spark_profile(splits, schema)
+    else:
+        stats = profile(splits, schema)
+    fresh = suite(stats, schema, v["range_margin"], v["confidence"])
+    if new_suite or not path.exists():
+        save_suite(path, fresh)
+        log(f"created {path} from the whole table: review it, edit it, commit it")
+    else:
+        merged, changes = merge_suite(load_suite(path), fresh, schema)
+        if changes:
+            save_suite(path, merged)
+            log(
+                f"updated {path}: {'; '.join(changes)}; only those columns' expectations were "
+                "rebuilt, the others are as stored"
+            )
     if spark:
         from stages.core.spark import session
 
