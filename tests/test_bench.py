@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SECTIONS = {"inference", "serving", "batch", "training", "validation", "pipeline"}
+SECTIONS = {"inference", "serving", "batch", "training", "validation", "pipeline", "tabular_cost"}
 
 
 def test_quick_bench_writes_every_section(tmp_path, served_repo):

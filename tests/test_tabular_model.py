@@ -112,7 +112,7 @@ def test_onnx_parity_batch_1_and_n(tmp_path: Path, name, classify):
 
 @pytest.mark.parametrize(
     ("rows_", "batch", "epochs"),
-    [(200, 32, 100), (6_500, 64, 30), (35_000, 512, 44), (200_000, 2048, 31)],
+    [(200, 32, 50), (6_500, 64, 20), (35_000, 512, 29), (200_000, 2048, 21)],
 )
 def test_auto_batch_and_epochs(rows_, batch, epochs):
     assert auto_batch_size(rows_) == batch
@@ -125,7 +125,7 @@ def test_auto_rule_bounds_and_integers_kept():
     for n in (1, 10, 10**4, 10**6, 10**8):
         b = auto_batch_size(n)
         assert 32 <= b <= 2048 and b & (b - 1) == 0
-        assert 1 <= auto_epochs(n, b) <= 100
+        assert 1 <= auto_epochs(n, b) <= 50
     assert auto_epochs(10**8, 2048) == 1  # a huge table: one pass is already many steps
     assert resolve({"batch_size": 7, "epochs": 3}, 10**6) == {"batch_size": 7, "epochs": 3}
     with pytest.raises(StageError, match="tabular.train.epochs is 'many'"):

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     from tools.bench.sections import OPT_IN, SECTIONS
+    from tools.bench.tabular_cost import tabular_cost
+
+    SECTIONS = {**SECTIONS, "tabular_cost": tabular_cost}
     from tools.bench.timing import machine, print_table
 
     names = [s for s in args.only.split(",") if s] or [s for s in SECTIONS if s not in OPT_IN]
