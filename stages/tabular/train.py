@@ -236,11 +236,9 @@ def train_rows(path: Path) -> int:
     return ds.dataset(path, format="parquet").count_rows()
 
 
-def run(params: dict) -> None:
-    """Resolves `auto` batch size and epochs from the training split's rows (budget.py), trains,
-    and writes the stage's wall time to metrics/tabular/train/time.json (evaluate sets it
-    beside the HGB baseline's fit time; a file of its own, as times differ run to run)."""
-    t0 = time.perf_counter()
+def resolved_params(params: dict) -> dict:
+    """params with tabular.train's `auto` batch size and epochs resolved for the prepared
+    training split (budget.py); what the loop, the fingerprint and DVCLive see."""
     p = params["tabular"]["train"]
     rows = train_rows(Path("data/prepared/tabular/train.parquet"))
     resolved = resolve(p, rows)
@@ -248,14 +246,23 @@ def run(params: dict) -> None:
         log(
             f"{rows} training rows: batch_size {resolved['batch_size']}, epochs {resolved['epochs']}"
         )
-    train("tabular", {**params, "tabular": {**params["tabular"], "train": resolved}}, job)
+    return {**params, "tabular": {**params["tabular"], "train": resolved}}
+
+
+def run(params: dict) -> None:
+    """Trains, and writes the stage's wall time to metrics/tabular/train/time.json (evaluate
+    sets it beside the HGB baseline's fit time; a file of its own, as times differ run to run)."""
+    t0 = time.perf_counter()
+    params = resolved_params(params)
+    train("tabular", params, job)
     if os.environ.get("RANK", "0") == "0":  # the launching process, or torchrun's rank 0
+        p = params["tabular"]["train"]
         write_json(
             Path("metrics/tabular/train/time.json"),
             {
                 "seconds": round(time.perf_counter() - t0, 2),
-                "rows": rows,
-                "batch_size": resolved["batch_size"],
-                "epochs": resolved["epochs"],
+                "rows": train_rows(Path("data/prepared/tabular/train.parquet")),
+                "batch_size": p["batch_size"],
+                "epochs": p["epochs"],
             },
         )

@@ -480,10 +480,11 @@ def training(quick: bool, scratch: Path) -> dict:
     from stages.core.trainer import LoopConfig, collate_of, fit
     from stages.image.train import job as image_job
     from stages.tabular.train import job as tabular_job
+    from stages.tabular.train import resolved_params
 
     threads = physical_cores()
     torch.set_num_threads(threads)
-    params = load_params()
+    params = resolved_params(load_params())  # tabular.train's `auto` batch size and epochs
     rt = Runtime(0, 0, 1, torch.device("cpu"))
     amps = ["bf16", "off"] if cpu_supports_bf16() else ["off"]
     rows, notes, details = [], [], {"threads": threads}
