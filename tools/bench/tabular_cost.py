@@ -61,7 +61,7 @@ def diamonds_shaped(path: Path, rows: int, seed: int = 0) -> Path:
 def tabular_cost(quick: bool, scratch: Path) -> dict:
     from tools.realtables import run_table, summary
 
-    rows = 5_000 if quick else 50_000
+    rows = 2_000 if quick else 50_000
     csv = diamonds_shaped(scratch / "diamonds.csv", rows)
     sets = {"tabular.train.epochs": 2} if quick else {}
     t0 = time.perf_counter()
