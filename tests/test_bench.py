@@ -22,6 +22,7 @@ SECTIONS = {
     "edge",
     "trust",
     "labels",
+    "tabular_cost",
 }
 
 

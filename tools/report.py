@@ -35,6 +35,8 @@ HEADLINE = (
     "mAP50-95",
     "precision",
     "recall",
+    "train_seconds",  # tabular evaluate's cost block: the train stage beside HGB's fit
+    "hgb_fit_seconds",
 )
 
 

@@ -104,7 +104,11 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def timing_path(name: str) -> Path:
+    return Path(".cache/timings") / f"{name}.json"
+
+
 def write_timing(name: str, stats: dict) -> None:
     """A run's timings go to .cache/timings/<name>.json (git- and DVC-ignored), never into
     a tracked output: they differ on every run and would make every rerun look like a change."""
-    write_json(Path(".cache/timings") / f"{name}.json", stats)
+    write_json(timing_path(name), stats)

@@ -78,6 +78,11 @@ def plots(task: str) -> Path:
     return metrics_dir(task) / "plots"
 
 
+# Not a DVC output (dvc.yaml lists it under its top-level `metrics`): tabular evaluate's
+# wall times, train stage and HGB fit, which differ run to run.
+COST = Path("metrics/tabular/cost.json")
+
+
 def label_issues(task: str) -> Path:
     """the labels stage's list of suspected label errors (its summary: .json beside it)."""
     return metrics_dir(task) / "label_issues.csv"

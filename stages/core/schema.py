@@ -98,8 +98,14 @@ class TabularValidate(Section):
 
 
 class TabularTrain(Loop):
+    # auto: from the training split's rows (stages/tabular/budget.py)
+    epochs: Positive | Literal["auto"]
+    batch_size: Positive | Literal["auto"]
     hidden: list[Positive]  # [] = a linear model
     dropout: Annotated[float, Field(ge=0, lt=1)]
+    embedding: Count  # periodic numeric embeddings per number (rtdl-num-embeddings); 0 = off
+    ensemble: Positive  # TabM-style weight-sharing members (tabm); 1 = one network
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
     monitor: Literal["val_loss", "val_acc", "val_mae"]
 
 

@@ -11,6 +11,8 @@ as preprocessed float32 features.
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,15 @@ import torch
 from torch.utils.data import IterableDataset, TensorDataset, get_worker_info
 
 from stages.core import layout
-from stages.core.files import read_json
+from stages.core.cli import log
+from stages.core.files import read_json, write_timing
 from stages.core.job import Job, train
-from stages.core.trainer import classification_sums, regression_sums
+from stages.core.trainer import regression_sums
+from stages.tabular.budget import resolve
 from stages.tabular.data import Preprocessor, read_split, split_chunks
 from stages.tabular.model import build_model
+
+TRAIN_TIME = "train-tabular"  # .cache/timings/train-tabular.json, read by evaluate
 
 
 def targets(df: pd.DataFrame, schema: dict, scaling: dict | None) -> torch.Tensor:
@@ -188,12 +194,17 @@ def job(params: dict) -> Job:
         t = read_split(train_path, [schema["target"]])[schema["target"]]
         scaling = {"mean": float(t.mean()), "std": float(t.std(ddof=0)) or 1.0}
     n_out = len(schema["classes"]) if schema["task"] == "classification" else 1
+    classify = schema["task"] == "classification"
     arch = {
-        "kind": "mlp",
+        "kind": "net",
         "n_in": pre.n_features,
+        "n_numeric": len(pre.numeric),
         "hidden": list(p["hidden"]),
         "n_out": n_out,
         "dropout": float(p["dropout"]),
+        "embedding": int(p["embedding"]),
+        "ensemble": int(p["ensemble"]),
+        "classify": classify,
     }
     ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return Job(
@@ -201,11 +212,69 @@ def job(params: dict) -> Job:
         arch,
         RowGroups(train_path, pre, schema, scaling, params["seed"], p["batch_size"], *ranks),
         tensors(val_path, pre, schema, scaling),
-        classification_sums if schema["task"] == "classification" else regression_sums,
+        loss_sums(classify, float(p["label_smoothing"])),
         data_files(train_path) + data_files(val_path),
         {"preprocessor": pre.to_dict(), "schema": schema, "target_scaling": scaling},
     )
 
 
+def loss_sums(classify: bool, label_smoothing: float):
+    """The loop's batch sums for this network: label smoothing while training only (the
+    validation loss stays the plain cross-entropy that early stopping and tuning compare),
+    and, for an ensemble in training mode ((batch, k, out)), the mean of the k members'
+    losses."""
+
+    def sums(out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        k = out.shape[1] if out.dim() == 3 else 1
+        if k > 1:
+            out, y = out.reshape(-1, out.shape[-1]), y.repeat_interleave(k)
+        if classify:
+            smoothing = label_smoothing if torch.is_grad_enabled() else 0.0
+            loss = torch.nn.functional.cross_entropy(
+                out.float(), y, reduction="sum", label_smoothing=smoothing
+            )
+            result = {"loss": loss, "acc": (out.argmax(1) == y).sum()}
+        else:
+            result = regression_sums(out, y)
+        result = {name: v / k for name, v in result.items() if name != "count"}
+        return {**result, "count": torch.tensor(len(y) // k)}
+
+    return sums
+
+
+def train_rows(path: Path) -> int:
+    import pyarrow.dataset as ds
+
+    return ds.dataset(path, format="parquet").count_rows()
+
+
+def resolved_params(params: dict) -> dict:
+    """params with tabular.train's `auto` batch size and epochs resolved for the prepared
+    training split (budget.py); what the loop, the fingerprint and DVCLive see."""
+    p = params["tabular"]["train"]
+    rows = train_rows(layout.prepared("tabular") / "train.parquet")
+    resolved = resolve(p, rows)
+    if (resolved["batch_size"], resolved["epochs"]) != (p["batch_size"], p["epochs"]):
+        log(
+            f"{rows} training rows: batch_size {resolved['batch_size']}, epochs {resolved['epochs']}"
+        )
+    return {**params, "tabular": {**params["tabular"], "train": resolved}}
+
+
 def run(params: dict) -> None:
+    """Trains, and writes the stage's wall time to .cache/timings/ (evaluate sets it beside
+    the HGB baseline's fit time): never into an output, which must reproduce byte for byte."""
+    t0 = time.perf_counter()
+    params = resolved_params(params)
     train("tabular", params, job)
+    if os.environ.get("RANK", "0") == "0":  # the launching process, or torchrun's rank 0
+        p = params["tabular"]["train"]
+        write_timing(
+            TRAIN_TIME,
+            {
+                "seconds": round(time.perf_counter() - t0, 2),
+                "rows": train_rows(layout.prepared("tabular") / "train.parquet"),
+                "batch_size": p["batch_size"],
+                "epochs": p["epochs"],
+            },
+        )

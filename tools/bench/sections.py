@@ -17,6 +17,7 @@ from tools.bench.labels import labels
 from tools.bench.large import large
 from tools.bench.pipeline import pipeline
 from tools.bench.serving import serving
+from tools.bench.tabular_cost import tabular_cost
 from tools.bench.training import training
 from tools.bench.trust import trust
 from tools.bench.validation import validation
@@ -31,6 +32,7 @@ SECTIONS = {
     "trust": trust,
     "edge": edge,
     "labels": labels,
+    "tabular_cost": tabular_cost,
     "large": large,
 }
 OPT_IN = {"large"}  # run only when named in --only

@@ -179,7 +179,9 @@ def training(quick: bool, scratch: Path) -> dict:
 
     threads = physical_cores()
     torch.set_num_threads(threads)
-    params = load_params()
+    from stages.tabular.train import resolved_params  # `auto` batch size and epochs
+
+    params = resolved_params(load_params())
     amps = ["bf16", "off"] if cpu_supports_bf16() else ["off"]
     rows, notes, details = [], [], {"threads": threads}
     epochs = 1
