@@ -56,8 +56,8 @@ def rename(repo: Path, dotted: str, new: str) -> None:
             "(did you mean image.train.augment.rotate?)",
         ),
         (
-            ("set", "tabular.train.epochs", "eighty"),
-            "params.yaml: tabular.train.epochs: input should be a valid integer (it is 'eighty')",
+            ("set", "image.train.epochs", "eighty"),
+            "params.yaml: image.train.epochs: input should be a valid integer (it is 'eighty')",
         ),
         (
             ("set", "serve.strict", 1),
@@ -103,7 +103,7 @@ def test_a_bad_key_gives_one_line(params_repo: Path, change: tuple, line: str):
     "change",
     [
         {"image.train.augment.rotat": 10},  # unknown
-        {"tabular.train.epochs": "80"},  # wrong type
+        {"image.train.epochs": "80"},  # wrong type
         {"tabular.train.dropout": 1.5},  # out of range
     ],
     ids=["unknown", "type", "range"],

@@ -144,6 +144,38 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
         target if len(counts) > 1 else None,
         max(5, len(classes or [])),
     )
+    df = assign_splits(df, group, q, seed)
+    # Rows whose category has no row in train go to train (prepare.move_unseen_categories):
+    # decided on the split as drawn, for all columns at once.
+    unseen = [
+        F.col(f"`{c}`").isNotNull()
+        & (F.max((F.col("_split") == 0).cast("int")).over(Window.partitionBy(f"`{c}`")) == 0)
+        for c, k in kinds.items()
+        if k == "categorical" and c != target
+    ]
+    if unseen:
+        df = df.withColumn("_split", F.when(_any(unseen), 0).otherwise(F.col("_split")))
+    if p["exclude_lines"]:  # after the split is drawn, as prepare.run (tabular/labels.py)
+        df = df.filter(~F.col("line").isin([int(x) for x in p["exclude_lines"]]))
+    df = df.persist()
+    sizes = dict(df.groupBy("_split").count().collect())
+    rows = [sizes.get(i, 0) for i in range(3)]
+    for code, name in enumerate(NAMES):
+        part = df.filter(F.col("_split") == code).drop("_split")
+        write_parts(part, rows[code], out / f"{name}.parquet", "parquet")
+    df.unpersist()
+    schema = describe(p, seed, dict(kinds), classes, rows, roles)
+    schema["dropped_rows"] = {"missing_target": int(missing)}
+    schema["columns"] = roles.roles
+    schema["warnings"] = [f"possible leak: {c}" for c in roles.leaks]
+    return schema, roles
+
+
+def assign_splits(df, group, q: dict, seed: int):
+    """A `_split` column (0 train, 1 val, 2 test) by the quotas q of each group."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
     # Rank within each group by (hash, line); the first n_test rows go to test, the next n_val to val.
     rank = F.row_number().over(
         Window.partitionBy(group).orderBy(F.expr(row_hash_sql(seed)), "line")
@@ -161,32 +193,7 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
     t = n_test[group] if None not in q else F.lit(q[None][0])
     v = n_val[group] if None not in q else F.lit(q[None][1])
     df = df.withColumn("_split", F.when(rank <= t, 2).when(rank <= t + v, 1).otherwise(0))
-    # Rows whose category has no row in train go to train (prepare.move_unseen_categories):
-    # decided on the split as drawn, for all columns at once.
-    unseen = [
-        F.col(f"`{c}`").isNotNull()
-        & (F.max((F.col("_split") == 0).cast("int")).over(Window.partitionBy(f"`{c}`")) == 0)
-        for c, k in kinds.items()
-        if k == "categorical" and c != target
-    ]
-    if unseen:
-        df = df.withColumn("_split", F.when(_any(unseen), 0).otherwise(F.col("_split")))
-    if p[
-        "exclude_lines"
-    ]:  # after the split is drawn, as prepare.run does (stages/tabular/labels.py)
-        df = df.filter(~F.col("line").isin([int(x) for x in p["exclude_lines"]]))
-    df = df.persist()
-    sizes = dict(df.groupBy("_split").count().collect())
-    rows = [sizes.get(i, 0) for i in range(3)]
-    for code, name in enumerate(NAMES):
-        part = df.filter(F.col("_split") == code).drop("_split")
-        write_parts(part, rows[code], out / f"{name}.parquet", "parquet")
-    df.unpersist()
-    schema = describe(p, seed, dict(kinds), classes, rows, roles)
-    schema["dropped_rows"] = {"missing_target": int(missing)}
-    schema["columns"] = roles.roles
-    schema["warnings"] = [f"possible leak: {c}" for c in roles.leaks]
-    return schema, roles
+    return df
 
 
 def _any(conditions):
