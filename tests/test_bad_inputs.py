@@ -151,11 +151,6 @@ PREPARE_CASES = {
         [r": target 'species' has one class \('Adelie'\); classification needs at least two"],
         {},
     ),
-    "class_too_small_to_split": (
-        _one_small_class,
-        [r": cannot split 21 rows into train/val/test", r"'Gentoo' with 1 rows"],
-        {},
-    ),
     "text_regression_target": (
         lambda rows: to_csv(rows),
         [r": regression target 'island' is not numeric"],
@@ -172,6 +167,17 @@ def test_prepare_rejects_bad_csv(good: Path, case: str):
     source = write_input(good, f"data/tabular/{case}.csv", make(penguins(good)))
     set_params(good, {"tabular.data.source": source, **params})
     fails(good, "prepare", "^error: " + re.escape(source), *patterns)
+
+
+def test_a_class_too_small_to_stratify_falls_back_with_a_warning(good: Path):
+    """A class of one row is no longer an error (issue 28): the split is drawn unstratified,
+    and the run says so."""
+    source = write_input(good, "data/tabular/one_small_class.csv", _one_small_class(penguins(good)))
+    set_params(good, {"tabular.data.source": source})
+    res = stage(good, "prepare")
+    assert "class 'Gentoo' of 'species' has 1 row(s): the split is not stratified" in res.stderr
+    schema = json.loads((good / "data/prepared/tabular/schema.json").read_text())
+    assert sum(schema["rows"].values()) == 21
 
 
 # --- infer: the CSV to predict on ----------------------------------------------------

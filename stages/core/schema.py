@@ -48,7 +48,8 @@ class Loop(Section):
     gamma: Annotated[float, Field(gt=0, le=1)]
     grad_clip: Annotated[float, Field(ge=0)]
     grad_accum: Positive
-    amp: Literal["auto", "off", "bf16", "fp16"]
+    # YAML 1.1 (PyYAML) reads an unquoted `off` as false, and DVC's -S writes it unquoted
+    amp: Literal["auto", "off", "bf16", "fp16", False]
     compile: bool
     patience: Count
     num_workers: Count

@@ -30,9 +30,10 @@ def fit_fold(train: pd.DataFrame, schema: dict, arch: dict, params: dict, seed: 
     """(preprocessor, trained model, target scaling) on one fold's training rows."""
     import torch
 
+    from stages.tabular.budget import resolve
     from stages.tabular.model import build_model
 
-    p = params["tabular"]["train"]
+    p = resolve(params["tabular"]["train"], len(train))  # `auto` as train resolves it
     classify = schema["task"] == "classification"
     kinds = {f["name"]: f["type"] for f in schema["features"]}
     formats = {f["name"]: f["format"] for f in schema["features"] if "format" in f}
