@@ -34,8 +34,15 @@ def out_of_fold(labels: np.ndarray, n_classes: int, folds: int, seed: int, fit_p
     split as far as it goes (scikit-learn warns, and every row is still held out once)."""
     import warnings
 
+    import torch
     from sklearn.model_selection import StratifiedKFold
 
+    from stages.core.distributed import configure_backends
+
+    # The thread count changes a CPU network's sums in the last bits, and so the list: set it
+    # as the trainer does, not from the environment (a parent's OMP_NUM_THREADS, e.g. one
+    # that Ultralytics set, once made a rerun differ).
+    configure_backends(torch.device("cpu"))
     if folds < 2:
         raise StageError(f"labels.folds is {folds}; out-of-fold probabilities need at least 2")
     if len(labels) < folds:

@@ -72,10 +72,13 @@ def cv_metrics(prepared: Path, schema: dict, arch: dict, params: dict) -> dict |
     import torch
     from sklearn.model_selection import KFold, StratifiedKFold
 
+    from stages.core.distributed import configure_backends
+
     e = params["tabular"]["evaluate"]
     rows = sum(schema["rows"].values())
     if not e["cv_below"] or rows >= e["cv_below"]:
         return None
+    configure_backends(torch.device("cpu"))  # threads as train sets them: the folds reproduce
     df = whole_table(prepared)
     classify = schema["task"] == "classification"
     y = df[schema["target"]].astype(str) if classify else None
