@@ -14,7 +14,7 @@ MAX_FUNCTION_LINES = 80
 MAX_FILE_LINES = 600
 # Functions that other issues of this round split (issue 32: app/; issue 28: the tabular
 # suite). The lead empties this at merge.
-NOT_YET = {"stages/tabular/validate.py:suite"}
+NOT_YET: set[str] = set()  # functions allowed over 80 lines for now: none
 
 
 def python_files(*folders: str) -> list[Path]:
