@@ -64,6 +64,12 @@ class Metrics:
             ["task"],
             registry=registry,
         )
+        self.flagged = Counter(
+            "ood_flagged",
+            "served rows (images) whose prediction was flagged unlike the training data (ood)",
+            ["task"],
+            registry=registry,
+        )
         self.requests = Counter("requests", "HTTP requests", ["task", "status"], registry=registry)
         self.errors = Counter(
             "request_errors", "HTTP requests answered 4xx or 5xx", ["task"], registry=registry
@@ -78,6 +84,7 @@ class Metrics:
         serving_metrics(registry, cfg, models, missing)  # for deploy/'s alerts and dashboard
         for task in models:  # at 0 from the start: rate() sees no rise from a series it never saw
             self.warned.labels(task)
+            self.flagged.labels(task)
             self.errors.labels(task)
 
     def refresh(self) -> None:
@@ -91,6 +98,10 @@ class Metrics:
             m.monitor.warned_reported = m.monitor.warned
             if new:
                 self.warned.labels(task).inc(new)
+            new = m.monitor.flagged - m.monitor.flagged_reported
+            m.monitor.flagged_reported = m.monitor.flagged
+            if new:
+                self.flagged.labels(task).inc(new)
 
     def observe(self, task: str, status: int, elapsed: float) -> None:
         self.requests.labels(task, str(status)).inc()

@@ -133,7 +133,15 @@ class Monitor:
         self.warned = self.warned_reported = (
             0  # rows with warnings; reported: already counted in /metrics
         )
+        self.flagged = self.flagged_reported = 0  # predictions flagged OOD, as warned
         self.rows = None  # the input_rows_total counter, where serving_metrics() set one
+
+    def ood(self, preds: list[dict]) -> None:
+        """Count the predictions whose input was flagged unlike the training data (trust)."""
+        n = sum(1 for p in preds if p.get("ood", {}).get("flagged"))
+        if n:
+            with self.lock:
+                self.flagged += n
 
     def warnings(self, rows: list[dict]) -> list[list[str]]:
         out = [value_warnings(self.ref, r) for r in rows]

@@ -175,6 +175,7 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
     except StageError as e:
         raise BadInput(str(e)) from None
     model.monitor.observe(records)  # the monitor reads the features it knows
+    model.monitor.ood(preds)
     return [{**p, "warnings": w} for p, w in zip(preds, warnings, strict=False)]
 
 
@@ -196,6 +197,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     model.monitor.observe([seen])
     classes = card["classes"]
     trusted = with_trust(card, [{}], probs, feats)[0]  # prediction_set and ood
+    model.monitor.ood([trusted])
     probs = probs[0]
     order = np.argsort(-probs)[:k]
     return {

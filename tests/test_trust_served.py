@@ -53,8 +53,11 @@ def test_tabular_test_split_mostly_unflagged_and_an_absurd_row_flagged(served_re
         f["name"]: (1e6 if f["type"] == "numeric" else rows[0][f["name"]])
         for f in tab.card["features"]
     }
+    before = tab.monitor.flagged
     got = predict_tabular(tab, [absurd])[0]
     assert got["ood"]["flagged"] and got["ood"]["p_value"] < tab.card["trust"]["ood"]["threshold"]
+    # ... and counted for /metrics' ood_flagged_total (deploy/'s OODShare alert)
+    assert tab.monitor.flagged == before + 1
 
 
 def png(array: np.ndarray) -> bytes:
