@@ -148,3 +148,17 @@ def test_too_few_validation_rows_give_every_class_and_no_infinity_in_json():
     reg = trust.fit(ALPHA, 0.05, y[:, None] * 1.0, y * 1.0, feats, feats, None, False)
     rec = trust.records(reg, np.ones((1, 1)), feats[:1], None)[0]
     assert rec["interval"] == [None, None] and "(interval: -inf to inf)" in trust.describe(rec)
+
+
+def test_temperature_softens_overconfident_logits_and_stays_1_without_mistakes():
+    from stages.core.trust import fit_temperature
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    logits = rng.normal(0, 1, (400, 3))
+    logits[np.arange(400), y] += 2.0
+    flip = rng.random(400) < 0.2  # a fifth of the answers wrong, all of them very sure
+    logits[flip] = np.roll(logits[flip], 1, axis=1)
+    assert fit_temperature(logits * 5, y) > 1.5
+    right = logits.argmax(axis=1) == y
+    assert fit_temperature(logits[right] * 5, y[right]) == 1.0

@@ -41,11 +41,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The T > 0 minimising the NLL of softmax(logits / T) (bounded search on log T)."""
+    """The T > 0 minimising the NLL of softmax(logits / T) (bounded search on log T); 1 when
+    the validation split has no mistake to calibrate against."""
     from scipy.optimize import minimize_scalar
 
     logits = logits.astype("float64")
     rows = np.arange(len(y))
+    if (logits.argmax(axis=1) == y).all():
+        # Without a mistake the NLL only falls as T -> 0: a fit would sharpen every answer
+        # (penguins: T 0.5 raised the test ECE from 0.0125 to 0.0142). Leave the network's.
+        return 1.0
 
     def nll(log_t: float) -> float:
         z = logits / math.exp(log_t)
