@@ -8,15 +8,15 @@ from pathlib import Path
 import yaml
 
 from stages.core.cli import StageError
-from stages.core.schema import validate
+from stages.core.schema import Params, validate
 
 PARAMS_FILE = "params.yaml"
 # The one list of tasks: stages/<task>/ is its package, models/<task>/ its model.
 TASKS = ("tabular", "image", "detect")
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> dict:
-    """params.yaml as a dict, after the schema check: every stage, tool and the server start
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """params.yaml as the schema's typed model (params.tabular.train.lr), after the check: every stage, tool and the server start
     here, so a misspelt key or a wrong value stops them with one line naming it."""
     try:
         with open(path) as f:

@@ -30,7 +30,39 @@ Arch = Literal["small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0"]
 
 class Section(BaseModel):
     # strict: a quoted "80" is not an int, 1 is not true; an int is still a valid float.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+    # TRANSITIONAL (issue 36): read-only mapping access by params.yaml name, so code not yet
+    # moved to attributes (params.tabular.train.lr) keeps working. Removed once none is left.
+    def _name(self, key: str) -> str:
+        for name, field in type(self).model_fields.items():
+            if (field.alias or name) == key:
+                return name
+        raise KeyError(key)
+
+    def __getitem__(self, key: str):
+        return getattr(self, self._name(key))
+
+    def __setitem__(self, key: str, value) -> None:
+        setattr(self, self._name(key), value)
+
+    def get(self, key: str, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in _fields(type(self))
+
+    def keys(self):
+        return list(_fields(type(self)))
+
+    def items(self):
+        return [(k, self[k]) for k in self.keys()]
+
+    def values(self):
+        return [self[k] for k in self.keys()]
 
 
 # ---- shared shapes ----
@@ -402,13 +434,13 @@ def overridden(params: dict, values: dict) -> dict:
     return out
 
 
-def validate(params: dict) -> dict:
-    """params (as read from params.yaml) unchanged, or StageError with one line naming the
-    first bad key. Values are not converted: stages read the dict they gave."""
+def validate(params: dict) -> Params:
+    """params (as read from params.yaml) as the typed, frozen Params model, or StageError with
+    one line naming the first bad key."""
     if not isinstance(params, dict):
         raise StageError("params.yaml: expected a mapping of sections (seed, tabular, ...)")
     try:
-        Params.model_validate(params)
+        return Params.model_validate(params)
     except ValidationError as e:
         by_key: dict[str, list[dict]] = {}
         for err in e.errors(include_url=False):
@@ -420,4 +452,3 @@ def validate(params: dict) -> dict:
         more = len([k for k in by_key if k not in (key, near)])
         more = f" (and {more} more)" if more else ""
         raise StageError(f"params.yaml: {key}: {_problem(key, errors)}{more}") from None
-    return params
