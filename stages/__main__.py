@@ -12,8 +12,11 @@ stage can reach reruns it (tests/test_deps.py keeps that true).
 from __future__ import annotations
 
 import importlib
+import os
+import time
 
 from stages.core.cli import StageError, run_main
+from stages.core.files import write_timing
 from stages.core.params import TASKS, load_params
 
 STAGES = ("demo", "prepare", "validate", "train", "evaluate", "export", "infer", "labels")
@@ -41,7 +44,12 @@ def main(argv: list[str]) -> None:
             f"unknown option {' '.join(flags)} (only `validate TASK --new-suite` takes one)"
         )
     run = importlib.import_module(f"stages.{task}.{stage}").run
+    t0 = time.perf_counter()
     run(load_params(), **({"new_suite": True} if flags else {}))
+    # Every stage's wall time (.cache/timings/stage-<stage>-<task>.json, no output), which
+    # `make run`'s summary shows for train; once, by the launching process, not torchrun's ranks.
+    if "RANK" not in os.environ:
+        write_timing(f"stage-{stage}-{task}", {"seconds": round(time.perf_counter() - t0, 2)})
 
 
 if __name__ == "__main__":

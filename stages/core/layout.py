@@ -84,8 +84,13 @@ COST = Path("metrics/tabular/cost.json")
 
 
 def label_issues(task: str) -> Path:
-    """the labels stage's list of suspected label errors (its summary: .json beside it)."""
+    """the labels stage's list of suspected label errors."""
     return metrics_dir(task) / "label_issues.csv"
+
+
+def label_issue_counts(task: str) -> Path:
+    """the labels stage's summary: count, share, rows, folds."""
+    return metrics_dir(task) / "label_issues.json"
 
 
 def infer_stats(task: str) -> Path:

@@ -109,17 +109,20 @@ def export_onnx(pt: Path, onnx_path: Path, wanted: str, conf: float, iou: float)
         size = int(model.ckpt["train_args"]["imgsz"])
         # nms: None keeps the raw head; True puts NMS in the graph (conf, iou as below); False
         # exports an NMS-free head end to end (YOLO26, YOLOv10; others stay raw).
-        exported = model.export(
-            format="onnx",
-            imgsz=size,
-            dynamic=True,
-            simplify=False,
-            device="cpu",
-            verbose=False,
-            nms=GRAPHS[wanted],
-            conf=conf,
-            iou=iou,
-        )
+        # Quiet: Ultralytics' report names the temporary copy (gone in a moment) and offers
+        # `yolo predict` commands on it; the stage's own line names models/detect/model.onnx.
+        with yolo.warnings_only():
+            exported = model.export(
+                format="onnx",
+                imgsz=size,
+                dynamic=True,
+                simplify=False,
+                device="cpu",
+                verbose=False,
+                nms=GRAPHS[wanted],
+                conf=conf,
+                iou=iou,
+            )
         graph = onnx.load(exported)
         dims = graph.graph.input[0].type.tensor_type.shape.dim
         dims[2].dim_value = dims[3].dim_value = size  # fixed imgsz; the batch stays symbolic
