@@ -9,7 +9,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 TASK ?= tabular
 
-.PHONY: install run test lint bench suite sweep tune promote report serve push pull clean-checkpoints
+.PHONY: install run screenshots test lint bench suite sweep tune promote report serve push pull clean-checkpoints
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	dvc repro
 	@python -m tools.summary
+
+# docs/ui's screenshots, which the README shows, from the demo models `make run` trained (never
+# the tests' tiny ones): the browser test serves this checkout, and each result it shows must be
+# a right answer. Needs chromium (.ci/run installs Debian's).
+screenshots: install
+	UI_DEMO=$(CURDIR) python -m pytest tests/test_browser.py
 
 test: install
 	python -m pytest
