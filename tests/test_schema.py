@@ -119,7 +119,7 @@ def test_python_m_stages_exits_1_with_one_line(params_repo: Path, change: dict):
 
 
 def test_a_missing_key_and_a_missing_section():
-    params = load_params(ROOT / "params.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     del params["image"]["validate"]["modes"]
     with pytest.raises(StageError, match=r"^params.yaml: image.validate.modes: missing$"):
         schema.validate(params)
@@ -128,10 +128,14 @@ def test_a_missing_key_and_a_missing_section():
         schema.validate(params)
 
 
-def test_the_values_stages_read_are_not_converted():
+def test_stages_read_typed_frozen_values():
     params = load_params(ROOT / "params.yaml")
-    assert schema.validate(params) is params
-    assert isinstance(params["tabular"]["train"]["grad_clip"], float)
+    assert isinstance(params, schema.Params)
+    assert isinstance(params.tabular.train.grad_clip, float)
+    assert (
+        params.tabular.validate_.confidence
+        == params.model_dump(by_alias=True)["tabular"]["validate"]["confidence"]
+    )
 
 
 def test_overridden_is_what_a_sweep_would_run():
@@ -139,7 +143,7 @@ def test_overridden_is_what_a_sweep_would_run():
     schema.validate(schema.overridden(params, {"tabular.train.lr": 0.1}))
     with pytest.raises(StageError, match="did you mean tabular.train.lr"):
         schema.validate(schema.overridden(params, {"tabular.train.lrr": 0.1}))
-    assert params["tabular"]["train"]["lr"] == 0.003  # the original is untouched
+    assert params.tabular.train.lr == 0.003  # the original is untouched
 
 
 def documented_keys(text: str) -> set[str]:

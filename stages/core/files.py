@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -94,9 +96,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def plain(obj: Any) -> Any:
+    """json.dumps' `default`: a typed model (params' sections, documents) as its JSON fields,
+    by the names the file uses (params.yaml's `validate`, not the attribute `validate_`)."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json", by_alias=True)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=plain) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.distributed import relaunch_under_torchrun, seed_everything, setup, teardown
+from stages.core.files import plain
 from stages.core.trainer import LoopConfig, fit, load_checkpoint, save_checkpoint
 
 
@@ -50,7 +51,7 @@ class Job:
 
 def fingerprint(params: dict, files: list[Path], world_size: int) -> str:
     """Identifies a training run: a checkpoint is resumed only by the run it belongs to."""
-    h = hashlib.sha256(json.dumps([params, world_size], sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps([params, world_size], sort_keys=True, default=plain).encode())
     for f in files:
         h.update(f.read_bytes())
     return h.hexdigest()[:16]

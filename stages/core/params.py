@@ -16,8 +16,9 @@ TASKS = ("tabular", "image", "detect")
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """params.yaml as the schema's typed model (params.tabular.train.lr), after the check: every stage, tool and the server start
-    here, so a misspelt key or a wrong value stops them with one line naming it."""
+    """params.yaml as the schema's typed model (params.tabular.train.lr), after the check:
+    every stage, tool and the server start here, so a misspelt key or a wrong value stops them
+    with one line naming it."""
     try:
         with open(path) as f:
             params = yaml.safe_load(f)

@@ -421,10 +421,13 @@ def _problem(key: str, errors: list[dict]) -> str:
     return f"{wanted} (it is {errors[0]['input']!r})"
 
 
-def overridden(params: dict, values: dict) -> dict:
+def overridden(params: dict | BaseModel, values: dict) -> dict:
     """A copy of params with dotted keys set ({"tabular.train.lr": 0.01}), as `dvc exp run -S`
     sets them: what a sweep or tune trial will run with, to validate before queueing it."""
-    out = copy.deepcopy(params)
+    # params as load_params gives them (typed) or as YAML read them (a dict)
+    out = (
+        params.model_dump(by_alias=True) if isinstance(params, BaseModel) else copy.deepcopy(params)
+    )
     for dotted, value in values.items():
         node = out
         *parents, leaf = dotted.split(".")
