@@ -22,6 +22,7 @@ from stages.core import layout
 from stages.core.cli import log
 from stages.core.expectations import SPLITS, check, load_suite, save_suite, suite_path
 from stages.core.files import read_json
+from stages.core.schema import Params
 from stages.tabular.data import split_chunks
 
 # Type names for both engines: pandas (float64; "str" for text given as Python objects,
@@ -218,13 +219,13 @@ def profile(paths: list[Path] | Path, schema: dict) -> dict:
     return out
 
 
-def run(params: dict, new_suite: bool = False) -> dict:
+def run(params: Params, new_suite: bool = False) -> dict:
     prepared = layout.prepared("tabular")
     schema = read_json(prepared / "schema.json")
     # the engine that prepared the splits
     spark = schema["params"]["tabular.data"].get("engine") == "spark"
     path = suite_path("tabular", schema["source"])
-    v = params["tabular"]["validate"]
+    v = params.tabular.validate_
     splits = [prepared / f"{name}.parquet" for name in SPLITS]
     if spark:
         from stages.tabular.spark import profile as spark_profile
@@ -232,7 +233,7 @@ def run(params: dict, new_suite: bool = False) -> dict:
         stats = spark_profile(splits, schema)
     else:
         stats = profile(splits, schema)
-    fresh = suite(stats, schema, v["range_margin"], v["confidence"])
+    fresh = suite(stats, schema, v.range_margin, v.confidence)
     if new_suite or not path.exists():
         save_suite(path, fresh)
         log(f"created {path} from the whole table: review it, edit it, commit it")
@@ -251,7 +252,7 @@ def run(params: dict, new_suite: bool = False) -> dict:
             name: session().read.parquet(str(prepared / f"{name}.parquet")) for name in SPLITS
         }
     else:
-        rows = params["tabular"]["validate"]["chunk_rows"]
+        rows = params.tabular.validate_.chunk_rows
         tables = {
             name: (lambda name=name: split_chunks(prepared / f"{name}.parquet", rows))
             for name in SPLITS
