@@ -355,7 +355,7 @@ class Registry(Section):
 class Serve(Section):
     model: str
     host: str
-    port: Annotated[int, Field(ge=0, le=65535)]
+    port: Annotated[int, Field(ge=1, le=65535)]
     max_upload_mb: Annotated[float, Field(gt=0)]
     max_pixels: Positive
     max_rows: Positive
