@@ -65,9 +65,10 @@ def repo(tmp_path: Path) -> Path:
 def params_with(values: dict, path: Path = ROOT / "params.yaml"):
     """params.yaml's typed params with dotted keys set ({"tabular.data.source": "x.csv"}),
     checked by the schema as a stage would be: what an in-process stage test runs with."""
-    from stages.core.schema import overridden, validate
+    from stages.core.params import load_params
+    from stages.core.schema import replaced
 
-    return validate(overridden(yaml.safe_load(path.read_text()), values))
+    return replaced(load_params(path), values)
 
 
 def set_params(repo: Path, values: dict) -> None:

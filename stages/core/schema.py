@@ -478,6 +478,12 @@ def overridden(params: Params | dict, values: dict) -> dict:
     return out
 
 
+def replaced(params: Params, values: dict) -> Params:
+    """params with dotted keys set (as overridden), checked again: what a tool or a test
+    runs a stage with."""
+    return validate(overridden(params, values))
+
+
 def validate(params: dict) -> Params:
     """params (as read from params.yaml) as the typed, frozen Params model, or StageError with
     one line naming the first bad key."""

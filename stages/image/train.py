@@ -34,7 +34,9 @@ class ImageSet(Dataset):
     image epoch on CPU; now an item is an array slice, and the trainer's DataLoader calls
     `collate` (in its workers, when there are any) on whole batches."""
 
-    def __init__(self, paths: list[Path], labels: np.ndarray, schema: dict, augment: Augment | None):
+    def __init__(
+        self, paths: list[Path], labels: np.ndarray, schema: dict, augment: Augment | None
+    ):
         self.images = decoded_images(paths, schema["image_size"])
         self.labels, self.schema, self.augment = torch.from_numpy(labels), schema, augment
 
@@ -63,9 +65,7 @@ def random_affine(x: torch.Tensor, augment: Augment) -> torch.Tensor:
     degrees, shift ± translate × size, zoom within scale; outside pixels black, as v2 fills."""
     n, _, h, w = x.shape
     angle = (torch.rand(n) * 2 - 1) * math.radians(augment.rotate)
-    shift = (
-        (torch.rand(n, 2) * 2 - 1) * augment.translate * 2
-    )  # in grid units: the image spans 2
+    shift = (torch.rand(n, 2) * 2 - 1) * augment.translate * 2  # in grid units: the image spans 2
     lo, hi = augment.scale
     zoom = lo + torch.rand(n) * (hi - lo)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
