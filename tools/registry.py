@@ -138,13 +138,19 @@ def metric(card: dict, key: str) -> float:
 
 def parity_passed(card: dict) -> bool:
     """The card's parity numbers against the limits export checked them with."""
-    p, limits = card.get("parity") or {}, card.get("params", {}).get(f"{card['task']}.export", {})
-    if "max_abs_diff" in p:
-        return p["max_abs_diff"] <= p["atol"] and p["class_agreement"] >= limits.get(
+    parity, limits = (
+        card.get("parity") or {},
+        card.get("params", {}).get(f"{card['task']}.export", {}),
+    )
+    if "max_abs_diff" in parity:
+        return parity["max_abs_diff"] <= parity["atol"] and parity["class_agreement"] >= limits.get(
             "min_top1_agreement", 1.0
         )
-    if "matched_of_onnx" in p:
-        return min(p["matched_of_ultralytics"], p["matched_of_onnx"]) >= limits["min_matched"]
+    if "matched_of_onnx" in parity:
+        return (
+            min(parity["matched_of_ultralytics"], parity["matched_of_onnx"])
+            >= limits["min_matched"]
+        )
     return False
 
 
