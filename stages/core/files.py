@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from stages.core.schema import Section, plain
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -96,9 +98,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def plain(obj: Any) -> Any:
-    """json.dumps' `default`: a typed model (params' sections, documents) as its JSON fields,
-    by the names the file uses (params.yaml's `validate`, not the attribute `validate_`)."""
+def _json_default(obj: Any) -> Any:
+    """json.dumps' `default`: a params section as params.yaml spells it, another typed model
+    (a document) as its JSON fields."""
+    if isinstance(obj, Section):
+        return plain(obj)
     if isinstance(obj, BaseModel):
         return obj.model_dump(mode="json", by_alias=True)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
@@ -106,7 +110,7 @@ def plain(obj: Any) -> Any:
 
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=plain) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
