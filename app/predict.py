@@ -19,6 +19,7 @@ from PIL import Image
 
 from app.monitor import Monitor
 from app.settings import Settings
+from stages.core import layout
 from stages.core.cli import StageError
 from stages.core.inference import open_session, physical_cores, run_all
 from stages.core.params import TASKS
@@ -99,7 +100,7 @@ def load_models(models_dir: str | Path, cfg: Settings) -> tuple[dict[str, Loaded
     limit = Limiter(cfg.concurrency, cfg.queue_timeout_s)
     loaded, missing = {}, {}
     for task in TASKS:
-        card_path = Path(models_dir) / task / "model.json"
+        card_path = layout.card(task, models_dir)
         try:
             card = json.loads(card_path.read_text())
             # Spinning threads would burn the cores between requests of a shared server.
@@ -116,7 +117,8 @@ def load_models(models_dir: str | Path, cfg: Settings) -> tuple[dict[str, Loaded
             )
         except FileNotFoundError:
             missing[task] = (
-                f"no {card_path.parent}/model.onnx + model.json: " + HOW_TO_TRAIN.format(task=task)
+                f"no {card_path.parent}/{layout.MODEL_ONNX_FILE} + {layout.CARD_FILE}: "
+                + HOW_TO_TRAIN.format(task=task)
             )
         except Exception as e:  # noqa: BLE001 - a broken model must not stop the others from serving
             missing[task] = f"{card_path.parent}: could not load ({type(e).__name__}: {e})"

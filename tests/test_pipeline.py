@@ -35,7 +35,7 @@ def test_repro_runs_every_stage_and_is_reproducible(repo):
         assert f"Running stage '{name}@tabular'" in out.stdout
     for rel in (
         "data/prepared/tabular/train.parquet",
-        "data/prepared/tabular/schema.json",
+        "data/prepared/tabular/columns.json",
         "models/tabular/model.pt",
         "models/tabular/model.onnx",
         "models/tabular/model.json",

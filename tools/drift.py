@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from app.monitor import feature_shares, psi
+from stages.core import layout
 from stages.core.params import TASKS, load_params
 
 WATCH = 0.1  # PSI above this (and below serve.drift_threshold): watch the feature
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     done = 0
     for task in args.task or TASKS:
         rows = read_log(Path(args.logs), task)
-        card_path = Path(args.models) / task / "model.json"
+        card_path = Path(args.models) / task / layout.CARD_FILE
         if not rows or not card_path.is_file():
             continue
         card = json.loads(card_path.read_text())

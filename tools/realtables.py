@@ -105,7 +105,7 @@ def run_table(
         if done.returncode:
             raise RuntimeError(f"{stage} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         seconds[stage] = round(time.perf_counter() - t0, 2)
-    metrics = json.loads((folder / "metrics/tabular/metrics.json").read_text())
+    metrics = json.loads((folder / layout.metrics("tabular")).read_text())
     cost_file, time_file = folder / layout.COST, folder / timing_path(TRAIN_TIME)
     cost = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
     train = json.loads(time_file.read_text()) if time_file.is_file() else {}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.cli import StageError, run_main
 from stages.core.files import read_json
 from stages.core.params import TASKS
@@ -168,9 +169,7 @@ def label_issues_md(task: str, top: int = 10) -> str:
     text = f"### Suspected label errors\n\n{s['count']} of {s['rows']} rows"
     if not s["rows"]:
         return f"{text}: skipped ({s.get('skipped')}).\n"
-    text += (
-        f" ({s['share']:.1%}), `metrics/{task}/label_issues.csv`; review, then exclude by params.\n"
-    )
+    text += f" ({s['share']:.1%}), `{layout.label_issues(task)}`; review, then exclude by params.\n"
     rows = issues.head(top).values.tolist()
     return text + ("\n" + table(list(issues.columns), rows) + "\n" if rows else "")
 
@@ -203,7 +202,7 @@ def build_report(
             + (table(["metric", base, "now", "change"], rows) if rows else "No metrics.")
             + "\n"
         )
-        validation = Path(f"metrics/{task}/validation.json")
+        validation = layout.validation(task)
         if validation.exists():
             v = read_json(validation)
             failed = sum(not r["success"] for t in v["tables"].values() for r in t["results"])
@@ -213,13 +212,18 @@ def build_report(
                 f"expectations met over {', '.join(v['tables'])} (`{v['suite_file']}`).\n"
             )
         parts.append(label_issues_md(task))
-        onnx, card_path = Path(f"models/{task}/model.onnx"), Path(f"models/{task}/model.json")
+        onnx, card_path = layout.model_onnx(task), layout.card(task)
         if onnx.exists() and card_path.exists():
             card = read_json(card_path)
             parts.append(
                 "### Model\n\n"
                 + table(
-                    ["file", "size (MB)", "onnxruntime p50 latency, batch 1 (ms)", "model.pt md5"],
+                    [
+                        "file",
+                        "size (MB)",
+                        "onnxruntime p50 latency, batch 1 (ms)",
+                        f"{layout.MODEL_PT_FILE} md5",
+                    ],
                     [
                         [
                             onnx.as_posix(),

@@ -501,7 +501,7 @@ def check(
         raise StageError(
             f"data does not meet the expectations in {path}\n{summarise(report, sources)}\n"
             f"Fix the data, or edit {path} if the change is intended. "
-            f"Full report: metrics/{task}/validation.json, metrics/{task}/datadocs/index.html"
+            f"Full report: {layout.validation(task)}, {layout.datadocs(task)}/index.html"
         )
     log(f"validation passed: {total} checks over {', '.join(report['tables'])} ({path})")
     return report

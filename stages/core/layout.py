@@ -3,13 +3,26 @@ names, written once.
 
 dvc.yaml's templates (`data/prepared/${key}`, `models/${key}/model.onnx`, ...) mirror these
 functions; tests/test_layout.py checks that every dep and out of dvc.yaml's stages is one of
-them (or a params.yaml key, or code), and that no other module under stages/ spells one.
+them (or a params.yaml key, or code), that no other module under stages/ spells one, and
+that no module under stages/, app/ or tools/ spells one of the file names below (code that
+writes into a temporary folder, or reads another root, joins the same name).
 Paths are relative to the repository root, where dvc runs the stages. Torch-free.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+# The file names, each spelled here only.
+MODEL_PT_FILE = "model.pt"  # train: weights and the meta that evaluate and export read
+MODEL_ONNX_FILE = "model.onnx"
+CARD_FILE = "model.json"  # the model card
+COLUMNS_FILE = "columns.json"  # prepare: what the data's columns (or images, boxes) are
+METRICS_FILE = "metrics.json"  # evaluate's test metrics (DVCLive's own file has this name too)
+VALIDATION_FILE = "validation.json"
+INFER_STATS_FILE = "infer.json"
+LABEL_ISSUES_FILE = "label_issues.csv"
+LABEL_ISSUE_COUNTS_FILE = "label_issues.json"
 
 # The demo stage's outputs (tabular's demo data is a file in git: tabular.data.source).
 DEMO = {"image": Path("data/demo/digits"), "detect": Path("data/demo/shapes")}
@@ -27,27 +40,34 @@ def prepared(task: str) -> Path:
     return Path("data/prepared") / task
 
 
+def columns(task: str) -> Path:
+    """prepare's description of the data: columns and their types (tabular), classes and
+    images (image), what the splits hold."""
+    return prepared(task) / COLUMNS_FILE
+
+
 def expectations(task: str) -> Path:
     """The committed GX suites (one per data source)."""
     return Path("data/expectations") / task
 
 
-def model_dir(task: str) -> Path:
-    return Path("models") / task
+def model_dir(task: str, root: str | Path = "models") -> Path:
+    """models/<task>, or <root>/<task> for another folder of models (the app's, a registry's)."""
+    return Path(root) / task
 
 
 def model_pt(task: str) -> Path:
     """train's output: weights and the meta evaluate and export read."""
-    return model_dir(task) / "model.pt"
+    return model_dir(task) / MODEL_PT_FILE
 
 
-def model_onnx(task: str) -> Path:
-    return model_dir(task) / "model.onnx"
+def model_onnx(task: str, root: str | Path = "models") -> Path:
+    return model_dir(task, root) / MODEL_ONNX_FILE
 
 
-def card(task: str) -> Path:
+def card(task: str, root: str | Path = "models") -> Path:
     """export's model card, which infer and serving read."""
-    return model_dir(task) / "model.json"
+    return model_dir(task, root) / CARD_FILE
 
 
 def metrics_dir(task: str) -> Path:
@@ -56,7 +76,7 @@ def metrics_dir(task: str) -> Path:
 
 def validation(task: str) -> Path:
     """validate's report (train runs only after it)."""
-    return metrics_dir(task) / "validation.json"
+    return metrics_dir(task) / VALIDATION_FILE
 
 
 def datadocs(task: str) -> Path:
@@ -71,7 +91,7 @@ def train_log(task: str) -> Path:
 
 def metrics(task: str) -> Path:
     """evaluate's test metrics."""
-    return metrics_dir(task) / "metrics.json"
+    return metrics_dir(task) / METRICS_FILE
 
 
 def plots(task: str) -> Path:
@@ -85,14 +105,14 @@ COST = Path("metrics/tabular/cost.json")
 
 def label_issues(task: str) -> Path:
     """the labels stage's list of suspected label errors."""
-    return metrics_dir(task) / "label_issues.csv"
+    return metrics_dir(task) / LABEL_ISSUES_FILE
 
 
 def label_issue_counts(task: str) -> Path:
     """the labels stage's summary: count, share, rows, folds."""
-    return metrics_dir(task) / "label_issues.json"
+    return metrics_dir(task) / LABEL_ISSUE_COUNTS_FILE
 
 
 def infer_stats(task: str) -> Path:
     """infer's throughput and the inputs it could not read."""
-    return metrics_dir(task) / "infer.json"
+    return metrics_dir(task) / INFER_STATS_FILE

@@ -101,12 +101,12 @@ def export_onnx(pt: Path, onnx_path: Path, wanted: str, conf: float, iou: float)
     from ultralytics import YOLO
 
     with tempfile.TemporaryDirectory(dir=yolo.CACHE) as tmp:
-        shutil.copy2(pt, Path(tmp) / "model.pt")
+        shutil.copy2(pt, Path(tmp) / layout.MODEL_PT_FILE)
         if wanted not in GRAPHS:
             raise StageError(
                 f"detect.export.graph is {wanted!r}; choose one of: {', '.join(GRAPHS)}"
             )
-        model = YOLO(Path(tmp) / "model.pt")
+        model = YOLO(Path(tmp) / layout.MODEL_PT_FILE)
         size = int(model.ckpt["train_args"]["imgsz"])
         # nms: None keeps the raw head; True puts NMS in the graph (conf, iou as below); False
         # exports an NMS-free head end to end (YOLO26, YOLOv10; others stay raw).
@@ -166,18 +166,18 @@ def parity_check(
     return parity, ours
 
 
-def postprocessing(kind: str, p: DetectExport) -> dict:
+def postprocessing(graph: str, p: DetectExport) -> dict:
     """The card's postprocessing: what infer and serving do after the graph, at which
     thresholds (stages/detect/infer.py thresholds)."""
     return {
-        "graph": kind,
-        "output": OUTPUTS[kind],
+        "graph": graph,
+        "output": OUTPUTS[graph],
         "nms": "per class, greedy"
         + (
             " (inside the graph, at the conf and iou below)"
-            if kind == "nms"
+            if graph == "nms"
             else " (none: an NMS-free head)"
-            if kind == "end2end"
+            if graph == "end2end"
             else ""
         ),
         "conf": p.conf,
@@ -193,15 +193,15 @@ def run(params: Params, out_dir: Path = layout.model_dir("detect")) -> dict:
     yolo.configure()
     from ultralytics import YOLO
 
-    model = YOLO(out_dir / "model.pt")
+    model = YOLO(out_dir / layout.MODEL_PT_FILE)
     size = int(model.ckpt["train_args"]["imgsz"])
-    onnx_path = out_dir / "model.onnx"
-    export_onnx(out_dir / "model.pt", onnx_path, p.graph, p.conf, p.iou)
+    onnx_path = out_dir / layout.MODEL_ONNX_FILE
+    export_onnx(out_dir / layout.MODEL_PT_FILE, onnx_path, p.graph, p.conf, p.iou)
     session = open_session(onnx_path)
-    kind = graph_kind(session)
-    if kind != p.graph:
+    graph = graph_kind(session)
+    if graph != p.graph:
         raise StageError(
-            f"detect.export.graph is {p.graph!r} but Ultralytics exported a {kind!r} graph for "
+            f"detect.export.graph is {p.graph!r} but Ultralytics exported a {graph!r} graph for "
             f"{model.ckpt['train_args']['model']}: NMS inside needs a head with NMS (YOLOv8/11), "
             "end2end an NMS-free head (YOLO26, YOLOv10)"
         )
@@ -230,10 +230,10 @@ def run(params: Params, out_dir: Path = layout.model_dir("detect")) -> dict:
             "scale": "x / 255",
             "layout": "NCHW float32",
         },
-        "postprocessing": postprocessing(kind, p),
+        "postprocessing": postprocessing(graph, p),
         "reference": detect_reference(files, ours),
     }
-    write_json(out_dir / "model.json", card)
+    write_json(out_dir / layout.CARD_FILE, card)
     log(
         f"exported {onnx_path} (parity on {len(files)} val images: {parity['matched_of_ultralytics']:.3f} of "
         f"Ultralytics' boxes matched at IoU >= {p.match_iou})"

@@ -51,10 +51,10 @@ def predict(
     any of the three graph kinds (graph_kind) is served."""
     if not images:
         return []
-    kind = graph_kind(session)
+    graph = graph_kind(session)
     name = session.get_inputs()[0].name
     x = np.stack([x for x, _ in images])
-    if kind == "nms":
+    if graph == "nms":
         # Ultralytics' NMS graph loops over the batch size it was traced with (1): one image a run.
         outputs = np.concatenate(
             [session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))]
@@ -62,7 +62,7 @@ def predict(
     else:
         outputs = session.run(None, {name: x})[0]
     return [
-        decode(out, meta, conf, iou, kind=kind)
+        decode(out, meta, conf, iou, graph=graph)
         for out, (_, meta) in zip(outputs, images, strict=False)
     ]
 
@@ -76,7 +76,7 @@ def run(
     """COCO-style results ({file, category_id, category, bbox [x, y, w, h] in pixels, score})
     for every image; unreadable files are listed in metrics/detect/infer.json and skipped."""
     p = params.detect.infer
-    card = read_json(model_dir / "model.json")
+    card = read_json(model_dir / layout.CARD_FILE)
     names, size = card["classes"], card["preprocessing"]["imgsz"]
     table, root = list_images(p.source, labelled=False)
     files = table["path"].tolist()
@@ -115,6 +115,10 @@ def run(
     write_timing("infer-detect", timing)
     log(
         f"detected {len(results)} objects in {n} images from {p.source} → {out} ({timing['images_per_s']} images/s)"
-        + (f"; {len(errors)} could not be read (see metrics/detect/infer.json)" if errors else "")
+        + (
+            f"; {len(errors)} could not be read (see {layout.infer_stats('detect')})"
+            if errors
+            else ""
+        )
     )
     return {**stats, **timing}

@@ -39,8 +39,9 @@ def run(
     weights = str(p.model).endswith(".pt")
     if weights and not Path(p.model).is_file():
         hint = (
-            " (dvc repro deletes models/detect/model.pt before training: copy it elsewhere and name the copy)"
-            if Path(p.model) == out_dir / "model.pt"
+            f" (dvc repro deletes {layout.model_pt('detect')} before training: copy it elsewhere and"
+            " name the copy)"
+            if Path(p.model) == out_dir / layout.MODEL_PT_FILE
             else ""
         )
         raise StageError(
@@ -94,6 +95,6 @@ def run(
                 verbose=False,
             )
     # Ultralytics' DDP runs in child processes; only this (rank 0) process gets here.
-    yolo.reproducible_weights(runs / "weights" / "best.pt", out_dir / "model.pt")
-    log(f"trained {p.model} for {p.epochs} epochs → {out_dir}/model.pt")
+    yolo.reproducible_weights(runs / "weights" / "best.pt", out_dir / layout.MODEL_PT_FILE)
+    log(f"trained {p.model} for {p.epochs} epochs → {out_dir / layout.MODEL_PT_FILE}")
     return {"run": str(runs)}

@@ -83,12 +83,12 @@ def dataset_view(names: list[str], prepared: Path = layout.prepared("detect")) -
     `dvc status` then reported prepare's output as modified after every train/evaluate."""
     view = (CACHE / "detect" / "dataset").resolve()
     shutil.rmtree(view, ignore_errors=True)
-    for kind in ("images", "labels"):
+    for folder in ("images", "labels"):
         for split in ("train", "val", "test"):
-            (view / kind / split).mkdir(parents=True)
-            source = (prepared / kind / split).resolve()
+            (view / folder / split).mkdir(parents=True)
+            source = (prepared / folder / split).resolve()
             for f in sorted(source.iterdir()) if source.is_dir() else []:
-                (view / kind / split / f.name).symlink_to(f)
+                (view / folder / split / f.name).symlink_to(f)
     data = view / "data.yaml"
     data.write_text(
         f"path: {view}\ntrain: images/train\nval: images/val\ntest: images/test\nnames:\n"

@@ -49,11 +49,11 @@ def image_reference(schema: dict, size: int, sample: int = 2000) -> dict:
 
 def run(params: Params, out_dir: Path = layout.model_dir("image")) -> dict:
     p = params.image.export
-    model, meta = load_model(out_dir / "model.pt", build_model)
+    model, meta = load_model(out_dir / layout.MODEL_PT_FILE, build_model)
     schema = meta["schema"]
     paths, _ = split_images(schema)
     x_test = preprocess(paths, schema)
-    onnx_path = out_dir / "model.onnx"
+    onnx_path = out_dir / layout.MODEL_ONNX_FILE
     # The graph: (logits / temperature, penultimate features): calibrated, with what OOD reads.
     trust = fit_trust(params, model, schema)
     model = WithFeatures(model, trust["temperature"])
@@ -80,7 +80,7 @@ def run(params: Params, out_dir: Path = layout.model_dir("image")) -> dict:
         "reference": image_reference(schema, size),
         "trust": trust,
     }
-    write_json(out_dir / "model.json", card)
+    write_json(out_dir / layout.CARD_FILE, card)
     log(
         f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e}, "
         f"top-1 agreement {parity['class_agreement']:.4f} over {parity['rows']} images)"

@@ -66,7 +66,7 @@ def run(
 ) -> dict:
     """Predict every image; one that can't be read gets a row with its error, and the batch goes on."""
     p = params.image.infer
-    card = read_json(model_dir / "model.json")
+    card = read_json(model_dir / layout.CARD_FILE)
     table, root = list_images(p.source, labelled=False)
     files = table["path"].tolist()
     session = open_session(model_dir / card["onnx"]["file"])

@@ -82,7 +82,7 @@ def run(params: Params, out_dir: str | Path = layout.prepared("image")) -> dict:
             pd.DataFrame(
                 {"path": rel, "label": index.loc[index["split"] == name, "label"].to_numpy()}
             ).to_csv(tmp / f"{name}.csv", index=False)
-        write_json(tmp / "schema.json", schema)
+        write_json(tmp / layout.COLUMNS_FILE, schema)
     log(
         f"prepared {len(index)} images in {len(classes)} classes from {p.source}: "
         + ", ".join(f"{k} {v}" for k, v in schema["rows"].items())

@@ -36,9 +36,9 @@ def fit_fold(train: pd.DataFrame, schema: dict, arch: dict, params: Params, seed
 
     p = resolve(params.tabular.train, len(train))  # `auto` as train resolves it
     classify = schema["task"] == "classification"
-    kinds = {f["name"]: f["type"] for f in schema["features"]}
+    types = {f["name"]: f["type"] for f in schema["features"]}
     formats = {f["name"]: f["format"] for f in schema["features"] if "format" in f}
-    pre = Preprocessor.fit(train, kinds, formats)
+    pre = Preprocessor.fit(train, types, formats)
     x = torch.from_numpy(pre.transform(train))
     if classify:
         y = torch.from_numpy(

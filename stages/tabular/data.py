@@ -224,13 +224,13 @@ def csv_batches(path: Path, sep: str, drop: list[str] = ()):
         raise not_readable(path, sep, e) from None
 
 
-def split_schema(kinds: dict[str, str], target: str):
+def split_schema(types: dict[str, str], target: str):
     """The arrow schema of a prepared split: numbers float64, text strings, and the CSV line as
     the pandas index, so pd.read_parquet gives the frame the stages always had."""
     import pyarrow as pa
 
     frame = pd.DataFrame(
-        {c: pd.Series(dtype="float64" if k == "numeric" else "str") for c, k in kinds.items()},
+        {c: pd.Series(dtype="float64" if k == "numeric" else "str") for c, k in types.items()},
         index=pd.Index([], dtype="int64", name="line"),
     )
     return pa.Schema.from_pandas(frame, preserve_index=True)
@@ -305,17 +305,17 @@ class Preprocessor:
     texts: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, df: pd.DataFrame, kinds: dict[str, str], formats: dict | None = None):
+    def fit(cls, df: pd.DataFrame, types: dict[str, str], formats: dict | None = None):
         from stages.tabular.encoders import fit_text
 
         p = cls(
-            [c for c, k in kinds.items() if k == "numeric"],
-            [c for c, k in kinds.items() if k == "categorical"],
-            dates={c: (formats or {})[c] for c, k in kinds.items() if k == "datetime"},
+            [c for c, k in types.items() if k == "numeric"],
+            [c for c, k in types.items() if k == "categorical"],
+            dates={c: (formats or {})[c] for c, k in types.items() if k == "datetime"},
         )
         p.texts = {
             c: fit_text(df[c].dropna().astype(str).tolist())
-            for c, k in kinds.items()
+            for c, k in types.items()
             if k == "text"
         }
         for col in p.continuous(df, "training split").T:
@@ -492,9 +492,9 @@ def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.Dat
 
 
 def describe(
-    p: TabularData, seed: int, kinds: dict, classes: list | None, codes_or_counts, plan=None
+    p: TabularData, seed: int, types: dict, classes: list | None, codes_or_counts, plan=None
 ) -> dict:
-    """schema.json: what the splits hold (both engines write the same one)."""
+    """columns.json: what the splits hold (both engines write the same one)."""
     counts = (
         np.bincount(codes_or_counts, minlength=3)
         if isinstance(codes_or_counts, np.ndarray)
@@ -507,7 +507,7 @@ def describe(
         **({"task_why": plan.task_why} if plan else {}),
         "features": [
             {"name": c, "type": k, **({"format": plan.formats[c]} if k == "datetime" else {})}
-            for c, k in kinds.items()
+            for c, k in types.items()
             if c != p.target
         ],
         "classes": classes,

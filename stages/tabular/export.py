@@ -33,7 +33,7 @@ REFERENCE_ROWS = 1_000_000
 
 def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> dict:
     p = params.tabular.export
-    model, meta = load_model(out_dir / "model.pt", build_model)
+    model, meta = load_model(out_dir / layout.MODEL_PT_FILE, build_model)
     schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
     # Parity on the test split's first rows: enough to catch a wrong graph, bounded on big data.
     x_test = pre.transform(
@@ -41,7 +41,7 @@ def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> dict:
             :PARITY_ROWS
         ]
     )
-    onnx_path = out_dir / "model.onnx"
+    onnx_path = out_dir / layout.MODEL_ONNX_FILE
     # The graph: (logits / temperature, penultimate features): calibrated, with what OOD reads.
     trust = fit_trust(params, model, meta, pre)
     model = WithFeatures(model, trust["temperature"])
@@ -85,7 +85,7 @@ def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> dict:
         else "output * target_scaling.std + target_scaling.mean",
         "trust": trust,
     }
-    write_json(out_dir / "model.json", card)
+    write_json(out_dir / layout.CARD_FILE, card)
     log(
         f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e} over {parity['rows']} rows)"
     )

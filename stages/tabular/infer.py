@@ -202,7 +202,7 @@ def run(
 ) -> dict:
     p = params.tabular.infer
     out = Path(out or p.output)
-    card = read_json(model_dir / "model.json")
+    card = read_json(model_dir / layout.CARD_FILE)
     source = p.source
     suite_file = card["validation"]["suite_file"]
     suite = for_inference(load_suite(suite_file))

@@ -52,7 +52,7 @@ def exclude(codes: np.ndarray, lines: list, source: str) -> np.ndarray:
 
 
 def fold_model(
-    df: pd.DataFrame, labels: np.ndarray, kinds: dict, p: TabularLabels, n_classes: int, seed: int
+    df: pd.DataFrame, labels: np.ndarray, types: dict, p: TabularLabels, n_classes: int, seed: int
 ):
     """fit_predict for label_issues.out_of_fold: the preprocessor and an MLP fitted on the fold."""
     import torch
@@ -60,10 +60,10 @@ def fold_model(
     from stages.tabular.model import build_model
 
     def fit_predict(train: np.ndarray, held: np.ndarray) -> np.ndarray:
-        pre = Preprocessor.fit(df.iloc[train], kinds)
+        pre = Preprocessor.fit(df.iloc[train], types)
         torch.manual_seed(seed)  # the fold's initial weights: outputs reproduce byte for byte
         arch = {
-            "kind": "mlp",
+            "name": "mlp",
             "n_in": pre.n_features,
             "hidden": list(p.hidden),
             "n_out": n_classes,
@@ -87,8 +87,8 @@ def find(df: pd.DataFrame, schema: dict, p: TabularLabels, seed: int) -> pd.Data
     """The pure core: the suspected errors of a frame indexed by CSV line."""
     classes = schema["classes"]
     labels = pd.Categorical(df[schema["target"]], categories=classes).codes.astype(np.int64)
-    kinds = {f["name"]: f["type"] for f in schema["features"]}
-    fit_predict = fold_model(df, labels, kinds, p, len(classes), seed)
+    types = {f["name"]: f["type"] for f in schema["features"]}
+    fit_predict = fold_model(df, labels, types, p, len(classes), seed)
     probs = label_issues.out_of_fold(labels, len(classes), p.folds, seed, fit_predict)
     return label_issues.find(df.index.tolist(), labels, probs, classes)
 
@@ -99,7 +99,7 @@ def run(
     out: Path = layout.label_issues("tabular"),
 ) -> dict:
     p = params.tabular.labels
-    schema = read_json(Path(prepared) / "schema.json")
+    schema = read_json(Path(prepared) / layout.COLUMNS_FILE)
     if schema["task"] != "classification":
         return label_issues.skip(
             "tabular", "a regression target has no class labels to check", Path(out)

@@ -156,19 +156,19 @@ class RowGroups(IterableDataset):
 def fit_preprocessor(path: Path, features: list[dict] | dict) -> Preprocessor:
     """Preprocessor.fit, one column in memory at a time (it fits each column on its own),
     merged in the order of its continuous block: numbers, dates, texts; then categories.
-    `features`: schema.json's list, or {column: kind}."""
+    `features`: columns.json's list, or {column: type}."""
     if isinstance(features, dict):
         features = [{"name": c, "type": k} for c, k in features.items()]
-    kinds = {f["name"]: f["type"] for f in features}
+    types = {f["name"]: f["type"] for f in features}
     formats = {f["name"]: f["format"] for f in features if "format" in f}
-    parts = {c: Preprocessor.fit(read_split(path, [c]), {c: k}, formats) for c, k in kinds.items()}
+    parts = {c: Preprocessor.fit(read_split(path, [c]), {c: k}, formats) for c, k in types.items()}
     pre = Preprocessor(
-        [c for c, k in kinds.items() if k == "numeric"],
-        [c for c, k in kinds.items() if k == "categorical"],
-        dates={c: formats[c] for c, k in kinds.items() if k == "datetime"},
+        [c for c, k in types.items() if k == "numeric"],
+        [c for c, k in types.items() if k == "categorical"],
+        dates={c: formats[c] for c, k in types.items() if k == "datetime"},
     )
-    for kind in ("numeric", "datetime", "text", "categorical"):
-        for c in (c for c, k in kinds.items() if k == kind):
+    for col_type in ("numeric", "datetime", "text", "categorical"):
+        for c in (c for c, k in types.items() if k == col_type):
             pre.medians += parts[c].medians
             pre.means += parts[c].means
             pre.stds += parts[c].stds
@@ -187,7 +187,7 @@ def job(params: Params) -> Job:
 
     p = params.tabular.train
     prepared = layout.prepared("tabular")
-    schema = read_json(prepared / "schema.json")
+    schema = read_json(prepared / layout.COLUMNS_FILE)
     train_path, val_path = prepared / "train.parquet", prepared / "val.parquet"
     pre = fit_preprocessor(train_path, schema["features"])
     scaling = None
@@ -197,7 +197,7 @@ def job(params: Params) -> Job:
     n_out = len(schema["classes"]) if schema["task"] == "classification" else 1
     classify = schema["task"] == "classification"
     arch = {
-        "kind": "net",
+        "name": "net",
         "n_in": pre.n_features,
         "n_numeric": len(pre.numeric),
         "hidden": list(p.hidden),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages.core import layout
 from tools.bench.timing import Row, alternate, percentile
 
 
@@ -22,12 +23,12 @@ def bare_models(dst: Path) -> Path:
     """models/tabular and models/image copied to dst, their cards without `trust`."""
     for task in ("tabular", "image"):
         (dst / task).mkdir(parents=True)
-        card = json.loads(Path(f"models/{task}/model.json").read_text())
+        card = json.loads(layout.card(task).read_text())
         if "trust" not in card:
-            raise RuntimeError(f"models/{task}/model.json has no trust: re-export it")
+            raise RuntimeError(f"{layout.card(task)} has no trust: re-export it")
         card.pop("trust")
         shutil.copy(f"models/{task}/{card['onnx']['file']}", dst / task)
-        (dst / task / "model.json").write_text(json.dumps(card))
+        (dst / task / layout.CARD_FILE).write_text(json.dumps(card))
     return dst
 
 
@@ -42,11 +43,11 @@ def trust(quick: bool, scratch: Path) -> dict:
     cfg = load_settings()
     row = json.loads(
         pd.read_parquet("data/prepared/tabular/test.parquet")
-        .drop(columns=read_json("models/tabular/model.json")["target"])
+        .drop(columns=read_json(layout.card("tabular"))["target"])
         .head(1)
         .to_json(orient="records")
     )
-    digit = split_images(read_json("data/prepared/image/schema.json"))[0][0].read_bytes()
+    digit = split_images(read_json(layout.columns("image")))[0][0].read_bytes()
     n = 20 if quick else 300
     procs, clients = [], {}
     try:
