@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from app.errors import BadInput
 from app.monitor import Monitor
 from app.settings import Settings
 from stages.core.cli import StageError
@@ -34,14 +35,6 @@ from stages.tabular.serving import Rows
 HOW_TO_TRAIN = (
     "run `make run` (or `dvc repro infer@{task}`, or `dvc pull` from a remote that has it)"
 )
-
-
-class BadInput(ValueError):
-    """The request's content is wrong: the server answers `status` (4xx) with this message."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
 
 
 class Limiter:

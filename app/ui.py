@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from app.errors import BadInput
 from app.label_issues import show as show_label_issues
-from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
+from app.predict import Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
 from stages.core.cli import StageError
 from stages.core.images import image_extensions
