@@ -126,7 +126,7 @@ class AccessLog(Http):
         task, s = task_of(scope["path"]), state(scope)
         version = s.get("model_version", "-")
         if task != "-":
-            self.metrics.observe(task, status, elapsed)
+            self.metrics.observe(task, version, status, elapsed)
         size = header(scope, b"content-length")
         entry = {
             "request_id": s.get("request_id"),

@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException
 
-from app.auth import api_key
+from app.auth import api_key, caller
 from app.errors import BadInput, error_body
 from app.predict import Loaded, predict_detect, predict_image, predict_tabular
+from app.repository import Repository
 from app.settings import Settings
 from stages.core.params import TASKS
 
@@ -28,12 +29,19 @@ class Served:
     """What the routes share (app.state.served): the models, why others are missing, the
     settings, metrics, the tabular request model (from the served card's features)."""
 
-    models: dict[str, Loaded]
-    missing: dict[str, str]
+    repo: Repository
     cfg: Settings
     metrics: object
     tabular_model: type
     app_version: str
+
+    @property
+    def models(self) -> dict[str, Loaded]:
+        return self.repo.models
+
+    @property
+    def missing(self) -> dict[str, str]:
+        return self.repo.missing
 
 
 def tabular_request(card: dict | None, max_rows: int):
@@ -118,10 +126,11 @@ def read_upload(file: UploadFile, cfg: Settings) -> bytes:
 
 
 def model(s: Served, task: str, request: Request) -> Loaded:
-    """The task's served model (noted in request.state for the access log and metrics)."""
+    """The model that answers the request: the task's served model, or the canary for its
+    share of callers (noted in request.state for the access log and metrics)."""
     if task not in s.models:
         raise BadInput(f"the {task} model is not loaded: {s.missing[task]}", 503)
-    m = s.models[task]
+    m = s.repo.pick(task, caller(request) or getattr(request.state, "request_id", ""))
     request.state.model_version = m.version
     return m
 
@@ -213,10 +222,17 @@ Threshold = Annotated[float | None, Query(ge=0, le=1, description="default: the 
 async def tabular(s: State, request: Request) -> dict:
     rows = await tabular_rows(request, s.tabular_model)
     m = model(s, "tabular", request)
-    return {
-        "model_version": m.version,
-        "predictions": await run_in_threadpool(predict_tabular, m, rows),
-    }
+    preds = await run_in_threadpool(predict_tabular, m, rows)
+    s.repo.mirror("tabular", m, lambda c: predict_tabular(c, rows), row_labels, preds)
+    return {"model_version": m.version, "predictions": preds}
+
+
+def row_labels(preds: list[dict]) -> list:
+    return [p["prediction"] for p in preds]
+
+
+def image_labels(answer: dict) -> list:
+    return [answer.get("prediction", sorted(d["category"] for d in answer.get("detections", [])))]
 
 
 @predict.post("/predict/image", summary="Classify one image (multipart upload)")
@@ -230,7 +246,11 @@ def image(
 ) -> dict:
     m = model(s, "image", request)
     k = min(top_k or s.cfg.top_k, len(m.card["classes"]))
-    found = predict_image(m, read_upload(file, s.cfg), k, s.cfg.max_pixels)
+    data = read_upload(file, s.cfg)
+    found = predict_image(m, data, k, s.cfg.max_pixels)
+    s.repo.mirror(
+        "image", m, lambda c: predict_image(c, data, k, s.cfg.max_pixels), image_labels, found
+    )
     return {"model_version": m.version, **found}
 
 
@@ -239,5 +259,8 @@ def detect(
     s: State, request: Request, file: Upload, conf: Threshold = None, iou: Threshold = None
 ) -> dict:
     m = model(s, "detect", request)
-    found = predict_detect(m, read_upload(file, s.cfg), conf, iou, s.cfg.max_pixels)
+    data = read_upload(file, s.cfg)
+    found = predict_detect(m, data, conf, iou, s.cfg.max_pixels)
+    again = lambda c: predict_detect(c, data, conf, iou, s.cfg.max_pixels)  # noqa: E731
+    s.repo.mirror("detect", m, again, image_labels, found)
     return {"model_version": m.version, **found}

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from app import edge, routes, v2
+from app import edge, repository, routes, v2
 from app.auth import encoded
 from app.metrics import Metrics
-from app.predict import load_models
+from app.repository import Repository, state_dir
 from app.routes import Served, install_handlers, tabular_openapi, tabular_request
 from app.settings import Settings, SettingsError, load_settings
 
@@ -37,7 +37,8 @@ def api(cfg: Settings, models_dir: str | Path) -> FastAPI:
     (fastapi-offline), so they work on an offline host."""
     from fastapi_offline import FastAPIOffline
 
-    models, missing = load_models(models_dir, cfg)
+    repo = Repository(cfg, Path(models_dir), state_dir())
+    models, missing = repo.models, repo.missing
     app = FastAPIOffline(
         title="model-train",
         version=VERSION,
@@ -45,17 +46,22 @@ def api(cfg: Settings, models_dir: str | Path) -> FastAPI:
         "REST routes and as the Open Inference Protocol v2 (/v2). With APP_API_KEYS set, "
         "the predict and infer routes need `Authorization: Bearer <key>`.",
     )
+    metrics = Metrics(models, missing, cfg)
+    repo.on_swap.append(metrics.adopt)
+    if repo.candidate is not None:
+        metrics.adopt(repo.candidate.task, repo.candidate.model, role="candidate")
+        repo.candidate.on_shadow.append(metrics.shadowed)
     served = Served(
-        models,
-        missing,
+        repo,
         cfg,
-        Metrics(models, missing, cfg),
+        metrics,
         tabular_request(models["tabular"].card if "tabular" in models else None, cfg.max_rows),
         VERSION,
     )
     app.state.models, app.state.missing, app.state.config = models, missing, cfg
     app.state.served, app.state.api_keys = served, encoded(cfg.api_keys)
-    routers = [routes.info, routes.predict, v2.router]
+    app.state.repository = repo
+    routers = [routes.info, routes.predict, v2.router, repository.router]
     for router in routers:
         app.include_router(router)
     install_handlers(app)
@@ -70,6 +76,7 @@ def api(cfg: Settings, models_dir: str | Path) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
     add_edge(app, cfg, served.metrics, routers)
+    repo.threads()
     return app
 
 
@@ -130,6 +137,8 @@ def main() -> None:
         # Before any worker imports prometheus_client: a fresh folder, so no counts of an
         # earlier run are summed in.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-")
+    # The folder through which the workers hear of a model load (app/loading.py).
+    os.environ["APP_STATE_DIR"] = tempfile.mkdtemp(prefix="model-state-")
     keys = f", {len(cfg.api_keys)} API key(s)" if cfg.api_keys else ""
     print(
         f"serving on http://{cfg.host}:{cfg.port} with {cfg.workers} worker(s){keys}  "

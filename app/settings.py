@@ -42,6 +42,10 @@ class Settings:
     request_log_mb: float
     request_log_backups: int
     gradio_cache_s: int
+    model_root: str
+    reload_s: float
+    canary: dict
+    shadow: bool
     # tabular.infer.batch_size: rows per onnxruntime run, as batch infer runs them
     tabular_batch_size: int
     # image.infer.top_k: classes listed per image, as batch infer lists them
@@ -68,6 +72,11 @@ def _typed(name: str, value, kind: str):
             if not isinstance(value, bool):
                 raise TypeError
             return value
+        if kind == "dict":
+            value = value.model_dump() if hasattr(value, "model_dump") else value
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
         if kind == "tuple[str, ...]":
             if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
                 raise TypeError

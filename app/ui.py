@@ -18,7 +18,7 @@ import pandas as pd
 
 from app.errors import BadInput
 from app.label_issues import show as show_label_issues
-from app.predict import Loaded, predict_detect, predict_image, predict_tabular
+from app.predict import Current, Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
 from stages.core.cli import StageError
 from stages.core.images import image_extensions
@@ -541,7 +541,7 @@ def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: Settings):
         ):
             with gr.Tab(name):
                 if task in models:
-                    tab(models[task], cfg)
+                    tab(Current(models, task), cfg)
                 else:
                     gr.Markdown(f"**No {task} model.** {missing[task]}")
         with gr.Tab("Models"):

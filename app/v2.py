@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from app.auth import api_key
+from app.auth import api_key, caller
 from app.errors import BadInput
 from app.predict import Loaded, predict_detect, predict_image, predict_tabular
 from app.routes import Served, sentences, served
@@ -262,14 +262,21 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 State = Annotated[Served, Depends(served)]
 
 
-def model(s: State, name: Name, version: str | None = None) -> Loaded:
-    """The served model a /v2/models/{name}[/versions/{version}] path names."""
+def model(s: State, name: Name, request: Request, version: str | None = None) -> Loaded:
+    """The model a /v2/models/{name}[/versions/{version}] path names: a version names the
+    served model or the candidate; none, the one that answers this caller (app/canary.py)."""
     if name not in s.models:
         raise BadInput(f"the {name} model is not loaded: {s.missing[name]}", 503)
-    m = s.models[name]
-    if version is not None and version != m.version:
-        raise BadInput(f"model {name} has no version {version}; serving {m.version}", 404)
-    return m
+    c = s.repo.candidate
+    if c is not None and c.task == name and version == c.model.version:
+        return c.model
+    if version is not None and version != s.models[name].version:
+        raise BadInput(
+            f"model {name} has no version {version}; serving {s.models[name].version}", 404
+        )
+    if version is not None:
+        return s.models[name]
+    return s.repo.pick(name, caller(request) or getattr(request.state, "request_id", ""))
 
 
 Model = Annotated[Loaded, Depends(model)]
@@ -313,7 +320,16 @@ async def infer(name: Name, m: Model, s: State, request: Request) -> Response:
     request.state.model_version = m.version
     parameters = req.get("parameters") or {}
     results = await run_in_threadpool(run_model, m, name, inputs, parameters, s)
+    again = lambda c: run_model(c, name, inputs, parameters, s)  # noqa: E731
+    s.repo.mirror(name, m, again, labels, results)
     return respond(req, name, m.version, results)
+
+
+def labels(results: Outputs) -> list:
+    """One comparable answer per row: the label (or prediction); detect: the sorted labels."""
+    if "score" in results:
+        return [sorted(results["label"].values)]
+    return list((results.get("label") or results["prediction"]).values)
 
 
 for _prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
