@@ -11,6 +11,7 @@ once every worker serves it; the others hear of it through their poller thread.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from app.auth import api_key
@@ -258,6 +259,28 @@ def repository(request: Request) -> Repository:
 
 
 Repo = Annotated[Repository, Depends(repository)]
+LOAD_BODY = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "parameters": {
+                            "type": "object",
+                            "properties": {
+                                "path": {"type": "string"},
+                                "version": {"type": "string"},
+                                "rollback": {"type": "boolean"},
+                            },
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
 router = APIRouter(prefix="/v2/repository", tags=["Model repository (Triton's extension)"])
 
 
@@ -282,18 +305,21 @@ def index(repo: Repo) -> list[dict]:
 @router.post(
     "/models/{name}/load",
     dependencies=[Depends(api_key)],
+    openapi_extra=LOAD_BODY,
     summary="Load a model version on every worker: parameters.path (a folder inside "
     "serve.model_root) or parameters.version (registry), none: what serve.model names",
 )
-async def load(
-    name: str, repo: Repo, request: Request, body: Annotated[dict | None, Body()] = None
-) -> dict:
+async def load(name: str, repo: Repo, request: Request) -> dict:
     if name not in TASKS:
         raise BadInput(f"no model named {name!r}; the models: {', '.join(TASKS)}", 404)
-    parameters = (body or {}).get("parameters") or {}
+    raw = await request.body()  # tritonclient sends JSON without a content type
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"the body is not JSON ({e})", 400) from None
+    parameters = (body.get("parameters") if isinstance(body, dict) else None) or {}
     if not isinstance(parameters, dict):
         raise BadInput("`parameters` must be an object", 400)
-    request.state.model_version = "-"
     return await run_in_threadpool(repo.load, name, parameters)
 
 
