@@ -119,6 +119,8 @@ class Metrics:
         self.warned.labels(task, m.version)
         self.flagged.labels(task, m.version)
         self.errors.labels(task, m.version)
+        self.shadow_rows.labels(task)
+        self.shadow_disagreements.labels(task)
 
     def refresh(self) -> None:
         """Push this worker's drift, warning and OOD counts and memory into the metrics."""
