@@ -215,3 +215,46 @@ def record_latency(seen: list[tuple], marks: dict) -> dict:
 
 def p99(values: list[float]) -> float:
     return float(np.percentile(values, 99)) * 1000 if values else float("nan")
+
+
+def test_canary_is_sticky_and_shadow_counts_disagreements(
+    served_repo, candidates, monkeypatch, tmp_path
+):
+    from fastapi.testclient import TestClient
+
+    monkeypatch.chdir(served_repo)
+    from app.server import create_app
+
+    params = yaml.safe_load((served_repo / "params.yaml").read_text())
+    canary = {"task": "tabular", "path": "rollout/tabular", "version": "", "share": 0.5}
+    params["serve"] |= {"canary": canary, "shadow": True}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    c = TestClient(create_app(params_path=tmp_path / "params.yaml", ui=False))
+    new = json.loads((candidates["new"] / "model.json").read_text())["provenance"]["model_md5"]
+
+    def version(rid: str) -> str:
+        r = c.post("/predict/tabular", json={"rows": [ROW] * 3}, headers={"X-Request-ID": rid})
+        return r.json()["model_version"]
+
+    seen = {rid: {version(rid) for _ in range(3)} for rid in (f"client-{i}" for i in range(20))}
+    assert all(len(v) == 1 for v in seen.values()), seen  # sticky per caller
+    answered = {v for vs in seen.values() for v in vs}
+    assert len(answered) == 2 and new in answered  # about half go to the canary
+    index = c.post("/v2/repository/index").json()
+    assert {"name": "tabular", "version": new, "state": "READY", "reason": "candidate"} in index
+    # The candidate by its version, through v2.
+    assert c.get(f"/v2/models/tabular/versions/{new}").json()["versions"] == [new]
+    # Shadow: every request the served model answered was scored by the candidate too.
+    served = sum(1 for v in seen.values() if new not in v) * 3
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = c.get("/metrics").text
+        rows = re.search(r'^shadow_rows_total\{task="tabular"\} (\S+)$', text, re.M)
+        if rows and float(rows.group(1)) == served * 3:
+            break
+        time.sleep(0.2)
+    assert rows and float(rows.group(1)) == served * 3, text
+    assert re.search(r'^shadow_disagreements_total\{task="tabular"\} \S+$', text, re.M)
+    assert re.search(
+        rf'model_info\{{role="candidate",sha256="\w+",task="tabular",version="{new}"\}} 1\.0', text
+    )
