@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from pydantic import ValidationError
 
 from app.errors import BadInput
 from app.monitor import Monitor
 from app.predict import Limiter, Loaded
 from app.settings import Settings
+from stages.core.card import Card, read_card
 from stages.core.files import pid_alive, write_json
 from stages.core.inference import open_session, physical_cores
 from stages.tabular.serving import Rows
@@ -43,7 +45,7 @@ HOW_TO_TRAIN = (
 )
 # What serving reads from a card, by task (a card without one of these does not validate).
 NEEDS = {
-    "tabular": ("kind", "target", "features", "onnx.input"),
+    "tabular": ("target", "features"),
     "image": ("kind", "classes", "preprocessing.image_size"),
     "detect": ("kind", "classes", "preprocessing.imgsz", "postprocessing.conf"),
 }
@@ -56,37 +58,43 @@ class Source(NamedTuple):
     named: str  # "serve.model", "path models/x", "version v0.0.2"
 
 
-def read_card(folder: Path, task: str) -> dict:
+def field(card: Card, dotted: str):
+    """A card field by its dotted name (attributes, then keys of dict fields), or None."""
+    node = card
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else getattr(node, key, None)
+    return node
+
+
+def read_checked(folder: Path, task: str) -> Card:
     """The folder's model card, checked for what serving reads; BadInput names the problem."""
     path = folder / "model.json"
     if not path.is_file():
         raise BadInput(f"{folder}: no model.json (a model folder holds model.onnx + model.json)")
     try:
-        card = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        card = read_card(path)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "the card"
+        raise BadInput(f"{path}: the card does not validate: {where}: {err['msg']}") from None
+    except (UnicodeDecodeError, ValueError) as e:
         raise BadInput(f"{path}: not JSON ({e})") from None
-    if not isinstance(card, dict) or card.get("task") != task:
-        got = card.get("task") if isinstance(card, dict) else None
-        raise BadInput(f"{path}: a card for task {got!r}, not {task!r}")
-    for dotted in ("onnx.file", "onnx.sha256", *NEEDS[task]):
-        node = card
-        for key in dotted.split("."):
-            node = node.get(key) if isinstance(node, dict) else None
-        if node is None:
+    if card.task != task:
+        raise BadInput(f"{path}: a card for task {card.task!r}, not {task!r}")
+    for dotted in NEEDS[task]:
+        if field(card, dotted) is None:
             raise BadInput(f"{path}: the card has no {dotted}")
-    if not (card.get("registry") or {}).get("version") and not (card.get("provenance") or {}).get(
-        "model_md5"
-    ):
+    if not field(card, "registry.version") and not field(card, "provenance.model_md5"):
         raise BadInput(f"{path}: the card has neither registry.version nor provenance.model_md5")
     return card
 
 
-def open_checked(folder: Path, card: dict, threads: int):
+def open_checked(folder: Path, card: Card, threads: int):
     """The card's ONNX file as an onnxruntime session, if it is the file the card describes."""
-    path = folder / card["onnx"]["file"]
+    path = folder / card.onnx.file
     if not path.is_file():
-        raise BadInput(f"{folder}: no {card['onnx']['file']} beside model.json")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != card["onnx"]["sha256"]:
+        raise BadInput(f"{folder}: no {card.onnx.file} beside model.json")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != card.onnx.sha256:
         raise BadInput(f"{path}: not the file its card describes (sha256 differs: cut short?)")
     try:  # Spinning threads would burn the cores between requests of a shared server.
         return open_session(path, threads=threads, spinning=False)
@@ -107,19 +115,19 @@ def warm(session) -> None:
         raise BadInput(f"the model does not run on a batch of zeros ({type(e).__name__})") from None
 
 
-def features(card: dict) -> list[tuple]:
+def features(card: Card) -> list[tuple]:
     """What the request model and the UI form were built from: each feature's name, type
     and categories."""
-    return [(f["name"], f["type"], tuple(f.get("categories") or ())) for f in card["features"]]
+    return [(f.name, f.type, tuple(f.categories or ())) for f in card.features]
 
 
-def compatible(old: Loaded | None, card: dict) -> None:
+def compatible(old: Loaded | None, card: Card) -> None:
     """BadInput unless the card answers the requests the served model does."""
     if old is None:
         return
-    if card["kind"] != old.card["kind"]:
-        raise BadInput(f"a {card['kind']} model cannot replace a {old.card['kind']} model")
-    if card["task"] == "tabular" and features(card) != features(old.card):
+    if card.kind != old.card.kind:
+        raise BadInput(f"a {card.kind} model cannot replace a {old.card.kind} model")
+    if card.task == "tabular" and features(card) != features(old.card):
         new, was = features(card), features(old.card)
         diff = [f"{n} ({t})" for n, t, _ in new if (n, t) not in {(a, b) for a, b, _ in was}]
         gone = [n for n, *_ in was if n not in {a for a, *_ in new}]
@@ -133,7 +141,7 @@ def compatible(old: Loaded | None, card: dict) -> None:
 
 def build(task: str, folder: Path, cfg: Settings, limit: Limiter, old: Loaded | None = None):
     """A Loaded for the folder's model, checked against the served one and warmed."""
-    card = read_card(folder, task)
+    card = read_checked(folder, task)
     compatible(old, card)
     session = open_checked(folder, card, max(1, physical_cores() // cfg.workers))
     warm(session)

@@ -109,10 +109,8 @@ class Metrics:
         (rate() sees no rise from a series it never saw) and model_info names it."""
         if old is not None:
             self.report(task, old)  # what the old one counted until now
-            self.gauges["info"].labels(
-                task, old.version, role, old.card["onnx"]["sha256"][:12]
-            ).set(0)
-        self.gauges["info"].labels(task, m.version, role, m.card["onnx"]["sha256"][:12]).set(1)
+            self.gauges["info"].labels(task, old.version, role, old.card.onnx.sha256[:12]).set(0)
+        self.gauges["info"].labels(task, m.version, role, m.card.onnx.sha256[:12]).set(1)
         if role == "served":
             self.gauges["ready"].labels(task).set(1)
         m.monitor.rows = self.gauges["rows"].labels(task, m.version)

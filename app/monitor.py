@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from app.settings import Settings
+from stages.core.card import Card
 
 EPS = 1e-4  # share given to an empty bin, so PSI stays finite
 
@@ -116,9 +117,9 @@ def serving_metrics(registry, cfg: Settings) -> dict:
 
 
 class Monitor:
-    def __init__(self, task: str, card: dict, cfg: Settings):
+    def __init__(self, task: str, card: Card, cfg: Settings):
         self.task = task
-        self.ref = (card.get("reference") or {}).get("features", {})
+        self.ref = (card.reference or {}).get("features", {})
         self.strict = cfg.strict
         window = cfg.drift_window
         self.min_rows = max(1, window // 10)  # fewer values than this say nothing yet

@@ -17,6 +17,7 @@ from PIL import Image
 
 from app.errors import BadInput
 from app.monitor import Monitor
+from stages.core.card import Card
 from stages.core.cli import StageError
 from stages.core.inference import run_all
 from stages.core.trust import ood_vectors, with_trust
@@ -51,7 +52,7 @@ class Limiter:
 
 @dataclass
 class Loaded:
-    card: dict
+    card: Card
     session: object
     monitor: Monitor
     limit: Limiter
@@ -62,9 +63,9 @@ class Loaded:
     def version(self) -> str:
         """Which model answers: its registry version when served from the registry, else the
         md5 of the trained model the ONNX file was exported from."""
-        if self.card.get("registry"):
-            return str(self.card["registry"]["version"])
-        return self.card["provenance"]["model_md5"]
+        if self.card.registry:
+            return str(self.card.registry["version"])
+        return self.card.provenance["model_md5"]
 
     def checked(self, rows: list[dict]) -> list[list[str]]:
         """Warnings per row; with serve.strict on, any warning refuses the request (422)."""
@@ -116,10 +117,10 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
         if x is None:
             df = type_features(
                 rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows),
-                model.card["features"],
+                model.card.features,
                 "request",
             )
-            records = df[[f["name"] for f in model.card["features"]]].to_dict("records")
+            records = df[[f.name for f in model.card.features]].to_dict("records")
         else:
             records = rows
         warnings = model.checked(records)
@@ -129,12 +130,12 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
             else:
                 # One run up to infer's default batch (as run_all would), without its lookups.
                 outs = (
-                    model.session.run(None, {model.card["onnx"]["input"]: x})
+                    model.session.run(None, {model.card.onnx.input: x})
                     if len(x) <= model.batch_size
                     else run_all(model.session, x, model.batch_size)
                 )
                 preds = model.rows.decode(outs[0])
-                if "trust" in model.card:  # prediction_set or interval, and ood
+                if model.card.trust is not None:  # prediction_set or interval, and ood
                     vectors = ood_vectors(model.card, x, outs)
                     preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
     except StageError as e:
@@ -149,7 +150,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     im = open_image(
         data, max_pixels
     )  # checked first; then the very bytes go through infer's loader
-    rgb = load_rgb(io.BytesIO(data), card["preprocessing"]["image_size"])
+    rgb = load_rgb(io.BytesIO(data), card.preprocessing["image_size"])
     seen = {
         "width": im.width,
         "height": im.height,
@@ -160,7 +161,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     with model.limit:
         probs, feats = image.predict_outputs(card, model.session, rgb[None])
     model.monitor.observe([seen])
-    classes = card["classes"]
+    classes = card.classes
     trusted = with_trust(card, [{}], probs, feats)[0]  # prediction_set and ood
     model.monitor.ood([trusted])
     probs = probs[0]
@@ -187,9 +188,9 @@ def predict_detect(
     card_conf, card_iou = detect.thresholds(card)  # the ones batch infer uses
     conf = card_conf if conf is None else conf
     iou = card_iou if iou is None else iou
-    loaded = load_for_detection(io.BytesIO(data), card["preprocessing"]["imgsz"])
+    loaded = load_for_detection(io.BytesIO(data), card.preprocessing["imgsz"])
     with model.limit:
-        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card["classes"])
+        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card.classes)
     area = im.width * im.height
     model.monitor.observe(
         [

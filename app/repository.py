@@ -93,16 +93,16 @@ class Repository:
     def start_candidate(self) -> Candidate | None:
         """serve.canary's candidate, built like any load (None: none named, or it failed)."""
         c = self.cfg.canary
-        if not (c["path"] or c["version"]):
+        if not (c.path or c.version):
             return None
-        named = {"path": c["path"]} if c["path"] else {"version": c["version"]}
+        named = {"path": c.path} if c.path else {"version": c.version}
         try:
-            src = self.source(c["task"], named)
-            m = build(c["task"], src.folder, self.cfg, self.limit, self.models.get(c["task"]))
+            src = self.source(c.task, named)
+            m = build(c.task, src.folder, self.cfg, self.limit, self.models.get(c.task))
         except BadInput as e:
             print(f"serve.canary: not loaded: {e}", file=sys.stderr, flush=True)
             return None
-        return Candidate(c["task"], m, c["share"], self.cfg.shadow)
+        return Candidate(c.task, m, c.share, self.cfg.shadow)
 
     def pick(self, task: str, caller: str) -> Loaded:
         """The model that answers this caller: the canary for its share, else the served one."""

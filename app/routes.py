@@ -21,6 +21,7 @@ from app.errors import BadInput, error_body
 from app.predict import Loaded, predict_detect, predict_image, predict_tabular
 from app.repository import Repository
 from app.settings import Settings
+from stages.core.card import Card
 from stages.core.params import TASKS
 
 
@@ -44,7 +45,7 @@ class Served:
         return self.repo.missing
 
 
-def tabular_request(card: dict | None, max_rows: int):
+def tabular_request(card: Card | None, max_rows: int):
     """The request body for /predict/tabular, generated from the model card's feature schema:
     every feature present (null = missing, imputed), numbers finite, categories from training,
     no other fields."""
@@ -52,13 +53,13 @@ def tabular_request(card: dict | None, max_rows: int):
         row = dict[str, float | str | None]
     else:
         fields = {}
-        for f in card["features"]:
-            if f["type"] == "numeric":
-                fields[f["name"]] = (Annotated[float, Field(allow_inf_nan=False)] | None, ...)
-            elif f["type"] in ("text", "datetime"):  # free strings: the preprocessor reads dates
-                fields[f["name"]] = (str | None, ...)
+        for f in card.features:
+            if f.type == "numeric":
+                fields[f.name] = (Annotated[float, Field(allow_inf_nan=False)] | None, ...)
+            elif f.type in ("text", "datetime"):  # free strings: the preprocessor reads dates
+                fields[f.name] = (str | None, ...)
             else:
-                fields[f["name"]] = (Literal[tuple(f["categories"])] | None, ...)
+                fields[f.name] = (Literal[tuple(f.categories)] | None, ...)
         row = create_model("TabularRow", __config__=ConfigDict(extra="forbid"), **fields)
     return create_model(
         "TabularRequest",
@@ -200,13 +201,13 @@ def metrics(s: State) -> Response:
 
 @info.get("/model/info", summary="The model cards of the loaded models")
 def model_info(s: State) -> dict:
-    return {"models": {t: m.card for t, m in s.models.items()}, "missing": s.missing}
+    return {"models": {t: m.card.dump() for t, m in s.models.items()}, "missing": s.missing}
 
 
 @info.get("/model/info/{task}", summary="One model card")
 def model_info_task(task: Literal[TASKS], s: State, request: Request) -> dict:
     # A closed set of names: "../x" or any other value is a 422, never a path on disk.
-    return model(s, task, request).card
+    return model(s, task, request).card.dump()
 
 
 predict = APIRouter(dependencies=[Depends(api_key)])
@@ -245,7 +246,7 @@ def image(
     ] = None,
 ) -> dict:
     m = model(s, "image", request)
-    k = min(top_k or s.cfg.top_k, len(m.card["classes"]))
+    k = min(top_k or s.cfg.top_k, len(m.card.classes))
     data = read_upload(file, s.cfg)
     found = predict_image(m, data, k, s.cfg.max_pixels)
     s.repo.mirror(

@@ -21,6 +21,7 @@ from app.errors import BadInput
 from app.predict import Loaded, predict_detect, predict_image, predict_tabular
 from app.routes import Served, sentences, served
 from app.v2_tensors import Input, output, read_inputs, split_body, wanted_outputs
+from stages.core.card import Card
 from stages.core.params import TASKS
 
 Name = Literal[TASKS]
@@ -40,36 +41,36 @@ INFER_BODY = {
 }
 
 
-def tensors(card: dict) -> tuple[list[dict], list[dict]]:
+def tensors(card: Card) -> tuple[list[dict], list[dict]]:
     """(inputs, outputs) metadata of a model: name, datatype, shape (-1: any size)."""
-    if card["task"] == "tabular":
+    if card.task == "tabular":
         inputs = [
             {
-                "name": f["name"],
-                "datatype": "FP64" if f["type"] == "numeric" else "BYTES",
+                "name": f.name,
+                "datatype": "FP64" if f.type == "numeric" else "BYTES",
                 "shape": [-1],
             }
-            for f in card["features"]
+            for f in card.features
         ]
     else:
         inputs = [
             {
                 "name": "image",
                 "datatype": "BYTES",
-                "shape": [-1] if card["task"] == "image" else [1],
+                "shape": [-1] if card.task == "image" else [1],
             }
         ]
-    if card["task"] == "detect":
+    if card.task == "detect":
         outputs = [("label", "BYTES", [-1]), ("score", "FP32", [-1]), ("bbox", "FP32", [-1, 4])]
-    elif card["kind"] == "classification":
-        outputs = [("label", "BYTES", [-1]), ("probabilities", "FP32", [-1, len(card["classes"])])]
+    elif card.kind == "classification":
+        outputs = [("label", "BYTES", [-1]), ("probabilities", "FP32", [-1, len(card.classes)])]
     else:
         outputs = [("prediction", "FP64", [-1])]
     outputs.append(("warnings", "BYTES", [-1]))
-    if "trust" in card:  # the REST routes' prediction_set / interval and ood, as tensors
+    if card.trust is not None:  # the REST routes' prediction_set / interval and ood, as tensors
         outputs += [
             ("prediction_set", "BYTES", [-1])  # each element: the set as a JSON list
-            if card["kind"] == "classification"
+            if card.kind == "classification"
             else ("interval", "FP64", [-1, 2]),
             ("ood_flagged", "BOOL", [-1]),
             ("ood_p_value", "FP64", [-1]),
@@ -116,19 +117,19 @@ def trust_tensors(preds: list[dict]) -> Outputs:
 
 def tabular_rows(m: Loaded, inputs: dict[str, Input], request_model) -> list[dict]:
     """Feature tensors → JSON-like rows, checked by the REST route's request model."""
-    features = m.card["features"]
-    unknown = set(inputs) - {f["name"] for f in features}
+    features = m.card.features
+    unknown = set(inputs) - {f.name for f in features}
     if unknown:
         raise BadInput(
-            f"unknown inputs {sorted(unknown)}; the model takes {', '.join(f['name'] for f in features)}"
+            f"unknown inputs {sorted(unknown)}; the model takes {', '.join(f.name for f in features)}"
         )
-    missing = [f["name"] for f in features if f["name"] not in inputs]
+    missing = [f.name for f in features if f.name not in inputs]
     if missing:
         raise BadInput(f"missing inputs: {', '.join(missing)}")
     lengths = {len(t.values) for t in inputs.values()}
     if len(lengths) != 1:
         raise BadInput(f"the inputs differ in length ({sorted(lengths)}): one value per row each")
-    columns = {f["name"]: column(f["name"], inputs[f["name"]]) for f in features}
+    columns = {f.name: column(f.name, inputs[f.name]) for f in features}
     rows = [dict(zip(columns, r, strict=True)) for r in zip(*columns.values(), strict=True)]
     try:
         request_model.model_validate({"rows": rows})
@@ -156,10 +157,10 @@ def tabular_outputs(m: Loaded, rows: list[dict]) -> Outputs:
     preds = predict_tabular(m, rows)
     n = len(preds)
     warnings = Tensor("BYTES", ["; ".join(p["warnings"]) for p in preds], [n])
-    if m.card["kind"] != "classification":
+    if m.card.kind != "classification":
         prediction = Tensor("FP64", [p["prediction"] for p in preds], [n])
         return {"prediction": prediction, "warnings": warnings, **trust_tensors(preds)}
-    classes = m.card["classes"]
+    classes = m.card.classes
     probs = [[p[f"p_{c}"] for c in classes] for p in preds]
     return {
         "label": Tensor("BYTES", [p["prediction"] for p in preds], [n]),
@@ -186,7 +187,7 @@ def images(inputs: dict[str, Input]) -> list[bytes]:
 def image_outputs(m: Loaded, data: list[bytes], max_rows: int, max_pixels: int) -> Outputs:
     if not 1 <= len(data) <= max_rows:
         raise BadInput(f"input image: 1 to {max_rows} images")
-    classes = m.card["classes"]
+    classes = m.card.classes
     results = [predict_image(m, b, len(classes), max_pixels) for b in data]
     probs = [
         [{t["class"]: t["probability"] for t in r["top_k"]}[c] for c in classes] for r in results

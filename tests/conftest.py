@@ -62,6 +62,26 @@ def repo(tmp_path: Path) -> Path:
     return dst
 
 
+def params_with(values: dict, path: Path = ROOT / "params.yaml"):
+    """params.yaml's typed params with dotted keys set ({"tabular.data.source": "x.csv"}),
+    checked by the schema as a stage would be: what an in-process stage test runs with."""
+    from stages.core.params import load_params
+    from stages.core.schema import replaced
+
+    return replaced(load_params(path), values)
+
+
+def card_of(**fields):
+    """A model card (stages/core/card.py Card) with just the fields a test needs, and the
+    ONNX block every card has."""
+    from stages.core.card import Card
+
+    onnx = {"file": "model.onnx", "sha256": "", "input": "x", "output": "y", "input_shape": []}
+    return Card.model_validate(
+        {"task": "tabular", "kind": "classification", "onnx": onnx, **fields}
+    )
+
+
 def set_params(repo: Path, values: dict) -> None:
     """Set dotted keys in repo/params.yaml, e.g. {"tabular.train.epochs": 2}."""
     path = repo / "params.yaml"

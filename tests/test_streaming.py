@@ -9,8 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
-from conftest import ROOT, run_python
+from conftest import ROOT, params_with, run_python
 from torch.utils.data import DataLoader
 
 from stages.core.expectations import run_suite
@@ -25,8 +24,7 @@ from stages.tabular.validate import suite as tabular_suite
 def split(tmp_path_factory):
     """The penguins prepared, and the training split rewritten in row groups of 16 rows."""
     out = tmp_path_factory.mktemp("prepared")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["tabular"]["data"]["source"] = str(ROOT / "data/tabular/penguins.csv")
+    params = params_with({"tabular.data.source": str(ROOT / "data/tabular/penguins.csv")})
     schema = prepare.run(params, out_dir=str(out))
     table = pq.read_table(out / "train.parquet")
     pq.write_table(table, out / "groups.parquet", row_group_size=16)
@@ -35,7 +33,7 @@ def split(tmp_path_factory):
 
 def stream(split, rank=0, world=2, epoch=0, batch_size=8):
     out, schema = split
-    kinds = {f["name"]: f["type"] for f in schema["features"]}
+    kinds = {f.name: f.type for f in schema.features}
     ds = RowGroups(
         out / "groups.parquet",
         fit_preprocessor(out / "groups.parquet", kinds),
@@ -109,7 +107,7 @@ def test_loader_workers_see_the_one_process_order(split):
 
 def test_preprocessor_fitted_column_by_column_equals_one_fit(split):
     out, schema = split
-    kinds = {f["name"]: f["type"] for f in schema["features"]}
+    kinds = {f.name: f.type for f in schema.features}
     assert fit_preprocessor(out / "train.parquet", kinds) == Preprocessor.fit(
         pd.read_parquet(out / "train.parquet"), kinds
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core.card import Card, read_card
 from stages.core.cli import StageError, run_main
 from stages.core.files import read_json
 from stages.core.params import TASKS
@@ -80,12 +81,12 @@ def metric_rows(diff: dict, task: str) -> list[list]:
     return rows
 
 
-def latency_ms(onnx: Path, card: dict, runs: int = 50) -> float:
+def latency_ms(onnx: Path, card: Card, runs: int = 50) -> float:
     """Median onnxruntime latency at batch 1 on zeros of the model's input shape."""
     from stages.core.inference import open_session
 
     session = open_session(onnx)
-    shape = [1 if isinstance(d, str) else d for d in card["onnx"]["input_shape"]]
+    shape = [1 if isinstance(d, str) else d for d in card.onnx.input_shape]
     x = {session.get_inputs()[0].name: np.zeros(shape, np.float32)}
     session.run(None, x)
     times = []
@@ -122,10 +123,10 @@ def plot_curves(task: str, out: Path) -> list[tuple[str, str]]:
     confusion = Path(f"metrics/{task}/plots/confusion.json")
     if confusion.exists():
         pairs = read_json(confusion)
-        labels = sorted({p["actual"] for p in pairs} | {p["predicted"] for p in pairs})
+        labels = sorted({pair["actual"] for pair in pairs} | {pair["predicted"] for pair in pairs})
         m = np.zeros((len(labels), len(labels)), int)
-        for p in pairs:
-            m[labels.index(p["actual"]), labels.index(p["predicted"])] += 1
+        for pair in pairs:
+            m[labels.index(pair["actual"]), labels.index(pair["predicted"])] += 1
         fig, ax = plt.subplots(figsize=(4, 3.6))
         ax.imshow(m, cmap="Blues")
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
@@ -215,7 +216,7 @@ def build_report(
         parts.append(label_issues_md(task))
         onnx, card_path = Path(f"models/{task}/model.onnx"), Path(f"models/{task}/model.json")
         if onnx.exists() and card_path.exists():
-            card = read_json(card_path)
+            card = read_card(card_path)
             parts.append(
                 "### Model\n\n"
                 + table(
@@ -225,7 +226,7 @@ def build_report(
                             onnx.as_posix(),
                             round(onnx.stat().st_size / 1e6, 2),
                             round(latency_ms(onnx, card), 3),
-                            card.get("provenance", {}).get("model_md5", "")[:12],
+                            card.provenance.get("model_md5", "")[:12],
                         ]
                     ],
                 )

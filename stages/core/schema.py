@@ -20,17 +20,33 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.core.cli import StageError
+from stages.core.documents import KeepsRead, as_read
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]
+# The one list of each setting's allowed values: code imports these (typing.get_args) rather
+# than repeating them.
+Task = Literal["tabular", "image", "detect"]  # stages/<task>/, models/<task>/
 Arch = Literal["small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0"]
+Scheduler = Literal["cosine", "step", "plateau", "none"]
+Amp = Literal["auto", "off", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+Engine = Literal["pandas", "spark"]
+SplitMethod = Literal["hash", "sklearn"]
+TabularTask = Literal["auto", "classification", "regression"]
+Role = Literal["drop", "numeric", "categorical", "boolean", "datetime", "text"]
+Duplicates = Literal["fail", "drop"]
+BoxFormat = Literal["yolo", "coco", "voc"]
+Graph = Literal["raw", "nms", "end2end"]
 
 
-class Section(BaseModel):
+class Section(KeepsRead):
     # strict: a quoted "80" is not an int, 1 is not true; an int is still a valid float.
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # KeepsRead: plain() keeps the key order and the spelling of a number of what was read
+    # (rotate: 10, not the float 10.0), so outputs that record params stay as before.
 
     # TRANSITIONAL (issue 36): read-only mapping access by params.yaml name, so code not yet
     # moved to attributes (params.tabular.train.lr) keeps working. Removed once none is left.
@@ -75,17 +91,17 @@ class Loop(Section):
     batch_size: Positive
     lr: Annotated[float, Field(gt=0)]
     weight_decay: Annotated[float, Field(ge=0)]
-    scheduler: Literal["cosine", "step", "plateau", "none"]
+    scheduler: Scheduler
     step_size: Positive
     gamma: Annotated[float, Field(gt=0, le=1)]
     grad_clip: Annotated[float, Field(ge=0)]
     grad_accum: Positive
     # YAML 1.1 (PyYAML) reads an unquoted `off` as false, and DVC's -S writes it unquoted
-    amp: Literal["auto", "off", "bf16", "fp16", False]
+    amp: Amp | Literal[False]
     compile: bool
     patience: Count
     num_workers: Count
-    device: Literal["auto", "cpu", "cuda"]
+    device: Device
     nproc: Positive
 
 
@@ -98,17 +114,17 @@ class Split(Section):
 
 
 class TabularSplit(Split):
-    method: Literal["hash", "sklearn"]
+    method: SplitMethod
 
 
 class TabularData(Section):
     source: str
     target: str
-    task: Literal["auto", "classification", "regression"]
+    task: TabularTask
     # column → role (stages/tabular/roles.py); `drop` is how a column is left out
-    roles: dict[str, Literal["drop", "numeric", "categorical", "boolean", "datetime", "text"]]
+    roles: dict[str, Role]
     max_categories: Positive
-    engine: Literal["pandas", "spark"]
+    engine: Engine
     split: TabularSplit
     exclude_lines: list[Annotated[int, Field(ge=2)]]  # CSV file lines (header = 1)
 
@@ -184,7 +200,7 @@ class ImageData(Section):
     image_size: Positive
     mean: Annotated[list[float], Field(min_length=3, max_length=3)]
     std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)]
-    duplicates: Literal["fail", "drop"]
+    duplicates: Duplicates
     split: Split
     exclude: list[str]  # image paths relative to the source
 
@@ -260,7 +276,7 @@ class DetectDemo(Section):
 
 class DetectData(Section):
     source: str
-    format: Literal["yolo", "coco", "voc"]
+    format: BoxFormat
     images: str
     split: Split
 
@@ -293,7 +309,7 @@ class DetectEvaluate(Section):
 
 
 class DetectExport(Section):
-    graph: Literal["raw", "nms", "end2end"]
+    graph: Graph
     conf: Share  # also the model card's postprocessing.conf: what infer and serving use
     iou: Share
     match_iou: Share
@@ -340,7 +356,7 @@ class Canary(Section):
 class Serve(Section):
     model: str
     host: str
-    port: Annotated[int, Field(ge=0, le=65535)]
+    port: Annotated[int, Field(ge=1, le=65535)]
     max_upload_mb: Annotated[float, Field(gt=0)]
     max_pixels: Positive
     max_rows: Positive
@@ -373,6 +389,12 @@ class Params(Section):
 
 
 # ---- checking ----
+
+
+def plain(section: Section) -> dict:
+    """A section as params.yaml spells it (`validate`, not `validate_`; its key order; 10, not
+    10.0), JSON-ready: what a fingerprint hashes and what a log or a model card records."""
+    return as_read(section.model_dump(mode="json", by_alias=True), section._read)
 
 
 def _fields(model: type[BaseModel]) -> dict:
@@ -434,10 +456,11 @@ def _problem(key: str, errors: list[dict]) -> str:
     return f"{wanted} (it is {errors[0]['input']!r})"
 
 
-def overridden(params: dict, values: dict) -> dict:
-    """A copy of params with dotted keys set ({"tabular.train.lr": 0.01}), as `dvc exp run -S`
-    sets them: what a sweep or tune trial will run with, to validate before queueing it."""
-    out = copy.deepcopy(params)
+def overridden(params: Params | dict, values: dict) -> dict:
+    """A copy of params (as params.yaml holds them) with dotted keys set
+    ({"tabular.train.lr": 0.01}), as `dvc exp run -S` sets them: what a sweep or tune trial
+    will run with, to validate before queueing it."""
+    out = plain(params) if isinstance(params, Section) else copy.deepcopy(params)
     for dotted, value in values.items():
         node = out
         *parents, leaf = dotted.split(".")
@@ -445,6 +468,12 @@ def overridden(params: dict, values: dict) -> dict:
             node = node.setdefault(key, {}) if isinstance(node, dict) else {}
         node[leaf] = value
     return out
+
+
+def replaced(params: Params, values: dict) -> Params:
+    """params with dotted keys set (as overridden), checked again: what a tool or a test
+    runs a stage with."""
+    return validate(overridden(params, values))
 
 
 def validate(params: dict) -> Params:

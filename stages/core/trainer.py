@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -35,8 +35,8 @@ from torch.utils.data.distributed import DistributedSampler
 from stages.core.cli import StageError, log
 from stages.core.distributed import AmpPolicy, Runtime, all_reduce_sums, amp_policy
 from stages.core.files import atomic_path
+from stages.core.schema import Device, Loop, Scheduler
 
-SCHEDULERS = ("cosine", "step", "plateau", "none")
 LOWER_IS_BETTER = ("loss", "rmse", "mae", "error")
 
 
@@ -48,7 +48,7 @@ class LoopConfig:
     batch_size: int
     lr: float
     weight_decay: float
-    scheduler: str
+    scheduler: Scheduler
     step_size: int
     gamma: float
     grad_clip: float
@@ -57,25 +57,17 @@ class LoopConfig:
     patience: int
     monitor: str
     num_workers: int
-    device: str
+    device: Device
     nproc: int
     compile: bool = (
         False  # torch.compile; a default, so that loops configured in code need not name it
     )
 
     @classmethod
-    def from_params(cls, params: dict, section: str) -> LoopConfig:
-        missing = [f.name for f in fields(cls) if f.name not in params and f.default is MISSING]
-        if missing:
-            raise StageError(f"params.yaml: {section} is missing: {', '.join(missing)}")
-        cfg = cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
-        if cfg.scheduler not in SCHEDULERS:
-            raise StageError(
-                f"{section}.scheduler is {cfg.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
-            )
-        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-            raise StageError(f"{section}: epochs, batch_size and grad_accum must be at least 1")
-        return cfg
+    def from_params(cls, train: Loop, **changes) -> LoopConfig:
+        """The loop's keys of a `<task>.train` section (the schema has checked them), with
+        `changes` on top (a bench's amp mode, train's resolved `auto` sizes)."""
+        return cls(**{f.name: getattr(train, f.name) for f in fields(cls)} | changes)
 
     @property
     def minimize(self) -> bool:

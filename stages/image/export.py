@@ -12,9 +12,8 @@ import pandas as pd
 import torch
 
 from stages.core import layout
-from stages.core.card import card_common, reference, validated_ranges
+from stages.core.card import Card, card_common, reference, validated_ranges, write_card
 from stages.core.cli import log
-from stages.core.files import write_json
 from stages.core.onnx_export import (
     FirstOutput,
     WithFeatures,
@@ -22,6 +21,7 @@ from stages.core.onnx_export import (
     export_onnx,
     load_model,
 )
+from stages.core.schema import Params
 from stages.image.data import load_rgb, preprocess, split_images
 from stages.image.model import build_model
 from stages.image.trust import fit_trust
@@ -46,10 +46,10 @@ def image_reference(schema: dict, size: int, sample: int = 2000) -> dict:
     )
 
 
-def run(params: dict, out_dir: Path = layout.model_dir("image")) -> dict:
-    p = params["image"]["export"]
+def run(params: Params, out_dir: Path = layout.model_dir("image")) -> Card:
+    p = params.image.export
     model, meta = load_model(out_dir / "model.pt", build_model)
-    schema = meta["schema"]
+    schema = meta.prepared  # image prepare's description (ImageIndex), as preprocess reads it
     paths, _ = split_images(schema)
     x_test = preprocess(paths, schema)
     onnx_path = out_dir / "model.onnx"
@@ -58,7 +58,7 @@ def run(params: dict, out_dir: Path = layout.model_dir("image")) -> dict:
     model = WithFeatures(model, trust["temperature"])
     export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path, ("output", "features"))
     parity = check_parity(
-        FirstOutput(model), onnx_path, x_test, p["parity_atol"], True, p["min_top1_agreement"]
+        FirstOutput(model), onnx_path, x_test, p.parity_atol, True, p.min_top1_agreement
     )
     size = schema["image_size"]
     card = {
@@ -79,7 +79,7 @@ def run(params: dict, out_dir: Path = layout.model_dir("image")) -> dict:
         "reference": image_reference(schema, size),
         "trust": trust,
     }
-    write_json(out_dir / "model.json", card)
+    card = write_card(out_dir / layout.card("image").name, card)
     log(
         f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e}, "
         f"top-1 agreement {parity['class_agreement']:.4f} over {parity['rows']} images)"

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.files import read_json
+from stages.core.card import Card, read_card
 from stages.core.inference import open_session
 from stages.core.params import load_params
+from stages.core.schema import replaced
 from tools.bench.repo import (
     ROOT,
     chdir,
@@ -18,14 +19,14 @@ from tools.bench.repo import (
 from tools.bench.timing import alternate, median, ratio_row
 
 
-def tabular_steps(read, pre, tsession, bs: int, tcard: dict, work: Path, rounds: int) -> dict:
+def tabular_steps(read, pre, tsession, bs: int, tcard: Card, work: Path, rounds: int) -> dict:
     """infer_tabular's steps, each timed alone with the same helpers and session."""
     from stages.core.expectations import for_inference, load_suite, run_suite
     from stages.core.inference import run_batches
     from stages.tabular import infer as tabular_infer
     from stages.tabular.data import scores
 
-    suite = for_inference(load_suite(ROOT / tcard["validation"]["suite_file"]))
+    suite = for_inference(load_suite(ROOT / tcard.validation.suite_file))
     df = read()
     x = pre.transform(df)
     out = run_batches(tsession, x, bs)
@@ -95,6 +96,7 @@ def batch(quick: bool, scratch: Path) -> dict:
     from stages.tabular.data import Preprocessor, decode_outputs, read_features
 
     params = load_params()
+    ip = params.image.infer
     n_rows = 2_000 if quick else 100_000
     work = scratch / "batch"  # infer writes metrics/<task>/infer.json under its working folder
     (work / "data").mkdir(parents=True)
@@ -102,9 +104,11 @@ def batch(quick: bool, scratch: Path) -> dict:
         ROOT / "data" / "expectations"
     )  # the card names its suite so
     csv = synthetic_csv(work / "rows.csv", n_rows)
-    params["tabular"]["infer"]["source"] = str(csv)
-    params["image"]["infer"]["source"] = str(ROOT / params["image"]["infer"]["source"])
-    tcard, icard = read_json("models/tabular/model.json"), read_json("models/image/model.json")
+    params = replaced(
+        params, {"tabular.infer.source": str(csv), "image.infer.source": str(ROOT / ip.source)}
+    )
+    ip = params.image.infer
+    tcard, icard = read_card("models/tabular/model.json"), read_card("models/image/model.json")
     # Without spinning, as infer_tabular's: the bare loops' sessions stay open between samples, and
     # spinning ones keep a core busy after each run, which took a third of that core from
     # whichever contender came next (infer_tabular, with its validation worker, 132 → 161 ms).
@@ -112,31 +116,26 @@ def batch(quick: bool, scratch: Path) -> dict:
         open_session(ROOT / f"models/{t}/model.onnx", spinning=False) for t in ("tabular", "image")
     )
     pre, bs = (
-        Preprocessor.from_dict(tcard["preprocessing"]),
-        params["tabular"]["infer"]["batch_size"],
+        Preprocessor.from_dict(tcard.preprocessing),
+        params.tabular.infer.batch_size,
     )
-    table, root = list_images(params["image"]["infer"]["source"], labelled=False)
+    table, root = list_images(ip.source, labelled=False)
     files = table["path"].tolist()
-    ip = params["image"]["infer"]
 
     def read():
-        return read_features(csv, tcard["features"]).drop(
-            columns=[tcard["target"]], errors="ignore"
-        )
+        return read_features(csv, tcard.features).drop(columns=[tcard.target], errors="ignore")
 
     def bare_tabular():
         df = read()
         return decode_outputs(run_batches(tsession, pre.transform(df, str(csv)), bs), tcard)
 
     def bare_image():
-        for i in range(0, len(files), ip["batch_size"]):
-            x = preprocess(
-                [root / f for f in files[i : i + ip["batch_size"]]], icard["preprocessing"]
-            )
+        for i in range(0, len(files), ip.batch_size):
+            x = preprocess([root / f for f in files[i : i + ip.batch_size]], icard.preprocessing)
             top_k(
-                softmax(run_batches(isession, x, ip["batch_size"]).astype("float64")),
-                icard["classes"],
-                ip["top_k"],
+                softmax(run_batches(isession, x, ip.batch_size).astype("float64")),
+                icard.classes,
+                ip.top_k,
             )
 
     rounds = 2 if quick else 7
@@ -165,7 +164,7 @@ def batch(quick: bool, scratch: Path) -> dict:
 
 
 def write_predictions(
-    tabular_infer, card: dict, predicted: np.ndarray, df: pd.DataFrame, path: Path
+    tabular_infer, card: Card, predicted: np.ndarray, df: pd.DataFrame, path: Path
 ) -> None:
     writer = tabular_infer.Writer(path, card)
     writer.write(predicted, df.index.to_numpy())

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.files import read_json
+from stages.core.card import read_card
 from stages.core.params import load_params
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is tools/bench/...)
@@ -37,15 +37,15 @@ def model_inputs(task: str, n: int) -> np.ndarray:
     from stages.image.data import preprocess
     from stages.tabular.data import Preprocessor
 
-    card = read_json(f"models/{task}/model.json")
+    card = read_card(f"models/{task}/model.json")
     if task == "tabular":
         df = pd.read_parquet("data/prepared/tabular/test.parquet").head(n)
-        return Preprocessor.from_dict(card["preprocessing"]).transform(df)
+        return Preprocessor.from_dict(card.preprocessing).transform(df)
     if task == "image":
         paths = pd.read_csv("data/prepared/image/test.csv")["path"].head(n)
-        return preprocess([Path("data/prepared/image") / p for p in paths], card["preprocessing"])
+        return preprocess([Path("data/prepared/image") / p for p in paths], card.preprocessing)
     files = sorted(Path("data/prepared/detect/images/test").iterdir())[:n]
-    return np.stack([load_for_detection(f, card["preprocessing"]["imgsz"])[0] for f in files])
+    return np.stack([load_for_detection(f, card.preprocessing["imgsz"])[0] for f in files])
 
 
 def torch_model(task: str):
@@ -69,7 +69,7 @@ def torch_model(task: str):
 
 def synthetic_csv(path: Path, rows: int, seed: int = 0) -> Path:
     """A CSV shaped like the penguins data: its own lines (NA cells included) drawn at random."""
-    header, *lines = Path(load_params()["tabular"]["data"]["source"]).read_text().splitlines()
+    header, *lines = Path(load_params().tabular.data.source).read_text().splitlines()
     lines = np.array(lines, dtype=object)
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +105,16 @@ def run_measured(cmd: list[str], cwd: Path) -> tuple[float, float]:
     if res.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {res.returncode}: {res.stderr[-2000:]}")
     return seconds, int(peak.read_text()) / 1024
+
+
+def set_keys(path: Path, values: dict) -> None:
+    """Set dotted keys ({"tabular.data.source": ...}) in a params.yaml, as `dvc exp run -S`."""
+    import yaml
+
+    from stages.core.schema import overridden
+
+    params = overridden(yaml.safe_load(path.read_text()), values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def copy_repo(dst: Path) -> Path:
