@@ -18,7 +18,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -39,7 +39,7 @@ def _remove_stale_temps(path: Path) -> None:
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp")
     for p in path.parent.iterdir():
         m = pattern.fullmatch(p.name)
-        if m and not (m.group(1) and _pid_alive(int(m.group(1)))):
+        if m and not (m.group(1) and pid_alive(int(m.group(1)))):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
