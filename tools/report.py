@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.core import layout
+from stages.core.card import Card, read_card
 from stages.core.cli import StageError, run_main
 from stages.core.files import read_json
 from stages.core.params import TASKS
@@ -81,12 +82,12 @@ def metric_rows(diff: dict, task: str) -> list[list]:
     return rows
 
 
-def latency_ms(onnx: Path, card: dict, runs: int = 50) -> float:
+def latency_ms(onnx: Path, card: Card, runs: int = 50) -> float:
     """Median onnxruntime latency at batch 1 on zeros of the model's input shape."""
     from stages.core.inference import open_session
 
     session = open_session(onnx)
-    shape = [1 if isinstance(d, str) else d for d in card["onnx"]["input_shape"]]
+    shape = [1 if isinstance(d, str) else d for d in card.onnx.input_shape]
     x = {session.get_inputs()[0].name: np.zeros(shape, np.float32)}
     session.run(None, x)
     times = []
@@ -214,7 +215,7 @@ def build_report(
         parts.append(label_issues_md(task))
         onnx, card_path = layout.model_onnx(task), layout.card(task)
         if onnx.exists() and card_path.exists():
-            card = read_json(card_path)
+            card = read_card(card_path)
             parts.append(
                 "### Model\n\n"
                 + table(
@@ -229,7 +230,7 @@ def build_report(
                             onnx.as_posix(),
                             round(onnx.stat().st_size / 1e6, 2),
                             round(latency_ms(onnx, card), 3),
-                            card.get("provenance", {}).get("model_md5", "")[:12],
+                            card.provenance.get("model_md5", "")[:12],
                         ]
                     ],
                 )

@@ -41,8 +41,8 @@ def prepared(task: str) -> Path:
 
 
 def columns(task: str) -> Path:
-    """prepare's description of the data: columns and their types (tabular), classes and
-    images (image), what the splits hold."""
+    """prepare's description of the prepared data (stages/core/documents.py Columns for
+    tabular, ImageIndex for image)."""
     return prepared(task) / COLUMNS_FILE
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from stages.core import layout
+from stages.core.card import read_card, write_card
 from tools.bench.timing import Row, alternate, percentile
 
 
@@ -23,12 +24,11 @@ def bare_models(dst: Path) -> Path:
     """models/tabular and models/image copied to dst, their cards without `trust`."""
     for task in ("tabular", "image"):
         (dst / task).mkdir(parents=True)
-        card = json.loads(layout.card(task).read_text())
-        if "trust" not in card:
+        card = read_card(layout.card(task))
+        if card.trust is None:
             raise RuntimeError(f"{layout.card(task)} has no trust: re-export it")
-        card.pop("trust")
-        shutil.copy(f"models/{task}/{card['onnx']['file']}", dst / task)
-        (dst / task / layout.CARD_FILE).write_text(json.dumps(card))
+        shutil.copy(f"models/{task}/{card.onnx.file}", dst / task)
+        write_card(dst / task / layout.CARD_FILE, card.model_copy(update={"trust": None}))
     return dst
 
 
