@@ -344,6 +344,15 @@ class Registry(Section):
     max_latency_ratio: Annotated[float, Field(gt=0)]
 
 
+class Canary(Section):
+    """A candidate served beside one task's model: a folder or a registry version."""
+
+    task: Literal["tabular", "image", "detect"]
+    path: str
+    version: str
+    share: Share
+
+
 class Serve(Section):
     model: str
     host: str
@@ -363,6 +372,10 @@ class Serve(Section):
     request_log_mb: Annotated[float, Field(gt=0)]
     request_log_backups: Count
     gradio_cache_s: Positive
+    model_root: str  # load requests' paths resolve inside it ("" = the working directory)
+    reload_s: Annotated[float, Field(ge=0)]  # follow serve.model's stage; 0 = off
+    canary: Canary
+    shadow: bool
 
 
 class Params(Section):
