@@ -91,3 +91,40 @@ def test_baseline_isa_from_cpu_flags(tmp_path: Path):
     assert numerics.has_baseline_isa(str(info))
     info.write_text("processor\t: 0\nflags\t\t: fpu sse4_1 sse4_2\n")  # an Atom, a masked VM
     assert not numerics.has_baseline_isa(str(info))
+
+
+FIT = """
+import hashlib, json, sys
+from stages.core import numerics
+numerics.pin(sys.argv[1] == "pin")
+import numpy as np
+from stages.core import trust
+rng = np.random.default_rng(0)  # the image demo's shapes: 1167 training, 270 validation rows
+train, val = rng.normal(size=(1167, 128)), rng.normal(size=(270, 128))
+fit = trust.fit(0.1, 0.02, rng.normal(size=(270, 10)), rng.integers(0, 10, 270),
+                val, train, rng.integers(0, 10, 1167), True)
+print(hashlib.md5(json.dumps(fit).encode()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_the_trust_fit_ignores_a_parents_thread_count(tmp_path: Path):
+    """The same-machine cause of issue 38: export@image's card changed on a forced rerun when
+    the parent's OMP_NUM_THREADS changed (Ultralytics sets 1 when a test imports it). numpy's
+    OpenBLAS splits the OOD distances' matrix product by rows over its threads, and on its
+    AVX2 (Haswell, Zen) kernels a row at a block edge adds in another order: one calibration
+    distance moved in the 13th digit. Pinned, the parent's count no longer reaches it."""
+    script = tmp_path / "fit.py"
+    script.write_text(FIT)
+
+    def fit(mode: str, threads: int) -> str:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+        env["OPENBLAS_CORETYPE"] = "Haswell"  # the AMD machine's kernels, on any CPU
+        res = subprocess.run(
+            [sys.executable, str(script), mode], env=env, capture_output=True, text=True
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    assert fit("pin", 1) == fit("pin", 8)
+    assert fit("free", 1) != fit("free", 8), "the unpinned fit no longer follows the threads"
