@@ -140,7 +140,11 @@ def amp_policy(mode: str, device: torch.device) -> AmpPolicy:
         if device.type == "cuda":
             mode = "bf16" if cuda_supports_bf16(device) else "fp16"
         else:
-            mode = "bf16" if cpu_supports_bf16() else "off"
+            from stages.core import numerics
+
+            # On the numeric baseline (AVX2) no CPU has native bf16: every CPU trains in fp32,
+            # as one without it would (else this machine's bf16 would be its own result).
+            mode = "bf16" if cpu_supports_bf16() and not numerics.pinned() else "off"
     if mode == "fp16" and device.type != "cuda":
         raise StageError("train.amp 'fp16' needs a CUDA device; use 'bf16', 'auto' or 'off' on CPU")
     if mode == "off":
