@@ -8,20 +8,18 @@ JSON model cards.
 from __future__ import annotations
 
 import io
-import json
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from app.errors import BadInput
 from app.monitor import Monitor
-from app.settings import Settings
+from stages.core.card import Card
 from stages.core.cli import StageError
-from stages.core.inference import open_session, physical_cores, run_all
-from stages.core.params import TASKS
+from stages.core.inference import run_all
 from stages.core.trust import ood_vectors, with_trust
 from stages.detect import infer as detect
 from stages.detect.boxes import load_for_detection, to_records
@@ -30,18 +28,6 @@ from stages.image.data import load_rgb, top_k
 from stages.tabular import infer as tabular
 from stages.tabular.data import scores, type_features
 from stages.tabular.serving import Rows
-
-HOW_TO_TRAIN = (
-    "run `make run` (or `dvc repro infer@{task}`, or `dvc pull` from a remote that has it)"
-)
-
-
-class BadInput(ValueError):
-    """The request's content is wrong: the server answers `status` (4xx) with this message."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
 
 
 class Limiter:
@@ -66,7 +52,7 @@ class Limiter:
 
 @dataclass
 class Loaded:
-    card: dict
+    card: Card
     session: object
     monitor: Monitor
     limit: Limiter
@@ -77,9 +63,9 @@ class Loaded:
     def version(self) -> str:
         """Which model answers: its registry version when served from the registry, else the
         md5 of the trained model the ONNX file was exported from."""
-        if self.card.get("registry"):
-            return str(self.card["registry"]["version"])
-        return self.card["provenance"]["model_md5"]
+        if self.card.registry:
+            return str(self.card.registry["version"])
+        return self.card.provenance["model_md5"]
 
     def checked(self, rows: list[dict]) -> list[list[str]]:
         """Warnings per row; with serve.strict on, any warning refuses the request (422)."""
@@ -92,35 +78,15 @@ class Loaded:
         return warnings
 
 
-def load_models(models_dir: str | Path, cfg: Settings) -> tuple[dict[str, Loaded], dict[str, str]]:
-    """({task: Loaded} for every exported model, {task: why it is missing} for the rest)."""
-    # The cores (cgroup quota and affinity included) shared out between the worker processes.
-    threads = max(1, physical_cores() // cfg.workers)
-    limit = Limiter(cfg.concurrency, cfg.queue_timeout_s)
-    loaded, missing = {}, {}
-    for task in TASKS:
-        card_path = Path(models_dir) / task / "model.json"
-        try:
-            card = json.loads(card_path.read_text())
-            # Spinning threads would burn the cores between requests of a shared server.
-            session = open_session(
-                card_path.parent / card["onnx"]["file"], threads=threads, spinning=False
-            )
-            loaded[task] = Loaded(
-                card,
-                session,
-                Monitor(task, card, cfg),
-                limit,
-                Rows(card) if task == "tabular" else None,
-                cfg.tabular_batch_size if task == "tabular" else 1,
-            )
-        except FileNotFoundError:
-            missing[task] = (
-                f"no {card_path.parent}/model.onnx + model.json: " + HOW_TO_TRAIN.format(task=task)
-            )
-        except Exception as e:  # noqa: BLE001 - a broken model must not stop the others from serving
-            missing[task] = f"{card_path.parent}: could not load ({type(e).__name__}: {e})"
-    return loaded, missing
+class Current:
+    """The task's served model at the moment of each use, for the UI's handlers, which are
+    built once (a load swaps the model; the features, and so the form, stay the same)."""
+
+    def __init__(self, models: dict[str, Loaded], task: str):
+        self._models, self._task = models, task
+
+    def __getattr__(self, name: str):
+        return getattr(self._models[self._task], name)
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -151,10 +117,10 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
         if x is None:
             df = type_features(
                 rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows),
-                model.card["features"],
+                model.card.features,
                 "request",
             )
-            records = df[[f["name"] for f in model.card["features"]]].to_dict("records")
+            records = df[[f.name for f in model.card.features]].to_dict("records")
         else:
             records = rows
         warnings = model.checked(records)
@@ -164,12 +130,12 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
             else:
                 # One run up to infer's default batch (as run_all would), without its lookups.
                 outs = (
-                    model.session.run(None, {model.card["onnx"]["input"]: x})
+                    model.session.run(None, {model.card.onnx.input: x})
                     if len(x) <= model.batch_size
                     else run_all(model.session, x, model.batch_size)
                 )
                 preds = model.rows.decode(outs[0])
-                if "trust" in model.card:  # prediction_set or interval, and ood
+                if model.card.trust is not None:  # prediction_set or interval, and ood
                     vectors = ood_vectors(model.card, x, outs)
                     preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
     except StageError as e:
@@ -184,7 +150,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     im = open_image(
         data, max_pixels
     )  # checked first; then the very bytes go through infer's loader
-    rgb = load_rgb(io.BytesIO(data), card["preprocessing"]["image_size"])
+    rgb = load_rgb(io.BytesIO(data), card.preprocessing["image_size"])
     seen = {
         "width": im.width,
         "height": im.height,
@@ -195,7 +161,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     with model.limit:
         probs, feats = image.predict_outputs(card, model.session, rgb[None])
     model.monitor.observe([seen])
-    classes = card["classes"]
+    classes = card.classes
     trusted = with_trust(card, [{}], probs, feats)[0]  # prediction_set and ood
     model.monitor.ood([trusted])
     probs = probs[0]
@@ -222,9 +188,9 @@ def predict_detect(
     card_conf, card_iou = detect.thresholds(card)  # the ones batch infer uses
     conf = card_conf if conf is None else conf
     iou = card_iou if iou is None else iou
-    loaded = load_for_detection(io.BytesIO(data), card["preprocessing"]["imgsz"])
+    loaded = load_for_detection(io.BytesIO(data), card.preprocessing["imgsz"])
     with model.limit:
-        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card["classes"])
+        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card.classes)
     area = im.width * im.height
     model.monitor.observe(
         [

@@ -14,15 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from stages.core.schema import Section, plain
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -43,7 +39,7 @@ def _remove_stale_temps(path: Path) -> None:
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp")
     for p in path.parent.iterdir():
         m = pattern.fullmatch(p.name)
-        if m and not (m.group(1) and _pid_alive(int(m.group(1)))):
+        if m and not (m.group(1) and pid_alive(int(m.group(1)))):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -99,12 +95,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def _json_default(obj: Any) -> Any:
-    """json.dumps' `default`: a params section as params.yaml spells it, another typed model
-    (a document) as its JSON fields."""
-    if isinstance(obj, Section):
-        return plain(obj)
-    if isinstance(obj, BaseModel):
-        return obj.model_dump(mode="json", by_alias=True)
+    """json.dumps' `default`: a typed model (a params section, a document) as it was read:
+    its dump() (stages/core/documents.py KeepsRead). Duck-typed, so that this module, which
+    documents.py builds on, imports neither."""
+    dump = getattr(obj, "dump", None)
+    if callable(dump):
+        return dump()
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 

@@ -84,7 +84,8 @@ def serving(quick: bool, scratch: Path) -> dict:
     """p50/p99 through the HTTP server vs the same call in process vs the bare session.run."""
     import httpx
 
-    from app.predict import load_models, predict_image, predict_tabular
+    from app.predict import predict_image, predict_tabular
+    from app.repository import load_models
     from app.settings import load_settings
     from stages.image.data import preprocess, split_images
     from stages.tabular.data import Preprocessor, type_features
@@ -96,16 +97,16 @@ def serving(quick: bool, scratch: Path) -> dict:
     tab, img = models["tabular"], models["image"]
     row = json.loads(
         pd.read_parquet("data/prepared/tabular/test.parquet")
-        .drop(columns=tab.card["target"])
+        .drop(columns=tab.card.target)
         .head(1)
         .to_json(orient="records")
     )
-    x_row = Preprocessor.from_dict(tab.card["preprocessing"]).transform(
-        type_features(pd.DataFrame(row), tab.card["features"], "request")
+    x_row = Preprocessor.from_dict(tab.card.preprocessing).transform(
+        type_features(pd.DataFrame(row), tab.card.features, "request")
     )
     digit = split_images(read_json("data/prepared/image/schema.json"))[0][0].read_bytes()
-    x_img = preprocess([io.BytesIO(digit)], img.card["preprocessing"])
-    k = min(cfg.top_k, len(img.card["classes"]))
+    x_img = preprocess([io.BytesIO(digit)], img.card.preprocessing)
+    k = min(cfg.top_k, len(img.card.classes))
     n = 20 if quick else 300
     rows, details = [], {"requests_per_contender": n}
     proc, url = start_server(scratch)
