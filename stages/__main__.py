@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 
+from stages.core import numerics
 from stages.core.cli import StageError, run_main
 from stages.core.params import TASKS, load_params
 
@@ -40,8 +41,11 @@ def main(argv: list[str]) -> None:
         raise StageError(
             f"unknown option {' '.join(flags)} (only `validate TASK --new-suite` takes one)"
         )
+    params = load_params()
+    # Before the stage's module loads torch / numpy / onnxruntime: they read it at load.
+    numerics.pin(params.reproducible)
     run = importlib.import_module(f"stages.{task}.{stage}").run
-    run(load_params(), **({"new_suite": True} if flags else {}))
+    run(params, **({"new_suite": True} if flags else {}))
 
 
 if __name__ == "__main__":

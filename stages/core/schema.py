@@ -349,6 +349,7 @@ class Serve(Section):
 
 class Params(Section):
     seed: int
+    reproducible: bool = True  # stages/core/numerics.py
     tabular: Tabular
     image: Image
     detect: Detect

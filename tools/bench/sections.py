@@ -15,6 +15,7 @@ from tools.bench.edge import edge
 from tools.bench.inference import inference
 from tools.bench.labels import labels
 from tools.bench.large import large
+from tools.bench.numerics import numerics
 from tools.bench.pipeline import pipeline
 from tools.bench.serving import serving
 from tools.bench.tabular_cost import tabular_cost
@@ -32,6 +33,7 @@ SECTIONS = {
     "trust": trust,
     "edge": edge,
     "labels": labels,
+    "numerics": numerics,
     "tabular_cost": tabular_cost,
     "large": large,
 }
