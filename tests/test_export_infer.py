@@ -20,7 +20,7 @@ from stages.tabular.model import build_model
 def trained(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("trained"))
     set_params(repo, TINY_TABULAR)
-    for name in ("prepare", "validate", "train", "evaluate", "export"):
+    for name in ("prepare", "validate", "train", "boost", "evaluate", "export"):
         stage(repo, name)
     return repo
 

@@ -35,7 +35,7 @@ def large(quick: bool, scratch: Path) -> dict:
     )
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     rows, details = [], {"csv_rows": n, "csv_mib": round(size_mb), "stages": {}}
-    for stage in ("prepare", "validate", "train", "evaluate", "export", "infer"):
+    for stage in ("prepare", "validate", "train", "boost", "evaluate", "export", "infer"):
         seconds, peak = run_measured([sys.executable, "-m", "stages", stage, "tabular"], repo)
         details["stages"][stage] = {
             "seconds": round(seconds, 1),
