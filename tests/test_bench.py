@@ -23,6 +23,7 @@ SECTIONS = {
     "trust",
     "labels",
     "tabular_cost",
+    "ensemble",
 }
 
 
