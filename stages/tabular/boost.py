@@ -25,6 +25,7 @@ from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import atomic_path, read_json, write_json, write_timing
 from stages.core.onnx_export import load_model, predict
+from stages.core.schema import Params
 from stages.tabular.data import Preprocessor, read_split
 from stages.tabular.ensemble import chosen, combine, fit_boosting, member_outputs, val_problem
 from stages.tabular.model import build_model
@@ -42,7 +43,7 @@ def labels(df: pd.DataFrame, meta: dict) -> np.ndarray:
     return (target.to_numpy("float64") - scale["mean"]) / scale["std"]
 
 
-def fit(params, model, meta: dict, pre: Preprocessor) -> tuple[object | None, dict]:
+def fit(params: Params, model, meta: dict, pre: Preprocessor) -> tuple[object | None, dict]:
     """(the boosting model or None, the card's `ensemble` section)."""
     p, prepared = params.tabular.boost, layout.prepared("tabular")
     classify = meta["schema"]["task"] == "classification"
@@ -71,7 +72,7 @@ def fit(params, model, meta: dict, pre: Preprocessor) -> tuple[object | None, di
     return boosting, section
 
 
-def run(params) -> dict:
+def run(params: Params) -> dict:
     import joblib
 
     t0 = time.perf_counter()

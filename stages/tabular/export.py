@@ -23,6 +23,7 @@ from stages.core.onnx_export import (
     check_parity,
     export_onnx,
 )
+from stages.core.schema import Params
 from stages.tabular.boost import Served, load_served
 from stages.tabular.data import sample_split, split_chunks
 from stages.tabular.trust import fit_trust
@@ -32,8 +33,8 @@ PARITY_ROWS = 100_000
 REFERENCE_ROWS = 1_000_000
 
 
-def run(params: dict, out_dir: Path = layout.model_dir("tabular")) -> dict:
-    p = params["tabular"]["export"]
+def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> dict:
+    p = params.tabular.export
     served = load_served()
     model, meta, pre, schema = served.model, served.meta, served.pre, served.meta["schema"]
     # Parity on the test split's first rows: enough to catch a wrong graph, bounded on big data.
@@ -47,14 +48,14 @@ def run(params: dict, out_dir: Path = layout.model_dir("tabular")) -> dict:
     # OOD reads.
     trust = fit_trust(params, served)
     if served.boosted:
-        parity = export_served(served, trust["temperature"], x_test, onnx_path, p["parity_atol"])
+        parity = export_served(served, trust["temperature"], x_test, onnx_path, p.parity_atol)
     else:  # the network alone, exported as it always was
         wrapped = WithFeatures(model, trust["temperature"])
         export_onnx(wrapped, torch.from_numpy(x_test[:2]), onnx_path, ("output", "features"))
         parity = check_parity(
-            FirstOutput(wrapped), onnx_path, x_test, p["parity_atol"], served.classify
+            FirstOutput(wrapped), onnx_path, x_test, p.parity_atol, served.classify
         )
-    if p["torchscript"]:
+    if p.torchscript:
         with atomic_path(out_dir / "model.ts") as tmp:
             torch.jit.trace(model, torch.from_numpy(x_test[:2])).save(str(tmp))
     # Quantiles and shares (a sample will do) of numbers and categories: text and dates have

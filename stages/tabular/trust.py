@@ -20,6 +20,7 @@ from __future__ import annotations
 import pandas as pd
 
 from stages.core import layout, trust
+from stages.core.schema import Params
 from stages.tabular.data import sample_split
 
 FIT_ROWS = 200_000
@@ -45,15 +46,15 @@ def _split(served, split: str):
     return values, feats, df[target].to_numpy("float64")
 
 
-def fit_trust(params: dict, served) -> dict:
+def fit_trust(params: Params, served) -> dict:
     """The card's `trust` section (tabular.evaluate.alpha and .ood_threshold)."""
-    p = params["tabular"]["evaluate"]
+    p = params.tabular.evaluate
     classify = served.classify
     val_out, val_feats, val_y = _split(served, "val")
     _, train_feats, train_y = _split(served, "train")
     return trust.fit(
-        p["alpha"],
-        p["ood_threshold"],
+        p.alpha,
+        p.ood_threshold,
         val_out,
         val_y,
         val_feats,
@@ -64,7 +65,7 @@ def fit_trust(params: dict, served) -> dict:
     )
 
 
-def trust_report(params: dict, served) -> tuple[dict, dict]:
+def trust_report(params: Params, served) -> tuple[dict, dict]:
     """(test metrics: ece_uncalibrated, ece, coverage, mean set size or interval width, OOD
     shares; reliability plot rows) for evaluate."""
     fitted = fit_trust(params, served)
