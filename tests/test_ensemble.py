@@ -127,3 +127,19 @@ def test_boost_stage_falls_back_on_a_tiny_table_and_evaluate_reports_members(tmp
     m = json.loads((repo / "metrics/tabular/metrics.json").read_text())
     assert set(m["members"]) >= {"network", "boosting", "weights", "why"}
     assert m["members"]["network"]["accuracy"] == m["test"]["accuracy"]
+
+
+def test_label_folds_mix_boosting_in_every_class_column():
+    """The labels stage's fold boosting (stages/tabular/labels.py): the served iteration
+    count, and a column per class even when the fold's training rows lack one."""
+    from stages.core.params import load_params
+    from stages.tabular.labels import fold_boosting
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) * 2  # classes 0 and 2 only: class 1 has no training row
+    probs = fold_boosting(
+        x, y, x[:5], 3, {"boosting_iterations": 7}, load_params().tabular.boost, 0
+    )
+    assert probs.shape == (5, 3) and (probs[:, 1] == 0).all()
+    np.testing.assert_allclose(probs.sum(1), 1.0)

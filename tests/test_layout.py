@@ -32,7 +32,7 @@ def expected(stage: str, task: str, params: Params) -> tuple[set, set]:
         "boost": ({model, prepared, source}, {layout.boosting(task), layout.ensemble(task)}),
         "evaluate": ({*served, prepared, source}, {layout.metrics(task), layout.plots(task)}),
         "labels": (
-            {prepared, source, valid},
+            {prepared, source, valid, *({layout.ensemble(task)} if task == "tabular" else ())},
             {layout.label_issues(task), layout.label_issues(task).with_suffix(".json")},
         ),
         "export": (
