@@ -143,3 +143,22 @@ def test_label_folds_mix_boosting_in_every_class_column():
     )
     assert probs.shape == (5, 3) and (probs[:, 1] == 0).all()
     np.testing.assert_allclose(probs.sum(1), 1.0)
+
+
+def test_report_and_models_tab_name_members_weights_and_why():
+    from app.ui import served_markdown
+    from tools.report import served_md
+
+    card = {
+        "ensemble": {"weights": {"network": 0.7, "boosting": 0.3}, "why": "greedy selection"},
+        "metrics": {
+            "test": {"accuracy": 0.973, "ece": 0.01},
+            "members": {"network": {"accuracy": 0.9735}, "boosting": {"accuracy": 0.9705}},
+        },
+    }
+    md = served_md(card)
+    assert "| boosting | 0.3 | 0.9705 |" in md and "| served | 1 | 0.973 |" in md
+    assert "greedy selection" in md
+    tab = served_markdown(card)
+    assert "network × 0.70 (alone: accuracy 0.9735)" in tab and "greedy selection" in tab
+    assert served_md({"metrics": {}}) == served_markdown({}) == ""
