@@ -8,7 +8,6 @@ JSON model cards.
 from __future__ import annotations
 
 import io
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from PIL import Image
 
 from app.monitor import Monitor
 from app.settings import Settings
+from stages.core import layout
+from stages.core.card import Card, read_card
 from stages.core.cli import StageError
 from stages.core.inference import open_session, physical_cores, run_all
 from stages.core.params import TASKS
@@ -66,7 +67,7 @@ class Limiter:
 
 @dataclass
 class Loaded:
-    card: dict
+    card: Card
     session: object
     monitor: Monitor
     limit: Limiter
@@ -77,9 +78,9 @@ class Loaded:
     def version(self) -> str:
         """Which model answers: its registry version when served from the registry, else the
         md5 of the trained model the ONNX file was exported from."""
-        if self.card.get("registry"):
-            return str(self.card["registry"]["version"])
-        return self.card["provenance"]["model_md5"]
+        if self.card.registry:
+            return str(self.card.registry["version"])
+        return self.card.provenance["model_md5"]
 
     def checked(self, rows: list[dict]) -> list[list[str]]:
         """Warnings per row; with serve.strict on, any warning refuses the request (422)."""
@@ -99,12 +100,12 @@ def load_models(models_dir: str | Path, cfg: Settings) -> tuple[dict[str, Loaded
     limit = Limiter(cfg.concurrency, cfg.queue_timeout_s)
     loaded, missing = {}, {}
     for task in TASKS:
-        card_path = Path(models_dir) / task / "model.json"
+        card_path = Path(models_dir) / task / layout.card(task).name
         try:
-            card = json.loads(card_path.read_text())
+            card = read_card(card_path)
             # Spinning threads would burn the cores between requests of a shared server.
             session = open_session(
-                card_path.parent / card["onnx"]["file"], threads=threads, spinning=False
+                card_path.parent / card.onnx.file, threads=threads, spinning=False
             )
             loaded[task] = Loaded(
                 card,
@@ -151,10 +152,10 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
         if x is None:
             df = type_features(
                 rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows),
-                model.card["features"],
+                model.card.features,
                 "request",
             )
-            records = df[[f["name"] for f in model.card["features"]]].to_dict("records")
+            records = df[[f.name for f in model.card.features]].to_dict("records")
         else:
             records = rows
         warnings = model.checked(records)
@@ -164,12 +165,12 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
             else:
                 # One run up to infer's default batch (as run_all would), without its lookups.
                 outs = (
-                    model.session.run(None, {model.card["onnx"]["input"]: x})
+                    model.session.run(None, {model.card.onnx.input: x})
                     if len(x) <= model.batch_size
                     else run_all(model.session, x, model.batch_size)
                 )
                 preds = model.rows.decode(outs[0])
-                if "trust" in model.card:  # prediction_set or interval, and ood
+                if model.card.trust is not None:  # prediction_set or interval, and ood
                     vectors = ood_vectors(model.card, x, outs)
                     preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
     except StageError as e:
@@ -184,7 +185,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     im = open_image(
         data, max_pixels
     )  # checked first; then the very bytes go through infer's loader
-    rgb = load_rgb(io.BytesIO(data), card["preprocessing"]["image_size"])
+    rgb = load_rgb(io.BytesIO(data), card.preprocessing["image_size"])
     seen = {
         "width": im.width,
         "height": im.height,
@@ -195,7 +196,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     with model.limit:
         probs, feats = image.predict_outputs(card, model.session, rgb[None])
     model.monitor.observe([seen])
-    classes = card["classes"]
+    classes = card.classes
     trusted = with_trust(card, [{}], probs, feats)[0]  # prediction_set and ood
     model.monitor.ood([trusted])
     probs = probs[0]
@@ -222,9 +223,9 @@ def predict_detect(
     card_conf, card_iou = detect.thresholds(card)  # the ones batch infer uses
     conf = card_conf if conf is None else conf
     iou = card_iou if iou is None else iou
-    loaded = load_for_detection(io.BytesIO(data), card["preprocessing"]["imgsz"])
+    loaded = load_for_detection(io.BytesIO(data), card.preprocessing["imgsz"])
     with model.limit:
-        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card["classes"])
+        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card.classes)
     area = im.width * im.height
     model.monitor.observe(
         [

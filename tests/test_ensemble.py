@@ -27,6 +27,7 @@ from stages.tabular.ensemble import (
 from stages.tabular.graph import merge
 from stages.tabular.model import build_model
 
+ONNX = {"file": "model.onnx", "sha256": "", "input": "input", "output": "output", "input_shape": []}
 BOOST = SimpleNamespace(learning_rate=0.1, max_iter=30, max_leaf_nodes=8, patience=5)
 
 
@@ -147,18 +148,21 @@ def test_label_folds_mix_boosting_in_every_class_column():
 
 def test_report_and_models_tab_name_members_weights_and_why():
     from app.ui import served_markdown
+    from stages.core.card import Card
     from tools.report import served_md
 
-    card = {
-        "ensemble": {"weights": {"network": 0.7, "boosting": 0.3}, "why": "greedy selection"},
-        "metrics": {
-            "test": {"accuracy": 0.973, "ece": 0.01},
-            "members": {"network": {"accuracy": 0.9735}, "boosting": {"accuracy": 0.9705}},
-        },
+    ensemble = {"weights": {"network": 0.7, "boosting": 0.3}, "why": "greedy selection"}
+    metrics = {
+        "test": {"accuracy": 0.973, "ece": 0.01},
+        "members": {"network": {"accuracy": 0.9735}, "boosting": {"accuracy": 0.9705}},
     }
+    card = Card.model_validate(
+        {"task": "tabular", "kind": "classification", "onnx": ONNX}
+    ).model_copy(update={"ensemble": ensemble, "metrics": metrics})
     md = served_md(card)
     assert "| boosting | 0.3 | 0.9705 |" in md and "| served | 1 | 0.973 |" in md
     assert "greedy selection" in md
-    tab = served_markdown(card)
+    tab = served_markdown(ensemble, metrics)
     assert "network × 0.70 (alone: accuracy 0.9735)" in tab and "greedy selection" in tab
-    assert served_md({"metrics": {}}) == served_markdown({}) == ""
+    assert served_md(card.model_copy(update={"ensemble": None})) == ""
+    assert served_markdown(None, {}) == ""

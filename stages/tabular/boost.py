@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
 from stages.core import layout
 from stages.core.cli import log
+from stages.core.documents import Columns, Meta
 from stages.core.files import atomic_path, read_json, write_json, write_timing
 from stages.core.onnx_export import load_model, predict
 from stages.core.schema import Params
@@ -33,26 +35,27 @@ from stages.tabular.model import build_model
 BOOST_TIME = "boost-tabular"  # .cache/timings/boost-tabular.json, read by evaluate
 
 
-def labels(df: pd.DataFrame, meta: dict) -> np.ndarray:
+def labels(df: pd.DataFrame, meta: Meta) -> np.ndarray:
     """What boosting is fitted on: class codes, or the target standardised as the network's."""
-    schema = meta["schema"]
-    target = df[schema["target"]]
-    if schema["task"] == "classification":
-        return pd.Categorical(target, categories=schema["classes"]).codes.astype(np.int64)
-    scale = meta["target_scaling"]
+    schema = meta.columns()
+    target = df[schema.target]
+    if schema.task == "classification":
+        return pd.Categorical(target, categories=schema.classes).codes.astype(np.int64)
+    scale = meta.target_scaling
     return (target.to_numpy("float64") - scale["mean"]) / scale["std"]
 
 
-def fit(params: Params, model, meta: dict, pre: Preprocessor) -> tuple[object | None, dict]:
+def fit(params: Params, model, meta: Meta, pre: Preprocessor) -> tuple[object | None, dict]:
     """(the boosting model or None, the card's `ensemble` section)."""
     p, prepared = params.tabular.boost, layout.prepared("tabular")
-    classify = meta["schema"]["task"] == "classification"
+    classes = meta.columns().classes
+    classify = meta.columns().task == "classification"
     train_df, val_df = read_split(prepared / "train.parquet"), read_split(prepared / "val.parquet")
     x, y = pre.transform(train_df), labels(train_df, meta)
     x_val, y_val = pre.transform(val_df), labels(val_df, meta)
     problem = val_problem(y_val, classify)
     boosting, why_not = None, None
-    if classify and len(np.unique(y)) < len(meta["schema"]["classes"]):
+    if classify and len(np.unique(y)) < len(classes):
         why_not = "the training split lacks a class, which the boosting model could not output"
     else:
         stop = problem is None
@@ -77,7 +80,7 @@ def run(params: Params) -> dict:
 
     t0 = time.perf_counter()
     model, meta = load_model(layout.model_pt("tabular"), build_model)
-    pre = Preprocessor.from_dict(meta["preprocessor"])
+    pre = Preprocessor.from_dict(meta.preprocessor)
     boosting, section = fit(params, model, meta, pre)
     with atomic_path(layout.boosting("tabular")) as tmp:
         joblib.dump(boosting, tmp)
@@ -93,14 +96,19 @@ class Served:
     """The served model in Python: the network, the boosting model and their weights."""
 
     model: object  # the torch network, in eval mode
-    meta: dict
+    meta: Meta
     pre: Preprocessor
     boosting: object | None
     ensemble: dict
 
+    @cached_property
+    def schema(self) -> Columns:
+        """The prepared columns the members were fitted on (target, task, classes)."""
+        return self.meta.columns()
+
     @property
     def classify(self) -> bool:
-        return self.meta["schema"]["task"] == "classification"
+        return self.schema.task == "classification"
 
     @property
     def boosted(self) -> bool:
@@ -121,6 +129,6 @@ def load_served() -> Served:
     import joblib
 
     model, meta = load_model(layout.model_pt("tabular"), build_model)
-    pre = Preprocessor.from_dict(meta["preprocessor"])
+    pre = Preprocessor.from_dict(meta.preprocessor)
     boosting = joblib.load(layout.boosting("tabular"))
     return Served(model, meta, pre, boosting, read_json(layout.ensemble("tabular")))

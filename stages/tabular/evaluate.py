@@ -20,6 +20,7 @@ import pandas as pd
 
 from stages.core import layout
 from stages.core.cli import log
+from stages.core.documents import Columns, Meta
 from stages.core.files import read_json, timing_path, write_json
 from stages.core.inference import softmax
 from stages.core.metrics import (
@@ -40,13 +41,13 @@ CHUNK_ROWS = 1_000_000
 
 def run(params: Params, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
     served = load_served()
-    schema, prepared = served.meta["schema"], layout.prepared("tabular")
+    schema, prepared = served.schema, layout.prepared("tabular")
 
     def labels(df: pd.DataFrame) -> np.ndarray:
         return (
-            pd.Categorical(df[schema["target"]], categories=schema["classes"]).codes
+            pd.Categorical(df[schema.target], categories=schema.classes).codes
             if served.classify
-            else df[schema["target"]].to_numpy("float64")
+            else df[schema.target].to_numpy("float64")
         )
 
     t0 = time.perf_counter()
@@ -61,7 +62,7 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
     base_metrics = {}
     if hgb is not None:
         report = classification_report if served.classify else regression_report
-        args = [schema["classes"]] if served.classify else []
+        args = [schema.classes] if served.classify else []
         base_metrics = report(y_test, base_out, *args)[0]
     margin, cost = comparison(metrics, base_metrics, hgb_seconds if hgb is not None else None)
     result = {
@@ -100,7 +101,7 @@ def test_outputs(served: Served, hgb, labels) -> tuple[np.ndarray, dict, np.ndar
 def score(served: Served, y: np.ndarray, raw: np.ndarray) -> tuple[dict, dict, list]:
     """(metrics, plot rows, warnings) of a raw output (ensemble.combine's) on the test split."""
     if served.classify:
-        classes = served.meta["schema"]["classes"]
+        classes = served.schema.classes
         metrics, plots = classification_report(y, softmax(raw.astype("float64")), classes)
         # Chance: always answering the test split's most common class.
         chance = float(pd.Series(y).value_counts(normalize=True).max())
@@ -108,7 +109,7 @@ def score(served: Served, y: np.ndarray, raw: np.ndarray) -> tuple[dict, dict, l
             "tabular", "accuracy", metrics["accuracy"], chance, "the majority-class share"
         )
         return metrics, plots, warnings
-    scale = served.meta["target_scaling"]
+    scale = served.meta.target_scaling
     metrics, plots = regression_report(y, raw[:, 0] * scale["std"] + scale["mean"])
     return (
         metrics,
@@ -144,18 +145,18 @@ def show(result: dict, cost: dict) -> None:
         )
 
 
-def small_table_cv(prepared: Path, schema: dict, meta: dict, params: Params) -> dict:
+def small_table_cv(prepared: Path, schema: Columns, meta: Meta, params: Params) -> dict:
     """`cv` (K-fold metrics on small tables; stages/tabular/cv.py) and what prepare decided:
     the task, the column roles, rows dropped, warnings."""
     from stages.tabular.cv import cv_metrics
 
     out = {
-        "task": schema["task"],
-        "columns": {c["column"]: c["role"] for c in schema.get("columns", [])},
-        "dropped_rows": schema.get("dropped_rows", {}),
-        "data_warnings": schema.get("warnings", []),
+        "task": schema.task,
+        "columns": {c["column"]: c["role"] for c in schema.columns or []},
+        "dropped_rows": schema.dropped_rows or {},
+        "data_warnings": schema.warnings or [],
     }
-    cv = cv_metrics(prepared, schema, meta["arch"], params)
+    cv = cv_metrics(prepared, schema, meta.arch, params)
     return {**out, **({"cv": cv} if cv else {})}
 
 

@@ -30,18 +30,18 @@ def _split(served, split: str):
     """(served raw outputs, features, labels or target values in their units) of a split's
     sample."""
     meta, pre = served.meta, served.pre
-    schema = meta["schema"]
-    target = schema["target"]
+    schema = served.schema
+    target = schema.target
     df, _ = sample_split(
         layout.prepared("tabular") / f"{split}.parquet", [*pre.columns, target], FIT_ROWS
     )
     x = pre.transform(df)
     out = served.outputs(x)
     feats = x  # OOD reads the input row (space "input"): see the module docstring
-    if schema["task"] == "classification":
-        y = pd.Categorical(df[target], categories=schema["classes"]).codes.astype(int)
+    if schema.task == "classification":
+        y = pd.Categorical(df[target], categories=schema.classes).codes.astype(int)
         return out, feats, y
-    scale = meta["target_scaling"]
+    scale = meta.target_scaling
     values = out[:, :1].astype("float64") * scale["std"] + scale["mean"]
     return values, feats, df[target].to_numpy("float64")
 

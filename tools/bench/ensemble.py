@@ -48,7 +48,7 @@ def build(scratch: Path):
     onnx.save(boosting_graph(served.boosting, served.pre.n_features, opset), str(paths["boosting"]))
     w = served.ensemble["weights"]
     weights = w if min(w.values()) > 0 else {"network": 0.5, "boosting": 0.5}
-    width = len(served.meta["schema"]["classes"]) if served.classify else 1
+    width = len(served.schema.classes) if served.classify else 1
     merged = merge(
         net, served.boosting, weights, None, served.classify, served.pre.n_features, width
     )
@@ -74,7 +74,7 @@ def ensemble(quick: bool, scratch: Path) -> dict:
     apps = {k: dataclasses.replace(tab, session=sessions[k]) for k in ("network", "one graph")}
     request = json.loads(
         pd.read_parquet("data/prepared/tabular/test.parquet")
-        .drop(columns=tab.card["target"])
+        .drop(columns=tab.card.target)
         .head(1)
         .to_json(orient="records")
     )
