@@ -83,12 +83,9 @@ def merge(
     g.node.extend(boost.graph.node)
     g.initializer.extend(boost.graph.initializer)
     boost_out = boost.graph.output[-1 if classify else 0].name  # (label, probabilities)
-    consts = {
-        "w_network": weights.get("network", 0.0),
-        "w_boosting": weights.get("boosting", 0.0),
-        "eps": EPS,
-        "inv_temperature": 1.0 / (temperature or 1.0),
-    }
+    consts = {"w_network": weights.get("network", 0.0), "w_boosting": weights.get("boosting", 0.0)}
+    if classify:  # (an unused initializer makes onnxruntime warn at every session start)
+        consts.update(eps=EPS, inv_temperature=1.0 / (temperature or 1.0))
     g.initializer.extend(
         numpy_helper.from_array(np.array(v, dtype=np.float32), name=k) for k, v in consts.items()
     )
