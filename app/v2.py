@@ -103,6 +103,8 @@ def trust_tensors(preds: list[dict]) -> dict:
 def tabular_rows(m: Loaded, inputs: dict, request_model, max_rows: int) -> list[dict]:
     """Feature tensors → JSON-like rows, checked by the REST route's request model."""
     features = m.card["features"]
+    ignored = set(m.card.get("ignored", []))  # the CSV's other columns: sent, and not read
+    inputs = {k: v for k, v in inputs.items() if k not in ignored}
     unknown = set(inputs) - {f["name"] for f in features}
     if unknown:
         raise TensorError(

@@ -96,7 +96,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
+
+
+def _plain(obj: Any) -> Any:
+    """A typed params section (stages/core/schema.py) as the mapping params.yaml holds."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json", by_alias=True)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
 def read_json(path: str | Path) -> Any:

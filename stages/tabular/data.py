@@ -302,6 +302,15 @@ class Preprocessor:
     categories: dict[str, list[str]] = field(default_factory=dict)
     dates: dict[str, str] = field(default_factory=dict)
     texts: dict[str, dict] = field(default_factory=dict)
+    # Numeric columns' validated [min, max] (the GX suite's range over the training data,
+    # set by export): outside it, screen() reads a number as missing. Empty: no range check.
+    ranges: dict[str, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def fit_features(cls, df: pd.DataFrame, features: list[dict]) -> Preprocessor:
+        """fit() with schema.json's feature list: the one preprocessing plan (roles and date
+        formats) that train, the label-issue folds and the CV folds all use."""
+        return cls.fit(df, *feature_plan(features))
 
     @classmethod
     def fit(cls, df: pd.DataFrame, kinds: dict[str, str], formats: dict | None = None):
@@ -370,6 +379,36 @@ class Preprocessor:
             parts.append(TextEncoder(enc).matrix(df[c].to_numpy(dtype=object)))
         return np.concatenate(parts, axis=1) if parts else np.zeros((len(df), 0))
 
+    def screen(self, df: pd.DataFrame) -> tuple[pd.DataFrame, list[list[str]]]:
+        """The one rule for data the model has not seen: a category never seen in training,
+        a date that does not parse, a number outside the validated range becomes a missing
+        cell (imputed as train imputes: median, or no category), and its row gets a warning
+        naming the column and the value. Returns (the frame to transform, warnings per row)."""
+        warnings: list[list[str]] = [[] for _ in range(len(df))]
+        bad_cells: dict[str, np.ndarray] = {}
+        for c in self.categorical:
+            v = df[c]
+            bad_cells[c] = (v.notna() & ~v.astype(str).isin(self.categories[c])).to_numpy()
+        for c, fmt in self.dates.items():
+            bad_cells[c] = np.array([date_parts(v, fmt) is None for v in df[c].to_numpy(object)])
+        for c in self.numeric:  # words in a column whose words are missing values, or out of range
+            x = pd.to_numeric(df[c], errors="coerce").to_numpy("float64")
+            lo, hi = self.ranges.get(c, (-np.inf, np.inf))
+            with np.errstate(invalid="ignore"):
+                bad_cells[c] = (x < lo) | (x > hi) | (np.isnan(x) & df[c].notna().to_numpy())
+        if not any(b.any() for b in bad_cells.values()):
+            return df, warnings
+        df = df.copy()
+        for c, bad in bad_cells.items():
+            if not bad.any():
+                continue
+            for i in np.flatnonzero(bad):
+                warnings[i].append(unseen_warning(self, c, df[c].iloc[i]))
+            df[c] = df[c].astype(object).where(~bad, None)
+            if c in self.numeric:
+                df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+        return df, warnings
+
     def transform(self, df: pd.DataFrame, source: str = "input") -> np.ndarray:
         missing = [c for c in self.columns if c not in df.columns]
         if missing:
@@ -408,6 +447,27 @@ class Preprocessor:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessor:
         return cls(**d)
+
+
+def feature_plan(features: list[dict]) -> tuple[dict[str, str], dict[str, str]]:
+    """schema.json's feature list → ({column: kind}, {date column: format})."""
+    kinds = {f["name"]: f["type"] for f in features}
+    return kinds, {f["name"]: f["format"] for f in features if "format" in f}
+
+
+def unseen_warning(pre: Preprocessor, col: str, value) -> str:
+    """One sentence for a cell screen() turned into a missing one."""
+    if col in pre.numeric:
+        number = pd.to_numeric(pd.Series([value]), errors="coerce")[0]
+        if number != number:
+            return f"{col} = {value!r} is not a number; read as missing"
+        lo, hi = pre.ranges[col]
+        return (
+            f"{col} = {number:g} is outside the validated range {lo:g} to {hi:g}; read as missing"
+        )
+    if col in pre.dates:
+        return f"{col} = {value!r} is not a date like {pre.dates[col]!r}; read as missing"
+    return f"{col} = {value!r} was never seen in training; read as unknown"
 
 
 def decode_outputs(outputs: np.ndarray, card: dict) -> pd.DataFrame:
@@ -479,6 +539,9 @@ def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.Dat
             text = df[col].astype("string").str.strip().replace("", pd.NA)
             numbers = pd.to_numeric(text, errors="coerce")
             bad = _bad_numbers(text, numbers)
+            if len(bad) and f.get("words") == "missing":  # screen() warns and reads them as missing
+                df[col] = text.astype(object).where(text.notna(), None)
+                continue
             if len(bad):
                 raise StageError(
                     f"{source}: column {col!r} must be numeric but has text in {len(bad)} rows "
@@ -505,7 +568,12 @@ def describe(
         "task": plan.task if plan else p["task"],
         **({"task_why": plan.task_why} if plan else {}),
         "features": [
-            {"name": c, "type": k, **({"format": plan.formats[c]} if k == "datetime" else {})}
+            {
+                "name": c,
+                "type": k,
+                **({"format": plan.formats[c]} if k == "datetime" else {}),
+                **({"words": "missing"} if plan and c in plan.words_missing else {}),
+            }
             for c, k in kinds.items()
             if c != p["target"]
         ],

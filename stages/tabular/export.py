@@ -34,6 +34,13 @@ def run(params: dict, out_dir: Path = layout.model_dir("tabular")) -> dict:
     p = params["tabular"]["export"]
     model, meta = load_model(out_dir / "model.pt", build_model)
     schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
+    # What serving reads as missing, with a warning (Preprocessor.screen): numbers outside the
+    # range validate checked the training data against (observed, widened by range_margin).
+    pre.ranges = {
+        c: [float(r[0]), float(r[1])]
+        for c, r in validated_ranges("tabular").items()
+        if c in pre.numeric and len(r) == 2 and None not in r
+    }
     # Parity on the test split's first rows: enough to catch a wrong graph, bounded on big data.
     x_test = pre.transform(
         next(split_chunks(layout.prepared("tabular") / "test.parquet", PARITY_ROWS)).iloc[
@@ -67,11 +74,19 @@ def run(params: dict, out_dir: Path = layout.model_dir("tabular")) -> dict:
             }
             for f in schema["features"]
         ],
+        # The CSV's columns the model does not read (ids, constants, dropped, the target):
+        # serving accepts a row with them, as it is in the file, and ignores them.
+        "ignored": [
+            r["column"]
+            for r in schema.get("columns", [])
+            if r["column"] not in {f["name"] for f in schema["features"]}
+        ],
         "preprocessing": pre.to_dict(),
         "task_inferred": meta["schema"].get("task_why"),
         "preprocessing_notes": "numeric, date parts (dates: format), text SVD components (texts: "
         "char_wb n-gram tf-idf, l2, times components): median-impute, then (x - mean) / std; "
-        "categorical: one-hot in the listed order (missing = all zeros, unseen = error); see "
+        "categorical: one-hot in the listed order (missing = all zeros); an unseen category, an "
+        "unparseable date or a number outside `ranges` is read as missing, with a warning; see "
         "stages/tabular/data.py and encoders.py",
         "target_scaling": meta["target_scaling"],
         "reference": reference(

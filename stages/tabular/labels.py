@@ -51,15 +51,17 @@ def exclude(codes: np.ndarray, lines: list, source: str) -> np.ndarray:
 
 
 def fold_model(
-    df: pd.DataFrame, labels: np.ndarray, kinds: dict, p: dict, n_classes: int, seed: int
+    df: pd.DataFrame, labels: np.ndarray, features: list[dict], p: dict, n_classes: int, seed: int
 ):
-    """fit_predict for label_issues.out_of_fold: the preprocessor and an MLP fitted on the fold."""
+    """fit_predict for label_issues.out_of_fold: the preprocessor (train's plan: schema.json's
+    roles and date formats) and an MLP fitted on the fold. A held-out row with a value the fold
+    never saw (a category whose only rows are held out) is read as serving reads it: unknown."""
     import torch
 
     from stages.tabular.model import build_model
 
     def fit_predict(train: np.ndarray, held: np.ndarray) -> np.ndarray:
-        pre = Preprocessor.fit(df.iloc[train], kinds)
+        pre = Preprocessor.fit_features(df.iloc[train], features)
         torch.manual_seed(seed)  # the fold's initial weights: outputs reproduce byte for byte
         arch = {
             "kind": "mlp",
@@ -77,7 +79,8 @@ def fold_model(
             p["lr"],
             seed,
         )
-        return label_issues.predict_proba(model, torch.from_numpy(pre.transform(df.iloc[held])))
+        x_held = pre.transform(pre.screen(df.iloc[held])[0])
+        return label_issues.predict_proba(model, torch.from_numpy(x_held))
 
     return fit_predict
 
@@ -86,8 +89,7 @@ def find(df: pd.DataFrame, schema: dict, p: dict, seed: int) -> pd.DataFrame:
     """The pure core: the suspected errors of a frame indexed by CSV line."""
     classes = schema["classes"]
     labels = pd.Categorical(df[schema["target"]], categories=classes).codes.astype(np.int64)
-    kinds = {f["name"]: f["type"] for f in schema["features"]}
-    fit_predict = fold_model(df, labels, kinds, p, len(classes), seed)
+    fit_predict = fold_model(df, labels, schema["features"], p, len(classes), seed)
     probs = label_issues.out_of_fold(labels, len(classes), p["folds"], seed, fit_predict)
     return label_issues.find(df.index.tolist(), labels, probs, classes)
 
