@@ -34,6 +34,7 @@ import yaml
 
 from stages.core import layout
 from stages.core.files import timing_path
+from stages.core.schema import overridden
 
 TRAIN_TIME = "train-tabular"  # stages/tabular/train.py's timing name (that module needs torch)
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,13 +87,6 @@ def table_csv(name: str, folder: Path, rows: int | None = None) -> Path:
     return path
 
 
-def set_key(params: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    for key in parents:
-        params = params[key]
-    params[last] = value
-
-
 def run_table(
     csv: Path, target: str, task: str, drop: list[str], sets: dict, folder: Path, code: Path = ROOT
 ) -> dict:
@@ -108,8 +102,7 @@ def run_table(
         keys["tabular.data.roles" if new else "tabular.data.drop_columns"] = (
             dict.fromkeys(drop, "drop") if new else drop
         )
-    for key, value in {**keys, **sets}.items():
-        set_key(params, key, value)
+    params = overridden(params, {**keys, **sets})
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(code), "DVC_NO_ANALYTICS": "1"}
     seconds = {}
@@ -159,9 +152,7 @@ def first_try(repo: Path, csv: Path, target: str, sets: dict) -> dict:
         "tabular.infer.source": str(csv),
         **sets,
     }
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in keys.items():
-        set_key(params, key, value)
+    params = overridden(yaml.safe_load((repo / "params.yaml").read_text()), keys)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1"}
     t0 = time.perf_counter()
@@ -283,7 +274,11 @@ def served_calls(repo: Path, csv: Path) -> dict:
             inputs.append(x)
         result = client.infer("tabular", inputs)
         v2 = {
-            o["name"]: result.as_numpy(o["name"]).tolist() for o in result.get_response()["outputs"]
+            o["name"]: [
+                v.decode() if isinstance(v, bytes) else v
+                for v in result.as_numpy(o["name"]).tolist()
+            ]
+            for o in result.get_response()["outputs"]
         }
     return {"rest": rest, "v2": v2}
 

@@ -16,6 +16,7 @@ from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import read_json, write_json
 from stages.core.metrics import fail_if_untrained, learned_nothing
+from stages.core.schema import Params
 from stages.detect import yolo
 from stages.detect.boxes import upright_size
 from stages.detect.labels import parse_yolo_label
@@ -132,10 +133,10 @@ def disagreement(gap: dict, tolerance: float, explained: float) -> str:
     )
 
 
-def run(params: dict, out_dir: Path = layout.metrics_dir("detect")) -> dict:
+def run(params: Params, out_dir: Path = layout.metrics_dir("detect")) -> dict:
     """Ultralytics' validator on the test split, and the same predictions scored again by
     pycocotools; a gap beyond evaluate.coco_tolerance is a warning (disagreement)."""
-    p = params["detect"]["evaluate"]
+    p = params.detect.evaluate
     yolo.configure()
     from ultralytics import YOLO
 
@@ -149,8 +150,8 @@ def run(params: dict, out_dir: Path = layout.metrics_dir("detect")) -> dict:
         split="test",
         imgsz=model.ckpt["train_args"]["imgsz"],
         batch=16,
-        conf=p["conf"],
-        iou=p["iou"],
+        conf=p.conf,
+        iou=p.iou,
         device=yolo.device("auto"),
         save_json=True,
         plots=False,
@@ -171,18 +172,18 @@ def run(params: dict, out_dir: Path = layout.metrics_dir("detect")) -> dict:
     coco = coco_map(truth, predictions)
     gap = {k: round(ours[k] - coco[k], 4) for k in coco}
     untrained = learned_nothing(
-        "detect", "mAP50", ours["mAP50"], p["min_map50"], "the floor detect.evaluate.min_map50"
+        "detect", "mAP50", ours["mAP50"], p.min_map50, "the floor detect.evaluate.min_map50"
     )
     warnings = list(untrained)
     explained = explained_gap(truth)
-    if max(abs(v) for v in gap.values()) > p["coco_tolerance"]:
-        warnings.append(disagreement(gap, p["coco_tolerance"], explained))
+    if max(abs(v) for v in gap.values()) > p.coco_tolerance:
+        warnings.append(disagreement(gap, p.coco_tolerance, explained))
         log(f"warning: {warnings[-1]}")
     result = {
         "test": {**ours, "per_class": per_class},
         "pycocotools": coco,
         "ultralytics_minus_pycocotools": gap,
-        "tolerance": p["coco_tolerance"],
+        "tolerance": p.coco_tolerance,
         "gap_explained_by_test_set": explained,
         "test_images": dataset["rows"].get("test", 0),
         "warnings": warnings,

@@ -17,6 +17,7 @@ import pandas as pd
 
 from stages.core.cli import StageError
 from stages.core.inference import softmax
+from stages.core.schema import TabularData, plain
 from stages.core.splits import NAMES
 from stages.tabular.encoders import TextEncoder, date_part_names, date_parts
 
@@ -374,7 +375,8 @@ class Preprocessor:
                     f"{source}: column {c!r} must be dates like {fmt!r} but has "
                     f"{describe_cells(cells, count=len(bad))}"
                 )
-            parts.append(np.array(rows, dtype="float64").reshape(len(df), -1))
+            width = len(date_part_names(fmt))  # (a chunk of 0 rows keeps its width too)
+            parts.append(np.array(rows, dtype="float64").reshape(len(df), width))
         for c, enc in self.texts.items():
             parts.append(TextEncoder(enc).matrix(df[c].to_numpy(dtype=object)))
         return np.concatenate(parts, axis=1) if parts else np.zeros((len(df), 0))
@@ -554,7 +556,7 @@ def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.Dat
 
 
 def describe(
-    p: dict, seed: int, kinds: dict, classes: list | None, codes_or_counts, plan=None
+    p: TabularData, seed: int, kinds: dict, classes: list | None, codes_or_counts, plan=None
 ) -> dict:
     """schema.json: what the splits hold (both engines write the same one)."""
     counts = (
@@ -563,9 +565,9 @@ def describe(
         else codes_or_counts
     )
     return {
-        "source": p["source"],
-        "target": p["target"],
-        "task": plan.task if plan else p["task"],
+        "source": p.source,
+        "target": p.target,
+        "task": plan.task if plan else p.task,
         **({"task_why": plan.task_why} if plan else {}),
         "features": [
             {
@@ -575,9 +577,9 @@ def describe(
                 **({"words": "missing"} if plan and c in plan.words_missing else {}),
             }
             for c, k in kinds.items()
-            if c != p["target"]
+            if c != p.target
         ],
         "classes": classes,
         "rows": {name: int(counts[i]) for i, name in enumerate(NAMES)},
-        "params": {"seed": seed, "tabular.data": p},
+        "params": {"seed": seed, "tabular.data": plain(p)},
     }

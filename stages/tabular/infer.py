@@ -24,6 +24,7 @@ from stages.core.cli import StageError, log
 from stages.core.expectations import for_inference, load_suite, run_suite_aside, summarise
 from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
 from stages.core.inference import open_session, run_all
+from stages.core.schema import Params
 from stages.core.trust import apply, ood_vectors, with_trust
 from stages.tabular.data import Preprocessor, feature_chunks, scores, scores_table
 
@@ -250,15 +251,15 @@ def count_warnings(counts: dict, warned: list[list[str]]) -> None:
 
 
 def run(
-    params: dict, model_dir: Path = layout.model_dir("tabular"), out: Path | None = None
+    params: Params, model_dir: Path = layout.model_dir("tabular"), out: Path | None = None
 ) -> dict:
-    p = params["tabular"]["infer"]
-    out = Path(out or p["output"])
+    p = params.tabular.infer
+    out = Path(out or p.output)
     card = read_json(model_dir / "model.json")
-    source = p["source"]
+    source = p.source
     suite_file = card["validation"]["suite_file"]
     suite = for_inference(load_suite(suite_file))
-    if params["tabular"]["data"].get("engine") == "spark":
+    if params.tabular.data.engine == "spark":
         from stages.tabular.spark import infer as spark_infer
 
         with atomic_dir(out) as tmp:
@@ -268,7 +269,7 @@ def run(
                 suite,
                 source,
                 suite_file,
-                p["batch_size"],
+                p.batch_size,
                 tmp,
                 "parquet" if out.suffix == ".parquet" else "csv",
                 predict,
@@ -288,7 +289,7 @@ def run(
                         start = time.perf_counter()
                         try:
                             predicted, feats, warned = predict_outputs(
-                                card, session, df, source, p["batch_size"]
+                                card, session, df, source, p.batch_size
                             )
                         except StageError as e:
                             # A chunk that can't be predicted (a column of the wrong type);
