@@ -267,3 +267,43 @@ def test_prepare_over_many_batches_keeps_every_cell(tmp_path, monkeypatch):
         assert (got[col].dropna() == raw[col].dropna()).all(), col
     assert got["x"].isna().equals(raw["x"].isna())
     assert np.allclose(got["x"].dropna(), raw["x"].dropna().astype(float))
+
+
+def test_infer_validation_stops_only_an_unusable_batch(capfd):
+    """Issue 37: a value outside the set, or more missing values than `mostly` allows, is a
+    logged warning with the share the batch explains; missing columns, or a column of the
+    wrong type throughout, stop it; a few words in a column of numbers do not."""
+    from stages.tabular.infer import judge
+
+    def report(*results):
+        return {"success": False, "tables": {"input": {"results": list(results)}}}
+
+    def res(expectation, bad, n=1000, **kw):
+        return {
+            "expectation": expectation,
+            "column": "c",
+            "kwargs": {"column": "c", **kw},
+            "success": False,
+            "considered": n,
+            "unexpected_count": bad,
+            "sample_values": ["x"],
+            "sample_rows": [5],
+        }
+
+    judge(
+        report(
+            res("expect_column_values_to_not_be_null", 4, mostly=0.9998),
+            res("expect_column_values_to_be_in_set", 1, value_set=["a"]),
+            res("expect_column_values_to_be_in_type_list", 3, type_list=["float64"]),
+        ),
+        "slice.csv",
+        "suite.json",
+    )
+    err = capfd.readouterr().err
+    assert "4 of 1000 rows (0.40%), more than the 0.15% a batch of 1000 rows explains" in err
+    with pytest.raises(StageError, match="in_type_list on column 'c'"):
+        judge(
+            report(res("expect_column_values_to_be_in_type_list", 900, type_list=["float64"])),
+            "x.csv",
+            "suite.json",
+        )
