@@ -204,12 +204,17 @@ def test_preprocessor_fits_train_only_and_round_trips():
     np.testing.assert_array_equal(again.transform(train), p.transform(train))
 
 
-def test_preprocessor_rejects_unseen_categories():
-    p = Preprocessor.fit(pd.DataFrame({"c": ["a", "b"]}), {"c": "categorical"})
-    with pytest.raises(
-        StageError, match=r"column 'c' has categories not seen in training \(line 3: 'zz'\)"
-    ):
-        p.transform(pd.DataFrame({"c": ["a", "zz"]}, index=[2, 3]), "new.csv")
+def test_preprocessor_reads_unseen_categories_and_bad_dates_as_missing():
+    """A held-out fold or split may hold a category whose only rows are there, or a "." in
+    a date column: unknown / missing, as in serving (where screen says so first)."""
+    p = Preprocessor.fit(
+        pd.DataFrame({"c": ["a", "b"], "d": ["1/2/2006", "."]}),
+        {"c": "categorical", "d": "datetime"},
+        {"d": "%m/%d/%Y"},
+    )
+    x = p.transform(pd.DataFrame({"c": ["a", "zz"], "d": [".", "1/2/2006"]}, index=[2, 3]))
+    assert x[1, -2:].tolist() == [0.0, 0.0]  # unseen: all zeros
+    assert x[0, :-2].tolist() == x[1, :-2].tolist()  # "." imputed with the median date
 
 
 def test_read_features_types_columns_as_in_training(tmp_path):

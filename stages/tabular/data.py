@@ -366,16 +366,10 @@ class Preprocessor:
                 x = x.apply(pd.to_numeric, errors="coerce")  # keeps numbers as they are
             parts.append(x.to_numpy(dtype="float64"))
         for c, fmt in self.dates.items():
-            values = df[c].to_numpy(dtype=object)
-            rows = [date_parts(v, fmt) for v in values]
-            bad = [i for i, r in enumerate(rows) if r is None]
-            if bad:
-                cells = df[c].iloc[bad]
-                raise StageError(
-                    f"{source}: column {c!r} must be dates like {fmt!r} but has "
-                    f"{describe_cells(cells, count=len(bad))}"
-                )
-            width = len(date_part_names(fmt))  # (a chunk of 0 rows keeps its width too)
+            # A cell that is not a date like the others ("." for missing) is missing, and
+            # imputed; data to predict on says so first (screen).
+            width = len(date_part_names(fmt))
+            rows = [date_parts(v, fmt) or [math.nan] * width for v in df[c].to_numpy(object)]
             parts.append(np.array(rows, dtype="float64").reshape(len(df), width))
         for c, enc in self.texts.items():
             parts.append(TextEncoder(enc).matrix(df[c].to_numpy(dtype=object)))
@@ -422,17 +416,9 @@ class Preprocessor:
             parts.append((x - np.asarray(self.means)) / np.asarray(self.stds))
         for c in self.categorical:
             known = self.categories[c]
-            codes = pd.Index(known).get_indexer(
-                df[c].to_numpy(dtype=object)
-            )  # as pd.Categorical codes them
-            if (codes[df[c].notna().to_numpy()] < 0).any():  # a value that is not a known category
-                values = df[c].astype(object).where(df[c].notna(), None)
-                unseen = values[values.notna() & ~values.astype(str).isin(known)]
-                if len(unseen):
-                    raise StageError(
-                        f"{source}: column {c!r} has categories not seen in training "
-                        f"({describe_cells(unseen)}); known: {', '.join(known)}"
-                    )
+            # As pd.Categorical codes them; a category training never saw is unknown (-1): all
+            # zeros, as missing (data to predict on says so first: screen).
+            codes = pd.Index(known).get_indexer(df[c].to_numpy(dtype=object))
             onehot = np.zeros((len(df), len(known)))
             rows = np.flatnonzero(codes >= 0)
             onehot[rows, codes[rows]] = 1.0

@@ -334,6 +334,9 @@ def move_unseen_categories(
         if unseen.any():
             moved[col] = int(unseen.sum())
             move |= unseen
+    for split in (VAL, TEST):  # never a whole split: its unseen values are read as unknown
+        if (codes == split).any() and move[codes == split].all():
+            move[codes == split] = False
     codes = codes.copy()
     codes[move] = TRAIN
     return codes, moved
