@@ -31,6 +31,15 @@ PARITY_ROWS = 100_000
 REFERENCE_ROWS = 1_000_000
 
 
+def ignored_columns(schema: dict) -> list[str]:
+    """The CSV's columns the model does not read; a column without a header ("", the index
+    pandas writes) also as pandas reads it back ("Unnamed: 0"), the name a client sends."""
+    used = {f["name"] for f in schema["features"]}
+    names = [r["column"] for r in schema.get("columns", [])]
+    out = [c for c in names if c not in used]
+    return out + [f"Unnamed: {i}" for i, c in enumerate(names) if c == "" and c not in used]
+
+
 def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> dict:
     p = params.tabular.export
     model, meta = load_model(out_dir / "model.pt", build_model)
@@ -77,11 +86,7 @@ def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> dict:
         ],
         # The CSV's columns the model does not read (ids, constants, dropped, the target):
         # serving accepts a row with them, as it is in the file, and ignores them.
-        "ignored": [
-            r["column"]
-            for r in schema.get("columns", [])
-            if r["column"] not in {f["name"] for f in schema["features"]}
-        ],
+        "ignored": ignored_columns(schema),
         "preprocessing": pre.to_dict(),
         "task_inferred": meta["schema"].get("task_why"),
         "preprocessing_notes": "numeric, date parts (dates: format), text SVD components (texts: "
