@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import get_args
 
 import numpy as np
@@ -17,7 +18,7 @@ import pandas as pd
 
 from stages.core.cli import StageError, log
 from stages.core.schema import Role, TabularData, TabularTask
-from stages.tabular.data import NULLS, NUMERIC_SHARE, ColumnStats, describe_cells
+from stages.tabular.data import NULLS, NUMERIC_SHARE, ColumnStats, csv_header, describe_cells
 from stages.tabular.encoders import detect_date_format
 
 # the roles a column keeps (tabular.data.roles also allows `drop`)
@@ -52,7 +53,9 @@ def read_sample(path, sep: str, columns: list[str] | None = None) -> pd.DataFram
     df = pd.read_csv(
         path, sep=sep, nrows=SAMPLE_ROWS, dtype=str, keep_default_na=False, skipinitialspace=True
     )
-    df.columns = [str(c).strip() for c in df.columns]
+    header = [h.strip() for h in csv_header(Path(path), sep)]
+    # The header as the streaming reader names it: pandas calls an empty one "Unnamed: 0".
+    df.columns = header if len(header) == len(df.columns) else [str(c).strip() for c in df.columns]
     df = df.apply(lambda s: s.str.strip()).replace(NULLS, np.nan)
     return df[columns] if columns is not None else df
 
