@@ -8,7 +8,6 @@ JSON model cards.
 from __future__ import annotations
 
 import io
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from PIL import Image
 
 from app.monitor import Monitor
 from app.settings import Settings
+from stages.core import layout
+from stages.core.card import Card, read_card
 from stages.core.cli import StageError
 from stages.core.inference import open_session, physical_cores, run_all
 from stages.core.params import TASKS
@@ -65,7 +66,7 @@ class Limiter:
 
 @dataclass
 class Loaded:
-    card: dict
+    card: Card
     session: object
     monitor: Monitor
     limit: Limiter
@@ -76,9 +77,9 @@ class Loaded:
     def version(self) -> str:
         """Which model answers: its registry version when served from the registry, else the
         md5 of the trained model the ONNX file was exported from."""
-        if self.card.get("registry"):
-            return str(self.card["registry"]["version"])
-        return self.card["provenance"]["model_md5"]
+        if self.card.registry:
+            return str(self.card.registry["version"])
+        return self.card.provenance["model_md5"]
 
     def checked(self, rows: list[dict], screened: list[list[str]] | None = None) -> list[list[str]]:
         """Warnings per row; with serve.strict on, any warning refuses the request (422)."""
@@ -98,12 +99,12 @@ def load_models(models_dir: str | Path, cfg: Settings) -> tuple[dict[str, Loaded
     limit = Limiter(cfg.concurrency, cfg.queue_timeout_s)
     loaded, missing = {}, {}
     for task in TASKS:
-        card_path = Path(models_dir) / task / "model.json"
+        card_path = Path(models_dir) / task / layout.card(task).name
         try:
-            card = json.loads(card_path.read_text())
+            card = read_card(card_path)
             # Spinning threads would burn the cores between requests of a shared server.
             session = open_session(
-                card_path.parent / card["onnx"]["file"], threads=threads, spinning=False
+                card_path.parent / card.onnx.file, threads=threads, spinning=False
             )
             loaded[task] = Loaded(
                 card,
@@ -155,11 +156,11 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
         if x is None:
             df = type_features(
                 rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows),
-                card["features"],
+                model.card.features,
                 "request",
             )
-            records = df[[f["name"] for f in card["features"]]].to_dict("records")
-            pre = Preprocessor.from_dict(card["preprocessing"])
+            records = df[[f.name for f in model.card.features]].to_dict("records")
+            pre = Preprocessor.from_dict(model.card.preprocessing)
             df, screened = pre.screen(df)
             x = pre.transform(df, "request")
         else:
@@ -168,13 +169,14 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
         with model.limit:
             # One run up to infer's default batch (as run_all would), without its lookups.
             outs = (
-                model.session.run(None, {card["onnx"]["input"]: x})
+                model.session.run(None, {model.card.onnx.input: x})
                 if len(x) <= model.batch_size
                 else run_all(model.session, x, model.batch_size)
             )
-        preds = (model.rows or Rows(card)).decode(outs[0])
-        if "trust" in card:  # prediction_set or interval, and ood
-            preds = with_trust(card, preds, scores(outs[0], card), ood_vectors(card, x, outs))
+        preds = (model.rows or Rows(model.card)).decode(outs[0])
+        if model.card.trust is not None:  # prediction_set or interval, and ood
+            vectors = ood_vectors(model.card, x, outs)
+            preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
     except StageError as e:
         raise BadInput(str(e)) from None
     model.monitor.observe(records)  # the monitor reads the features it knows
@@ -187,7 +189,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     im = open_image(
         data, max_pixels
     )  # checked first; then the very bytes go through infer's loader
-    rgb = load_rgb(io.BytesIO(data), card["preprocessing"]["image_size"])
+    rgb = load_rgb(io.BytesIO(data), card.preprocessing["image_size"])
     seen = {
         "width": im.width,
         "height": im.height,
@@ -198,7 +200,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     with model.limit:
         probs, feats = image.predict_outputs(card, model.session, rgb[None])
     model.monitor.observe([seen])
-    classes = card["classes"]
+    classes = card.classes
     trusted = with_trust(card, [{}], probs, feats)[0]  # prediction_set and ood
     model.monitor.ood([trusted])
     probs = probs[0]
@@ -225,9 +227,9 @@ def predict_detect(
     card_conf, card_iou = detect.thresholds(card)  # the ones batch infer uses
     conf = card_conf if conf is None else conf
     iou = card_iou if iou is None else iou
-    loaded = load_for_detection(io.BytesIO(data), card["preprocessing"]["imgsz"])
+    loaded = load_for_detection(io.BytesIO(data), card.preprocessing["imgsz"])
     with model.limit:
-        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card["classes"])
+        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card.classes)
     area = im.width * im.height
     model.monitor.observe(
         [

@@ -18,6 +18,7 @@ from app.limits import error_body
 from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
 from app.v2_tensors import TensorError
+from stages.core.card import Card
 from stages.core.params import TASKS
 
 
@@ -33,7 +34,7 @@ class Served:
     app_version: str
 
 
-def tabular_request(card: dict | None, max_rows: int):
+def tabular_request(card: Card | None, max_rows: int):
     """The request body for /predict/tabular, generated from the model card's feature schema:
     every feature present (null = missing, imputed), numbers finite; a text, date or category
     column takes a JSON number too (as the CSV reader would have read it); a value the model has
@@ -43,12 +44,12 @@ def tabular_request(card: dict | None, max_rows: int):
         row = dict[str, float | str | None]
     else:
         number = Annotated[float, Field(allow_inf_nan=False)]
-        fields = {name: (Any, None) for name in card.get("ignored", [])}
-        for f in card["features"]:
-            if f["type"] == "numeric" and f.get("words") != "missing":
-                fields[f["name"]] = (number | None, ...)
+        fields = {name: (Any, None) for name in getattr(card, "ignored", None) or []}
+        for f in card.features:
+            if f.type == "numeric" and getattr(f, "words", None) != "missing":
+                fields[f.name] = (number | None, ...)
             else:  # free strings: the preprocessor reads dates, screen() the unseen values
-                fields[f["name"]] = (str | number | None, ...)
+                fields[f.name] = (str | number | None, ...)
         row = create_model("TabularRow", __config__=ConfigDict(extra="forbid"), **fields)
     return create_model(
         "TabularRequest",
@@ -147,12 +148,12 @@ def info_routes(s: Served) -> APIRouter:
 
     @r.get("/model/info", summary="The model cards of the loaded models")
     def model_info() -> dict:
-        return {"models": {t: m.card for t, m in s.models.items()}, "missing": s.missing}
+        return {"models": {t: m.card.dump() for t, m in s.models.items()}, "missing": s.missing}
 
     @r.get("/model/info/{task}", summary="One model card")
     def model_info_task(task: Literal[TASKS]) -> dict:
         # A closed set of names: "../x" or any other value is a 422, never a path on disk.
-        return model(s, task).card
+        return model(s, task).card.dump()
 
     return r
 
@@ -177,7 +178,7 @@ def predict_routes(s: Served, key_check) -> APIRouter:
         top_k: Annotated[int, Query(ge=1, le=100)] = s.cfg.top_k,
     ) -> dict:
         m = model(s, "image")
-        k = min(top_k, len(m.card["classes"]))
+        k = min(top_k, len(m.card.classes))
         return {
             "model_version": m.version,
             **predict_image(m, read_upload(file, s.cfg), k, s.cfg.max_pixels),

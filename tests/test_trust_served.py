@@ -32,7 +32,7 @@ def test_metrics_and_card_carry_trust(served_repo, models):
         m = json.loads((served_repo / f"metrics/{task}/metrics.json").read_text())["test"]
         assert m["ece"] <= m["ece_uncalibrated"] + 1e-9, (task, m)
         assert 0 < m["coverage"] <= 1 and m["mean_set_size"] >= 1, (task, m)
-        t = models[task].card["trust"]
+        t = models[task].card.trust
         assert t["alpha"] == 0.1 and t["temperature"] > 0
         names = [o.name for o in models[task].session.get_outputs()]
         assert names == ["output", "features"]
@@ -49,13 +49,10 @@ def test_tabular_test_split_mostly_unflagged_and_an_absurd_row_flagged(served_re
     assert np.mean([p["ood"]["flagged"] for p in preds]) < 0.1
     covered = [p["prediction"] in p["prediction_set"] for p in preds]
     assert all(covered)  # the top class is always in the set
-    absurd = {
-        f["name"]: (1e6 if f["type"] == "numeric" else rows[0][f["name"]])
-        for f in tab.card["features"]
-    }
+    absurd = {f.name: (1e6 if f.type == "numeric" else rows[0][f.name]) for f in tab.card.features}
     before = tab.monitor.flagged
     got = predict_tabular(tab, [absurd])[0]
-    assert got["ood"]["flagged"] and got["ood"]["p_value"] < tab.card["trust"]["ood"]["threshold"]
+    assert got["ood"]["flagged"] and got["ood"]["p_value"] < tab.card.trust["ood"]["threshold"]
     # ... and counted for /metrics' ood_flagged_total (deploy/'s OODShare alert)
     assert tab.monitor.flagged == before + 1
 

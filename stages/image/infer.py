@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from stages.core import layout
+from stages.core.card import Card, read_card
 from stages.core.cli import log
-from stages.core.files import atomic_path, read_json, write_json, write_timing
+from stages.core.files import atomic_path, write_json, write_timing
 from stages.core.images import list_images
 from stages.core.inference import open_session, run_all, softmax
 from stages.core.schema import Params
@@ -24,16 +25,16 @@ from stages.core.trust import ood_vectors, with_trust
 from stages.image.data import load_rgb, normalise, top_k
 
 
-def predict(card: dict, session, rgb: np.ndarray) -> np.ndarray:
+def predict(card: Card, session, rgb: np.ndarray) -> np.ndarray:
     """N × H × W × 3 uint8 images (load_rgb at the card's size) → N × classes probabilities.
     `infer` and the app both call this, so they answer alike."""
     return predict_outputs(card, session, rgb)[0]
 
 
-def predict_outputs(card: dict, session, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_outputs(card: Card, session, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(probabilities, the penultimate features that trust reads, or None for a card
     without trust)."""
-    spec = card["preprocessing"]
+    spec = card.preprocessing
     x = normalise(rgb, spec["mean"], spec["std"])
     outs = run_all(session, x, max(len(x), 1))
     return softmax(outs[0].astype("float64")), ood_vectors(card, x, outs)
@@ -42,7 +43,7 @@ def predict_outputs(card: dict, session, rgb: np.ndarray) -> tuple[np.ndarray, n
 TRUST = ["prediction_set", "ood_flagged", "ood_p_value"]  # empty for a card without trust
 
 
-def trust_fields(card: dict, probs: np.ndarray, feats) -> list[dict]:
+def trust_fields(card: Card, probs: np.ndarray, feats) -> list[dict]:
     """Per image: prediction_set (a JSON list), ood_flagged, ood_p_value, as CSV columns."""
     import json
 
@@ -66,11 +67,11 @@ def run(
 ) -> dict:
     """Predict every image; one that can't be read gets a row with its error, and the batch goes on."""
     p = params.image.infer
-    card = read_json(model_dir / "model.json")
+    card = read_card(model_dir / layout.card("image").name)
     table, root = list_images(p.source, labelled=False)
     files = table["path"].tolist()
-    session = open_session(model_dir / card["onnx"]["file"])
-    classes, spec = card["classes"], card["preprocessing"]
+    session = open_session(model_dir / card.onnx.file)
+    classes, spec = card.classes, card.preprocessing
     rows, start = [], time.perf_counter()
     for i in range(0, len(files), p.batch_size):
         good, errors = [], {}

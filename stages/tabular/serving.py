@@ -13,12 +13,16 @@ path, which names the problem or reads the cell as missing with a warning (Prepr
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stages.core.cli import StageError
 from stages.core.inference import softmax
 from stages.tabular.encoders import TextEncoder, date_parts
+
+if TYPE_CHECKING:
+    from stages.core.card import Card
 
 
 def _missing(v) -> bool:
@@ -35,18 +39,18 @@ def as_text(v):
     return str(int(v)) if float(v).is_integer() else repr(v)
 
 
-def json_rows(rows: list[dict], card: dict) -> list[dict]:
+def json_rows(rows: list[dict], card: Card) -> list[dict]:
     """Rows as a client sends them, every column of the training CSV allowed → the feature
     columns only (the card's `ignored`: ids, constants, dropped columns, the target, which the
     model does not read), JSON numbers in text-like columns as text."""
-    texts = {f["name"] for f in card["features"] if f["type"] != "numeric"}
-    names = [f["name"] for f in card["features"]]
+    texts = {f.name for f in card.features if f.type != "numeric"}
+    names = [f.name for f in card.features]
     return [{c: as_text(r.get(c)) if c in texts else r.get(c) for c in names} for r in rows]
 
 
 class Rows:
-    def __init__(self, card: dict):
-        pre = card["preprocessing"]
+    def __init__(self, card: Card):
+        pre = card.preprocessing
         self.numeric, self.categorical = pre["numeric"], pre["categorical"]
         self.medians, self.means, self.stds = (
             np.asarray(pre[k], dtype="float64") for k in ("medians", "means", "stds")
@@ -61,9 +65,9 @@ class Rows:
         self.texts = {c: TextEncoder(e) for c, e in pre.get("texts", {}).items()}
         self.width = len(self.medians) + sum(len(v) for v in self.codes.values())
         self.kind, self.classes, self.scaling = (
-            card["kind"],
-            card["classes"],
-            card.get("target_scaling"),
+            card.kind,
+            card.classes,
+            card.target_scaling,
         )
         self.p_names = [f"p_{c}" for c in self.classes or []]
 
