@@ -10,19 +10,16 @@ from __future__ import annotations
 import io
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from app.errors import BadInput
 from app.monitor import Monitor
-from app.settings import Settings
-from stages.core import layout
-from stages.core.card import Card, read_card
+from stages.core.card import Card
 from stages.core.cli import StageError
-from stages.core.inference import open_session, physical_cores, run_all
-from stages.core.params import TASKS
+from stages.core.inference import run_all
 from stages.core.trust import ood_vectors, with_trust
 from stages.detect import infer as detect
 from stages.detect.boxes import load_for_detection, to_records
@@ -30,18 +27,6 @@ from stages.image import infer as image
 from stages.image.data import load_rgb, top_k
 from stages.tabular.data import Preprocessor, scores, type_features
 from stages.tabular.serving import Rows, json_rows
-
-HOW_TO_TRAIN = (
-    "run `make run` (or `dvc repro infer@{task}`, or `dvc pull` from a remote that has it)"
-)
-
-
-class BadInput(ValueError):
-    """The request's content is wrong: the server answers `status` (4xx) with this message."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
 
 
 class Limiter:
@@ -92,35 +77,15 @@ class Loaded:
         return warnings
 
 
-def load_models(models_dir: str | Path, cfg: Settings) -> tuple[dict[str, Loaded], dict[str, str]]:
-    """({task: Loaded} for every exported model, {task: why it is missing} for the rest)."""
-    # The cores (cgroup quota and affinity included) shared out between the worker processes.
-    threads = max(1, physical_cores() // cfg.workers)
-    limit = Limiter(cfg.concurrency, cfg.queue_timeout_s)
-    loaded, missing = {}, {}
-    for task in TASKS:
-        card_path = Path(models_dir) / task / layout.card(task).name
-        try:
-            card = read_card(card_path)
-            # Spinning threads would burn the cores between requests of a shared server.
-            session = open_session(
-                card_path.parent / card.onnx.file, threads=threads, spinning=False
-            )
-            loaded[task] = Loaded(
-                card,
-                session,
-                Monitor(task, card, cfg),
-                limit,
-                Rows(card) if task == "tabular" else None,
-                cfg.tabular_batch_size if task == "tabular" else 1,
-            )
-        except FileNotFoundError:
-            missing[task] = (
-                f"no {card_path.parent}/model.onnx + model.json: " + HOW_TO_TRAIN.format(task=task)
-            )
-        except Exception as e:  # noqa: BLE001 - a broken model must not stop the others from serving
-            missing[task] = f"{card_path.parent}: could not load ({type(e).__name__}: {e})"
-    return loaded, missing
+class Current:
+    """The task's served model at the moment of each use, for the UI's handlers, which are
+    built once (a load swaps the model; the features, and so the form, stay the same)."""
+
+    def __init__(self, models: dict[str, Loaded], task: str):
+        self._models, self._task = models, task
+
+    def __getattr__(self, name: str):
+        return getattr(self._models[self._task], name)
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from app.errors import BadInput
 from app.label_issues import show as show_label_issues
-from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
+from app.predict import Current, Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
 from stages.core.card import Card
 from stages.core.cli import StageError
@@ -539,7 +540,7 @@ def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: Settings):
         ):
             with gr.Tab(name):
                 if task in models:
-                    tab(models[task], cfg)
+                    tab(Current(models, task), cfg)
                 else:
                     gr.Markdown(f"**No {task} model.** {missing[task]}")
         with gr.Tab("Models"):

@@ -142,9 +142,12 @@ def test_upload_bad_inputs_are_4xx(client, path):
 
 def test_metrics_count_requests_errors_and_latency(client):
     text = client.get("/metrics").text
-    assert 'requests_total{status="200",task="tabular"}' in text
-    assert 'request_errors_total{task="image"}' in text
-    assert 'request_latency_seconds_bucket{le="0.01",task="tabular"}' in text
+    # Each series names the version that answered (the card's model md5 here).
+    version = client.get("/model/info/tabular").json()["provenance"]["model_md5"]
+    assert f'requests_total{{status="200",task="tabular",version="{version}"}}' in text
+    assert 'request_errors_total{task="image",version="' in text
+    assert f'request_latency_seconds_bucket{{le="0.01",task="tabular",version="{version}"}}' in text
+    assert 'model_info{role="served",sha256="' in text and f'version="{version}"}} 1.0' in text
     assert "worker_resident_memory_bytes " in text and "input_drift_psi" in text
 
 

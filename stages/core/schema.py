@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.core.cli import StageError
-from stages.core.documents import KeepsRead, as_read
+from stages.core.documents import KeepsRead
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
@@ -344,6 +344,15 @@ class Registry(Section):
     max_latency_ratio: Annotated[float, Field(gt=0)]
 
 
+class Canary(Section):
+    """A candidate served beside one task's model: a folder or a registry version."""
+
+    task: Literal["tabular", "image", "detect"]
+    path: str
+    version: str
+    share: Share
+
+
 class Serve(Section):
     model: str
     host: str
@@ -363,6 +372,10 @@ class Serve(Section):
     request_log_mb: Annotated[float, Field(gt=0)]
     request_log_backups: Count
     gradio_cache_s: Positive
+    model_root: str  # load requests' paths resolve inside it ("" = the working directory)
+    reload_s: Annotated[float, Field(ge=0)]  # follow serve.model's stage; 0 = off
+    canary: Canary
+    shadow: bool
 
 
 class Params(Section):
@@ -381,7 +394,7 @@ class Params(Section):
 def plain(section: Section) -> dict:
     """A section as params.yaml spells it (`validate`, not `validate_`; its key order; 10, not
     10.0), JSON-ready: what a fingerprint hashes and what a log or a model card records."""
-    return as_read(section.model_dump(mode="json", by_alias=True), section._read)
+    return section.dump()
 
 
 def _fields(model: type[BaseModel]) -> dict:
