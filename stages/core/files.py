@@ -94,9 +94,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _json_default(obj: Any) -> Any:
+    """json.dumps' `default`: a typed model (a params section, a document) as it was read:
+    its dump() (stages/core/documents.py KeepsRead). Duck-typed, so that this module, which
+    documents.py builds on, imports neither."""
+    dump = getattr(obj, "dump", None)
+    if callable(dump):
+        return dump()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.core.cli import StageError
-from stages.core.documents import KeepsRead, as_read
+from stages.core.documents import KeepsRead
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
@@ -394,7 +394,7 @@ class Params(Section):
 def plain(section: Section) -> dict:
     """A section as params.yaml spells it (`validate`, not `validate_`; its key order; 10, not
     10.0), JSON-ready: what a fingerprint hashes and what a log or a model card records."""
-    return as_read(section.model_dump(mode="json", by_alias=True), section._read)
+    return section.dump()
 
 
 def _fields(model: type[BaseModel]) -> dict:
