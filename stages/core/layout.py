@@ -23,6 +23,8 @@ VALIDATION_FILE = "validation.json"
 INFER_STATS_FILE = "infer.json"
 LABEL_ISSUES_FILE = "label_issues.csv"
 LABEL_ISSUE_COUNTS_FILE = "label_issues.json"
+BOOSTING_FILE = "boosting.joblib"  # boost: the gradient boosting model (tabular)
+ENSEMBLE_FILE = "ensemble.json"  # boost: members, weights and why (tabular)
 
 # The demo stage's outputs (tabular's demo data is a file in git: tabular.data.source).
 DEMO = {"image": Path("data/demo/digits"), "detect": Path("data/demo/shapes")}
@@ -59,6 +61,16 @@ def model_dir(task: str, root: str | Path = "models") -> Path:
 def model_pt(task: str) -> Path:
     """train's output: weights and the meta evaluate and export read."""
     return model_dir(task) / MODEL_PT_FILE
+
+
+def boosting(task: str) -> Path:
+    """boost's gradient boosting model (scikit-learn, joblib); tabular only."""
+    return model_dir(task) / BOOSTING_FILE
+
+
+def ensemble(task: str) -> Path:
+    """boost's members, weights and why (the card's `ensemble` section); tabular only."""
+    return model_dir(task) / ENSEMBLE_FILE
 
 
 def model_onnx(task: str, root: str | Path = "models") -> Path:
