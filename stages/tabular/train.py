@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, TensorDataset, get_worker_info
 
 from stages.core import layout
 from stages.core.cli import log
-from stages.core.documents import Columns
+from stages.core.documents import Columns, Feature
 from stages.core.files import write_timing
 from stages.core.job import Job, train
 from stages.core.schema import Params
@@ -154,12 +154,12 @@ class RowGroups(IterableDataset):
     batched = True
 
 
-def fit_preprocessor(path: Path, features: list[dict] | dict) -> Preprocessor:
+def fit_preprocessor(path: Path, features: list[Feature] | dict) -> Preprocessor:
     """Preprocessor.fit, one column in memory at a time (it fits each column on its own),
     merged in the order of its continuous block: numbers, dates, texts; then categories.
     `features`: columns.json's list, or {column: type}."""
     if isinstance(features, dict):
-        features = [{"name": c, "type": k} for c, k in features.items()]
+        features = [Feature(name=c, type=k) for c, k in features.items()]
     types, formats = feature_plan(features)
     parts = {c: Preprocessor.fit(read_split(path, [c]), {c: k}, formats) for c, k in types.items()}
     pre = Preprocessor(
