@@ -24,6 +24,7 @@ SECTIONS = {
     "labels",
     "numerics",
     "tabular_cost",
+    "ensemble",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from tools.bench.batch import batch
 from tools.bench.edge import edge
+from tools.bench.ensemble import ensemble
 from tools.bench.inference import inference
 from tools.bench.labels import labels
 from tools.bench.large import large
@@ -35,6 +36,7 @@ SECTIONS = {
     "labels": labels,
     "numerics": numerics,
     "tabular_cost": tabular_cost,
+    "ensemble": ensemble,
     "large": large,
 }
 OPT_IN = {"large"}  # run only when named in --only
