@@ -140,8 +140,19 @@ class Monitor:
             with self.lock:
                 self.flagged += n
 
-    def warnings(self, rows: list[dict]) -> list[list[str]]:
+    def warnings(
+        self, rows: list[dict], screened: list[list[str]] | None = None
+    ) -> list[list[str]]:
+        """Per row: the cells the model read as missing or unknown (`screened`, from
+        Preprocessor.screen, the rule batch infer applies too), then this monitor's own
+        warnings on the other columns (missing where training never was, outside the
+        validated range)."""
         out = [value_warnings(self.ref, r) for r in rows]
+        if screened is not None:
+            out = [
+                s + [w for w in m if w.split(" ", 1)[0] not in {x.split(" ", 1)[0] for x in s}]
+                for s, m in zip(screened, out, strict=True)
+            ]
         if self.rows is not None:
             self.rows.inc(len(rows))
         if any(out):

@@ -25,9 +25,8 @@ from stages.detect import infer as detect
 from stages.detect.boxes import load_for_detection, to_records
 from stages.image import infer as image
 from stages.image.data import load_rgb, top_k
-from stages.tabular import infer as tabular
-from stages.tabular.data import scores, type_features
-from stages.tabular.serving import Rows
+from stages.tabular.data import Preprocessor, scores, type_features
+from stages.tabular.serving import Rows, json_rows
 
 
 class Limiter:
@@ -67,9 +66,9 @@ class Loaded:
             return str(self.card.registry["version"])
         return self.card.provenance["model_md5"]
 
-    def checked(self, rows: list[dict]) -> list[list[str]]:
+    def checked(self, rows: list[dict], screened: list[list[str]] | None = None) -> list[list[str]]:
         """Warnings per row; with serve.strict on, any warning refuses the request (422)."""
-        warnings = self.monitor.warnings(rows)
+        warnings = self.monitor.warnings(rows, screened)
         if self.monitor.strict and any(warnings):
             raise BadInput(
                 "; ".join(f"row {i + 1}: {w}" for i, ws in enumerate(warnings) for w in ws)
@@ -110,9 +109,14 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict]:
     """Rows → one dict per row: prediction (and probabilities), and `warnings`. JSON rows
-    take the numpy fast path (stages/tabular/serving.py); a DataFrame, or a row it cannot type,
-    the pandas path that `infer` uses; both give identical answers."""
+    take the numpy fast path (stages/tabular/serving.py); a DataFrame, or a row it cannot
+    take as it is (a value the model has not seen), the pandas path that `infer` uses, where
+    Preprocessor.screen reads such a cell as missing and says so; both give identical answers."""
+    card = model.card
+    if isinstance(rows, list):
+        rows = json_rows(rows, card)
     x = model.rows.transform(rows) if isinstance(rows, list) and model.rows else None
+    screened = None
     try:
         if x is None:
             df = type_features(
@@ -121,23 +125,23 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
                 "request",
             )
             records = df[[f.name for f in model.card.features]].to_dict("records")
+            pre = Preprocessor.from_dict(model.card.preprocessing)
+            df, screened = pre.screen(df)
+            x = pre.transform(df, "request")
         else:
             records = rows
-        warnings = model.checked(records)
+        warnings = model.checked(records, screened)
         with model.limit:
-            if x is None:
-                preds = tabular.predict_records(model.card, model.session, df, "request")
-            else:
-                # One run up to infer's default batch (as run_all would), without its lookups.
-                outs = (
-                    model.session.run(None, {model.card.onnx.input: x})
-                    if len(x) <= model.batch_size
-                    else run_all(model.session, x, model.batch_size)
-                )
-                preds = model.rows.decode(outs[0])
-                if model.card.trust is not None:  # prediction_set or interval, and ood
-                    vectors = ood_vectors(model.card, x, outs)
-                    preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
+            # One run up to infer's default batch (as run_all would), without its lookups.
+            outs = (
+                model.session.run(None, {model.card.onnx.input: x})
+                if len(x) <= model.batch_size
+                else run_all(model.session, x, model.batch_size)
+            )
+        preds = (model.rows or Rows(model.card)).decode(outs[0])
+        if model.card.trust is not None:  # prediction_set or interval, and ood
+            vectors = ood_vectors(model.card, x, outs)
+            preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
     except StageError as e:
         raise BadInput(str(e)) from None
     model.monitor.observe(records)  # the monitor reads the features it knows

@@ -7,7 +7,7 @@ from the model card as a real type, not a string.)"""
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -47,19 +47,20 @@ class Served:
 
 def tabular_request(card: Card | None, max_rows: int):
     """The request body for /predict/tabular, generated from the model card's feature schema:
-    every feature present (null = missing, imputed), numbers finite, categories from training,
-    no other fields."""
+    every feature present (null = missing, imputed), numbers finite; a text, date or category
+    column takes a JSON number too (as the CSV reader would have read it); a value the model has
+    not seen is answered with a warning (Preprocessor.screen); the CSV's other columns that the
+    card lists as `ignored` (ids, constants, the target) are allowed and ignored; no others."""
     if card is None:
         row = dict[str, float | str | None]
     else:
-        fields = {}
+        number = Annotated[float, Field(allow_inf_nan=False)]
+        fields = {name: (Any, None) for name in getattr(card, "ignored", None) or []}
         for f in card.features:
-            if f.type == "numeric":
-                fields[f.name] = (Annotated[float, Field(allow_inf_nan=False)] | None, ...)
-            elif f.type in ("text", "datetime"):  # free strings: the preprocessor reads dates
-                fields[f.name] = (str | None, ...)
-            else:
-                fields[f.name] = (Literal[tuple(f.categories)] | None, ...)
+            if f.type == "numeric" and getattr(f, "words", None) != "missing":
+                fields[f.name] = (number | None, ...)
+            else:  # free strings: the preprocessor reads dates, screen() the unseen values
+                fields[f.name] = (str | number | None, ...)
         row = create_model("TabularRow", __config__=ConfigDict(extra="forbid"), **fields)
     return create_model(
         "TabularRequest",

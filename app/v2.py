@@ -118,6 +118,8 @@ def trust_tensors(preds: list[dict]) -> Outputs:
 def tabular_rows(m: Loaded, inputs: dict[str, Input], request_model) -> list[dict]:
     """Feature tensors → JSON-like rows, checked by the REST route's request model."""
     features = m.card.features
+    ignored = set(getattr(m.card, "ignored", None) or [])  # the CSV's other columns: not read
+    inputs = {k: v for k, v in inputs.items() if k not in ignored}
     unknown = set(inputs) - {f.name for f in features}
     if unknown:
         raise BadInput(

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from app.errors import BadInput
+from stages.tabular.serving import as_text
 
 NUMERIC = {
     "BOOL": np.bool_,
@@ -144,6 +145,12 @@ def read_inputs(request: dict, tail: bytes) -> dict[str, Input]:
 
 def _json_values(name: str, dtype: str, data: list):
     if dtype == "BYTES":
+        # A JSON number in a BYTES tensor (a year-like or code-like column) is read as the CSV
+        # reader would have read the cell: 1999 → "1999".
+        data = [
+            as_text(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+            for v in data
+        ]
         if not all(isinstance(v, str) for v in data):
             raise TensorError(f"input {name}: BYTES data must be strings")
         return [v.encode() for v in data]

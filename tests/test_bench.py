@@ -22,6 +22,7 @@ SECTIONS = {
     "edge",
     "trust",
     "labels",
+    "numerics",
     "tabular_cost",
     "ensemble",
 }

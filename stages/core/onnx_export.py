@@ -3,6 +3,7 @@ and check onnxruntime against torch (the parity gate)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,8 +104,13 @@ def check_outputs(
             f"differs from {source}'s {expected.shape}"
         )
     diff = float(np.abs(got - expected).max())
+    # The card records the difference rounded up to a power of ten: onnxruntime picks its
+    # kernels by the CPU's instruction set (no switch to pin them), so the exact value is
+    # one CPU's; the decade is what every CPU agrees on (docs/reproducibility.md). At most
+    # atol, which the check below has just held it to.
+    recorded = min(float(f"1e{math.ceil(math.log10(diff))}"), atol) if diff > 0 else 0.0
     agree = float((got.argmax(1) == expected.argmax(1)).mean()) if classify else 1.0
-    result = {"max_abs_diff": diff, "class_agreement": agree, "rows": len(x), "atol": atol}
+    result = {"max_abs_diff": recorded, "class_agreement": agree, "rows": len(x), "atol": atol}
     if diff > atol or agree < min_agreement:
         raise StageError(
             f"{onnx_path}: onnxruntime disagrees with {source} on {len(x)} test inputs "

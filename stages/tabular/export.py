@@ -15,6 +15,7 @@ import torch
 from stages.core import layout
 from stages.core.card import Card, card_common, reference, validated_ranges, write_card
 from stages.core.cli import log
+from stages.core.documents import Columns
 from stages.core.files import atomic_path
 from stages.core.onnx_export import (
     FirstOutput,
@@ -33,10 +34,26 @@ PARITY_ROWS = 100_000
 REFERENCE_ROWS = 1_000_000
 
 
+def ignored_columns(schema: Columns) -> list[str]:
+    """The CSV's columns the model does not read; a column without a header ("", the index
+    pandas writes) also as pandas reads it back ("Unnamed: 0"), the name a client sends."""
+    used = {f.name for f in schema.features}
+    names = [r["column"] for r in schema.columns or []]
+    out = [c for c in names if c not in used]
+    return out + [f"Unnamed: {i}" for i, c in enumerate(names) if c == "" and c not in used]
+
+
 def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> Card:
     p = params.tabular.export
     served = load_served()
     model, meta, pre, schema = served.model, served.meta, served.pre, served.schema
+    # What serving reads as missing, with a warning (Preprocessor.screen): numbers outside the
+    # range validate checked the training data against (observed, widened by range_margin).
+    pre.ranges = {
+        c: [float(r[0]), float(r[1])]
+        for c, r in validated_ranges("tabular").items()
+        if c in pre.numeric and len(r) == 2 and None not in r
+    }
     # Parity on the test split's first rows: enough to catch a wrong graph, bounded on big data.
     x_test = pre.transform(
         next(split_chunks(layout.prepared("tabular") / "test.parquet", PARITY_ROWS)).iloc[
@@ -74,11 +91,15 @@ def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> Card:
             }
             for f in schema.features
         ],
+        # The CSV's columns the model does not read (ids, constants, dropped, the target):
+        # serving accepts a row with them, as it is in the file, and ignores them.
+        "ignored": ignored_columns(schema),
         "preprocessing": pre.to_dict(),
         "task_inferred": schema.task_why,
         "preprocessing_notes": "numeric, date parts (dates: format), text SVD components (texts: "
         "char_wb n-gram tf-idf, l2, times components): median-impute, then (x - mean) / std; "
-        "categorical: one-hot in the listed order (missing = all zeros, unseen = error); see "
+        "categorical: one-hot in the listed order (missing = all zeros); an unseen category, an "
+        "unparseable date or a number outside `ranges` is read as missing, with a warning; see "
         "stages/tabular/data.py and encoders.py",
         "target_scaling": meta.target_scaling,
         "reference": reference(

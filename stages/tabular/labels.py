@@ -69,20 +69,22 @@ def fold_boosting(x, y, held, n_classes: int, ensemble: dict, boost, seed: int) 
 def fold_model(
     df: pd.DataFrame,
     labels: np.ndarray,
-    kinds: dict,
+    features: list,
     p: TabularLabels,
     n_classes: int,
     seed: int,
     served: tuple | None = None,
 ):
-    """fit_predict for label_issues.out_of_fold: the preprocessor and an MLP fitted on the
-    fold; `served` (the ensemble section, tabular.boost): boosting too, with the weights."""
+    """fit_predict for label_issues.out_of_fold: the preprocessor (train's plan: columns.json's
+    roles and date formats) and an MLP fitted on the fold; `served` (the ensemble section,
+    tabular.boost): boosting too, with the served weights. A held-out row with a value the fold
+    never saw (a category whose only rows are held out) is read as serving reads it: unknown."""
     import torch
 
     from stages.tabular.model import build_model
 
     def fit_predict(train: np.ndarray, held: np.ndarray) -> np.ndarray:
-        pre = Preprocessor.fit(df.iloc[train], kinds)
+        pre = Preprocessor.fit_features(df.iloc[train], features)
         torch.manual_seed(seed)  # the fold's initial weights: outputs reproduce byte for byte
         arch = {
             "kind": "mlp",
@@ -100,7 +102,7 @@ def fold_model(
             p.lr,
             seed,
         )
-        x_held = pre.transform(df.iloc[held])
+        x_held = pre.transform(pre.screen(df.iloc[held])[0])
         probs = label_issues.predict_proba(model, torch.from_numpy(x_held))
         if served is None:
             return probs
@@ -120,8 +122,7 @@ def find(
     """The pure core: the suspected errors of a frame indexed by CSV line."""
     classes = schema.classes
     labels = pd.Categorical(df[schema.target], categories=classes).codes.astype(np.int64)
-    kinds = {f.name: f.type for f in schema.features}
-    fit_predict = fold_model(df, labels, kinds, p, len(classes), seed, served)
+    fit_predict = fold_model(df, labels, schema.features, p, len(classes), seed, served)
     probs = label_issues.out_of_fold(labels, len(classes), p.folds, seed, fit_predict)
     return label_issues.find(df.index.tolist(), labels, probs, classes)
 

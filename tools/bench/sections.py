@@ -16,6 +16,7 @@ from tools.bench.ensemble import ensemble
 from tools.bench.inference import inference
 from tools.bench.labels import labels
 from tools.bench.large import large
+from tools.bench.numerics import numerics
 from tools.bench.pipeline import pipeline
 from tools.bench.serving import serving
 from tools.bench.tabular_cost import tabular_cost
@@ -33,6 +34,7 @@ SECTIONS = {
     "trust": trust,
     "edge": edge,
     "labels": labels,
+    "numerics": numerics,
     "tabular_cost": tabular_cost,
     "ensemble": ensemble,
     "large": large,
