@@ -133,7 +133,15 @@ def test_a_regression_csv_by_editing_only_data_params(repo):
     preds = pd.read_csv(repo / "data/predictions/tabular.csv")
     assert (
         list(preds.columns)
-        == ["line", "prediction", "interval_low", "interval_high", "ood_flagged", "ood_p_value"]
+        == [
+            "line",
+            "prediction",
+            "interval_low",
+            "interval_high",
+            "ood_flagged",
+            "ood_p_value",
+            "warnings",
+        ]
         and preds["prediction"].between(0, 500).all()
     )
     assert (
