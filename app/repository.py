@@ -150,7 +150,7 @@ class Repository:
     def source(self, task: str, parameters: dict) -> Source:
         """The folder a load request names."""
         unknown = set(parameters) - {"path", "version", "rollback"}
-        if unknown or len(parameters) > 1:
+        if unknown or len(parameters) > 1 or "rollback" in parameters:
             raise BadInput(
                 "load parameters: at most one of `path` (a folder inside serve.model_root), "
                 "`version` (a registry version) or `rollback` (true: the version served "

@@ -336,12 +336,27 @@ def card_markdown(task: str, c: Card) -> str:
     )
     return (
         f"### {task} ({c.kind})\n{warned}\n- **test metrics**: {metrics}\n"
-        f"- **validation**: {'passed' if c.validation.success else 'FAILED'} "
+        + served_markdown(c.ensemble, c.metrics)
+        + f"- **validation**: {'passed' if c.validation.success else 'FAILED'} "
         f"(`{c.validation.suite_file}`)\n- **model md5**: `{c.provenance.get('model_md5', '?')}`\n"
         f"- **data**: `{c.data.source}` ({c.data.rows})\n"
         f"- **parity (ONNX vs training framework)**: `{json.dumps(c.parity)}`\n"
         f"- **params**: `{json.dumps(c.params)[:600]}`\n"
     )
+
+
+def served_markdown(ensemble: dict | None, metrics: dict) -> str:
+    """The served members (tabular: network and gradient boosting; the card's `ensemble`),
+    each one's weight and test scores alone, and why those weights; "" for a model of one
+    member."""
+    members = metrics.get("members", {})
+    if not ensemble:
+        return ""
+    parts = []
+    for m, w in ensemble["weights"].items():
+        alone = ", ".join(f"{k} {v:.4f}" for k, v in members.get(m, {}).items() if k in HEADLINE)
+        parts.append(f"{m} × {w:.2f}" + (f" (alone: {alone})" if alone else ""))
+    return f"- **served**: {'; '.join(parts)}. Why: {ensemble['why']}\n"
 
 
 def image_input(label: str, elem_id: str):

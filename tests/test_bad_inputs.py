@@ -30,7 +30,7 @@ def pipeline(tmp_path_factory) -> Path:
     """A repo copy on which every tabular stage has run once, successfully."""
     repo = copy_repo(tmp_path_factory.mktemp("bad_inputs") / "repo")
     set_params(repo, TINY_TABULAR)
-    for name in ("prepare", "validate", "train", "evaluate", "export", "infer"):
+    for name in ("prepare", "validate", "train", "boost", "evaluate", "export", "infer"):
         stage(repo, name)
     return repo
 

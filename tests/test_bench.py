@@ -22,7 +22,9 @@ SECTIONS = {
     "edge",
     "trust",
     "labels",
+    "numerics",
     "tabular_cost",
+    "ensemble",
 }
 
 

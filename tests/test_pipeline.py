@@ -31,7 +31,7 @@ def test_repro_runs_every_stage_and_is_reproducible(repo):
     # is committed, and prepare writes the data it read, bit for bit.)
     (repo / "dvc.lock").unlink()
     out = run(repo, "dvc", "repro", "infer@tabular")
-    for name in ("prepare", "validate", "train", "evaluate", "export", "infer"):
+    for name in ("prepare", "validate", "train", "boost", "evaluate", "export", "infer"):
         assert f"Running stage '{name}@tabular'" in out.stdout
     for rel in (
         "data/prepared/tabular/train.parquet",
@@ -133,7 +133,15 @@ def test_a_regression_csv_by_editing_only_data_params(repo):
     preds = pd.read_csv(repo / "data/predictions/tabular.csv")
     assert (
         list(preds.columns)
-        == ["line", "prediction", "interval_low", "interval_high", "ood_flagged", "ood_p_value"]
+        == [
+            "line",
+            "prediction",
+            "interval_low",
+            "interval_high",
+            "ood_flagged",
+            "ood_p_value",
+            "warnings",
+        ]
         and preds["prediction"].between(0, 500).all()
     )
     assert (

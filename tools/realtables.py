@@ -38,7 +38,7 @@ from stages.core.schema import overridden
 
 TRAIN_TIME = "train-tabular"  # stages/tabular/train.py's timing name (that module needs torch)
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "validate", "train", "evaluate", "labels", "export", "infer")
+STAGES = ("prepare", "validate", "train", "boost", "evaluate", "labels", "export", "infer")
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def run_table(
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(code), "DVC_NO_ANALYTICS": "1"}
     seconds = {}
-    for stage in ("prepare", "train", "evaluate"):
+    for stage in ("prepare", "train", "boost", "evaluate"):
         t0 = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", "stages", stage, "tabular"],

@@ -44,41 +44,10 @@ Graph = Literal["raw", "nms", "end2end"]
 
 class Section(KeepsRead):
     # strict: a quoted "80" is not an int, 1 is not true; an int is still a valid float.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # frozen: a stage reads its settings; other values are a new object (replaced, model_copy).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     # KeepsRead: plain() keeps the key order and the spelling of a number of what was read
     # (rotate: 10, not the float 10.0), so outputs that record params stay as before.
-
-    # TRANSITIONAL (issue 36): read-only mapping access by params.yaml name, so code not yet
-    # moved to attributes (params.tabular.train.lr) keeps working. Removed once none is left.
-    def _name(self, key: str) -> str:
-        for name, field in type(self).model_fields.items():
-            if (field.alias or name) == key:
-                return name
-        raise KeyError(key)
-
-    def __getitem__(self, key: str):
-        return getattr(self, self._name(key))
-
-    def __setitem__(self, key: str, value) -> None:
-        setattr(self, self._name(key), value)
-
-    def get(self, key: str, default=None):
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in _fields(type(self))
-
-    def keys(self):
-        return list(_fields(type(self)))
-
-    def items(self):
-        return [(k, self[k]) for k in self.keys()]
-
-    def values(self):
-        return [self[k] for k in self.keys()]
 
 
 # ---- shared shapes ----
@@ -167,6 +136,17 @@ class TabularEvaluate(Section):
     ood_threshold: Fraction  # OOD p-value at or below which a row is flagged
 
 
+class TabularBoost(Section):
+    """The boost stage (stages/tabular/boost.py): HistGradientBoosting and the weights."""
+
+    models: Literal["ensemble", "network", "boosting"]  # what is served
+    max_iter: Positive
+    learning_rate: Annotated[float, Field(gt=0)]
+    max_leaf_nodes: Annotated[int, Field(ge=2)]
+    patience: Positive  # early stopping on the validation split: iterations without gain
+    rounds: Positive  # greedy ensemble selection's picks (weights are multiples of 1/rounds)
+
+
 class TabularExport(Section):
     parity_atol: Annotated[float, Field(gt=0)]
     torchscript: bool
@@ -182,6 +162,7 @@ class Tabular(Section):
     data: TabularData
     validate_: TabularValidate = Field(alias="validate")  # BaseModel has .validate
     train: TabularTrain
+    boost: TabularBoost
     labels: TabularLabels
     evaluate: TabularEvaluate
     export: TabularExport
@@ -380,6 +361,7 @@ class Serve(Section):
 
 class Params(Section):
     seed: int
+    reproducible: bool = True  # stages/core/numerics.py
     tabular: Tabular
     image: Image
     detect: Detect

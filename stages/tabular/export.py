@@ -1,5 +1,7 @@
-"""export: the MLP → models/tabular/model.onnx (dynamic batch) + model.json (the model card
-that serving reads), failing when onnxruntime and torch disagree on the test split.
+"""export: the served model → models/tabular/model.onnx (dynamic batch) + model.json (the
+model card that serving reads), failing when onnxruntime and the Python models disagree on
+the test split. The served model is the network, or the network and gradient boosting in one
+graph (stages/tabular/graph.py) with the boost stage's weights: the card's `ensemble`.
 
     python -m stages export tabular
 """
@@ -18,13 +20,13 @@ from stages.core.files import atomic_path
 from stages.core.onnx_export import (
     FirstOutput,
     WithFeatures,
+    check_outputs,
     check_parity,
     export_onnx,
-    load_model,
 )
 from stages.core.schema import Params
-from stages.tabular.data import Preprocessor, sample_split, split_chunks
-from stages.tabular.model import build_model
+from stages.tabular.boost import Served, load_served
+from stages.tabular.data import sample_split, split_chunks
 from stages.tabular.trust import fit_trust
 
 TRAIN = layout.prepared("tabular") / "train.parquet"
@@ -43,8 +45,8 @@ def ignored_columns(schema: Columns) -> list[str]:
 
 def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> Card:
     p = params.tabular.export
-    model, meta = load_model(out_dir / "model.pt", build_model)
-    schema, pre = meta.columns(), Preprocessor.from_dict(meta.preprocessor)
+    served = load_served()
+    model, meta, pre, schema = served.model, served.meta, served.pre, served.schema
     # What serving reads as missing, with a warning (Preprocessor.screen): numbers outside the
     # range validate checked the training data against (observed, widened by range_margin).
     pre.ranges = {
@@ -59,16 +61,20 @@ def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> Card:
         ]
     )
     onnx_path = out_dir / "model.onnx"
-    # The graph: (logits / temperature, penultimate features): calibrated, with what OOD reads.
-    trust = fit_trust(params, model, meta, pre)
-    model = WithFeatures(model, trust["temperature"])
-    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path, ("output", "features"))
-    parity = check_parity(
-        FirstOutput(model), onnx_path, x_test, p.parity_atol, schema.task == "classification"
-    )
+    # The graph: (served outputs / temperature, penultimate features): calibrated, with what
+    # OOD reads.
+    trust = fit_trust(params, served)
+    if served.boosted:
+        parity = export_served(served, trust["temperature"], x_test, onnx_path, p.parity_atol)
+    else:  # the network alone, exported as it always was
+        wrapped = WithFeatures(model, trust["temperature"])
+        export_onnx(wrapped, torch.from_numpy(x_test[:2]), onnx_path, ("output", "features"))
+        parity = check_parity(
+            FirstOutput(wrapped), onnx_path, x_test, p.parity_atol, served.classify
+        )
     if p.torchscript:
         with atomic_path(out_dir / "model.ts") as tmp:
-            torch.jit.trace(model.model, torch.from_numpy(x_test[:2])).save(str(tmp))
+            torch.jit.trace(model, torch.from_numpy(x_test[:2])).save(str(tmp))
     # Quantiles and shares (a sample will do) of numbers and categories: text and dates have
     # no shares worth keeping.
     train_sample, step = sample_split(TRAIN, pre.numeric + pre.categorical, REFERENCE_ROWS)
@@ -105,9 +111,44 @@ def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> Card:
         if schema.task == "classification"
         else "output * target_scaling.std + target_scaling.mean",
         "trust": trust,
+        "ensemble": served.ensemble,
     }
     card = write_card(out_dir / layout.card("tabular").name, card)
     log(
         f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e} over {parity['rows']} rows)"
     )
     return card
+
+
+def export_served(
+    served: Served, temperature: float | None, x_test, onnx_path: Path, atol: float
+) -> dict:
+    """The network and boosting as one graph at onnx_path; parity against the network (torch)
+    and boosting (scikit-learn) mixed in numpy (ensemble.combine), divided by temperature."""
+    import onnx
+
+    from stages.tabular.graph import merge
+
+    net = WithFeatures(served.model).eval()  # the temperature is applied after the mix
+    export_onnx(net, torch.from_numpy(x_test[:2]), onnx_path, ("output", "features"))
+    width = len(served.schema.classes) if served.classify else 1
+    graph = merge(
+        onnx.load(str(onnx_path)),
+        served.boosting,
+        served.ensemble["weights"],
+        temperature,
+        served.classify,
+        served.pre.n_features,
+        width,
+    )
+    with atomic_path(onnx_path) as tmp:
+        onnx.save(graph, str(tmp))
+    expected = served.outputs(x_test) / (temperature or 1.0)
+    return check_outputs(
+        expected.astype("float32"),
+        onnx_path,
+        x_test,
+        atol,
+        served.classify,
+        source="torch and scikit-learn",
+    )
