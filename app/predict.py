@@ -28,7 +28,8 @@ from stages.detect.boxes import load_for_detection, to_records
 from stages.image import infer as image
 from stages.image.data import load_rgb, top_k
 from stages.tabular import infer as tabular
-from stages.tabular.data import scores, type_features
+from stages.tabular.data import Preprocessor, scores, type_features
+from stages.tabular.explain import attributions
 from stages.tabular.serving import Rows
 
 HOW_TO_TRAIN = (
@@ -142,10 +143,13 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict]:
-    """Rows → one dict per row: prediction (and probabilities), and `warnings`. JSON rows
-    take the numpy fast path (stages/tabular/serving.py); a DataFrame, or a row it cannot type,
-    the pandas path that `infer` uses; both give identical answers."""
+def predict_tabular(
+    model: Loaded, rows: list[dict] | pd.DataFrame, explain: bool = False
+) -> list[dict]:
+    """Rows → one dict per row: prediction (and probabilities), and `warnings`; with explain,
+    `base_value` and `attributions` too. JSON rows take the numpy fast path
+    (stages/tabular/serving.py); a DataFrame, or a row it cannot type, the pandas path that
+    `infer` uses; both give identical answers."""
     x = model.rows.transform(rows) if isinstance(rows, list) and model.rows else None
     try:
         if x is None:
@@ -172,11 +176,38 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
                 if "trust" in model.card:  # prediction_set or interval, and ood
                     vectors = ood_vectors(model.card, x, outs)
                     preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
+            if explain:
+                if x is None:
+                    x = Preprocessor.from_dict(model.card["preprocessing"]).transform(df, "request")
+                preds = explained(model, x, preds)
     except StageError as e:
         raise BadInput(str(e)) from None
     model.monitor.observe(records)  # the monitor reads the features it knows
     model.monitor.ood(preds)
     return [{**p, "warnings": w} for p, w in zip(preds, warnings, strict=False)]
+
+
+def explained(model: Loaded, x: np.ndarray, preds: list[dict]) -> list[dict]:
+    """Predictions with `base_value` and `attributions` ({column: value}, summing with the
+    base value to the answer's probability, or its prediction; stages/tabular/explain.py)."""
+    card = model.card
+    if "explain" not in card:
+        raise BadInput(
+            "the served tabular model has no explanation background in its card (exported "
+            "before explanations existed): re-run `dvc repro export@tabular`"
+        )
+    classes = card.get("classes")
+    predicted = (
+        np.array([classes.index(p["prediction"]) for p in preds])
+        if card["kind"] == "classification"
+        else None
+    )
+    base, phi = attributions(card, model.session, x, predicted)
+    names = card["explain"]["columns"]
+    return [
+        {**p, "base_value": float(b), "attributions": dict(zip(names, a.tolist(), strict=True))}
+        for p, b, a in zip(preds, base, phi, strict=True)
+    ]
 
 
 def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:

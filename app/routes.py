@@ -156,6 +156,12 @@ def info_routes(s: Served) -> APIRouter:
     return r
 
 
+EXPLAIN_TABULAR = (
+    "also answer `base_value` and `attributions` ({column: value}) per row: each column's "
+    "share of the answer's probability (or prediction), which they sum to (docs/explain.md)"
+)
+
+
 def predict_routes(s: Served, key_check) -> APIRouter:
     r = APIRouter(dependencies=[Depends(key_check)])
     TabularRequest = s.tabular_model
@@ -165,10 +171,13 @@ def predict_routes(s: Served, key_check) -> APIRouter:
         summary="Predict rows (JSON) with the tabular model; `warnings` per row name "
         "values outside the validated range (serve.strict: a 422)",
     )
-    def tabular(body: TabularRequest) -> dict:  # type: ignore[valid-type]
+    def tabular(
+        body: TabularRequest,  # type: ignore[valid-type]
+        explain: Annotated[bool, Query(description=EXPLAIN_TABULAR)] = False,
+    ) -> dict:
         m = model(s, "tabular")
         rows = [r if isinstance(r, dict) else r.model_dump() for r in body.rows]
-        return {"model_version": m.version, "predictions": predict_tabular(m, rows)}
+        return {"model_version": m.version, "predictions": predict_tabular(m, rows, explain)}
 
     @r.post("/predict/image", summary="Classify one image (multipart upload)")
     def image(

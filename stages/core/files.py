@@ -94,9 +94,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _plain(obj: Any) -> Any:
+    """A typed params section (stages/core/schema.py) as the params.yaml mapping it came from."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(by_alias=True)
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=_plain) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

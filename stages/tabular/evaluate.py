@@ -27,6 +27,7 @@ from stages.core.metrics import (
 )
 from stages.core.onnx_export import load_model, predict
 from stages.tabular.data import Preprocessor, read_split, split_chunks
+from stages.tabular.explain import importance_report
 from stages.tabular.model import build_model
 from stages.tabular.train import TRAIN_TIME
 from stages.tabular.trust import trust_report
@@ -76,6 +77,7 @@ def run(params: dict, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
         metrics, plots = regression_report(y_test, out[:, 0] * scale["std"] + scale["mean"])
         warnings = learned_nothing("tabular", "r2", metrics["r2"], 0.0, "predicting the mean")
     trusted, trust_plots = trust_report(params, model, meta, pre)  # stages/core/trust.py
+    importance_report(params, lambda z: predict(model, z), meta, pre, out_dir)
     metrics, plots = {**metrics, **trusted}, {**plots, **trust_plots}
     base_metrics = {}
     if hgb is not None:

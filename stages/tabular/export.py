@@ -22,6 +22,7 @@ from stages.core.onnx_export import (
     load_model,
 )
 from stages.tabular.data import Preprocessor, sample_split, split_chunks
+from stages.tabular.explain import card_section
 from stages.tabular.model import build_model
 from stages.tabular.trust import fit_trust
 
@@ -83,6 +84,7 @@ def run(params: dict, out_dir: Path = layout.model_dir("tabular")) -> dict:
         if schema["task"] == "classification"
         else "output * target_scaling.std + target_scaling.mean",
         "trust": trust,
+        "explain": card_section(pre, TRAIN, params.tabular.export),  # stages/tabular/explain.py
     }
     write_json(out_dir / "model.json", card)
     log(
