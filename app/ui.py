@@ -29,6 +29,7 @@ HEADLINE = ("accuracy", "f1_macro", "roc_auc", "rmse", "mae", "r2", "mAP50", "mA
 MAX_ZIP_IMAGES = 1000
 DETECT_COLUMNS = ["category", "score", "x", "y", "width", "height"]
 N_EXAMPLES = 3
+TOP_CONTRIBUTIONS = 8  # bars beside a tabular answer
 # Contrast (WCAG AA, 4.5:1) where Gradio's default light theme falls short: the primary
 # buttons (white on orange-500 is 2.8:1), the uploads' "- or -" and the footer's API link (1.9:1).
 CSS = ".or, .show-api, .show-api * { color: #4b5563 !important; }"
@@ -112,6 +113,18 @@ def tabular_form(model: Loaded, *values) -> tuple[dict | float, str]:
             pred["warnings"], pred
         )
     return pred["prediction"], warnings_markdown(pred["warnings"], pred)
+
+
+def tabular_why(model: Loaded, *values) -> pd.DataFrame:
+    """One row from the form → its top contributions (docs/explain.md), for a bar chart: the
+    columns that moved the answer most from the training data's average, either way."""
+    row = dict(zip([f["name"] for f in model.card["features"]], values, strict=False))
+    try:
+        pred = predict_tabular(model, [row], explain=True)[0]
+    except BadInput as e:
+        raise _error(e) from None
+    top = sorted(pred["attributions"].items(), key=lambda kv: -abs(kv[1]))[:TOP_CONTRIBUTIONS]
+    return pd.DataFrame(top, columns=["column", "contribution"])
 
 
 def looks_like_text(path: str) -> bool:
@@ -313,6 +326,9 @@ def plots(task: str, metrics_dir: Path = Path("metrics")) -> dict:
             .reset_index()
             .rename(columns={"actual": "actual \\ predicted"})
         )
+    importance = folder / "plots" / "importance.json"  # tabular: stages/tabular/explain.py
+    if importance.is_file():
+        out["importance"] = pd.DataFrame(json.loads(importance.read_text()))[["column", "drop"]]
     pr = folder / "plots" / "pr.json"
     if pr.is_file():
         out["pr"] = pd.DataFrame(json.loads(pr.read_text()))[["recall", "precision"]]
@@ -400,6 +416,18 @@ def tabular_tab(m: Loaded, cfg: Settings) -> None:
         )
         note = gr.Markdown(elem_id="tab-warnings")
     go.click(lambda *v: tabular_form(m, *v), inputs, [out, note], api_name="tabular_form")
+    if "explain" in m.card:
+        what = "probability" if m.card["kind"] == "classification" else "prediction"
+        why = gr.BarPlot(
+            x="column",
+            y="contribution",
+            label=f"why: each column's share of the {what}, from the training average "
+            "(docs/explain.md)",
+            elem_id="tab-why",
+            height=240,
+            sort="-y",
+        )
+        go.click(lambda *v: tabular_why(m, *v), inputs, why, api_name="tabular_explain")
     examples = tabular_examples(m.card)
     if examples:
         gr.Examples(
@@ -508,6 +536,16 @@ def models_tab(models: dict[str, Loaded], missing: dict[str, str]) -> None:
                     y="precision",
                     label=f"{task}: precision-recall (test)",
                     elem_id=f"models-{task}-pr",
+                    height=240,
+                )
+            if "importance" in data:
+                gr.BarPlot(
+                    data["importance"],
+                    x="column",
+                    y="drop",
+                    sort="-y",
+                    label=f"{task}: column importance (test score drop when shuffled)",
+                    elem_id=f"models-{task}-importance",
                     height=240,
                 )
             if "curves" in data:

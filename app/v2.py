@@ -72,6 +72,9 @@ def tensors(card: dict) -> tuple[list[dict], list[dict]]:
             ("ood_flagged", "BOOL", [-1]),
             ("ood_p_value", "FP64", [-1]),
         ]
+    if "explain" in card:  # computed only when a request names them (docs/explain.md)
+        m = len(card["explain"]["columns"])
+        outputs += [("attributions", "FP32", [-1, m]), ("base_value", "FP64", [-1])]
     return inputs, [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs]
 
 
@@ -98,6 +101,21 @@ def trust_tensors(preds: list[dict]) -> dict:
     out["ood_flagged"] = ("BOOL", [p["ood"]["flagged"] for p in preds], [n], {})
     out["ood_p_value"] = ("FP64", [p["ood"]["p_value"] for p in preds], [n], {})
     return out
+
+
+EXPLAINED = ("attributions", "base_value")
+
+
+def attribution_tensors(preds: list[dict]) -> dict:
+    """attributions [N, columns] (the order of the metadata's parameters
+    attribution_columns) and base_value [N], when the request asked for them."""
+    if not preds or "attributions" not in preds[0]:
+        return {}
+    n, m = len(preds), len(preds[0]["attributions"])
+    return {
+        "attributions": ("FP32", [list(p["attributions"].values()) for p in preds], [n, m], {}),
+        "base_value": ("FP64", [p["base_value"] for p in preds], [n], {}),
+    }
 
 
 def tabular_rows(m: Loaded, inputs: dict, request_model, max_rows: int) -> list[dict]:
@@ -145,7 +163,11 @@ def run_model(m: Loaded, task: str, inputs: dict, request: dict, ctx) -> dict:
     """{output name: (datatype, values, shape, parameters)}."""
     params = request.get("parameters") or {}
     if task == "tabular":
-        preds = predict_tabular(m, tabular_rows(m, inputs, ctx.tabular_model, ctx.cfg.max_rows))
+        explain = any(
+            isinstance(o, dict) and o.get("name") in EXPLAINED for o in request.get("outputs") or []
+        )
+        rows = tabular_rows(m, inputs, ctx.tabular_model, ctx.cfg.max_rows)
+        preds = predict_tabular(m, rows, explain)
         warnings = ["; ".join(p["warnings"]) for p in preds]
         n = len(preds)
         if m.card["kind"] != "classification":
@@ -153,6 +175,7 @@ def run_model(m: Loaded, task: str, inputs: dict, request: dict, ctx) -> dict:
                 "prediction": ("FP64", [p["prediction"] for p in preds], [n], {}),
                 "warnings": ("BYTES", warnings, [n], {}),
                 **trust_tensors(preds),
+                **attribution_tensors(preds),
             }
         classes = m.card["classes"]
         probs = [[p[f"p_{c}"] for c in classes] for p in preds]
@@ -161,6 +184,7 @@ def run_model(m: Loaded, task: str, inputs: dict, request: dict, ctx) -> dict:
             "probabilities": ("FP32", probs, [n, len(classes)], {"classes": classes}),
             "warnings": ("BYTES", warnings, [n], {}),
             **trust_tensors(preds),
+            **attribution_tensors(preds),
         }
     if set(inputs) != {"image"} or inputs["image"][0] != "BYTES":
         raise TensorError("the model takes one BYTES input named `image`: encoded image bytes")
@@ -270,6 +294,11 @@ def router(ctx, key_check) -> APIRouter:
             "platform": "onnxruntime_onnx",
             "inputs": inputs,
             "outputs": outputs,
+            **(
+                {"parameters": {"attribution_columns": m.card["explain"]["columns"]}}
+                if "explain" in m.card
+                else {}
+            ),
         }
 
     def model_ready(name: Name, version: str | None = None) -> dict:

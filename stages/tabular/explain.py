@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from stages.core import explain, layout
-from stages.core.cli import log
+from stages.core.cli import StageError, log
 from stages.core.files import write_json
 from stages.core.inference import softmax
 from stages.tabular.data import Preprocessor, sample_split
@@ -87,6 +87,28 @@ def attributions(card: dict, session, x: np.ndarray, predicted: np.ndarray | Non
         e["permutations"],
         e["seed"],
     )
+
+
+def attribution_columns(card: dict, session, df: pd.DataFrame, scored: np.ndarray, source: str):
+    """batch infer's `base_value` and `attr_<column>` columns (float32 arrow arrays) for a
+    chunk of typed rows and its scores (tabular.infer.explain)."""
+    import pyarrow as pa
+
+    if "explain" not in card:
+        raise StageError(
+            "tabular.infer.explain: the model card has no explanation background (exported "
+            "before explanations existed): re-run `dvc repro export@tabular`"
+        )
+    x = Preprocessor.from_dict(card["preprocessing"]).transform(df, source)
+    predicted = scored.argmax(1) if card["kind"] == "classification" else None
+    base, phi = attributions(card, session, x, predicted)
+    return [
+        ("base_value", pa.array(base.astype(np.float32))),
+        *(
+            (f"attr_{c}", pa.array(phi[:, j].astype(np.float32)))
+            for j, c in enumerate(card["explain"]["columns"])
+        ),
+    ]
 
 
 def importance_report(params, model_outputs, meta: dict, pre: Preprocessor, out_dir: Path):

@@ -25,6 +25,7 @@ from stages.core.files import atomic_dir, atomic_path, read_json, write_json, wr
 from stages.core.inference import open_session, run_all
 from stages.core.trust import apply, ood_vectors, with_trust
 from stages.tabular.data import Preprocessor, feature_chunks, scores, scores_table
+from stages.tabular.explain import attribution_columns
 
 CHUNK_ROWS = 1_000_000
 
@@ -137,14 +138,15 @@ class Writer:
     def __init__(self, path: Path, card: dict):
         self.path, self.card, self.out = path, card, None
 
-    def write(self, predicted: np.ndarray, lines: np.ndarray, feats=None) -> None:
+    def write(self, predicted: np.ndarray, lines: np.ndarray, feats=None, also=()) -> None:
+        """also: more (name, arrow array) columns, after the trust ones (attributions)."""
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         csv, classes = self.path.suffix != ".parquet", self.card.get("classes")
         names = ["prediction", *(["probability", *(f"p_{c}" for c in classes)] if classes else [])]
-        extra = trust_columns(self.card, predicted, feats, csv)
+        extra = trust_columns(self.card, predicted, feats, csv) + list(also)
         names += [n for n, _ in extra]
         if classes:  # as scores_table: the first most probable class, and its probability
             best = predicted.argmax(axis=1)
@@ -206,6 +208,8 @@ def run(
     suite_file = card["validation"]["suite_file"]
     suite = for_inference(load_suite(suite_file))
     if params["tabular"]["data"].get("engine") == "spark":
+        if p["explain"]:
+            raise StageError("tabular.infer.explain is not available with tabular.data.engine: spark")
         from stages.tabular.spark import infer as spark_infer
 
         with atomic_dir(out) as tmp:
@@ -242,8 +246,13 @@ def run(
                             # GX's report names every broken value, so it speaks first below.
                             failed = e
                             break
+                        also = (
+                            attribution_columns(card, session, df, predicted, source)
+                            if p["explain"]
+                            else []
+                        )
                         seconds += time.perf_counter() - start
-                        writer.write(predicted, df.index.to_numpy(), feats)
+                        writer.write(predicted, df.index.to_numpy(), feats, also)
                         rows += len(df)
                 finally:
                     writer.close()
