@@ -157,7 +157,9 @@ class TabularExport(Section):
     torchscript: bool
     background_rows: Positive  # explanations: training rows in the card
     exact_columns: Annotated[int, Field(ge=0, le=16)]  # exact Shapley up to this many columns
-    permutations: Annotated[int, Field(ge=2)]  # sampled permutations beyond exact_columns
+    permutations: Annotated[
+        int, Field(ge=2)
+    ]  # samples (order, background row) beyond exact_columns
 
 
 class TabularInfer(Section):

@@ -209,7 +209,9 @@ def run(
     suite = for_inference(load_suite(suite_file))
     if params["tabular"]["data"].get("engine") == "spark":
         if p["explain"]:
-            raise StageError("tabular.infer.explain is not available with tabular.data.engine: spark")
+            raise StageError(
+                "tabular.infer.explain is not available with tabular.data.engine: spark"
+            )
         from stages.tabular.spark import infer as spark_infer
 
         with atomic_dir(out) as tmp:
