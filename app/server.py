@@ -27,6 +27,7 @@ from app.metrics import Metrics
 from app.predict import load_models
 from app.routes import Served, info_routes, install_handlers, predict_routes, tabular_request
 from app.settings import Settings, SettingsError, load_settings
+from stages.core.cli import StageError
 
 VERSION = "0.1.0"
 
@@ -118,7 +119,7 @@ def main() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
     try:
         cfg = load_settings()
-    except SettingsError as e:  # one line naming the key, no traceback
+    except (SettingsError, StageError) as e:  # one line naming the key, no traceback
         raise SystemExit(f"error: {e}") from None
     if cfg.workers > 1:
         # Before any worker imports prometheus_client: a fresh folder, so no counts of an

@@ -1,6 +1,8 @@
-"""The server's settings: one frozen, typed object built once from params.yaml `serve:` and the
-APP_* environment variables. Every key is required (params.yaml is the one source of the
-values), so nothing in app/ falls back to a literal of its own.
+"""The server's settings: one frozen, typed object, the params schema's `serve` section
+(stages/core/schema.py Serve: its keys, types and ranges, written once) plus what serving reads
+from other sections, with the APP_* environment variables on top (pydantic-settings). Every
+key is required in params.yaml (the one source of the values), so nothing in app/ falls back to
+a literal of its own.
 
     APP_HOST, APP_PORT, APP_WORKERS   override serve.host / port / workers
     APP_MODELS_DIR                    the models folder (make serve: a fetched registry version)
@@ -10,73 +12,57 @@ values), so nothing in app/ falls back to a literal of its own.
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 from stages.core.params import load_params
+from stages.core.schema import Params, Positive, Serve, plain
+
+# The only variables read: the rest of serve: is params.yaml's alone.
+ENV = ("host", "port", "workers", "models_dir", "api_keys")
 
 
 class SettingsError(ValueError):
     """A serve key or APP_* variable is missing or of the wrong type: one line naming it."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    model: str
-    host: str
-    port: int
-    max_upload_mb: float
-    max_pixels: int
-    max_rows: int
-    cors_origins: tuple[str, ...]
-    workers: int
-    concurrency: int
-    queue_timeout_s: float
-    strict: bool
-    drift_window: int
-    drift_threshold: float
-    request_log_dir: str
-    request_log_sample: float
-    request_log_mb: float
-    request_log_backups: int
-    gradio_cache_s: int
+class _OnlyEnv(EnvSettingsSource):
+    """APP_* variables for the fields in ENV, none for the others."""
+
+    def __call__(self) -> dict:
+        return {k: v for k, v in super().__call__().items() if k in ENV}
+
+
+class Settings(BaseSettings, Serve):
+    # Not strict (unlike params.yaml): an environment variable is a string ("9000").
+    model_config = SettingsConfigDict(env_prefix="APP_", frozen=True, strict=False, extra="forbid")
+
     # tabular.infer.batch_size: rows per onnxruntime run, as batch infer runs them
-    tabular_batch_size: int
+    tabular_batch_size: Positive
     # image.infer.top_k: classes listed per image, as batch infer lists them
-    top_k: int
+    top_k: Positive
     # From the environment only (a path of this machine, and secrets).
     models_dir: str = "models"
-    api_keys: tuple[str, ...] = ()
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **_):
+        return (_OnlyEnv(settings_cls), init_settings)  # the environment wins over params.yaml
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value):
+        return parse_api_keys(value) if isinstance(value, str) else value
 
     @property
     def max_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
     def replace(self, **changes) -> Settings:
-        return dataclasses.replace(self, **changes)
-
-
-NOT_SERVE = {"models_dir", "api_keys", "tabular_batch_size", "top_k"}
-
-
-def _typed(name: str, value, kind: str):
-    """value as the field's type, or a SettingsError naming the key (dotted)."""
-    try:
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind == "tuple[str, ...]":
-            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-                raise TypeError
-            return tuple(value)
-        if isinstance(value, bool):
-            raise TypeError
-        return {"int": int, "float": float, "str": str}[kind](value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"{name}: {value!r} is not a {kind}") from None
+        return self.model_copy(update=changes)
 
 
 def parse_api_keys(value: str) -> tuple[str, ...]:
@@ -87,38 +73,20 @@ def parse_api_keys(value: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in value.split(",") if k.strip())
 
 
-def from_mapping(serve: dict, batch_size: int, top_k: int, environ: dict | None = None) -> Settings:
-    """Settings from a params.yaml `serve:` mapping, tabular.infer.batch_size and an
-    environment (default: os.environ)."""
-    env = os.environ if environ is None else environ
-    serve = {
-        **serve,
-        **{
-            k: env[f"APP_{k.upper()}"]
-            for k in ("host", "port", "workers")
-            if f"APP_{k.upper()}" in env
-        },
-    }
-    wanted = [f for f in fields(Settings) if f.name not in NOT_SERVE]
-    missing = [f.name for f in wanted if f.name not in serve]
-    if missing:
-        raise SettingsError(f"params.yaml serve: missing {', '.join(missing)}")
-    values = {f.name: _typed(f"serve.{f.name}", serve[f.name], f.type) for f in wanted}
-    values["tabular_batch_size"] = _typed("tabular.infer.batch_size", batch_size, "int")
-    values["top_k"] = _typed("image.infer.top_k", top_k, "int")
-    if "APP_MODELS_DIR" in env:
-        values["models_dir"] = env["APP_MODELS_DIR"]
-    values["api_keys"] = parse_api_keys(env["APP_API_KEYS"]) if "APP_API_KEYS" in env else ()
-    for name in ("port", "workers", "concurrency", "max_rows", "top_k", "max_pixels"):
-        if values[name] < 1:
-            raise SettingsError(f"serve.{name}: {values[name]} must be at least 1")
-    return Settings(**values)
+def from_params(params: Params) -> Settings:
+    """Settings from checked params and the APP_* environment variables."""
+    try:
+        return Settings(
+            **plain(params.serve),
+            tabular_batch_size=params.tabular.infer.batch_size,
+            top_k=params.image.infer.top_k,
+        )
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        key = ".".join(map(str, err["loc"]))
+        name = f"APP_{key.upper()}" if key in ENV else f"serve.{key}"
+        raise SettingsError(f"{name}: {err['input']!r}: {err['msg']}") from None
 
 
 def load_settings(params_path: str | Path = "params.yaml") -> Settings:
-    params = load_params(params_path)
-    return from_mapping(
-        params["serve"],
-        params["tabular"]["infer"]["batch_size"],
-        params["image"]["infer"]["top_k"],
-    )
+    return from_params(load_params(params_path))

@@ -62,6 +62,15 @@ def repo(tmp_path: Path) -> Path:
     return dst
 
 
+def params_with(values: dict, path: Path = ROOT / "params.yaml"):
+    """params.yaml's typed params with dotted keys set ({"tabular.data.source": "x.csv"}),
+    checked by the schema as a stage would be: what an in-process stage test runs with."""
+    from stages.core.params import load_params
+    from stages.core.schema import replaced
+
+    return replaced(load_params(path), values)
+
+
 def set_params(repo: Path, values: dict) -> None:
     """Set dotted keys in repo/params.yaml, e.g. {"tabular.train.epochs": 2}."""
     path = repo / "params.yaml"

@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import ROOT
+from conftest import ROOT, params_with
 
 from stages.core.expectations import for_inference, run_suite, summarise
 from stages.tabular import prepare
@@ -20,9 +19,7 @@ PENGUINS = ROOT / "data/tabular/penguins.csv"
 
 def prepare_and_profile(out, source=PENGUINS, seed=0, confidence=0.9999):
     """prepare.run into `out`; (splits, schema, the suite made from them)."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["seed"] = seed
-    params["tabular"]["data"]["source"] = str(source)
+    params = params_with({"seed": seed, "tabular.data.source": str(source)})
     schema = prepare.run(params, out_dir=str(out))
     parts = {n: pd.read_parquet(out / f"{n}.parquet") for n in ("train", "val", "test")}
     return (

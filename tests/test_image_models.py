@@ -134,17 +134,19 @@ def test_decoded_once_and_augmented_per_batch(tmp_path: Path, monkeypatch):
     assert y.tolist() == list(range(5))
     # No rotation, shift or zoom: the identity; a flip: the mirror image; otherwise a change.
     batch = torch.from_numpy(np.stack([load_rgb(p, 16) for p in paths])).permute(0, 3, 1, 2).float()
-    still = {"rotate": 0, "translate": 0.0, "scale": [1.0, 1.0], "hflip": False}
+    from stages.core.schema import Augment
+
+    still = Augment(rotate=0.0, translate=0.0, scale=[1.0, 1.0], hflip=False)
     torch.testing.assert_close(image_train.random_affine(batch, still), batch, atol=1e-3, rtol=0)
     torch.manual_seed(0)
-    flipped = image_train.random_affine(batch, {**still, "hflip": True})
+    flipped = image_train.random_affine(batch, still.model_copy(update={"hflip": True}))
     mirrored = [
         torch.allclose(f, b.flip(-1), atol=1e-3) for f, b in zip(flipped, batch, strict=False)
     ]
     kept = [torch.allclose(f, b, atol=1e-3) for f, b in zip(flipped, batch, strict=False)]
     assert all(m or k for m, k in zip(mirrored, kept, strict=False)) and any(mirrored)
     moved = image_train.random_affine(
-        batch, {"rotate": 10, "translate": 0.1, "scale": [0.9, 1.1], "hflip": False}
+        batch, Augment(rotate=10.0, translate=0.1, scale=[0.9, 1.1], hflip=False)
     )
     assert moved.shape == batch.shape and not torch.allclose(moved, batch)
 

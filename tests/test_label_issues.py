@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
+from conftest import ROOT, params_with
 
 from app.label_issues import image_items, show, tabular_rows
 from stages.core.cli import StageError
-from stages.core.params import load_params
+from stages.core.schema import replaced
 from stages.image import demo
 from stages.image import labels as image_labels
 from stages.image import prepare as image_prepare
@@ -50,8 +50,7 @@ def tabular_issues(tmp_path: Path, share: float) -> tuple[pd.DataFrame, set, dic
     df["species"], rows = flip(df["species"], share, FLIP_SEED)
     csv = tmp_path / "penguins.csv"
     df.to_csv(csv, index=False)
-    params = load_params(ROOT / "params.yaml")
-    params["tabular"]["data"]["source"] = str(csv)
+    params = params_with({"tabular.data.source": str(csv)})
     tabular_prepare.run(params, out_dir=str(tmp_path / "prepared"))
     summary = tabular_labels.run(
         params, tmp_path / "prepared", tmp_path / "metrics/tabular/label_issues.csv"
@@ -100,8 +99,7 @@ def test_tabular_clean_list_is_short(tmp_path):
 
 
 def digits_manifest(tmp_path: Path, share: float) -> tuple[dict, set]:
-    params = load_params(ROOT / "params.yaml")
-    params["image"]["demo"]["size"] = params["image"]["data"]["image_size"] = 16
+    params = params_with({"image.demo.size": 16, "image.data.image_size": 16})
     root = tmp_path / "digits"
     demo.run(params, out_dir=str(root))
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
@@ -110,7 +108,7 @@ def digits_manifest(tmp_path: Path, share: float) -> tuple[dict, set]:
     )
     table["label"], rows = flip(table["label"], share, FLIP_SEED)
     table.to_csv(tmp_path / "manifest.csv", index=False)
-    params["image"]["data"]["source"] = str(tmp_path / "manifest.csv")
+    params = replaced(params, {"image.data.source": str(tmp_path / "manifest.csv")})
     return params, set(table["path"].iloc[rows])
 
 
@@ -127,20 +125,19 @@ def test_image_finds_flipped_digits(tmp_path, monkeypatch):
     )
     assert recall >= 0.6 and precision >= 0.5, issues
     assert summary["count"] == len(issues) and summary["rows"] == 1797
-    shown = image_items(issues.head(6), params["image"]["data"]["source"])
+    shown = image_items(issues.head(6), params.image.data.source)
     assert len(shown) == 6 and all(Path(f).is_file() for f, _ in shown)
 
     # Review → exclude → rerun: the listed paths leave every split.
-    params["image"]["data"]["exclude"] = issues["line"].tolist()
+    params = replaced(params, {"image.data.exclude": issues["line"].tolist()})
     schema = image_prepare.run(params, out_dir="prepared")
     assert sum(schema["rows"].values()) == 1797 - len(issues)
 
 
 def test_exclude_lines_leave_every_split(tmp_path):
-    params = load_params(ROOT / "params.yaml")
-    params["tabular"]["data"]["source"] = str(ROOT / "data/tabular/penguins.csv")
+    params = params_with({"tabular.data.source": str(ROOT / "data/tabular/penguins.csv")})
     before = tabular_prepare.run(params, out_dir=str(tmp_path / "a"))
-    params["tabular"]["data"]["exclude_lines"] = [2, 3, 345]
+    params = replaced(params, {"tabular.data.exclude_lines": [2, 3, 345]})
     after = tabular_prepare.run(params, out_dir=str(tmp_path / "b"))
     assert sum(after["rows"].values()) == sum(before["rows"].values()) - 3
     lines = pd.concat(
@@ -153,15 +150,18 @@ def test_exclude_lines_leave_every_split(tmp_path):
     }
     for n in kept:  # every other row keeps its split
         assert kept[n] == set(pd.read_parquet(tmp_path / f"b/{n}.parquet").index)
-    params["tabular"]["data"]["exclude_lines"] = [346]
+    params = replaced(params, {"tabular.data.exclude_lines": [346]})
     with pytest.raises(StageError, match="line 346 is not a data line"):
         tabular_prepare.run(params, out_dir=str(tmp_path / "c"))
 
 
 def test_regression_is_skipped_with_an_empty_list(tmp_path):
-    params = load_params(ROOT / "params.yaml")
-    params["tabular"]["data"].update(
-        source=str(ROOT / "data/tabular/penguins.csv"), target="year", task="regression"
+    params = params_with(
+        {
+            "tabular.data.source": str(ROOT / "data/tabular/penguins.csv"),
+            "tabular.data.target": "year",
+            "tabular.data.task": "regression",
+        }
     )
     tabular_prepare.run(params, out_dir=str(tmp_path / "prepared"))
     summary = tabular_labels.run(

@@ -13,13 +13,14 @@ from dvc.repo import Repo
 
 from stages.core import layout
 from stages.core.params import TASKS, load_params
+from stages.core.schema import Params
 
 CODE = {"stages/__init__.py", "stages/__main__.py", "stages/core", "params.yaml"}  # and params
 
 
-def expected(stage: str, task: str, params: dict) -> tuple[set, set]:
+def expected(stage: str, task: str, params: Params) -> tuple[set, set]:
     """(deps, outs) of stage@task, from the layout and params.yaml, code deps aside."""
-    source = params[task]["data"]["source"]
+    source = getattr(params, task).data.source
     prepared, model, valid = layout.prepared(task), layout.model_pt(task), layout.validation(task)
     io = {
         "demo": (set(), {layout.DEMO.get(task)}),
@@ -40,10 +41,10 @@ def expected(stage: str, task: str, params: dict) -> tuple[set, set]:
                 layout.model_onnx(task),
                 layout.card(task),
                 layout.expectations(task),
-                params[task]["infer"]["source"],
+                getattr(params, task).infer.source,
             },
             {
-                layout.PREDICTIONS.get(task) or params[task]["infer"]["output"],
+                layout.PREDICTIONS.get(task) or getattr(params, task).infer.output,
                 layout.infer_stats(task),
             },
         ),

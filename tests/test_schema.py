@@ -118,8 +118,13 @@ def test_python_m_stages_exits_1_with_one_line(params_repo: Path, change: dict):
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
 
 
+def raw_params() -> dict:
+    """params.yaml as read, before the schema: what a test edits to break it."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
 def test_a_missing_key_and_a_missing_section():
-    params = load_params(ROOT / "params.yaml")
+    params = raw_params()
     del params["image"]["validate"]["modes"]
     with pytest.raises(StageError, match=r"^params.yaml: image.validate.modes: missing$"):
         schema.validate(params)
@@ -128,14 +133,17 @@ def test_a_missing_key_and_a_missing_section():
         schema.validate(params)
 
 
-def test_the_values_stages_read_are_not_converted():
+def test_the_values_stages_read_keep_their_types():
     params = load_params(ROOT / "params.yaml")
-    assert schema.validate(params) is params
-    assert isinstance(params["tabular"]["train"]["grad_clip"], float)
+    assert isinstance(params.tabular.train.grad_clip, float)
+    assert params.tabular.train.epochs == "auto" and params.seed == 42
+    # what outputs record: params.yaml's own keys, order and numbers (rotate: 10, not 10.0)
+    assert schema.plain(params) == raw_params()
+    assert repr(schema.plain(params)) == repr(raw_params())
 
 
 def test_overridden_is_what_a_sweep_would_run():
-    params = load_params(ROOT / "params.yaml")
+    params = raw_params()
     schema.validate(schema.overridden(params, {"tabular.train.lr": 0.1}))
     with pytest.raises(StageError, match="did you mean tabular.train.lr"):
         schema.validate(schema.overridden(params, {"tabular.train.lrr": 0.1}))

@@ -14,10 +14,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-from conftest import ROOT, serving
+from conftest import ROOT, params_with, serving
 
-from app.settings import SettingsError, from_mapping, load_settings, parse_api_keys
+from app.settings import SettingsError, from_params, load_settings, parse_api_keys
 from app.v2_tensors import TensorError, decode_bytes, encode_bytes, read_inputs, split_body
+from stages.core.cli import StageError
+from stages.core.schema import Serve
 
 FEATURES = {
     "island": ["Biscoe", "Dream"],
@@ -59,28 +61,31 @@ def post_json(url, path, text: str, **headers):
 
 
 # ---------------------------------------------------------------- cores, no server
-def test_settings_come_from_params_and_env_only(tmp_path):
+def test_settings_come_from_params_and_env_only(tmp_path, monkeypatch):
     s = load_settings(ROOT / "params.yaml")
     assert s.queue_timeout_s == 30 and s.concurrency == 2  # params.yaml's, not a literal's
-    extra = ("models_dir", "api_keys", "tabular_batch_size", "top_k")
-    serve = {f: getattr(s, f) for f in s.__dataclass_fields__ if f not in extra}
+    assert isinstance(s, Serve)  # the schema's serve section: its keys, types and ranges
     keys = tmp_path / "keys"
     keys.write_text("alpha\nbeta,gamma\n")
     env = {"APP_PORT": "9000", "APP_API_KEYS": str(keys), "APP_MODELS_DIR": "/m"}
-    t = from_mapping({**serve, "cors_origins": []}, 64, 3, env)
-    assert (t.port, t.api_keys, t.models_dir, t.tabular_batch_size) == (
+    for name, value in {**env, "APP_MAX_ROWS": "3"}.items():
+        monkeypatch.setenv(name, value)
+    t = from_params(params_with({"tabular.infer.batch_size": 64}))
+    assert (t.port, t.api_keys, t.models_dir, t.tabular_batch_size, t.max_rows) == (
         9000,
         ("alpha", "beta", "gamma"),
         "/m",
         64,
+        s.max_rows,  # only the documented variables override
     )
     assert parse_api_keys(" a, b ,") == ("a", "b")
-    with pytest.raises(SettingsError, match="serve.concurrency"):
-        from_mapping({**serve, "concurrency": "many"}, 64, 3, {})
-    with pytest.raises(SettingsError, match="missing queue_timeout_s"):
-        from_mapping({k: v for k, v in serve.items() if k != "queue_timeout_s"}, 64, 3, {})
-    with pytest.raises(SettingsError, match="serve.strict"):
-        from_mapping({**serve, "strict": "yes"}, 64, 3, {})
+    monkeypatch.setenv("APP_PORT", "0")  # one range for params.yaml and the environment
+    with pytest.raises(SettingsError, match="APP_PORT: '0'"):
+        from_params(params_with({}))
+    with pytest.raises(StageError, match="serve.port"):
+        params_with({"serve.port": 0})
+    with pytest.raises(StageError, match="serve.strict"):
+        params_with({"serve.strict": "yes"})
 
 
 def test_binary_tensor_codec():

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import ROOT, TINY_TABULAR, copy_repo, run, set_params
+from conftest import ROOT, TINY_TABULAR, copy_repo, params_with, run, set_params
 
 from stages.core.cli import StageError
 from stages.core.expectations import run_suite
@@ -37,8 +36,10 @@ def prepare_both(tmp_path: Path, source: Path, **data) -> dict:
     """prepare.run with each engine; {engine: (schema, {split: frame})}."""
     out = {}
     for engine in ("pandas", "spark"):
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["tabular"]["data"].update(source=str(source), engine=engine, **data)
+        params = params_with(
+            {"tabular.data.source": str(source), "tabular.data.engine": engine}
+            | {f"tabular.data.{k}": v for k, v in data.items()}
+        )
         schema = prepare.run(params, out_dir=str(tmp_path / engine))
         out[engine] = (
             schema,
@@ -123,8 +124,10 @@ def test_both_engines_give_the_same_errors(spark, tmp_path):
     messages = {}
     for case, (source, data) in bad_csvs(tmp_path).items():
         for engine in ("pandas", "spark"):
-            params = yaml.safe_load((ROOT / "params.yaml").read_text())
-            params["tabular"]["data"].update(source=str(source), engine=engine, **data)
+            params = params_with(
+                {"tabular.data.source": str(source), "tabular.data.engine": engine}
+                | {f"tabular.data.{k}": v for k, v in data.items()}
+            )
             with pytest.raises(StageError) as e:
                 prepare.run(params, out_dir=str(tmp_path / f"{case}-{engine}"))
             messages[case, engine] = str(e.value)
@@ -133,8 +136,9 @@ def test_both_engines_give_the_same_errors(spark, tmp_path):
     for case, source in once_errors(tmp_path).items():
         schemas = {}
         for engine in ("pandas", "spark"):
-            params = yaml.safe_load((ROOT / "params.yaml").read_text())
-            params["tabular"]["data"].update(source=str(source), engine=engine)
+            params = params_with(
+                {"tabular.data.source": str(source), "tabular.data.engine": engine}
+            )
             schemas[engine] = prepare.run(params, out_dir=str(tmp_path / f"{case}-{engine}"))
         for key in ("rows", "features", "columns", "dropped_rows", "task"):
             assert schemas["pandas"][key] == schemas["spark"][key], (case, key)
@@ -195,8 +199,7 @@ def test_dvc_repro_on_spark_runs_end_to_end_and_predicts_as_pandas(spark, tmp_pa
     # the same model and input through the pandas engine
     from stages.tabular import infer
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["tabular"]["data"]["engine"] = "pandas"
+    params = params_with({"tabular.data.engine": "pandas"}, repo / "params.yaml")
     monkeypatch.chdir(repo)
     infer.run(params, Path("models/tabular"), tmp_path / "pandas.csv")
     # (the pandas engine also writes the trust columns, stages/core/trust.py; Spark does not yet)

@@ -9,8 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
-from conftest import ROOT, run_python
+from conftest import ROOT, params_with, run_python
 from torch.utils.data import DataLoader
 
 from stages.core.expectations import run_suite
@@ -25,8 +24,7 @@ from stages.tabular.validate import suite as tabular_suite
 def split(tmp_path_factory):
     """The penguins prepared, and the training split rewritten in row groups of 16 rows."""
     out = tmp_path_factory.mktemp("prepared")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["tabular"]["data"]["source"] = str(ROOT / "data/tabular/penguins.csv")
+    params = params_with({"tabular.data.source": str(ROOT / "data/tabular/penguins.csv")})
     schema = prepare.run(params, out_dir=str(out))
     table = pq.read_table(out / "train.parquet")
     pq.write_table(table, out / "groups.parquet", row_group_size=16)

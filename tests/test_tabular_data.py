@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import ROOT
+from conftest import ROOT, params_with
 
 from stages.core.cli import StageError
 from stages.core.splits import hash_assign, row_hash
@@ -40,12 +39,12 @@ def prepared(
     if text is not None:
         source = tmp_path / "t.csv"
         source.write_text(text)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p = params["tabular"]["data"]
-    p.update(
-        source=str(source), **{k: v for k, v in data.items() if k not in ("val", "test", "method")}
+    split = ("val", "test", "method")
+    params = params_with(
+        {"tabular.data.source": str(source)}
+        | {f"tabular.data.{k}": v for k, v in data.items() if k not in split}
+        | {f"tabular.data.split.{k}": v for k, v in data.items() if k in split}
     )
-    p["split"].update({k: v for k, v in data.items() if k in ("val", "test", "method")})
     out = tmp_path / "out"
     schema = prepare.run(params, out_dir=str(out))
     return schema, {n: pd.read_parquet(out / f"{n}.parquet") for n in ("train", "val", "test")}
@@ -117,10 +116,9 @@ def test_split_is_stratified_and_fixed_by_seed(tmp_path, method):
 
 def _split(tmp_path, seed, method):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["seed"] = seed
-    params["tabular"]["data"].update(source=str(PENGUINS))
-    params["tabular"]["data"]["split"]["method"] = method
+    params = params_with(
+        {"seed": seed, "tabular.data.source": str(PENGUINS), "tabular.data.split.method": method}
+    )
     prepare.run(params, out_dir=str(tmp_path / "out"))
     return {n: pd.read_parquet(tmp_path / "out" / f"{n}.parquet") for n in ("train", "val", "test")}
 

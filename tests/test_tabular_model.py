@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TABULAR, copy_repo, set_params, stage
+from conftest import TINY_TABULAR, copy_repo, params_with, set_params, stage
 
 from stages.core.cli import StageError
 from stages.core.onnx_export import export_onnx
@@ -117,8 +117,9 @@ def test_onnx_parity_batch_1_and_n(tmp_path: Path, name, classify):
 def test_auto_batch_and_epochs(rows_, batch, epochs):
     assert auto_batch_size(rows_) == batch
     assert auto_epochs(rows_, batch) == epochs
-    got = resolve({"batch_size": "auto", "epochs": "auto", "lr": 0.1}, rows_)
-    assert got == {"batch_size": batch, "epochs": epochs, "lr": 0.1}
+    auto = params_with({"tabular.train.batch_size": "auto", "tabular.train.epochs": "auto"})
+    got = resolve(auto.tabular.train, rows_)
+    assert (got.batch_size, got.epochs, got.lr) == (batch, epochs, auto.tabular.train.lr)
 
 
 def test_auto_rule_bounds_and_integers_kept():
@@ -127,9 +128,10 @@ def test_auto_rule_bounds_and_integers_kept():
         assert 32 <= b <= 2048 and b & (b - 1) == 0
         assert 1 <= auto_epochs(n, b) <= 50
     assert auto_epochs(10**8, 2048) == 1  # a huge table: one pass is already many steps
-    assert resolve({"batch_size": 7, "epochs": 3}, 10**6) == {"batch_size": 7, "epochs": 3}
-    with pytest.raises(StageError, match="tabular.train.epochs is 'many'"):
-        resolve({"batch_size": "auto", "epochs": "many"}, 100)
+    fixed = params_with({"tabular.train.batch_size": 7, "tabular.train.epochs": 3}).tabular.train
+    assert resolve(fixed, 10**6) == fixed
+    with pytest.raises(StageError, match="tabular.train.epochs: .*'many'"):
+        params_with({"tabular.train.epochs": "many"})
 
 
 def test_loss_ensemble_mean_and_smoothing_only_while_training():

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from conftest import params_with
 
 from stages.core.cli import StageError
 from stages.tabular import prepare
@@ -22,8 +22,10 @@ FIXTURES = ROOT / "tests" / "fixtures" / "tabular"
 
 
 def run_prepare(tmp_path: Path, csv: Path, target: str, **data) -> tuple[dict, dict]:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["tabular"]["data"].update(source=str(csv), target=target, **data)
+    params = params_with(
+        {"tabular.data.source": str(csv), "tabular.data.target": target}
+        | {f"tabular.data.{k}": v for k, v in data.items()}
+    )
     out = tmp_path / "prepared"
     schema = prepare.run(params, str(out))
     roles = {c["column"]: c["role"] for c in schema["columns"]}

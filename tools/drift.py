@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default="models")
     ap.add_argument("--out", default="report/drift")
     args = ap.parse_args(argv)
-    shifted = float(load_params()["serve"]["drift_threshold"])
+    shifted = load_params().serve.drift_threshold
     done = 0
     for task in args.task or TASKS:
         rows = read_log(Path(args.logs), task)

@@ -31,6 +31,7 @@ import yaml
 
 from stages.core import layout
 from stages.core.files import timing_path
+from stages.core.schema import overridden
 
 TRAIN_TIME = "train-tabular"  # stages/tabular/train.py's timing name (that module needs torch)
 
@@ -73,13 +74,6 @@ def table_csv(name: str, folder: Path) -> Path:
     return path
 
 
-def set_key(params: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    for key in parents:
-        params = params[key]
-    params[last] = value
-
-
 def run_table(
     csv: Path, target: str, task: str, drop: list[str], sets: dict, folder: Path, code: Path = ROOT
 ) -> dict:
@@ -95,8 +89,7 @@ def run_table(
         keys["tabular.data.roles" if new else "tabular.data.drop_columns"] = (
             dict.fromkeys(drop, "drop") if new else drop
         )
-    for key, value in {**keys, **sets}.items():
-        set_key(params, key, value)
+    params = overridden(params, {**keys, **sets})
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(code), "DVC_NO_ANALYTICS": "1"}
     seconds = {}

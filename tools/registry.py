@@ -40,6 +40,7 @@ import yaml
 
 from stages.core.cli import StageError, run_main
 from stages.core.params import TASKS, load_params
+from stages.core.schema import Registry
 from tools.sweep import RANK_BY
 
 
@@ -137,13 +138,19 @@ def metric(card: dict, key: str) -> float:
 
 def parity_passed(card: dict) -> bool:
     """The card's parity numbers against the limits export checked them with."""
-    p, limits = card.get("parity") or {}, card.get("params", {}).get(f"{card['task']}.export", {})
-    if "max_abs_diff" in p:
-        return p["max_abs_diff"] <= p["atol"] and p["class_agreement"] >= limits.get(
+    parity, limits = (
+        card.get("parity") or {},
+        card.get("params", {}).get(f"{card['task']}.export", {}),
+    )
+    if "max_abs_diff" in parity:
+        return parity["max_abs_diff"] <= parity["atol"] and parity["class_agreement"] >= limits.get(
             "min_top1_agreement", 1.0
         )
-    if "matched_of_onnx" in p:
-        return min(p["matched_of_ultralytics"], p["matched_of_onnx"]) >= limits["min_matched"]
+    if "matched_of_onnx" in parity:
+        return (
+            min(parity["matched_of_ultralytics"], parity["matched_of_onnx"])
+            >= limits["min_matched"]
+        )
     return False
 
 
@@ -175,7 +182,7 @@ def p50_latencies(paths: list[Path], runs: int = 300) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def gate(cand: dict, cur: dict | None, latency: list[float], cfg: dict) -> list[tuple]:
+def gate(cand: dict, cur: dict | None, latency: list[float], cfg: Registry) -> list[tuple]:
     """Rows (check, candidate, current, rule, passed)."""
     key, higher = main_metric(cand)
     rows = [
@@ -193,7 +200,7 @@ def gate(cand: dict, cur: dict | None, latency: list[float], cfg: dict) -> list[
         return rows
     same = test_split(cand) is not None and test_split(cand) == test_split(cur)
     rows.append(("test split (prepared data md5)", test_split(cand), test_split(cur), "same", same))
-    c, o, tol = metric(cand, key), metric(cur, key), cfg["tolerance"]
+    c, o, tol = metric(cand, key), metric(cur, key), cfg.tolerance
     ok = c >= o - tol if higher else c <= o + tol
     rows.append(
         (
@@ -210,8 +217,8 @@ def gate(cand: dict, cur: dict | None, latency: list[float], cfg: dict) -> list[
             "p50 latency, batch 1 (ms)",
             f"{latency[0] * 1e3:.3f}",
             f"{latency[1] * 1e3:.3f}",
-            f"ratio {ratio:.2f} <= {cfg['max_latency_ratio']}",
-            ratio <= cfg["max_latency_ratio"],
+            f"ratio {ratio:.2f} <= {cfg.max_latency_ratio}",
+            ratio <= cfg.max_latency_ratio,
         )
     )
     return rows
@@ -262,7 +269,7 @@ def promote(task: str, stage: str = "prod", rev: str = "HEAD") -> str:
             if cur
             else []
         )
-    rows = gate(cand, cur, latency, load_params()["registry"])
+    rows = gate(cand, cur, latency, load_params().registry)
     print(
         f"{name} at {commit[:10]} against {stage}: "
         + (f"{current.version} ({current.commit_hexsha[:10]})" if current else "no version yet")
@@ -329,7 +336,7 @@ def main(argv: list[str]) -> None:
     if args.cmd == "promote":
         promote(args.task, args.stage, args.rev)
     else:
-        print(fetch(args.model or str(load_params()["serve"].get("model", "workspace")), args.out))
+        print(fetch(args.model or load_params().serve.model, args.out))
 
 
 if __name__ == "__main__":

@@ -122,10 +122,10 @@ def plot_curves(task: str, out: Path) -> list[tuple[str, str]]:
     confusion = Path(f"metrics/{task}/plots/confusion.json")
     if confusion.exists():
         pairs = read_json(confusion)
-        labels = sorted({p["actual"] for p in pairs} | {p["predicted"] for p in pairs})
+        labels = sorted({pair["actual"] for pair in pairs} | {pair["predicted"] for pair in pairs})
         m = np.zeros((len(labels), len(labels)), int)
-        for p in pairs:
-            m[labels.index(p["actual"]), labels.index(p["predicted"])] += 1
+        for pair in pairs:
+            m[labels.index(pair["actual"]), labels.index(pair["predicted"])] += 1
         fig, ax = plt.subplots(figsize=(4, 3.6))
         ax.imshow(m, cmap="Blues")
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)

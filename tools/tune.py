@@ -29,7 +29,7 @@ import yaml
 
 from stages.core.cli import StageError, run_main
 from stages.core.params import load_params
-from stages.core.schema import overridden, validate
+from stages.core.schema import overridden, plain, validate
 from tools.sweep import (
     Watch,
     experiments,
@@ -80,7 +80,7 @@ def suggest(trial, space: dict) -> dict:
 def defaults(space: dict) -> dict:
     """The current params.yaml values of the searched keys, as the study's first trial (the
     baseline every other trial is measured against), or {} when one lies outside the space."""
-    params, found = load_params(), {}
+    params, found = plain(load_params()), {}
     for key, s in space.items():
         value = params
         for part in key.split("."):

@@ -11,6 +11,7 @@ import numpy as np
 from stages.core import layout
 from stages.core.files import read_json
 from stages.core.inference import open_session
+from stages.core.schema import Section, plain
 
 
 def provenance(task: str, model_file: Path, lock_file: Path = Path("dvc.lock")) -> dict:
@@ -57,7 +58,7 @@ def card_common(
     input_shape: list,
     meta: dict,
     parity: dict,
-    export_params: dict,
+    export_params: Section,
 ) -> dict:
     """The model-card fields every task shares."""
     validation = read_json(layout.validation(task))
@@ -75,7 +76,11 @@ def card_common(
         },
         "metrics": read_json(layout.metrics(task)),
         "training": meta["train"],
-        "params": {**meta["schema"]["params"], **meta["params"], f"{task}.export": export_params},
+        "params": {
+            **meta["schema"]["params"],
+            **meta["params"],
+            f"{task}.export": plain(export_params),
+        },
         "validation": {"success": validation["success"], "suite_file": validation["suite_file"]},
         "parity": parity,
         "data": {"source": meta["schema"]["source"], "rows": meta["schema"]["rows"]},

@@ -15,14 +15,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from stages.core.cli import StageError
+from stages.core.schema import Amp
 
-AMP_MODES = ("auto", "off", "bf16", "fp16")
+AMP_MODES: tuple[str, ...] = get_args(Amp)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.distributed import relaunch_under_torchrun, seed_everything, setup, teardown
+from stages.core.schema import Params, plain
 from stages.core.trainer import LoopConfig, fit, load_checkpoint, save_checkpoint
 
 
@@ -117,18 +118,18 @@ def pruning_callback(pointer: str, rt) -> Callable | None:
     return on_epoch
 
 
-def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
-    p = params[task]["train"]
-    cfg = LoopConfig.from_params(p, f"{task}.train")
+def train(task: str, params: Params, make_job: Callable[[Params], Job]) -> None:
+    p = plain(getattr(params, task).train)
+    cfg = LoopConfig.from_params(getattr(params, task).train)
     if relaunch_under_torchrun(cfg.nproc, "stages", ["train", task]):
         return
     out_dir, live_dir = layout.model_dir(task), layout.train_log(task)
     rt = setup(cfg.device)
     try:
-        seed_everything(params["seed"], rt.rank)
+        seed_everything(params.seed, rt.rank)
         job = make_job(params)
         ckpt_dir = out_dir / "checkpoints"
-        fp = fingerprint({"train": p, "seed": params["seed"]}, job.data_files, rt.world_size)
+        fp = fingerprint({"train": p, "seed": params.seed}, job.data_files, rt.world_size)
         live = None
         if rt.is_main:
             from dvclive import Live
@@ -136,10 +137,8 @@ def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
             # Never DVCLive's resume (it appends to whatever a killed run left, torn or not):
             # start the folder afresh; a resumed fit() rewrites the earlier epochs from last.pt.
             live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False)
-            live.log_params(
-                {f"{task}.train": p, "seed": params["seed"], "world_size": rt.world_size}
-            )
-        pointer = params.get("tune", {}).get("trial", "")
+            live.log_params({f"{task}.train": p, "seed": params.seed, "world_size": rt.world_size})
+        pointer = params.tune.trial
         try:
             summary = fit(
                 job.model,
@@ -148,7 +147,7 @@ def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
                 sums_fn=job.sums_fn,
                 cfg=cfg,
                 rt=rt,
-                seed=params["seed"],
+                seed=params.seed,
                 ckpt_dir=ckpt_dir,
                 fingerprint=fp,
                 live=live,
@@ -180,7 +179,7 @@ def train(task: str, params: dict, make_job: Callable[[dict], Job]) -> None:
                 "arch": job.arch,
                 **job.meta,
                 "train": summary,
-                "params": {"seed": params["seed"], f"{task}.train": p},
+                "params": {"seed": params.seed, f"{task}.train": p},
             }
             save_checkpoint(out_dir / "model.pt", {"state_dict": best["model"], "meta": meta})
             live.end()

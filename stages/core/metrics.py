@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from stages.core.schema import Params
+
 
 def classification_report(
     y: np.ndarray, probs: np.ndarray, classes: list[str]
@@ -117,10 +119,10 @@ def learned_nothing(
     return [text]
 
 
-def fail_if_untrained(warnings: list[str], task: str, params: dict) -> None:
+def fail_if_untrained(warnings: list[str], task: str, params: Params) -> None:
     """`<task>.evaluate.fail_if_untrained: true` turns the warning into a failed stage
     (after metrics.json is written, so the record says why)."""
-    if warnings and params[task]["evaluate"]["fail_if_untrained"]:
+    if warnings and getattr(params, task).evaluate.fail_if_untrained:
         from stages.core.cli import StageError
 
         raise StageError(f"{warnings[0]} ({task}.evaluate.fail_if_untrained is true)")

@@ -17,7 +17,7 @@ import copy
 import difflib
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from stages.core.cli import StageError
 
@@ -25,12 +25,36 @@ Fraction = Annotated[float, Field(gt=0, lt=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[int, Field(ge=1)]
 Count = Annotated[int, Field(ge=0)]
+# The one list of each setting's allowed values: code imports these (typing.get_args) rather
+# than repeating them.
+Task = Literal["tabular", "image", "detect"]  # stages/<task>/, models/<task>/
 Arch = Literal["small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0"]
+Scheduler = Literal["cosine", "step", "plateau", "none"]
+Amp = Literal["auto", "off", "bf16", "fp16"]
+Device = Literal["auto", "cpu", "cuda"]
+Engine = Literal["pandas", "spark"]
+SplitMethod = Literal["hash", "sklearn"]
+TabularTask = Literal["auto", "classification", "regression"]
+Role = Literal["drop", "numeric", "categorical", "boolean", "datetime", "text"]
+Duplicates = Literal["fail", "drop"]
+BoxFormat = Literal["yolo", "coco", "voc"]
+Graph = Literal["raw", "nms", "end2end"]
 
 
 class Section(BaseModel):
     # strict: a quoted "80" is not an int, 1 is not true; an int is still a valid float.
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # The mapping this section was read from: plain() keeps its key order and its spelling of
+    # a number (rotate: 10, not the float 10.0), so outputs that record params stay as before.
+    _read: dict = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_read(cls, data, handler):
+        model = handler(data)
+        if isinstance(data, dict):
+            model._read = data
+        return model
 
     # TRANSITIONAL (issue 36): read-only mapping access by params.yaml name, so code not yet
     # moved to attributes (params.tabular.train.lr) keeps working. Removed once none is left.
@@ -75,17 +99,17 @@ class Loop(Section):
     batch_size: Positive
     lr: Annotated[float, Field(gt=0)]
     weight_decay: Annotated[float, Field(ge=0)]
-    scheduler: Literal["cosine", "step", "plateau", "none"]
+    scheduler: Scheduler
     step_size: Positive
     gamma: Annotated[float, Field(gt=0, le=1)]
     grad_clip: Annotated[float, Field(ge=0)]
     grad_accum: Positive
     # YAML 1.1 (PyYAML) reads an unquoted `off` as false, and DVC's -S writes it unquoted
-    amp: Literal["auto", "off", "bf16", "fp16", False]
+    amp: Amp | Literal[False]
     compile: bool
     patience: Count
     num_workers: Count
-    device: Literal["auto", "cpu", "cuda"]
+    device: Device
     nproc: Positive
 
 
@@ -98,17 +122,17 @@ class Split(Section):
 
 
 class TabularSplit(Split):
-    method: Literal["hash", "sklearn"]
+    method: SplitMethod
 
 
 class TabularData(Section):
     source: str
     target: str
-    task: Literal["auto", "classification", "regression"]
+    task: TabularTask
     # column → role (stages/tabular/roles.py); `drop` is how a column is left out
-    roles: dict[str, Literal["drop", "numeric", "categorical", "boolean", "datetime", "text"]]
+    roles: dict[str, Role]
     max_categories: Positive
-    engine: Literal["pandas", "spark"]
+    engine: Engine
     split: TabularSplit
     exclude_lines: list[Annotated[int, Field(ge=2)]]  # CSV file lines (header = 1)
 
@@ -191,7 +215,7 @@ class ImageData(Section):
     image_size: Positive
     mean: Annotated[list[float], Field(min_length=3, max_length=3)]
     std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)]
-    duplicates: Literal["fail", "drop"]
+    duplicates: Duplicates
     split: Split
     exclude: list[str]  # image paths relative to the source
 
@@ -267,7 +291,7 @@ class DetectDemo(Section):
 
 class DetectData(Section):
     source: str
-    format: Literal["yolo", "coco", "voc"]
+    format: BoxFormat
     images: str
     split: Split
 
@@ -300,7 +324,7 @@ class DetectEvaluate(Section):
 
 
 class DetectExport(Section):
-    graph: Literal["raw", "nms", "end2end"]
+    graph: Graph
     conf: Share  # also the model card's postprocessing.conf: what infer and serving use
     iou: Share
     match_iou: Share
@@ -338,7 +362,7 @@ class Registry(Section):
 class Serve(Section):
     model: str
     host: str
-    port: Annotated[int, Field(ge=0, le=65535)]
+    port: Annotated[int, Field(ge=1, le=65535)]
     max_upload_mb: Annotated[float, Field(gt=0)]
     max_pixels: Positive
     max_rows: Positive
@@ -367,6 +391,25 @@ class Params(Section):
 
 
 # ---- checking ----
+
+
+def plain(section: Section) -> dict:
+    """A section as params.yaml spells it (`validate`, not `validate_`; its key order; 10, not
+    10.0), JSON-ready: what a fingerprint hashes and what a log or a model card records."""
+    return _as_read(section.model_dump(mode="json", by_alias=True), section._read)
+
+
+def _as_read(value, read):
+    """value, in the order and spelling of what was read where it still equals it (a
+    model_copy(update=...) changes values: those are the new ones)."""
+    if isinstance(value, dict) and isinstance(read, dict):
+        order = [k for k in read if k in value] + [k for k in value if k not in read]
+        return {k: _as_read(value[k], read.get(k)) for k in order}
+    if isinstance(value, list) and isinstance(read, list) and len(value) == len(read):
+        return [_as_read(v, r) for v, r in zip(value, read, strict=True)]
+    if type(value) is not type(read) and value == read and not isinstance(read, bool):
+        return read
+    return value
 
 
 def _fields(model: type[BaseModel]) -> dict:
@@ -428,10 +471,11 @@ def _problem(key: str, errors: list[dict]) -> str:
     return f"{wanted} (it is {errors[0]['input']!r})"
 
 
-def overridden(params: dict, values: dict) -> dict:
-    """A copy of params with dotted keys set ({"tabular.train.lr": 0.01}), as `dvc exp run -S`
-    sets them: what a sweep or tune trial will run with, to validate before queueing it."""
-    out = copy.deepcopy(params)
+def overridden(params: Params | dict, values: dict) -> dict:
+    """A copy of params (as params.yaml holds them) with dotted keys set
+    ({"tabular.train.lr": 0.01}), as `dvc exp run -S` sets them: what a sweep or tune trial
+    will run with, to validate before queueing it."""
+    out = plain(params) if isinstance(params, Section) else copy.deepcopy(params)
     for dotted, value in values.items():
         node = out
         *parents, leaf = dotted.split(".")
@@ -439,6 +483,12 @@ def overridden(params: dict, values: dict) -> dict:
             node = node.setdefault(key, {}) if isinstance(node, dict) else {}
         node[leaf] = value
     return out
+
+
+def replaced(params: Params, values: dict) -> Params:
+    """params with dotted keys set (as overridden), checked again: what a tool or a test
+    runs a stage with."""
+    return validate(overridden(params, values))
 
 
 def validate(params: dict) -> Params:

@@ -16,8 +16,9 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,9 @@ from torch.utils.data.distributed import DistributedSampler
 from stages.core.cli import StageError, log
 from stages.core.distributed import AmpPolicy, Runtime, all_reduce_sums, amp_policy
 from stages.core.files import atomic_path
+from stages.core.schema import Loop, Scheduler
 
-SCHEDULERS = ("cosine", "step", "plateau", "none")
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 LOWER_IS_BETTER = ("loss", "rmse", "mae", "error")
 
 
@@ -64,18 +66,10 @@ class LoopConfig:
     )
 
     @classmethod
-    def from_params(cls, params: dict, section: str) -> LoopConfig:
-        missing = [f.name for f in fields(cls) if f.name not in params and f.default is MISSING]
-        if missing:
-            raise StageError(f"params.yaml: {section} is missing: {', '.join(missing)}")
-        cfg = cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
-        if cfg.scheduler not in SCHEDULERS:
-            raise StageError(
-                f"{section}.scheduler is {cfg.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
-            )
-        if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-            raise StageError(f"{section}: epochs, batch_size and grad_accum must be at least 1")
-        return cfg
+    def from_params(cls, train: Loop, **changes) -> LoopConfig:
+        """The loop's keys of a `<task>.train` section (the schema has checked them), with
+        `changes` on top (a bench's amp mode, train's resolved `auto` sizes)."""
+        return cls(**{f.name: getattr(train, f.name) for f in fields(cls)} | changes)
 
     @property
     def minimize(self) -> bool:

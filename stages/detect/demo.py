@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import atomic_dir
+from stages.core.schema import Params
 from stages.detect.labels import yolo_line
 
 SHAPES = ["circle", "square", "triangle"]
@@ -48,17 +49,17 @@ def shapes_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, list
     return img, boxes
 
 
-def run(params: dict, out_dir: str | Path = layout.DEMO["detect"]) -> None:
-    p = params["detect"]["demo"]
-    rng = np.random.default_rng(p["seed"])
+def run(params: Params, out_dir: str | Path = layout.DEMO["detect"]) -> None:
+    p = params.detect.demo
+    rng = np.random.default_rng(p.seed)
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
-        for i in range(p["images"]):
-            img, boxes = shapes_scene(rng, p["size"])
+        for i in range(p.images):
+            img, boxes = shapes_scene(rng, p.size)
             img.save(tmp / "images" / f"{i:05d}.png")
             (tmp / "labels" / f"{i:05d}.txt").write_text("".join(yolo_line(*b) for b in boxes))
         (tmp / "data.yaml").write_text(
             "names:\n" + "".join(f"  {i}: {n}\n" for i, n in enumerate(SHAPES))
         )
-    log(f"wrote {p['images']} shape scenes ({p['size']}×{p['size']}) → {out_dir}")
+    log(f"wrote {p.images} shape scenes ({p.size}×{p.size}) → {out_dir}")

@@ -15,6 +15,7 @@ from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import read_json, write_json
 from stages.core.metrics import fail_if_untrained, learned_nothing
+from stages.core.schema import Params
 from stages.detect import yolo
 from stages.detect.boxes import upright_size
 from stages.detect.labels import parse_yolo_label
@@ -109,10 +110,10 @@ def _write_plots(plots: Path, box, names: list[str], per_class: dict) -> None:
     )
 
 
-def run(params: dict, out_dir: Path = layout.metrics_dir("detect")) -> dict:
+def run(params: Params, out_dir: Path = layout.metrics_dir("detect")) -> dict:
     """Ultralytics' validator on the test split, and the same predictions scored again by
     pycocotools. The two mAPs must agree within evaluate.coco_tolerance."""
-    p = params["detect"]["evaluate"]
+    p = params.detect.evaluate
     yolo.configure()
     from ultralytics import YOLO
 
@@ -126,8 +127,8 @@ def run(params: dict, out_dir: Path = layout.metrics_dir("detect")) -> dict:
         split="test",
         imgsz=model.ckpt["train_args"]["imgsz"],
         batch=16,
-        conf=p["conf"],
-        iou=p["iou"],
+        conf=p.conf,
+        iou=p.iou,
         device=yolo.device("auto"),
         save_json=True,
         plots=False,
@@ -150,13 +151,13 @@ def run(params: dict, out_dir: Path = layout.metrics_dir("detect")) -> dict:
     )
     gap = {k: round(ours[k] - coco[k], 4) for k in coco}
     warnings = learned_nothing(
-        "detect", "mAP50", ours["mAP50"], p["min_map50"], "the floor detect.evaluate.min_map50"
+        "detect", "mAP50", ours["mAP50"], p.min_map50, "the floor detect.evaluate.min_map50"
     )
     result = {
         "test": {**ours, "per_class": per_class},
         "pycocotools": coco,
         "ultralytics_minus_pycocotools": gap,
-        "tolerance": p["coco_tolerance"],
+        "tolerance": p.coco_tolerance,
         "test_images": dataset["rows"].get("test", 0),
         "warnings": warnings,
     }
@@ -166,9 +167,9 @@ def run(params: dict, out_dir: Path = layout.metrics_dir("detect")) -> dict:
         f"test: mAP50={ours['mAP50']:.4f} mAP50-95={ours['mAP50-95']:.4f} (pycocotools: mAP50={coco['mAP50']:.4f} "
         f"mAP50-95={coco['mAP50-95']:.4f})"
     )
-    if max(abs(v) for v in gap.values()) > p["coco_tolerance"]:
+    if max(abs(v) for v in gap.values()) > p.coco_tolerance:
         raise StageError(
-            f"Ultralytics and pycocotools disagree by more than {p['coco_tolerance']}: {gap} "
+            f"Ultralytics and pycocotools disagree by more than {p.coco_tolerance}: {gap} "
             f"(see {out_dir}/metrics.json)"
         )
     fail_if_untrained(warnings, "detect", params)

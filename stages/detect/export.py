@@ -17,11 +17,12 @@ from stages.core.card import card_common, reference, validated_ranges
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_path, read_json, write_json
 from stages.core.inference import open_session
+from stages.core.schema import DetectExport, Graph, Params
 from stages.detect import yolo
 from stages.detect.boxes import box_iou, load_for_detection
 from stages.detect.infer import graph_kind, predict
 
-GRAPHS = {
+GRAPHS: dict[Graph, bool | None] = {
     "raw": None,
     "nms": True,
     "end2end": False,
@@ -132,7 +133,9 @@ def export_onnx(pt: Path, onnx_path: Path, wanted: str, conf: float, iou: float)
             onnx.save(graph, str(out))
 
 
-def parity_check(model, session, files: list[Path], size: int, p: dict) -> tuple[dict, list]:
+def parity_check(
+    model, session, files: list[Path], size: int, p: DetectExport
+) -> tuple[dict, list]:
     """Our numpy pipeline vs Ultralytics' predict on files: (the parity record, our boxes)."""
     theirs = [
         np.concatenate(
@@ -141,26 +144,26 @@ def parity_check(model, session, files: list[Path], size: int, p: dict) -> tuple
         for r in model.predict(
             [str(f) for f in files],
             imgsz=size,
-            conf=p["conf"],
-            iou=p["iou"],
+            conf=p.conf,
+            iou=p.iou,
             device="cpu",
             verbose=False,
             stream=True,
         )
     ]
-    ours = detections_onnx(session, files, size, p["conf"], p["iou"])
+    ours = detections_onnx(session, files, size, p.conf, p.iou)
     parity = {
         "images": len(files),
         "boxes_ultralytics": int(sum(len(t) for t in theirs)),
         "boxes_onnx": int(sum(len(o) for o in ours)),
-        "matched_of_ultralytics": match_share(theirs, ours, p["match_iou"]),
-        "matched_of_onnx": match_share(ours, theirs, p["match_iou"]),
-        "match_iou": p["match_iou"],
+        "matched_of_ultralytics": match_share(theirs, ours, p.match_iou),
+        "matched_of_onnx": match_share(ours, theirs, p.match_iou),
+        "match_iou": p.match_iou,
     }
     return parity, ours
 
 
-def postprocessing(kind: str, p: dict) -> dict:
+def postprocessing(kind: str, p: DetectExport) -> dict:
     """The card's postprocessing: what infer and serving do after the graph, at which
     thresholds (stages/detect/infer.py thresholds)."""
     return {
@@ -174,34 +177,34 @@ def postprocessing(kind: str, p: dict) -> dict:
             if kind == "end2end"
             else ""
         ),
-        "conf": p["conf"],
-        "iou": p["iou"],
+        "conf": p.conf,
+        "iou": p.iou,
         "max_det": 300,
     }
 
 
-def run(params: dict, out_dir: Path = layout.model_dir("detect")) -> dict:
+def run(params: Params, out_dir: Path = layout.model_dir("detect")) -> dict:
     """Ultralytics' ONNX exporter (dynamic axes), then the input fixed to imgsz × imgsz with
     a dynamic batch; parity: our numpy pipeline vs Ultralytics' predict on the val images."""
-    p = params["detect"]["export"]
+    p = params.detect.export
     yolo.configure()
     from ultralytics import YOLO
 
     model = YOLO(out_dir / "model.pt")
     size = int(model.ckpt["train_args"]["imgsz"])
     onnx_path = out_dir / "model.onnx"
-    export_onnx(out_dir / "model.pt", onnx_path, p["graph"], p["conf"], p["iou"])
+    export_onnx(out_dir / "model.pt", onnx_path, p.graph, p.conf, p.iou)
     session = open_session(onnx_path)
     kind = graph_kind(session)
-    if kind != p["graph"]:
+    if kind != p.graph:
         raise StageError(
-            f"detect.export.graph is {p['graph']!r} but Ultralytics exported a {kind!r} graph for "
+            f"detect.export.graph is {p.graph!r} but Ultralytics exported a {kind!r} graph for "
             f"{model.ckpt['train_args']['model']}: NMS inside needs a head with NMS (YOLOv8/11), "
             "end2end an NMS-free head (YOLO26, YOLOv10)"
         )
     files = sorted(f for f in (layout.prepared("detect") / "images/val").iterdir() if f.is_file())
     parity, ours = parity_check(model, session, files, size, p)
-    if min(parity["matched_of_ultralytics"], parity["matched_of_onnx"]) < p["min_matched"]:
+    if min(parity["matched_of_ultralytics"], parity["matched_of_onnx"]) < p.min_matched:
         raise StageError(
             f"{onnx_path}: onnxruntime + numpy decoding matches Ultralytics on too few boxes: {parity}"
         )
@@ -230,6 +233,6 @@ def run(params: dict, out_dir: Path = layout.model_dir("detect")) -> dict:
     write_json(out_dir / "model.json", card)
     log(
         f"exported {onnx_path} (parity on {len(files)} val images: {parity['matched_of_ultralytics']:.3f} of "
-        f"Ultralytics' boxes matched at IoU >= {p['match_iou']})"
+        f"Ultralytics' boxes matched at IoU >= {p.match_iou})"
     )
     return card

@@ -18,6 +18,7 @@ from stages.core.cli import log
 from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
 from stages.core.images import list_images
 from stages.core.inference import open_session
+from stages.core.schema import Params
 from stages.detect.boxes import decode, draw_boxes, load_for_detection, to_records
 
 
@@ -67,25 +68,25 @@ def predict(
 
 
 def run(
-    params: dict,
+    params: Params,
     model_dir: Path = layout.model_dir("detect"),
     out: Path = layout.PREDICTIONS["detect"],
     rendered: Path = layout.RENDERED,
 ) -> dict:
     """COCO-style results ({file, category_id, category, bbox [x, y, w, h] in pixels, score})
     for every image; unreadable files are listed in metrics/detect/infer.json and skipped."""
-    p = params["detect"]["infer"]
+    p = params.detect.infer
     card = read_json(model_dir / "model.json")
     names, size = card["classes"], card["preprocessing"]["imgsz"]
-    table, root = list_images(p["source"], labelled=False)
+    table, root = list_images(p.source, labelled=False)
     files = table["path"].tolist()
     session = open_session(model_dir / card["onnx"]["file"])
     conf, iou = thresholds(card)
     results, errors, shown = [], [], []
     start = time.perf_counter()
-    for i in range(0, len(files), p["batch_size"]):
+    for i in range(0, len(files), p.batch_size):
         batch, names_ok = [], []
-        for f in files[i : i + p["batch_size"]]:
+        for f in files[i : i + p.batch_size]:
             try:
                 x, meta = load_for_detection(root / f, size)
             except Exception as e:  # noqa: BLE001 - unreadable file: report it, keep going
@@ -94,7 +95,7 @@ def run(
             batch.append((x, meta))
             names_ok.append(f)
         for f, dets in zip(names_ok, predict(session, batch, conf, iou), strict=False):
-            if len(shown) < p["render"]:
+            if len(shown) < p.render:
                 shown.append((f, dets))
             results += [{"file": f, **r} for r in to_records(dets, names)]
     seconds = time.perf_counter() - start
@@ -113,7 +114,7 @@ def run(
     write_json(layout.infer_stats("detect"), stats)
     write_timing("infer-detect", timing)
     log(
-        f"detected {len(results)} objects in {n} images from {p['source']} → {out} ({timing['images_per_s']} images/s)"
+        f"detected {len(results)} objects in {n} images from {p.source} → {out} ({timing['images_per_s']} images/s)"
         + (f"; {len(errors)} could not be read (see metrics/detect/infer.json)" if errors else "")
     )
     return {**stats, **timing}

@@ -15,8 +15,6 @@ import pandas as pd
 from stages.core.cli import StageError
 from stages.core.images import find_images, inspect_image
 
-FORMATS = ("yolo", "coco", "voc")
-
 
 def yolo_line(cls: int, x: float, y: float, w: float, h: float) -> str:
     return f"{cls} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n"

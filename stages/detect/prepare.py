@@ -13,9 +13,9 @@ from pathlib import Path
 from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, write_json
+from stages.core.schema import Params, plain
 from stages.core.splits import split_keys
 from stages.detect.labels import (
-    FORMATS,
     coco_to_yolo,
     label_tables,
     parse_yolo_label,
@@ -24,13 +24,11 @@ from stages.detect.labels import (
 )
 
 
-def run(params: dict, out_dir: str | Path = layout.prepared("detect")) -> dict:
+def run(params: Params, out_dir: str | Path = layout.prepared("detect")) -> dict:
     """Any of YOLO, COCO, VOC → one YOLO layout (images/ and labels/ per split), plus the
     per-image and per-box tables that validation checks. Splits are made anew by seed."""
-    p = params["detect"]["data"]
-    fmt, source = p["format"], Path(p["source"])
-    if fmt not in FORMATS:
-        raise StageError(f"detect.data.format is {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    p = params.detect.data
+    fmt, source = p.format, Path(p.source)
     with tempfile.TemporaryDirectory() as converted:
         converted = Path(converted)
         orphans: list[str] = []
@@ -41,7 +39,7 @@ def run(params: dict, out_dir: str | Path = layout.prepared("detect")) -> dict:
             if fmt == "coco":
                 if not source.is_file():
                     raise StageError(f"{source}: no such COCO annotations file")
-                images_dir = Path(p["images"]) if p["images"] else source.parent / "images"
+                images_dir = Path(p.images) if p.images else source.parent / "images"
                 images, names = coco_to_yolo(source, images_dir, converted)
             else:
                 images, names, difficult = voc_to_yolo(source, converted)
@@ -54,9 +52,7 @@ def run(params: dict, out_dir: str | Path = layout.prepared("detect")) -> dict:
             raise StageError(f"{source}: the dataset has no images")
         image_table, box_table = label_tables(images, labels, names, orphans)
         keys = [k for k in image_table.index if image_table.loc[k, "has_image"]]
-        split_of = split_keys(
-            keys, p["split"]["val"], p["split"]["test"], params["seed"], str(source)
-        )
+        split_of = split_keys(keys, p.split.val, p.split.test, params.seed, str(source))
         image_table["split"] = [split_of.get(k, "none") for k in image_table.index]
         box_table["split"] = box_table["image"].map(split_of)
         with atomic_dir(out_dir) as tmp:
@@ -80,7 +76,7 @@ def run(params: dict, out_dir: str | Path = layout.prepared("detect")) -> dict:
                 "rows": image_table["split"].value_counts().to_dict(),
                 "boxes_per_class": {n: int(counts.get(n, 0)) for n in names},
                 **({"voc_difficult_left_out": difficult} if fmt == "voc" else {}),
-                "params": {"seed": params["seed"], "detect.data": p},
+                "params": {"seed": params.seed, "detect.data": plain(p)},
             }
             write_json(tmp / "dataset.json", schema)
     log(

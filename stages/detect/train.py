@@ -19,45 +19,46 @@ from pathlib import Path
 from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import read_json
+from stages.core.schema import Params, plain
 from stages.detect import yolo
 
 PREPARED = layout.prepared("detect")
 
 
 def run(
-    params: dict,
+    params: Params,
     out_dir: Path = layout.model_dir("detect"),
     live_dir: Path = layout.train_log("detect"),
 ) -> dict:
-    p = params["detect"]["train"]
+    p = params.detect.train
     yolo.configure()
     from ultralytics import YOLO
 
     from stages.core.job import fingerprint
 
-    weights = str(p["model"]).endswith(".pt")
-    if weights and not Path(p["model"]).is_file():
+    weights = str(p.model).endswith(".pt")
+    if weights and not Path(p.model).is_file():
         hint = (
             " (dvc repro deletes models/detect/model.pt before training: copy it elsewhere and name the copy)"
-            if Path(p["model"]) == out_dir / "model.pt"
+            if Path(p.model) == out_dir / "model.pt"
             else ""
         )
         raise StageError(
-            f"detect.train.model: {p['model']}: no such file (a .yaml trains from scratch){hint}"
+            f"detect.train.model: {p.model}: no such file (a .yaml trains from scratch){hint}"
         )
     names = read_json(PREPARED / "dataset.json")["names"]
     data = yolo.dataset_view(names)
-    device = yolo.device(p["device"])
+    device = yolo.device(p.device)
     world = len(device.split(",")) if device not in ("cpu", "mps") else 1
     files = [PREPARED / f for f in ("dataset.json", "images.parquet", "boxes.parquet")] + (
-        [Path(p["model"])] if weights else []
+        [Path(p.model)] if weights else []
     )
-    fp = fingerprint({"train": p, "seed": params["seed"]}, files, world)
+    fp = fingerprint({"train": plain(p), "seed": params.seed}, files, world)
     runs = yolo.run_dir("train", fresh=False)
-    ckpt = yolo.resume_point(runs, fp, p["epochs"])
+    ckpt = yolo.resume_point(runs, fp, p.epochs)
     live = yolo.LiveLog(
         live_dir,
-        {"detect.train": p, "seed": params["seed"], "world_size": world},
+        {"detect.train": plain(p), "seed": params.seed, "world_size": world},
         yolo.history_rows(ckpt["train_results"]) if ckpt else [],
     )
     if ckpt:
@@ -65,22 +66,22 @@ def run(
         model = YOLO(runs / "weights" / "last.pt")
         live.attach(model)
         # Everything else comes from the checkpoint's train_args; these are where it runs.
-        model.train(resume=True, data=str(data), device=device, workers=p["workers"])
+        model.train(resume=True, data=str(data), device=device, workers=p.workers)
     else:
-        model = YOLO(p["model"])
+        model = YOLO(p.model)
         live.attach(model)
         model.train(
             data=str(data),
-            epochs=p["epochs"],
-            imgsz=p["imgsz"],
-            batch=p["batch"],
-            optimizer=p["optimizer"],
-            lr0=p["lr0"],
-            patience=p["patience"],
+            epochs=p.epochs,
+            imgsz=p.imgsz,
+            batch=p.batch,
+            optimizer=p.optimizer,
+            lr0=p.lr0,
+            patience=p.patience,
             device=device,
-            workers=p["workers"],
-            amp=p["amp"],
-            seed=params["seed"],
+            workers=p.workers,
+            amp=p.amp,
+            seed=params.seed,
             deterministic=True,
             pretrained=weights,
             project=str(runs.parent),
@@ -91,5 +92,5 @@ def run(
         )
     # Ultralytics' DDP runs in child processes; only this (rank 0) process gets here.
     yolo.reproducible_weights(runs / "weights" / "best.pt", out_dir / "model.pt")
-    log(f"trained {p['model']} for {p['epochs']} epochs → {out_dir}/model.pt")
+    log(f"trained {p.model} for {p.epochs} epochs → {out_dir}/model.pt")
     return {"run": str(runs)}

@@ -15,6 +15,7 @@ from stages.core import layout
 from stages.core.cli import log
 from stages.core.expectations import check, load_suite, save_suite, suite_path
 from stages.core.files import read_json
+from stages.core.schema import Params
 
 
 def suites(names: list[str], v: dict) -> list[dict]:
@@ -97,7 +98,7 @@ def suites(names: list[str], v: dict) -> list[dict]:
     ]
 
 
-def run(params: dict, new_suite: bool = False) -> dict:
+def run(params: Params, new_suite: bool = False) -> dict:
     prepared = layout.prepared("detect")
     schema = read_json(prepared / "dataset.json")
     images, boxes = (
@@ -107,7 +108,7 @@ def run(params: dict, new_suite: bool = False) -> dict:
     paths = [suite_path("detect", schema["source"], part) for part in ("images", "boxes")]
     if new_suite or not all(p.exists() for p in paths):
         for path, suite in zip(
-            paths, suites(schema["names"], params["detect"]["validate"]), strict=False
+            paths, suites(schema["names"], params.detect.validate_), strict=False
         ):
             save_suite(path, suite)
         log(

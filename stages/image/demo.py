@@ -14,12 +14,13 @@ from PIL import Image
 from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import atomic_dir
+from stages.core.schema import Params
 
 
-def run(params: dict, out_dir: str | Path = layout.DEMO["image"]) -> None:
+def run(params: Params, out_dir: str | Path = layout.DEMO["image"]) -> None:
     from sklearn.datasets import load_digits
 
-    size = params["image"]["demo"]["size"]
+    size = params.image.demo.size
     digits = load_digits()
     with atomic_dir(out_dir) as tmp:
         for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=False)):

@@ -16,12 +16,13 @@ from stages.core.files import write_json
 from stages.core.inference import softmax
 from stages.core.metrics import classification_report, fail_if_untrained, learned_nothing
 from stages.core.onnx_export import load_model, predict
+from stages.core.schema import Params
 from stages.image.data import contact_sheet, preprocess, split_images
 from stages.image.model import build_model
 from stages.image.trust import trust_report
 
 
-def run(params: dict, out_dir: Path = layout.metrics_dir("image")) -> dict:
+def run(params: Params, out_dir: Path = layout.metrics_dir("image")) -> dict:
     from sklearn.metrics import precision_recall_fscore_support
 
     model, meta = load_model(layout.model_pt("image"), build_model)
@@ -51,7 +52,7 @@ def run(params: dict, out_dir: Path = layout.metrics_dir("image")) -> dict:
     # The worst mistakes: wrong predictions made with the most confidence.
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y)
-    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: params["image"]["evaluate"]["worst"]]
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: params.image.evaluate.worst]
     contact_sheet(
         [(paths[i], f"{classes[y[i]]}->{classes[pred[i]]} {probs[i, pred[i]]:.2f}") for i in wrong],
         out_dir / "plots" / "mistakes.png",

@@ -22,6 +22,7 @@ from stages.core.onnx_export import (
     export_onnx,
     load_model,
 )
+from stages.core.schema import Params
 from stages.image.data import load_rgb, preprocess, split_images
 from stages.image.model import build_model
 from stages.image.trust import fit_trust
@@ -46,8 +47,8 @@ def image_reference(schema: dict, size: int, sample: int = 2000) -> dict:
     )
 
 
-def run(params: dict, out_dir: Path = layout.model_dir("image")) -> dict:
-    p = params["image"]["export"]
+def run(params: Params, out_dir: Path = layout.model_dir("image")) -> dict:
+    p = params.image.export
     model, meta = load_model(out_dir / "model.pt", build_model)
     schema = meta["schema"]
     paths, _ = split_images(schema)
@@ -58,7 +59,7 @@ def run(params: dict, out_dir: Path = layout.model_dir("image")) -> dict:
     model = WithFeatures(model, trust["temperature"])
     export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path, ("output", "features"))
     parity = check_parity(
-        FirstOutput(model), onnx_path, x_test, p["parity_atol"], True, p["min_top1_agreement"]
+        FirstOutput(model), onnx_path, x_test, p.parity_atol, True, p.min_top1_agreement
     )
     size = schema["image_size"]
     card = {

@@ -19,6 +19,7 @@ from stages.core.cli import log
 from stages.core.files import atomic_path, read_json, write_json, write_timing
 from stages.core.images import list_images
 from stages.core.inference import open_session, run_all, softmax
+from stages.core.schema import Params
 from stages.core.trust import ood_vectors, with_trust
 from stages.image.data import load_rgb, normalise, top_k
 
@@ -59,21 +60,21 @@ def trust_fields(card: dict, probs: np.ndarray, feats) -> list[dict]:
 
 
 def run(
-    params: dict,
+    params: Params,
     model_dir: Path = layout.model_dir("image"),
     out: Path = layout.PREDICTIONS["image"],
 ) -> dict:
     """Predict every image; one that can't be read gets a row with its error, and the batch goes on."""
-    p = params["image"]["infer"]
+    p = params.image.infer
     card = read_json(model_dir / "model.json")
-    table, root = list_images(p["source"], labelled=False)
+    table, root = list_images(p.source, labelled=False)
     files = table["path"].tolist()
     session = open_session(model_dir / card["onnx"]["file"])
     classes, spec = card["classes"], card["preprocessing"]
     rows, start = [], time.perf_counter()
-    for i in range(0, len(files), p["batch_size"]):
+    for i in range(0, len(files), p.batch_size):
         good, errors = [], {}
-        for name in files[i : i + p["batch_size"]]:
+        for name in files[i : i + p.batch_size]:
             try:
                 good.append((name, load_rgb(root / name, spec["image_size"])))
             except Exception as e:  # noqa: BLE001 - unreadable file: report it, keep going
@@ -85,9 +86,9 @@ def run(
             else (np.zeros((0, len(classes))), None)
         )
         trusted = trust_fields(card, probs, feats)
-        tops = zip(probs, top_k(probs, classes, p["top_k"]), trusted, strict=True)
+        tops = zip(probs, top_k(probs, classes, p.top_k), trusted, strict=True)
         ranked = dict(zip([n for n, _ in good], tops, strict=True))
-        for name in files[i : i + p["batch_size"]]:
+        for name in files[i : i + p.batch_size]:
             if name in errors:
                 rows.append(
                     {
@@ -124,7 +125,7 @@ def run(
     write_json(layout.infer_stats("image"), stats)
     write_timing("infer-image", timing)
     log(
-        f"predicted {len(rows) - failed} images from {p['source']} → {out} ({timing['images_per_s']} images/s)"
+        f"predicted {len(rows) - failed} images from {p.source} → {out} ({timing['images_per_s']} images/s)"
         + (f"; {failed} could not be read (see the error column)" if failed else "")
     )
     return {**stats, **timing}

@@ -19,6 +19,7 @@ import pandas as pd
 from stages.core import label_issues, layout
 from stages.core.cli import StageError, log
 from stages.core.files import read_json
+from stages.core.schema import ImageLabels, Params
 
 
 def exclude(table: pd.DataFrame, paths: list, source: str) -> pd.DataFrame:
@@ -36,7 +37,7 @@ def exclude(table: pd.DataFrame, paths: list, source: str) -> pd.DataFrame:
     return table[~table["path"].isin(set(map(str, paths)))].reset_index(drop=True)
 
 
-def fold_model(images: np.ndarray, labels: np.ndarray, schema: dict, p: dict, seed: int):
+def fold_model(images: np.ndarray, labels: np.ndarray, schema: dict, p: ImageLabels, seed: int):
     """fit_predict for label_issues.out_of_fold: a fresh CNN per fold on normalised images."""
     import torch
 
@@ -45,19 +46,19 @@ def fold_model(images: np.ndarray, labels: np.ndarray, schema: dict, p: dict, se
 
     x = torch.from_numpy(normalise(np.asarray(images), schema["mean"], schema["std"]))
     y = torch.from_numpy(labels)
-    arch = {"kind": p["arch"], "num_classes": len(schema["classes"])}
+    arch = {"kind": p.arch, "num_classes": len(schema["classes"])}
 
     def fit_predict(train: np.ndarray, held: np.ndarray) -> np.ndarray:
         torch.manual_seed(seed)  # the fold's initial weights: outputs reproduce byte for byte
         model = label_issues.fit_network(
-            build_model(arch), x[train], y[train], p["epochs"], p["batch_size"], p["lr"], seed
+            build_model(arch), x[train], y[train], p.epochs, p.batch_size, p.lr, seed
         )
-        return label_issues.predict_proba(model, x[held], p["batch_size"])
+        return label_issues.predict_proba(model, x[held], p.batch_size)
 
     return fit_predict
 
 
-def find(index: pd.DataFrame, schema: dict, p: dict, seed: int) -> pd.DataFrame:
+def find(index: pd.DataFrame, schema: dict, p: ImageLabels, seed: int) -> pd.DataFrame:
     """The pure core: the suspected errors of prepare's image index (path → label)."""
     from stages.image.train import decoded_images
 
@@ -65,19 +66,19 @@ def find(index: pd.DataFrame, schema: dict, p: dict, seed: int) -> pd.DataFrame:
     labels = pd.Categorical(index["label"], categories=classes).codes.astype(np.int64)
     images = decoded_images([Path(schema["root"]) / f for f in index.index], schema["image_size"])
     fit_predict = fold_model(images, labels, schema, p, seed)
-    probs = label_issues.out_of_fold(labels, len(classes), p["folds"], seed, fit_predict)
+    probs = label_issues.out_of_fold(labels, len(classes), p.folds, seed, fit_predict)
     return label_issues.find(index.index.tolist(), labels, probs, classes)
 
 
 def run(
-    params: dict,
+    params: Params,
     prepared: Path = layout.prepared("image"),
     out: Path = layout.label_issues("image"),
 ) -> dict:
-    p = params["image"]["labels"]
+    p = params.image.labels
     schema = read_json(Path(prepared) / "schema.json")
     index = pd.read_parquet(Path(prepared) / "index.parquet")
-    issues = find(index, schema, p, params["seed"])
-    summary = label_issues.write(issues, len(index), {"folds": p["folds"]}, Path(out))
+    issues = find(index, schema, p, params.seed)
+    summary = label_issues.write(issues, len(index), {"folds": p.folds}, Path(out))
     label_issues.report(Path(out), issues, summary)
     return summary

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import nn
 
 from stages.core import layout
 from stages.core.cli import StageError
+from stages.core.schema import Arch
 
-IMAGE_ARCHS = ("small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_b0")
+IMAGE_ARCHS: tuple[str, ...] = get_args(Arch)
 
 
 class SmallCNN(nn.Module):

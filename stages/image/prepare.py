@@ -15,10 +15,9 @@ from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, write_json
 from stages.core.images import inspect_image, list_images
+from stages.core.schema import Params, plain
 from stages.core.splits import split
 from stages.image.labels import exclude
-
-DUPLICATE_POLICIES = ("fail", "drop")
 
 
 def index_images(table: pd.DataFrame, root) -> pd.DataFrame:
@@ -27,34 +26,30 @@ def index_images(table: pd.DataFrame, root) -> pd.DataFrame:
     return pd.concat([table, info], axis=1)
 
 
-def run(params: dict, out_dir: str | Path = layout.prepared("image")) -> dict:
+def run(params: Params, out_dir: str | Path = layout.prepared("image")) -> dict:
     """Index every image (size, mode, bytes, content hash, decode error), split stratified
     by label, and flag files that occur in two splits (a leak)."""
-    p = params["image"]["data"]
-    if p["duplicates"] not in DUPLICATE_POLICIES:
-        raise StageError(
-            f"image.data.duplicates is {p['duplicates']!r}; choose one of: {', '.join(DUPLICATE_POLICIES)}"
-        )
-    table, root = list_images(p["source"])
-    table = exclude(table, p["exclude"], p["source"])
+    p = params.image.data
+    table, root = list_images(p.source)
+    table = exclude(table, p.exclude, p.source)
     classes = sorted(table["label"].unique())
     if len(classes) < 2:
         raise StageError(
-            f"{p['source']}: one class ({classes[0]!r}); classification needs at least two"
+            f"{p.source}: one class ({classes[0]!r}); classification needs at least two"
         )
     index = index_images(table, root)
     parts = split(
         index,
         "label",
         "classification",
-        p["split"]["val"],
-        p["split"]["test"],
-        params["seed"],
-        p["source"],
+        p.split.val,
+        p.split.test,
+        params.seed,
+        p.source,
     )
     index = pd.concat([part.assign(split=name) for name, part in parts.items()])
     leak = index.groupby("sha256")["split"].transform("nunique") > 1
-    if leak.any() and p["duplicates"] == "drop":
+    if leak.any() and p.duplicates == "drop":
         first = index["split"].map({"train": 0, "val": 1, "test": 2})
         keep = first == first.groupby(index["sha256"]).transform("min")
         log(
@@ -67,14 +62,14 @@ def run(params: dict, out_dir: str | Path = layout.prepared("image")) -> dict:
     index["class_count"] = index.groupby("label")["label"].transform("size")
     index = index.set_index("path").sort_index()
     schema = {
-        "source": p["source"],
+        "source": p.source,
         "root": str(root),
         "classes": classes,
-        "image_size": p["image_size"],
-        "mean": p["mean"],
-        "std": p["std"],
+        "image_size": p.image_size,
+        "mean": p.mean,
+        "std": p.std,
         "rows": index["split"].value_counts().to_dict(),
-        "params": {"seed": params["seed"], "image.data": p},
+        "params": {"seed": params.seed, "image.data": plain(p)},
     }
     with atomic_dir(out_dir) as tmp:
         index.to_parquet(tmp / "index.parquet")
@@ -89,7 +84,7 @@ def run(params: dict, out_dir: str | Path = layout.prepared("image")) -> dict:
             ).to_csv(tmp / f"{name}.csv", index=False)
         write_json(tmp / "schema.json", schema)
     log(
-        f"prepared {len(index)} images in {len(classes)} classes from {p['source']}: "
+        f"prepared {len(index)} images in {len(classes)} classes from {p.source}: "
         + ", ".join(f"{k} {v}" for k, v in schema["rows"].items())
         + f" → {out_dir}"
     )

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from stages.core import layout
 from stages.core.files import atomic_path, read_json
 from stages.core.job import Job, train
+from stages.core.schema import Augment, Params
 from stages.core.trainer import classification_sums
 from stages.image.data import load_rgb
 from stages.image.model import build_model
@@ -33,7 +34,9 @@ class ImageSet(Dataset):
     image epoch on CPU; now an item is an array slice, and the trainer's DataLoader calls
     `collate` (in its workers, when there are any) on whole batches."""
 
-    def __init__(self, paths: list[Path], labels: np.ndarray, schema: dict, augment: dict | None):
+    def __init__(
+        self, paths: list[Path], labels: np.ndarray, schema: dict, augment: Augment | None
+    ):
         self.images = decoded_images(paths, schema["image_size"])
         self.labels, self.schema, self.augment = torch.from_numpy(labels), schema, augment
 
@@ -56,22 +59,20 @@ class ImageSet(Dataset):
         return ((x - mean) / std).contiguous(), torch.stack([y for _, y in items])
 
 
-def random_affine(x: torch.Tensor, augment: dict) -> torch.Tensor:
+def random_affine(x: torch.Tensor, augment: Augment) -> torch.Tensor:
     """torchvision's RandomAffine(degrees, translate, scale) (+ RandomHorizontalFlip) drawn
     per image, applied to the whole batch at once (one grid_sample): rotation ± rotate
     degrees, shift ± translate × size, zoom within scale; outside pixels black, as v2 fills."""
     n, _, h, w = x.shape
-    angle = (torch.rand(n) * 2 - 1) * math.radians(augment["rotate"])
-    shift = (
-        (torch.rand(n, 2) * 2 - 1) * augment["translate"] * 2
-    )  # in grid units: the image spans 2
-    lo, hi = augment["scale"]
+    angle = (torch.rand(n) * 2 - 1) * math.radians(augment.rotate)
+    shift = (torch.rand(n, 2) * 2 - 1) * augment.translate * 2  # in grid units: the image spans 2
+    lo, hi = augment.scale
     zoom = lo + torch.rand(n) * (hi - lo)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     # The sampling grid maps output to input: the inverse of rotate-zoom-then-shift.
     rot = torch.stack([torch.stack([cos, sin], 1), torch.stack([-sin, cos], 1)], 1)  # N × 2 × 2
     theta = torch.cat([rot, -(rot @ shift.unsqueeze(2))], 2)
-    if augment["hflip"]:
+    if augment.hflip:
         flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
         theta[:, 0, :] *= flip.unsqueeze(1)  # x_in = -x: mirror the sampled image
     grid = torch.nn.functional.affine_grid(theta, [n, 3, h, w], align_corners=False)
@@ -104,23 +105,23 @@ def decoded_images(
     return np.load(path, mmap_mode="r")
 
 
-def job(params: dict) -> Job:
-    p = params["image"]["train"]
+def job(params: Params) -> Job:
+    p = params.image.train
     prepared = layout.prepared("image")
     schema = read_json(prepared / "schema.json")
     index = pd.read_parquet(prepared / "index.parquet")
     root = Path(schema["root"])
 
-    def subset(split: str, augment: dict | None) -> ImageSet:
+    def subset(split: str, augment: Augment | None) -> ImageSet:
         rows = index[index["split"] == split]
         labels = pd.Categorical(rows["label"], categories=schema["classes"]).codes.astype(np.int64)
         return ImageSet([root / p for p in rows.index], labels, schema, augment)
 
-    arch = {"kind": p["arch"], "num_classes": len(schema["classes"])}
+    arch = {"kind": p.arch, "num_classes": len(schema["classes"])}
     return Job(
-        build_model(arch, pretrained=p["pretrained"]),
+        build_model(arch, pretrained=p.pretrained),
         arch,
-        subset("train", p["augment"]),
+        subset("train", p.augment),
         subset("val", None),
         classification_sums,
         [prepared / "index.parquet"],
@@ -128,5 +129,5 @@ def job(params: dict) -> Job:
     )
 
 
-def run(params: dict) -> None:
+def run(params: Params) -> None:
     train("image", params, job)

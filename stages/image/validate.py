@@ -14,6 +14,7 @@ from stages.core import layout
 from stages.core.cli import log
 from stages.core.expectations import SPLITS, check, load_suite, save_suite, suite_path
 from stages.core.files import read_json
+from stages.core.schema import Params
 
 
 def suite(classes: list[str], v: dict) -> dict:
@@ -63,14 +64,14 @@ def suite(classes: list[str], v: dict) -> dict:
     }
 
 
-def run(params: dict, new_suite: bool = False) -> dict:
+def run(params: Params, new_suite: bool = False) -> dict:
     prepared = layout.prepared("image")
     schema = read_json(prepared / "schema.json")
     index = pd.read_parquet(prepared / "index.parquet")
     tables = {name: index[index["split"] == name] for name in SPLITS}
     path = suite_path("image", schema["source"])
     if new_suite or not path.exists():
-        save_suite(path, suite(schema["classes"], params["image"]["validate"]))
+        save_suite(path, suite(schema["classes"], params.image.validate_))
         log(f"created {path} from params.yaml image.validate: review it, edit it, commit it")
     return check(
         [(load_suite(path), tables)],

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from stages.core.cli import StageError
+from stages.core.schema import TabularTrain
 
 ROWS_PER_STEP = 64  # batch ≈ training rows / this
 MIN_BATCH, MAX_BATCH = 32, 2048
@@ -33,17 +33,9 @@ def auto_epochs(rows: int, batch_size: int) -> int:
     return min(max(math.ceil(STEPS / steps_per_epoch), 1), MAX_EPOCHS)
 
 
-def resolve(p: dict, rows: int, section: str = "tabular.train") -> dict:
-    """`p` (a <task>.train dict) with `auto` batch_size and epochs replaced by the rule's
-    numbers for a training split of `rows` rows."""
-    out = dict(p)
-    for key in ("batch_size", "epochs"):
-        if out[key] != "auto" and not (isinstance(out[key], int) and out[key] >= 1):
-            raise StageError(
-                f"params.yaml: {section}.{key} is {out[key]!r}; use auto or an integer >= 1"
-            )
-    if out["batch_size"] == "auto":
-        out["batch_size"] = auto_batch_size(rows)
-    if out["epochs"] == "auto":
-        out["epochs"] = auto_epochs(rows, out["batch_size"])
-    return out
+def resolve(train: TabularTrain, rows: int) -> TabularTrain:
+    """`train` with `auto` batch_size and epochs replaced by the rule's numbers for a
+    training split of `rows` rows."""
+    batch = auto_batch_size(rows) if train.batch_size == "auto" else train.batch_size
+    epochs = auto_epochs(rows, batch) if train.epochs == "auto" else train.epochs
+    return train.model_copy(update={"batch_size": batch, "epochs": epochs})

@@ -18,6 +18,7 @@ import pandas as pd
 
 from stages.core.cli import log
 from stages.core.metrics import classification_report, regression_report
+from stages.core.schema import Params
 from stages.core.splits import NAMES
 from stages.tabular.data import Preprocessor, read_split
 
@@ -26,14 +27,14 @@ def whole_table(prepared: Path) -> pd.DataFrame:
     return pd.concat([read_split(prepared / f"{n}.parquet") for n in NAMES]).sort_index()
 
 
-def fit_fold(train: pd.DataFrame, schema: dict, arch: dict, params: dict, seed: int):
+def fit_fold(train: pd.DataFrame, schema: dict, arch: dict, params: Params, seed: int):
     """(preprocessor, trained model, target scaling) on one fold's training rows."""
     import torch
 
     from stages.tabular.budget import resolve
     from stages.tabular.model import build_model
 
-    p = resolve(params["tabular"]["train"], len(train))  # `auto` as train resolves it
+    p = resolve(params.tabular.train, len(train))  # `auto` as train resolves it
     classify = schema["task"] == "classification"
     kinds = {f["name"]: f["type"] for f in schema["features"]}
     formats = {f["name"]: f["format"] for f in schema["features"] if "format" in f}
@@ -52,12 +53,12 @@ def fit_fold(train: pd.DataFrame, schema: dict, arch: dict, params: dict, seed: 
         y = torch.from_numpy(((t - scale["mean"]) / scale["std"]).astype(np.float32))
     torch.manual_seed(seed)
     model = build_model({**arch, "n_in": pre.n_features})
-    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss() if classify else torch.nn.MSELoss()
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(p["epochs"]):
-        for idx in torch.randperm(len(y), generator=gen).split(p["batch_size"]):
+    for _ in range(p.epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(p.batch_size):
             out = model(x[idx])
             loss = loss_fn(out if classify else out[:, 0], y[idx])
             opt.zero_grad()
@@ -66,7 +67,7 @@ def fit_fold(train: pd.DataFrame, schema: dict, arch: dict, params: dict, seed: 
     return pre, model.eval(), scale
 
 
-def cv_metrics(prepared: Path, schema: dict, arch: dict, params: dict) -> dict | None:
+def cv_metrics(prepared: Path, schema: dict, arch: dict, params: Params) -> dict | None:
     """{"folds": K, "rows": n, metric: {"mean", "sd"}} over K folds, or None above
     `cv_below` rows (or when it is 0)."""
     import torch
@@ -74,25 +75,25 @@ def cv_metrics(prepared: Path, schema: dict, arch: dict, params: dict) -> dict |
 
     from stages.core.distributed import configure_backends
 
-    e = params["tabular"]["evaluate"]
+    e = params.tabular.evaluate
     rows = sum(schema["rows"].values())
-    if not e["cv_below"] or rows >= e["cv_below"]:
+    if not e.cv_below or rows >= e.cv_below:
         return None
     configure_backends(torch.device("cpu"))  # threads as train sets them: the folds reproduce
     df = whole_table(prepared)
     classify = schema["task"] == "classification"
     y = df[schema["target"]].astype(str) if classify else None
-    k = e["cv_folds"]
+    k = e.cv_folds
     folds = (
-        StratifiedKFold(k, shuffle=True, random_state=params["seed"]).split(df, y)
+        StratifiedKFold(k, shuffle=True, random_state=params.seed).split(df, y)
         if classify and y.value_counts().min() >= k
-        else KFold(k, shuffle=True, random_state=params["seed"]).split(df)
+        else KFold(k, shuffle=True, random_state=params.seed).split(df)
     )
     scores = []
     for i, (tr, te) in enumerate(folds):
         train, test = df.iloc[tr], df.iloc[te]
         test = test[_known(test, train, schema)]
-        pre, model, scale = fit_fold(train, schema, arch, params, params["seed"] + i)
+        pre, model, scale = fit_fold(train, schema, arch, params, params.seed + i)
         with torch.no_grad():
             out = model(torch.from_numpy(pre.transform(test))).numpy().astype("float64")
         if classify:

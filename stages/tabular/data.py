@@ -17,6 +17,7 @@ import pandas as pd
 
 from stages.core.cli import StageError
 from stages.core.inference import softmax
+from stages.core.schema import TabularData, plain
 from stages.core.splits import NAMES
 from stages.tabular.encoders import TextEncoder, date_part_names, date_parts
 
@@ -491,7 +492,7 @@ def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.Dat
 
 
 def describe(
-    p: dict, seed: int, kinds: dict, classes: list | None, codes_or_counts, plan=None
+    p: TabularData, seed: int, kinds: dict, classes: list | None, codes_or_counts, plan=None
 ) -> dict:
     """schema.json: what the splits hold (both engines write the same one)."""
     counts = (
@@ -500,16 +501,16 @@ def describe(
         else codes_or_counts
     )
     return {
-        "source": p["source"],
-        "target": p["target"],
-        "task": plan.task if plan else p["task"],
+        "source": p.source,
+        "target": p.target,
+        "task": plan.task if plan else p.task,
         **({"task_why": plan.task_why} if plan else {}),
         "features": [
             {"name": c, "type": k, **({"format": plan.formats[c]} if k == "datetime" else {})}
             for c, k in kinds.items()
-            if c != p["target"]
+            if c != p.target
         ],
         "classes": classes,
         "rows": {name: int(counts[i]) for i, name in enumerate(NAMES)},
-        "params": {"seed": seed, "tabular.data": p},
+        "params": {"seed": seed, "tabular.data": plain(p)},
     }

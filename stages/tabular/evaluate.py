@@ -26,6 +26,7 @@ from stages.core.metrics import (
     regression_report,
 )
 from stages.core.onnx_export import load_model, predict
+from stages.core.schema import Params
 from stages.tabular.data import Preprocessor, read_split, split_chunks
 from stages.tabular.explain import importance_report
 from stages.tabular.model import build_model
@@ -35,7 +36,7 @@ from stages.tabular.trust import trust_report
 CHUNK_ROWS = 1_000_000
 
 
-def run(params: dict, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
+def run(params: Params, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
     model, meta = load_model(layout.model_pt("tabular"), build_model)
     schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
     prepared = layout.prepared("tabular")
@@ -116,7 +117,7 @@ def run(params: dict, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
     return result
 
 
-def small_table_cv(prepared: Path, schema: dict, meta: dict, params: dict) -> dict:
+def small_table_cv(prepared: Path, schema: dict, meta: dict, params: Params) -> dict:
     """`cv` (K-fold metrics on small tables; stages/tabular/cv.py) and what prepare decided:
     the task, the column roles, rows dropped, warnings."""
     from stages.tabular.cv import cv_metrics
@@ -150,14 +151,14 @@ def comparison(metrics: dict, base_metrics: dict, hgb_seconds: float | None) -> 
     return margin, cost
 
 
-def baseline(params: dict, pre: Preprocessor, train_path: Path, labels, classify: bool):
+def baseline(params: Params, pre: Preprocessor, train_path: Path, labels, classify: bool):
     """scikit-learn's HistGradientBoosting fitted on the same split and preprocessed features
     as the MLP, or None (`tabular.evaluate.baseline: false`). It needs the training split in
     memory: on data larger than memory, turn it off."""
-    if not params["tabular"]["evaluate"]["baseline"]:
+    if not params.tabular.evaluate.baseline:
         return None
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
     train_df = read_split(train_path)
     model = HistGradientBoostingClassifier if classify else HistGradientBoostingRegressor
-    return model(random_state=params["seed"]).fit(pre.transform(train_df), labels(train_df))
+    return model(random_state=params.seed).fit(pre.transform(train_df), labels(train_df))

@@ -21,6 +21,7 @@ from stages.core.onnx_export import (
     export_onnx,
     load_model,
 )
+from stages.core.schema import Params
 from stages.tabular.data import Preprocessor, sample_split, split_chunks
 from stages.tabular.explain import card_section
 from stages.tabular.model import build_model
@@ -31,8 +32,8 @@ PARITY_ROWS = 100_000
 REFERENCE_ROWS = 1_000_000
 
 
-def run(params: dict, out_dir: Path = layout.model_dir("tabular")) -> dict:
-    p = params["tabular"]["export"]
+def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> dict:
+    p = params.tabular.export
     model, meta = load_model(out_dir / "model.pt", build_model)
     schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
     # Parity on the test split's first rows: enough to catch a wrong graph, bounded on big data.
@@ -47,9 +48,9 @@ def run(params: dict, out_dir: Path = layout.model_dir("tabular")) -> dict:
     model = WithFeatures(model, trust["temperature"])
     export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path, ("output", "features"))
     parity = check_parity(
-        FirstOutput(model), onnx_path, x_test, p["parity_atol"], schema["task"] == "classification"
+        FirstOutput(model), onnx_path, x_test, p.parity_atol, schema["task"] == "classification"
     )
-    if p["torchscript"]:
+    if p.torchscript:
         with atomic_path(out_dir / "model.ts") as tmp:
             torch.jit.trace(model.model, torch.from_numpy(x_test[:2])).save(str(tmp))
     # Quantiles and shares (a sample will do) of numbers and categories: text and dates have

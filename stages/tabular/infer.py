@@ -23,6 +23,7 @@ from stages.core.cli import StageError, log
 from stages.core.expectations import for_inference, load_suite, run_suite_aside, summarise
 from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
 from stages.core.inference import open_session, run_all
+from stages.core.schema import Params
 from stages.core.trust import apply, ood_vectors, with_trust
 from stages.tabular.data import Preprocessor, feature_chunks, scores, scores_table
 from stages.tabular.explain import attribution_columns
@@ -199,16 +200,16 @@ class Writer:
 
 
 def run(
-    params: dict, model_dir: Path = layout.model_dir("tabular"), out: Path | None = None
+    params: Params, model_dir: Path = layout.model_dir("tabular"), out: Path | None = None
 ) -> dict:
-    p = params["tabular"]["infer"]
-    out = Path(out or p["output"])
+    p = params.tabular.infer
+    out = Path(out or p.output)
     card = read_json(model_dir / "model.json")
-    source = p["source"]
+    source = p.source
     suite_file = card["validation"]["suite_file"]
     suite = for_inference(load_suite(suite_file))
-    if params["tabular"]["data"].get("engine") == "spark":
-        if p["explain"]:
+    if params.tabular.data.engine == "spark":
+        if p.explain:
             raise StageError(
                 "tabular.infer.explain is not available with tabular.data.engine: spark"
             )
@@ -221,7 +222,7 @@ def run(
                 suite,
                 source,
                 suite_file,
-                p["batch_size"],
+                p.batch_size,
                 tmp,
                 "parquet" if out.suffix == ".parquet" else "csv",
                 predict,
@@ -241,7 +242,7 @@ def run(
                         start = time.perf_counter()
                         try:
                             predicted, feats = predict_outputs(
-                                card, session, df, source, p["batch_size"]
+                                card, session, df, source, p.batch_size
                             )
                         except StageError as e:
                             # A chunk GX is about to fail (an unseen category) can't be predicted;
@@ -250,7 +251,7 @@ def run(
                             break
                         also = (
                             attribution_columns(card, session, df, predicted, source)
-                            if p["explain"]
+                            if p.explain
                             else []
                         )
                         seconds += time.perf_counter() - start

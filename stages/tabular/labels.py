@@ -18,6 +18,7 @@ import pandas as pd
 from stages.core import label_issues, layout
 from stages.core.cli import StageError, log
 from stages.core.files import read_json
+from stages.core.schema import Params, TabularLabels
 from stages.core.splits import NAMES
 from stages.tabular.data import Preprocessor, read_split
 
@@ -51,7 +52,7 @@ def exclude(codes: np.ndarray, lines: list, source: str) -> np.ndarray:
 
 
 def fold_model(
-    df: pd.DataFrame, labels: np.ndarray, kinds: dict, p: dict, n_classes: int, seed: int
+    df: pd.DataFrame, labels: np.ndarray, kinds: dict, p: TabularLabels, n_classes: int, seed: int
 ):
     """fit_predict for label_issues.out_of_fold: the preprocessor and an MLP fitted on the fold."""
     import torch
@@ -64,17 +65,17 @@ def fold_model(
         arch = {
             "kind": "mlp",
             "n_in": pre.n_features,
-            "hidden": list(p["hidden"]),
+            "hidden": list(p.hidden),
             "n_out": n_classes,
-            "dropout": float(p["dropout"]),
+            "dropout": float(p.dropout),
         }
         model = label_issues.fit_network(
             build_model(arch),
             torch.from_numpy(pre.transform(df.iloc[train])),
             torch.from_numpy(labels[train]),
-            p["epochs"],
-            p["batch_size"],
-            p["lr"],
+            p.epochs,
+            p.batch_size,
+            p.lr,
             seed,
         )
         return label_issues.predict_proba(model, torch.from_numpy(pre.transform(df.iloc[held])))
@@ -82,29 +83,29 @@ def fold_model(
     return fit_predict
 
 
-def find(df: pd.DataFrame, schema: dict, p: dict, seed: int) -> pd.DataFrame:
+def find(df: pd.DataFrame, schema: dict, p: TabularLabels, seed: int) -> pd.DataFrame:
     """The pure core: the suspected errors of a frame indexed by CSV line."""
     classes = schema["classes"]
     labels = pd.Categorical(df[schema["target"]], categories=classes).codes.astype(np.int64)
     kinds = {f["name"]: f["type"] for f in schema["features"]}
     fit_predict = fold_model(df, labels, kinds, p, len(classes), seed)
-    probs = label_issues.out_of_fold(labels, len(classes), p["folds"], seed, fit_predict)
+    probs = label_issues.out_of_fold(labels, len(classes), p.folds, seed, fit_predict)
     return label_issues.find(df.index.tolist(), labels, probs, classes)
 
 
 def run(
-    params: dict,
+    params: Params,
     prepared: Path = layout.prepared("tabular"),
     out: Path = layout.label_issues("tabular"),
 ) -> dict:
-    p = params["tabular"]["labels"]
+    p = params.tabular.labels
     schema = read_json(Path(prepared) / "schema.json")
     if schema["task"] != "classification":
         return label_issues.skip(
             "tabular", "a regression target has no class labels to check", Path(out)
         )
     df = pd.concat([read_split(Path(prepared) / f"{name}.parquet") for name in NAMES]).sort_index()
-    issues = find(df, schema, p, params["seed"])
-    summary = label_issues.write(issues, len(df), {"folds": p["folds"]}, Path(out))
+    issues = find(df, schema, p, params.seed)
+    summary = label_issues.write(issues, len(df), {"folds": p.folds}, Path(out))
     label_issues.report(Path(out), issues, summary)
     return summary

@@ -37,6 +37,7 @@ from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, write_json
 from stages.core.inference import physical_cores
+from stages.core.schema import Params, TabularData
 from stages.core.splits import (
     NAMES,
     TEST,
@@ -62,50 +63,45 @@ from stages.tabular.labels import exclude
 from stages.tabular.roles import decide, read_sample
 from stages.tabular.roles import table as role_table
 
-ENGINES = ("pandas", "spark")
-METHODS = ("hash", "sklearn")
 NO_CODE = -1  # a missing cell, or a column whose values are no longer tracked
 DROPPED = 3  # a row's split code when its target is missing: written to no split
 STRINGS = ("text", "datetime")  # kinds kept as the user's strings in the splits
 
 
-def run(params: dict, out_dir: str | Path = layout.prepared("tabular")) -> dict:
-    p = params["tabular"]["data"]
-    engine, method = p["engine"], p["split"]["method"]  # the schema requires both
-    if engine not in ENGINES:
-        raise StageError(f"tabular.data.engine is {engine!r}; choose one of: {', '.join(ENGINES)}")
-    if method not in METHODS or (engine == "spark" and method != "hash"):
+def run(params: Params, out_dir: str | Path = layout.prepared("tabular")) -> dict:
+    p = params.tabular.data
+    engine, method = p.engine, p.split.method  # the schema allows each value
+    if engine == "spark" and method != "hash":
         raise StageError(
-            f"tabular.data.split.method is {method!r}; choose hash"
-            + (" (the only split Spark computes)" if engine == "spark" else " or sklearn")
+            f"tabular.data.split.method is {method!r}; choose hash (the only split Spark computes)"
         )
-    source = p["source"]
+    source = p.source
     path, sep = open_csv(source)
     if engine == "spark":
         from stages.tabular.spark import prepare as spark_prepare
 
         with atomic_dir(out_dir) as tmp:
-            schema, roles = spark_prepare(path, sep, p, params["seed"], tmp)
+            schema, roles = spark_prepare(path, sep, p, params.seed, tmp)
             write_json(tmp / "schema.json", schema)
     else:
         with atomic_dir(out_dir) as tmp:
             spill = tmp / "rows.arrow"
-            scan = Scan(path, sep, [], p["target"], p["max_categories"], spill)
+            scan = Scan(path, sep, [], p.target, p.max_categories, spill)
             # Arrow's allocator keeps pass 1's freed blocks; handed back, the split's arrays
             # (about 25 bytes a row) don't stack on them: a peak of 2.7x the CSV, not 2.7-3.3x.
             import pyarrow as pa
 
             pa.default_memory_pool().release_unused()
             roles = decide(scan.stats, read_sample(path, sep), p, source)
-            kinds, classes, codes, moved = plan(scan, p, params["seed"], roles)
-            codes = exclude(codes, p["exclude_lines"], source)  # reviewed rows: in no split
-            schema = describe(p, params["seed"], kinds, classes, codes, roles)
-            schema["dropped_rows"] = {"missing_target": scan.stats[p["target"]].missing}
+            kinds, classes, codes, moved = plan(scan, p, params.seed, roles)
+            codes = exclude(codes, p.exclude_lines, source)  # reviewed rows: in no split
+            schema = describe(p, params.seed, kinds, classes, codes, roles)
+            schema["dropped_rows"] = {"missing_target": scan.stats[p.target].missing}
             schema["columns"] = roles.roles
             schema["warnings"] = [f"possible leak: {c}" for c in roles.leaks]
             texts = {c: scan.column_codes(c) for c, k in kinds.items() if k == "categorical"}
             strings = read_columns(path, sep, [c for c, k in kinds.items() if k in STRINGS])
-            write_splits(spill, kinds, p["target"], codes, texts, tmp, strings)
+            write_splits(spill, kinds, p.target, codes, texts, tmp, strings)
             spill.unlink()
             write_json(tmp / "schema.json", schema)
         for col, n in moved.items():
@@ -119,13 +115,13 @@ def run(params: dict, out_dir: str | Path = layout.prepared("tabular")) -> dict:
     return schema
 
 
-def report_roles(roles, schema: dict, p: dict) -> None:
+def report_roles(roles, schema: dict, p: TabularData) -> None:
     """The task, the roles table and the rows dropped for a missing target, logged; schema.json
     keeps them (`columns`), and evaluate copies them into metrics.json."""
     log(f"task: {roles.task} ({roles.task_why})\n{role_table(roles)}")
     missing = schema.get("dropped_rows", {}).get("missing_target", 0)
     if missing:
-        log(f"dropped {missing} rows whose target {p['target']!r} is missing")
+        log(f"dropped {missing} rows whose target {p.target!r} is missing")
 
 
 def read_columns(path: Path, sep: str, columns: list[str]) -> dict:
@@ -269,36 +265,38 @@ class Scan:
         ].to_pylist()
 
 
-def plan(scan: Scan, p: dict, seed: int, roles) -> tuple[dict, list | None, np.ndarray, dict]:
+def plan(
+    scan: Scan, p: TabularData, seed: int, roles
+) -> tuple[dict, list | None, np.ndarray, dict]:
     """Types, classes and each row's split code (DROPPED: no target); and how many rows each
     category column moved to train."""
-    target, task = p["target"], roles.task
+    target, task = p.target, roles.task
     kinds = roles.kinds
     keep = ~np.concatenate(scan.target_missing) if scan.target_missing else np.ones(0, bool)
     if task == "classification":
         if scan.column_codes(target) is None:
             raise StageError(
-                f"{p['source']}: target {target!r} has more than {DISTINCT_CAP} distinct values: "
+                f"{p.source}: target {target!r} has more than {DISTINCT_CAP} distinct values: "
                 "too many classes; set tabular.data.task: regression if it is a number"
             )
         groups, labels = scan.column_codes(target)
         groups = groups[keep]
         classes = sorted(labels)
-        check_classes(classes, target, task, p["source"])
+        check_classes(classes, target, task, p.source)
         counts = dict(
             zip(labels, np.bincount(groups, minlength=len(labels)).tolist(), strict=False)
         )
-        counts, groups, labels = stratify_or_not(counts, groups, labels, target, p["source"])
+        counts, groups, labels = stratify_or_not(counts, groups, labels, target, p.source)
     else:
         groups, labels, classes = np.zeros(int(keep.sum()), np.int32), [None], None
         counts = {None: int(keep.sum())}
-    val, test = p["split"]["val"], p["split"]["test"]
+    val, test = p.split.val, p.split.test
     at_least = max(5, len(classes or []))
-    q = quotas(counts, val, test, p["source"], target if len(counts) > 1 else None, at_least)
+    q = quotas(counts, val, test, p.source, target if len(counts) > 1 else None, at_least)
     lines = np.arange(2, 2 + scan.rows)[keep]
-    if p["split"]["method"] == "sklearn":
+    if p.split.method == "sklearn":
         kept = sklearn_assign(
-            np.asarray(labels, dtype=object)[groups], len(counts) > 1, val, test, seed, p["source"]
+            np.asarray(labels, dtype=object)[groups], len(counts) > 1, val, test, seed, p.source
         )
     else:
         kept = hash_assign(row_hash(seed, lines), groups, [q[g] for g in labels])

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import get_args
 
 import numpy as np
 import pandas as pd
 
 from stages.core.cli import StageError, log
+from stages.core.schema import Role, TabularData, TabularTask
 from stages.tabular.data import NULLS, NUMERIC_SHARE, ColumnStats, describe_cells
 from stages.tabular.encoders import detect_date_format
 
-TASKS = ("auto", "classification", "regression")
-OVERRIDES = ("drop", "numeric", "categorical", "boolean", "datetime", "text")
+# the roles a column keeps (tabular.data.roles also allows `drop`)
+KEPT: tuple[str, ...] = tuple(r for r in get_args(Role) if r != "drop")
 SAMPLE_ROWS = 10_000
 CLASS_MAX = 20  # an integer target with at most this many values is a classification
 ID_NAME = re.compile(
@@ -53,9 +55,7 @@ def read_sample(path, sep: str, columns: list[str] | None = None) -> pd.DataFram
     return df[columns] if columns is not None else df
 
 
-def infer_task(task: str, stats: ColumnStats, sample: pd.Series) -> tuple[str, str]:
-    if task not in TASKS:
-        raise StageError(f"tabular.data.task is {task!r}; choose one of: {', '.join(TASKS)}")
+def infer_task(task: TabularTask, stats: ColumnStats, sample: pd.Series) -> tuple[str, str]:
     if task != "auto":
         return task, "set in tabular.data.task"
     if stats.bad:
@@ -67,25 +67,21 @@ def infer_task(task: str, stats: ColumnStats, sample: pd.Series) -> tuple[str, s
     return "regression", "numeric target" + (" with many values" if integers else "")
 
 
-def decide(stats: dict[str, ColumnStats], sample: pd.DataFrame, p: dict, source: str) -> Plan:
+def decide(
+    stats: dict[str, ColumnStats], sample: pd.DataFrame, p: TabularData, source: str
+) -> Plan:
     """The task and each column's role; the first user error in the order a person fixes them."""
-    target = p["target"]
+    target = p.target
     if target not in stats:
         raise StageError(
             f"{source}: target column {target!r} not found; columns are: {', '.join(stats)}"
         )
-    overrides = dict(p["roles"])
-    wrong = {c: r for c, r in overrides.items() if r not in OVERRIDES}
-    if wrong:
-        c, r = next(iter(wrong.items()))
-        raise StageError(
-            f"tabular.data.roles: {c!r} is {r!r}; choose one of: {', '.join(OVERRIDES)}"
-        )
+    overrides = dict(p.roles)  # the schema allows each value
     unknown = [c for c in overrides if c not in stats]
     if unknown:
         log(f"warning: tabular.data.roles names columns not in {source}: {', '.join(unknown)}")
     t = stats[target]
-    task, why = infer_task(p["task"], t, sample[target])
+    task, why = infer_task(p.task, t, sample[target])
     if task == "regression" and t.bad:
         raise StageError(f"{source}: regression target {target!r} is not numeric")
     plan = Plan(task, why)
@@ -98,7 +94,7 @@ def decide(stats: dict[str, ColumnStats], sample: pd.DataFrame, p: dict, source:
             if role == "datetime":
                 plan.formats[col] = _format(sample[col]) or _no_dates(col, source)
         else:
-            role, reason = column_role(col, s, sample[col], p["max_categories"], source)
+            role, reason = column_role(col, s, sample[col], p.max_categories, source)
             if role == "datetime":
                 plan.formats[col] = _format(sample[col])
         if role in ("categorical", "boolean") and not s.counted_all and col != target:
@@ -115,7 +111,7 @@ def decide(stats: dict[str, ColumnStats], sample: pd.DataFrame, p: dict, source:
                 "example": None if example.empty else str(example.iloc[0])[:40],
             }
         )
-        if role in OVERRIDES[1:] and col != target:
+        if role in KEPT and col != target:
             plan.kinds[col] = "categorical" if role == "boolean" else role
     plan.kinds = {c: plan.kinds[c] for c in stats if c in plan.kinds}  # CSV order
     plan.leaks = leaks(sample, plan, target)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from stages.core.cli import StageError, log
+from stages.core.schema import TabularData
 from stages.core.spark import session
 from stages.core.splits import NAMES, quotas, row_hash_sql
 from stages.tabular.data import (
@@ -103,18 +104,18 @@ def column_stats(df, columns: list[str], target: str) -> dict[str, ColumnStats]:
     return stats
 
 
-def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
+def prepare(path: Path, sep: str, p: TabularData, seed: int, out: Path) -> dict:
     """prepare.run's work in Spark SQL: returns schema.json's content, writes the splits into `out`."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     from stages.tabular.roles import decide, read_sample
 
-    target = p["target"]
+    target = p.target
     df, _ = read_lines(path, sep)
     columns = [c for c in df.columns if c != "line"]
     stats = column_stats(df, columns, target)
-    roles = decide(stats, read_sample(path, sep), p, p["source"])
+    roles = decide(stats, read_sample(path, sep), p, p.source)
     task, kinds = roles.task, roles.kinds
     missing = stats[target].missing if target in stats else 0
     df = df.filter(F.col(f"`{target}`").isNotNull()).select(
@@ -127,20 +128,20 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
     if task == "classification":
         counts = dict(df.groupBy(f"`{target}`").count().collect())
         classes = sorted(counts)
-        check_classes(classes, target, task, p["source"])
+        check_classes(classes, target, task, p.source)
         group = F.col(f"`{target}`")
         if min(counts.values()) < 2:  # as prepare.stratify_or_not
             log(
-                f"warning: {p['source']}: a class of {target!r} has 1 row: the split is not stratified"
+                f"warning: {p.source}: a class of {target!r} has 1 row: the split is not stratified"
             )
             counts, group = {None: sum(counts.values())}, F.lit(None).cast("string")
     else:
         counts, classes, group = {None: df.count()}, None, F.lit(None).cast("string")
     q = quotas(
         counts,
-        p["split"]["val"],
-        p["split"]["test"],
-        p["source"],
+        p.split.val,
+        p.split.test,
+        p.source,
         target if len(counts) > 1 else None,
         max(5, len(classes or [])),
     )
@@ -155,8 +156,8 @@ def prepare(path: Path, sep: str, p: dict, seed: int, out: Path) -> dict:
     ]
     if unseen:
         df = df.withColumn("_split", F.when(_any(unseen), 0).otherwise(F.col("_split")))
-    if p["exclude_lines"]:  # after the split is drawn, as prepare.run (tabular/labels.py)
-        df = df.filter(~F.col("line").isin([int(x) for x in p["exclude_lines"]]))
+    if p.exclude_lines:  # after the split is drawn, as prepare.run (tabular/labels.py)
+        df = df.filter(~F.col("line").isin([int(x) for x in p.exclude_lines]))
     df = df.persist()
     sizes = dict(df.groupBy("_split").count().collect())
     rows = [sizes.get(i, 0) for i in range(3)]

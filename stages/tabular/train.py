@@ -24,6 +24,7 @@ from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import read_json, write_timing
 from stages.core.job import Job, train
+from stages.core.schema import Params
 from stages.core.trainer import regression_sums
 from stages.tabular.budget import resolve
 from stages.tabular.data import Preprocessor, read_split, split_chunks
@@ -181,10 +182,10 @@ def data_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
 
 
-def job(params: dict) -> Job:
+def job(params: Params) -> Job:
     import torch.distributed as dist
 
-    p = params["tabular"]["train"]
+    p = params.tabular.train
     prepared = layout.prepared("tabular")
     schema = read_json(prepared / "schema.json")
     train_path, val_path = prepared / "train.parquet", prepared / "val.parquet"
@@ -199,20 +200,20 @@ def job(params: dict) -> Job:
         "kind": "net",
         "n_in": pre.n_features,
         "n_numeric": len(pre.numeric),
-        "hidden": list(p["hidden"]),
+        "hidden": list(p.hidden),
         "n_out": n_out,
-        "dropout": float(p["dropout"]),
-        "embedding": int(p["embedding"]),
-        "ensemble": int(p["ensemble"]),
+        "dropout": float(p.dropout),
+        "embedding": int(p.embedding),
+        "ensemble": int(p.ensemble),
         "classify": classify,
     }
     ranks = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return Job(
         build_model(arch),
         arch,
-        RowGroups(train_path, pre, schema, scaling, params["seed"], p["batch_size"], *ranks),
+        RowGroups(train_path, pre, schema, scaling, params.seed, p.batch_size, *ranks),
         tensors(val_path, pre, schema, scaling),
-        loss_sums(classify, float(p["label_smoothing"])),
+        loss_sums(classify, float(p.label_smoothing)),
         data_files(train_path) + data_files(val_path),
         {"preprocessor": pre.to_dict(), "schema": schema, "target_scaling": scaling},
     )
@@ -248,33 +249,32 @@ def train_rows(path: Path) -> int:
     return ds.dataset(path, format="parquet").count_rows()
 
 
-def resolved_params(params: dict) -> dict:
+def resolved_params(params: Params) -> Params:
     """params with tabular.train's `auto` batch size and epochs resolved for the prepared
     training split (budget.py); what the loop, the fingerprint and DVCLive see."""
-    p = params["tabular"]["train"]
+    p = params.tabular.train
     rows = train_rows(layout.prepared("tabular") / "train.parquet")
     resolved = resolve(p, rows)
-    if (resolved["batch_size"], resolved["epochs"]) != (p["batch_size"], p["epochs"]):
-        log(
-            f"{rows} training rows: batch_size {resolved['batch_size']}, epochs {resolved['epochs']}"
-        )
-    return {**params, "tabular": {**params["tabular"], "train": resolved}}
+    if (resolved.batch_size, resolved.epochs) != (p.batch_size, p.epochs):
+        log(f"{rows} training rows: batch_size {resolved.batch_size}, epochs {resolved.epochs}")
+    tabular = params.tabular.model_copy(update={"train": resolved})
+    return params.model_copy(update={"tabular": tabular})
 
 
-def run(params: dict) -> None:
+def run(params: Params) -> None:
     """Trains, and writes the stage's wall time to .cache/timings/ (evaluate sets it beside
     the HGB baseline's fit time): never into an output, which must reproduce byte for byte."""
     t0 = time.perf_counter()
     params = resolved_params(params)
     train("tabular", params, job)
     if os.environ.get("RANK", "0") == "0":  # the launching process, or torchrun's rank 0
-        p = params["tabular"]["train"]
+        p = params.tabular.train
         write_timing(
             TRAIN_TIME,
             {
                 "seconds": round(time.perf_counter() - t0, 2),
                 "rows": train_rows(layout.prepared("tabular") / "train.parquet"),
-                "batch_size": p["batch_size"],
-                "epochs": p["epochs"],
+                "batch_size": p.batch_size,
+                "epochs": p.epochs,
             },
         )

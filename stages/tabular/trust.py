@@ -20,6 +20,7 @@ import pandas as pd
 
 from stages.core import layout, trust
 from stages.core.onnx_export import outputs_and_features
+from stages.core.schema import Params
 from stages.tabular.data import Preprocessor, sample_split
 
 FIT_ROWS = 200_000
@@ -43,15 +44,15 @@ def _split(model, meta: dict, pre: Preprocessor, split: str):
     return values, feats, df[target].to_numpy("float64")
 
 
-def fit_trust(params: dict, model, meta: dict, pre: Preprocessor) -> dict:
+def fit_trust(params: Params, model, meta: dict, pre: Preprocessor) -> dict:
     """The card's `trust` section (tabular.evaluate.alpha and .ood_threshold)."""
-    p = params["tabular"]["evaluate"]
+    p = params.tabular.evaluate
     classify = meta["schema"]["task"] == "classification"
     val_out, val_feats, val_y = _split(model, meta, pre, "val")
     _, train_feats, train_y = _split(model, meta, pre, "train")
     return trust.fit(
-        p["alpha"],
-        p["ood_threshold"],
+        p.alpha,
+        p.ood_threshold,
         val_out,
         val_y,
         val_feats,
@@ -62,7 +63,7 @@ def fit_trust(params: dict, model, meta: dict, pre: Preprocessor) -> dict:
     )
 
 
-def trust_report(params: dict, model, meta: dict, pre: Preprocessor) -> tuple[dict, dict]:
+def trust_report(params: Params, model, meta: dict, pre: Preprocessor) -> tuple[dict, dict]:
     """(test metrics: ece_uncalibrated, ece, coverage, mean set size or interval width, OOD
     shares; reliability plot rows) for evaluate."""
     fitted = fit_trust(params, model, meta, pre)

@@ -22,6 +22,7 @@ from stages.core import layout
 from stages.core.cli import log
 from stages.core.expectations import SPLITS, check, load_suite, save_suite, suite_path
 from stages.core.files import read_json
+from stages.core.schema import Params
 from stages.tabular.data import split_chunks
 
 # Type names for both engines: pandas (float64; "str" for text given as Python objects,
@@ -85,7 +86,7 @@ def columns_expectation(columns: list[str]) -> dict:
 
 
 def column_expectations(
-    f: dict, p: dict, rows: int, smallest: int, range_margin: float, confidence: float
+    f: dict, st: dict, rows: int, smallest: int, range_margin: float, confidence: float
 ) -> list[dict]:
     """One feature's expectations: its type, its nulls, and its range or set of categories."""
     col, numeric = f["name"], f["type"] == "numeric"
@@ -99,17 +100,17 @@ def column_expectations(
             "type": "expect_column_values_to_not_be_null",
             "kwargs": {
                 "column": col,
-                "mostly": null_mostly(p["nulls"], rows, smallest, confidence),
+                "mostly": null_mostly(st["nulls"], rows, smallest, confidence),
             },
             "meta": {
-                "observed_null_share": round(p["nulls"] / rows, 4),
+                "observed_null_share": round(st["nulls"] / rows, 4),
                 "confidence": confidence,
                 "sized_for_rows": smallest,
             },
         },
     ]
-    if numeric and p["min"] is not None:
-        lo, hi = p["min"], p["max"]
+    if numeric and st["min"] is not None:
+        lo, hi = st["min"], st["max"]
         # A constant column still gets a margin (of its value's size).
         pad = range_margin * ((hi - lo) or max(abs(lo), 1.0))
         exps.append(
@@ -125,7 +126,7 @@ def column_expectations(
         exps.append(
             {
                 "type": "expect_column_values_to_be_in_set",
-                "kwargs": {"column": col, "value_set": p["values"]},
+                "kwargs": {"column": col, "value_set": st["values"]},
                 "meta": {},
             }
         )
@@ -208,23 +209,23 @@ def profile(paths: list[Path] | Path, schema: dict) -> dict:
     out = {}
     for f in schema["features"]:
         col = data.to_table(columns=[f["name"]]).column(0)
-        p = {"rows": len(col), "nulls": col.null_count, "min": None, "max": None, "values": None}
+        st = {"rows": len(col), "nulls": col.null_count, "min": None, "max": None, "values": None}
         if f["type"] == "numeric":
             mm = pc.min_max(col)
-            p["min"], p["max"] = mm["min"].as_py(), mm["max"].as_py()
+            st["min"], st["max"] = mm["min"].as_py(), mm["max"].as_py()
         elif f["type"] == "categorical":
-            p["values"] = sorted(pc.drop_null(pc.unique(col)).to_pylist())
-        out[f["name"]] = p
+            st["values"] = sorted(pc.drop_null(pc.unique(col)).to_pylist())
+        out[f["name"]] = st
     return out
 
 
-def run(params: dict, new_suite: bool = False) -> dict:
+def run(params: Params, new_suite: bool = False) -> dict:
     prepared = layout.prepared("tabular")
     schema = read_json(prepared / "schema.json")
     # the engine that prepared the splits
     spark = schema["params"]["tabular.data"].get("engine") == "spark"
     path = suite_path("tabular", schema["source"])
-    v = params["tabular"]["validate"]
+    v = params.tabular.validate_
     splits = [prepared / f"{name}.parquet" for name in SPLITS]
     if spark:
         from stages.tabular.spark import profile as spark_profile
@@ -232,7 +233,7 @@ def run(params: dict, new_suite: bool = False) -> dict:
         stats = spark_profile(splits, schema)
     else:
         stats = profile(splits, schema)
-    fresh = suite(stats, schema, v["range_margin"], v["confidence"])
+    fresh = suite(stats, schema, v.range_margin, v.confidence)
     if new_suite or not path.exists():
         save_suite(path, fresh)
         log(f"created {path} from the whole table: review it, edit it, commit it")
@@ -251,7 +252,7 @@ def run(params: dict, new_suite: bool = False) -> dict:
             name: session().read.parquet(str(prepared / f"{name}.parquet")) for name in SPLITS
         }
     else:
-        rows = params["tabular"]["validate"]["chunk_rows"]
+        rows = params.tabular.validate_.chunk_rows
         tables = {
             name: (lambda name=name: split_chunks(prepared / f"{name}.parquet", rows))
             for name in SPLITS

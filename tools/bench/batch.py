@@ -10,6 +10,7 @@ import pandas as pd
 from stages.core.files import read_json
 from stages.core.inference import open_session
 from stages.core.params import load_params
+from stages.core.schema import replaced
 from tools.bench.repo import (
     ROOT,
     chdir,
@@ -95,6 +96,7 @@ def batch(quick: bool, scratch: Path) -> dict:
     from stages.tabular.data import Preprocessor, decode_outputs, read_features
 
     params = load_params()
+    ip = params.image.infer
     n_rows = 2_000 if quick else 100_000
     work = scratch / "batch"  # infer writes metrics/<task>/infer.json under its working folder
     (work / "data").mkdir(parents=True)
@@ -102,8 +104,10 @@ def batch(quick: bool, scratch: Path) -> dict:
         ROOT / "data" / "expectations"
     )  # the card names its suite so
     csv = synthetic_csv(work / "rows.csv", n_rows)
-    params["tabular"]["infer"]["source"] = str(csv)
-    params["image"]["infer"]["source"] = str(ROOT / params["image"]["infer"]["source"])
+    params = replaced(
+        params, {"tabular.infer.source": str(csv), "image.infer.source": str(ROOT / ip.source)}
+    )
+    ip = params.image.infer
     tcard, icard = read_json("models/tabular/model.json"), read_json("models/image/model.json")
     # Without spinning, as infer_tabular's: the bare loops' sessions stay open between samples, and
     # spinning ones keep a core busy after each run, which took a third of that core from
@@ -113,11 +117,10 @@ def batch(quick: bool, scratch: Path) -> dict:
     )
     pre, bs = (
         Preprocessor.from_dict(tcard["preprocessing"]),
-        params["tabular"]["infer"]["batch_size"],
+        params.tabular.infer.batch_size,
     )
-    table, root = list_images(params["image"]["infer"]["source"], labelled=False)
+    table, root = list_images(ip.source, labelled=False)
     files = table["path"].tolist()
-    ip = params["image"]["infer"]
 
     def read():
         return read_features(csv, tcard["features"]).drop(
@@ -129,14 +132,12 @@ def batch(quick: bool, scratch: Path) -> dict:
         return decode_outputs(run_batches(tsession, pre.transform(df, str(csv)), bs), tcard)
 
     def bare_image():
-        for i in range(0, len(files), ip["batch_size"]):
-            x = preprocess(
-                [root / f for f in files[i : i + ip["batch_size"]]], icard["preprocessing"]
-            )
+        for i in range(0, len(files), ip.batch_size):
+            x = preprocess([root / f for f in files[i : i + ip.batch_size]], icard["preprocessing"])
             top_k(
-                softmax(run_batches(isession, x, ip["batch_size"]).astype("float64")),
+                softmax(run_batches(isession, x, ip.batch_size).astype("float64")),
                 icard["classes"],
-                ip["top_k"],
+                ip.top_k,
             )
 
     rounds = 2 if quick else 7

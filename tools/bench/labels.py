@@ -6,6 +6,7 @@ Issue 31's target: labels at most 2x train."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from tools.bench.repo import set_keys
 from tools.bench.timing import Row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,13 +41,16 @@ def workspace(scratch: Path, quick: bool) -> Path:
     work = scratch / "repo"
     (work / "data").mkdir(parents=True)
     (work / "data/tabular").symlink_to(ROOT / "data/tabular")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    shutil.copy(ROOT / "params.yaml", work / "params.yaml")
     if quick:
-        params["image"]["demo"]["size"] = params["image"]["data"]["image_size"] = 16
+        tiny = {"image.demo.size": 16, "image.data.image_size": 16}
         for task in ("tabular", "image"):
-            params[task]["train"]["epochs"] = 1
-            params[task]["labels"].update(folds=2, epochs=1)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            tiny |= {
+                f"{task}.train.epochs": 1,
+                f"{task}.labels.folds": 2,
+                f"{task}.labels.epochs": 1,
+            }
+        set_keys(work / "params.yaml", tiny)
     return work
 
 

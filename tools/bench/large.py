@@ -8,6 +8,7 @@ from pathlib import Path
 from tools.bench.repo import (
     copy_repo,
     run_measured,
+    set_keys,
     synthetic_csv,
 )
 from tools.bench.timing import Row
@@ -18,22 +19,22 @@ def large(quick: bool, scratch: Path) -> dict:
     """A 50,000,000-row CSV (about 2 GB) through prepare → validate → train (one epoch) →
     evaluate → export → infer (of the same CSV), each stage a process in a copy of the repo,
     with its time and peak memory. Not in the default sections (`--only large`): it takes tens of minutes on 2 cores."""
-    import yaml
-
     n = 50_000 if quick else 50_000_000
     repo = copy_repo(scratch / "repo")
     csv = synthetic_csv(scratch / "big" / "penguins.csv", n)  # the name picks the committed suite
     size_mb = csv.stat().st_size / 2**20
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["tabular"]["data"]["source"] = p["tabular"]["infer"]["source"] = str(
-        csv
-    )  # infer: all 50M rows again
-    # One epoch in large batches: the loop's speed is the training section's subject, not this one's.
-    p["tabular"]["train"].update(epochs=1, batch_size=4096, patience=0, nproc=1)
-    p["tabular"]["evaluate"]["baseline"] = (
-        False  # HistGradientBoosting on 35M rows in memory: not this chain's subject
+    train = {"epochs": 1, "batch_size": 4096, "patience": 0, "nproc": 1}
+    set_keys(
+        repo / "params.yaml",
+        {
+            "tabular.data.source": str(csv),
+            "tabular.infer.source": str(csv),  # infer: all 50M rows again
+            # One epoch in large batches: the loop's speed is the training section's subject.
+            **{f"tabular.train.{k}": v for k, v in train.items()},
+            # HistGradientBoosting on 35M rows in memory: not this chain's subject
+            "tabular.evaluate.baseline": False,
+        },
     )
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     rows, details = [], {"csv_rows": n, "csv_mib": round(size_mb), "stages": {}}
     for stage in ("prepare", "validate", "train", "evaluate", "export", "infer"):
         seconds, peak = run_measured([sys.executable, "-m", "stages", stage, "tabular"], repo)

@@ -69,7 +69,7 @@ def torch_model(task: str):
 
 def synthetic_csv(path: Path, rows: int, seed: int = 0) -> Path:
     """A CSV shaped like the penguins data: its own lines (NA cells included) drawn at random."""
-    header, *lines = Path(load_params()["tabular"]["data"]["source"]).read_text().splitlines()
+    header, *lines = Path(load_params().tabular.data.source).read_text().splitlines()
     lines = np.array(lines, dtype=object)
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +105,16 @@ def run_measured(cmd: list[str], cwd: Path) -> tuple[float, float]:
     if res.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {res.returncode}: {res.stderr[-2000:]}")
     return seconds, int(peak.read_text()) / 1024
+
+
+def set_keys(path: Path, values: dict) -> None:
+    """Set dotted keys ({"tabular.data.source": ...}) in a params.yaml, as `dvc exp run -S`."""
+    import yaml
+
+    from stages.core.schema import overridden
+
+    params = overridden(yaml.safe_load(path.read_text()), values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def copy_repo(dst: Path) -> Path:

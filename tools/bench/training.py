@@ -92,7 +92,7 @@ def contenders_of(task, job, data, base, params, amps, scratch) -> tuple[dict, C
 
     def run_fit(amp, data=data):
         n = next(runs)
-        cfg = LoopConfig.from_params({**base, "amp": amp}, f"{task}.train")
+        cfg = LoopConfig.from_params(base, amp=amp)
         with contextlib.redirect_stderr(io.StringIO()):  # fit logs a line per epoch
             fit(
                 copy.deepcopy(pristine),
@@ -100,22 +100,22 @@ def contenders_of(task, job, data, base, params, amps, scratch) -> tuple[dict, C
                 sums_fn=job.sums_fn,
                 cfg=cfg,
                 rt=rt,
-                seed=params["seed"],
+                seed=params.seed,
                 ckpt_dir=scratch / f"ckpt-{task}-{n}",
                 fingerprint=f"bench-{n}",
             )
         shutil.rmtree(scratch / f"ckpt-{task}-{n}", ignore_errors=True)
 
     def run_min(amp, data=data):
-        cfg = LoopConfig.from_params({**base, "amp": amp}, f"{task}.train")
-        minimal_loop(copy.deepcopy(pristine), *data, cfg, amp != "off", params["seed"])
+        cfg = LoopConfig.from_params(base, amp=amp)
+        minimal_loop(copy.deepcopy(pristine), *data, cfg, amp != "off", params.seed)
 
     def loader_alone():  # what fit's loader does: batches, augmented and normalised (image)
         for _ in DataLoader(
             data[0],
-            batch_size=base["batch_size"],
+            batch_size=base.batch_size,
             shuffle=True,
-            num_workers=base["num_workers"],
+            num_workers=base.num_workers,
             collate_fn=collate_of(data[0]),
         ):
             pass
@@ -194,19 +194,15 @@ def training(quick: bool, scratch: Path) -> dict:
     for task, make_job, size, rounds in plan:
         job = make_job(params)
         train_set, val_set = bench_sets(task, job, size)
-        base = {
-            **params[task]["train"],
-            "epochs": epochs,
-            "patience": 0,
-            "device": "cpu",
-            "nproc": 1,
-        }
+        base = getattr(params, task).train.model_copy(
+            update={"epochs": epochs, "patience": 0, "device": "cpu", "nproc": 1}
+        )
         contenders, run_fit, run_min = contenders_of(
             task, job, (train_set, val_set), base, params, amps, scratch
         )
         if not quick:  # warm-up (first-call costs of each path) on a few batches
             few = tuple(
-                torch.utils.data.Subset(d, range(min(len(d), 2 * base["batch_size"])))
+                torch.utils.data.Subset(d, range(min(len(d), 2 * base.batch_size)))
                 for d in (train_set, val_set)
             )
             for amp in amps:
@@ -219,7 +215,7 @@ def training(quick: bool, scratch: Path) -> dict:
         )
         med = {k: median(v) for k, v in times.items()}
         details[task] = {"train_samples": len(train_set), "epochs": epochs, "seconds": med}
-        more, note = task_rows(task, med, amps, epochs, len(train_set), base["batch_size"])
+        more, note = task_rows(task, med, amps, epochs, len(train_set), base.batch_size)
         rows += more
         notes.append(note)
     notes.append(

@@ -12,6 +12,7 @@ import pandas as pd
 from tools.bench.repo import (
     copy_repo,
     run_measured,
+    set_keys,
     synthetic_csv,
 )
 from tools.bench.timing import Row, alternate, median, ratio_row
@@ -93,16 +94,12 @@ def gx_profile(run) -> tuple[list, str]:
 def ingestion(n_csv: int, scratch: Path) -> tuple[list, str, dict]:
     """prepare + validate on a very large CSV, in a copy of the repo, as the pipeline runs
     them: (rows, note, details)."""
-    import yaml
-
     rows = []
     repo = copy_repo(scratch / "repo")
     csv = synthetic_csv(
         scratch / "big" / "penguins.csv", n_csv
     )  # the name picks the committed suite
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["tabular"]["data"]["source"] = str(csv)
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    set_keys(repo / "params.yaml", {"tabular.data.source": str(csv)})
     prep_s, prep_mb = run_measured([sys.executable, "-m", "stages", "prepare", "tabular"], repo)
     val_s, val_mb = run_measured([sys.executable, "-m", "stages", "validate", "tabular"], repo)
     size_mb = csv.stat().st_size / 2**20
