@@ -175,6 +175,21 @@ def label_issues_md(task: str, top: int = 10) -> str:
     return text + ("\n" + table(list(issues.columns), rows) + "\n" if rows else "")
 
 
+def importance_md(task: str, top: int = 10) -> str:
+    """The columns that matter most on the test split (evaluate's permutation importance,
+    docs/explain.md), or "" where the task has none."""
+    path = Path(f"metrics/{task}/importance.json")
+    if not path.exists():
+        return ""
+    rows = [[c, v["mean"], v["std"]] for c, v in list(read_json(path).items())[:top]]
+    return (
+        "### Column importance\n\nThe drop in the test split's headline score (accuracy, or "
+        "R²) when a column is shuffled: mean and std over the shuffles.\n\n"
+        + table(["column", "drop", "std"], rows)
+        + "\n"
+    )
+
+
 def build_report(
     base: str, out_md: Path = Path("report.md"), plots_dir: Path = Path("report")
 ) -> str:
@@ -213,6 +228,7 @@ def build_report(
                 f"expectations met over {', '.join(v['tables'])} (`{v['suite_file']}`).\n"
             )
         parts.append(label_issues_md(task))
+        parts.append(importance_md(task))
         onnx, card_path = Path(f"models/{task}/model.onnx"), Path(f"models/{task}/model.json")
         if onnx.exists() and card_path.exists():
             card = read_json(card_path)
