@@ -7,6 +7,7 @@ JSON model cards.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import threading
@@ -210,8 +211,14 @@ def explained(model: Loaded, x: np.ndarray, preds: list[dict]) -> list[dict]:
     ]
 
 
-def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
+def predict_image(
+    model: Loaded, data: bytes, k: int, max_pixels: int, explain: bool = False
+) -> dict:
+    """One image → its classes (and trust, warnings); with explain, `heatmap_png` too: the
+    predicted class's activation map as a base64 grayscale PNG of the image's size."""
     card = model.card
+    if explain and image.no_cam(card):
+        raise BadInput(f"no heatmap for this image model: {image.no_cam(card)}")
     im = open_image(
         data, max_pixels
     )  # checked first; then the very bytes go through infer's loader
@@ -224,7 +231,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     }
     warnings = model.checked([seen])[0]
     with model.limit:
-        probs, feats = image.predict_outputs(card, model.session, rgb[None])
+        probs, feats, cams = image.predict_with_cams(card, model.session, rgb[None])
     model.monitor.observe([seen])
     classes = card["classes"]
     trusted = with_trust(card, [{}], probs, feats)[0]  # prediction_set and ood
@@ -238,7 +245,18 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
         "top_k": [{"class": classes[int(i)], "probability": float(probs[i])} for i in order],
         "top_k_text": top_k(probs[None], classes, k)[0],
         "warnings": warnings,
+        **(
+            {"heatmap_png": png_base64(image.heatmap(cams[0], im.width, im.height))}
+            if explain
+            else {}
+        ),
     }
+
+
+def png_base64(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def predict_detect(

@@ -161,6 +161,11 @@ EXPLAIN_TABULAR = (
     "share of the answer's probability (or prediction), which they sum to (docs/explain.md)"
 )
 
+EXPLAIN_IMAGE = (
+    "also answer `heatmap_png`: the predicted class's activation map, a base64 grayscale PNG "
+    "the size of the image (0 = no evidence, 255 = the most; docs/explain.md)"
+)
+
 
 def predict_routes(s: Served, key_check) -> APIRouter:
     r = APIRouter(dependencies=[Depends(key_check)])
@@ -183,12 +188,13 @@ def predict_routes(s: Served, key_check) -> APIRouter:
     def image(
         file: Annotated[UploadFile, File(description="an image PIL can read")],
         top_k: Annotated[int, Query(ge=1, le=100)] = s.cfg.top_k,
+        explain: Annotated[bool, Query(description=EXPLAIN_IMAGE)] = False,
     ) -> dict:
         m = model(s, "image")
         k = min(top_k, len(m.card["classes"]))
         return {
             "model_version": m.version,
-            **predict_image(m, read_upload(file, s.cfg), k, s.cfg.max_pixels),
+            **predict_image(m, read_upload(file, s.cfg), k, s.cfg.max_pixels, explain),
         }
 
     @r.post("/predict/detect", summary="Detect objects in one image (multipart upload)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from app.explain_view import WHY, bars, overlay, top_contributions
 from app.label_issues import show as show_label_issues
 from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
@@ -23,13 +24,13 @@ from stages.core.cli import StageError
 from stages.core.images import image_extensions
 from stages.core.trust import describe
 from stages.detect.boxes import draw_boxes
+from stages.image.infer import no_cam
 from stages.tabular.data import read_csv
 
 HEADLINE = ("accuracy", "f1_macro", "roc_auc", "rmse", "mae", "r2", "mAP50", "mAP50-95")
 MAX_ZIP_IMAGES = 1000
 DETECT_COLUMNS = ["category", "score", "x", "y", "width", "height"]
 N_EXAMPLES = 3
-TOP_CONTRIBUTIONS = 8  # bars beside a tabular answer
 # Contrast (WCAG AA, 4.5:1) where Gradio's default light theme falls short: the primary
 # buttons (white on orange-500 is 2.8:1), the uploads' "- or -" and the footer's API link (1.9:1).
 CSS = ".or, .show-api, .show-api * { color: #4b5563 !important; }"
@@ -116,15 +117,13 @@ def tabular_form(model: Loaded, *values) -> tuple[dict | float, str]:
 
 
 def tabular_why(model: Loaded, *values) -> pd.DataFrame:
-    """One row from the form → its top contributions (docs/explain.md), for a bar chart: the
-    columns that moved the answer most from the training data's average, either way."""
+    """One row from the form → its top contributions, for a bar chart (docs/explain.md)."""
     row = dict(zip([f["name"] for f in model.card["features"]], values, strict=False))
     try:
         pred = predict_tabular(model, [row], explain=True)[0]
     except BadInput as e:
         raise _error(e) from None
-    top = sorted(pred["attributions"].items(), key=lambda kv: -abs(kv[1]))[:TOP_CONTRIBUTIONS]
-    return pd.DataFrame(top, columns=["column", "contribution"])
+    return top_contributions(pred)
 
 
 def looks_like_text(path: str) -> bool:
@@ -169,6 +168,16 @@ def image_one(model: Loaded, path: str | None, k: int, max_pixels: int) -> tuple
     return {r["class"]: r["probability"] for r in result["top_k"]}, warnings_markdown(
         result["warnings"], result
     )
+
+
+def image_why(model: Loaded, path: str | None, max_pixels: int):
+    """The image with its predicted class's activation map laid over it (docs/explain.md)."""
+    _need_file(path, "an image file")
+    try:
+        result = predict_image(model, Path(path).read_bytes(), 1, max_pixels, explain=True)
+    except BadInput as e:
+        raise _error(e) from None
+    return overlay(path, result["heatmap_png"])
 
 
 def image_zip(model: Loaded, path: str | None, k: int, max_pixels: int) -> str:
@@ -417,16 +426,7 @@ def tabular_tab(m: Loaded, cfg: Settings) -> None:
         note = gr.Markdown(elem_id="tab-warnings")
     go.click(lambda *v: tabular_form(m, *v), inputs, [out, note], api_name="tabular_form")
     if "explain" in m.card:
-        what = "probability" if m.card["kind"] == "classification" else "prediction"
-        why = gr.BarPlot(
-            x="column",
-            y="contribution",
-            label=f"why: each column's share of the {what}, from the training average "
-            "(docs/explain.md)",
-            elem_id="tab-why",
-            height=240,
-            sort="-y",
-        )
+        why = gr.BarPlot(**bars("column", "contribution", WHY, "tab-why"))
         go.click(lambda *v: tabular_why(m, *v), inputs, why, api_name="tabular_explain")
     examples = tabular_examples(m.card)
     if examples:
@@ -458,6 +458,14 @@ def image_tab(m: Loaded, cfg: Settings) -> None:
         return image_one(m, p, k, max_pixels)
 
     img.upload(classify, img, [label, img_note], api_name="image_one")
+    if not no_cam(m.card):
+        why = gr.Image(
+            label="where the predicted class's evidence is (red: most; docs/explain.md)",
+            elem_id="img-why",
+            type="pil",
+            height=240,
+        )
+        img.upload(lambda p: image_why(m, p, max_pixels), img, why, api_name="image_explain")
     examples = image_examples(m.card)
     if examples:
         gr.Examples(
@@ -539,15 +547,8 @@ def models_tab(models: dict[str, Loaded], missing: dict[str, str]) -> None:
                     height=240,
                 )
             if "importance" in data:
-                gr.BarPlot(
-                    data["importance"],
-                    x="column",
-                    y="drop",
-                    sort="-y",
-                    label=f"{task}: column importance (test score drop when shuffled)",
-                    elem_id=f"models-{task}-importance",
-                    height=240,
-                )
+                label = f"{task}: column importance (test score drop when shuffled)"
+                gr.BarPlot(data["importance"], **bars("column", "drop", label, "models-importance"))
             if "curves" in data:
                 gr.LinePlot(
                     data["curves"],

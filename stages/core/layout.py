@@ -20,6 +20,8 @@ PREDICTIONS = {
 }
 # Not a DVC output: boxes drawn on the first detect.infer.render images.
 RENDERED = Path("data/predictions/detect_rendered")
+# Not a DVC output either: image infer's class activation maps (image.infer.heatmaps).
+HEATMAPS = Path("data/predictions/image_heatmaps")
 
 
 def prepared(task: str) -> Path:

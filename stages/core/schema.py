@@ -267,6 +267,7 @@ class ImageInfer(Section):
     source: str
     batch_size: Positive
     top_k: Positive
+    heatmaps: bool  # also write class activation maps (layout.HEATMAPS)
 
 
 class Image(Section):
