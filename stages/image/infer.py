@@ -72,10 +72,14 @@ def no_cam(card: dict) -> str | None:
 
 
 def write_heatmaps(cams: dict, root: Path, folder: Path) -> None:
-    """Each image's map as <folder>/<its path>.png, at the image's size (read from its header)."""
+    """Each image's map as <folder>/<its path>.png, at the image's size (read from its header);
+    `..` and a leading `/` left out of the path, so that every file lands inside the folder."""
     with atomic_dir(folder) as tmp:
         for name, cam in cams.items():
-            target = tmp / f"{name}.png"
+            inside = [
+                part for part in Path(name).parts if part not in ("..", ".", Path(name).anchor)
+            ]
+            target = tmp.joinpath(*inside[:-1], f"{inside[-1]}.png")
             target.parent.mkdir(parents=True, exist_ok=True)
             with Image.open(root / name) as im:
                 heatmap(cam, im.width, im.height).save(target)
