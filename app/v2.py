@@ -72,7 +72,7 @@ def tensors(card: dict) -> tuple[list[dict], list[dict]]:
             ("ood_flagged", "BOOL", [-1]),
             ("ood_p_value", "FP64", [-1]),
         ]
-    if "explain" in card:  # computed only when a request names them (docs/explain.md)
+    if card["task"] == "tabular" and "explain" in card:  # computed only when asked for
         m = len(card["explain"]["columns"])
         outputs += [("attributions", "FP32", [-1, m]), ("base_value", "FP64", [-1])]
     return inputs, [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs]
@@ -104,6 +104,13 @@ def trust_tensors(preds: list[dict]) -> dict:
 
 
 EXPLAINED = ("attributions", "base_value")
+
+
+def metadata_parameters(card: dict) -> dict:
+    """The model metadata's `parameters`: the column order of `attributions` (tabular)."""
+    if card["task"] != "tabular" or "explain" not in card:
+        return {}
+    return {"parameters": {"attribution_columns": card["explain"]["columns"]}}
 
 
 def attribution_tensors(preds: list[dict]) -> dict:
@@ -294,11 +301,7 @@ def router(ctx, key_check) -> APIRouter:
             "platform": "onnxruntime_onnx",
             "inputs": inputs,
             "outputs": outputs,
-            **(
-                {"parameters": {"attribution_columns": m.card["explain"]["columns"]}}
-                if "explain" in m.card
-                else {}
-            ),
+            **metadata_parameters(m.card),
         }
 
     def model_ready(name: Name, version: str | None = None) -> dict:
