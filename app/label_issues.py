@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from stages.core import label_issues
+from stages.core.card import Card
 
 SHOWN = 12
 
@@ -47,7 +48,7 @@ def image_items(issues: pd.DataFrame, source: str | Path) -> list[tuple[str, str
     ]
 
 
-def show(gr, task: str, card: dict, metrics_dir: Path = Path("metrics")) -> None:
+def show(gr, task: str, card: Card, metrics_dir: Path = Path("metrics")) -> None:
     """The section inside the Models tab (called in its Blocks context); nothing when the
     task has no list (detect, or before `dvc repro`)."""
     found = label_issues.read(task, metrics_dir)
@@ -66,7 +67,7 @@ def show(gr, task: str, card: dict, metrics_dir: Path = Path("metrics")) -> None
     gr.Markdown(head)
     if issues.empty:
         return
-    top, source = issues.head(SHOWN), card["data"]["source"]
+    top, source = issues.head(SHOWN), card.data.source
     if task == "image":
         gr.Gallery(image_items(top, source), columns=6, height=260, elem_id="models-image-labels")
     elif Path(source).is_file():

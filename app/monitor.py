@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from app.settings import Settings
+from stages.core.card import Card
 
 EPS = 1e-4  # share given to an empty bin, so PSI stays finite
 
@@ -75,10 +76,10 @@ def value_warnings(ref: dict, row: dict) -> list[str]:
     return out
 
 
-def model_version(card: dict) -> str:
+def model_version(card: Card) -> str:
     """The registry version `make serve` fetched (tools/registry.py writes it into the card),
     else "workspace": models/ as the pipeline left it."""
-    return (card.get("registry") or {}).get("version") or "workspace"
+    return (card.registry or {}).get("version") or "workspace"
 
 
 def serving_metrics(registry, cfg: Settings, models: dict, missing: dict) -> None:
@@ -115,14 +116,14 @@ def serving_metrics(registry, cfg: Settings, models: dict, missing: dict) -> Non
         "input_rows", "served rows (images) checked for warnings", ["task"], registry=registry
     )
     for task, m in models.items():
-        info.labels(task, model_version(m.card), m.card["onnx"]["sha256"][:12]).set(1)
+        info.labels(task, model_version(m.card), m.card.onnx.sha256[:12]).set(1)
         m.monitor.rows = rows.labels(task)
 
 
 class Monitor:
-    def __init__(self, task: str, card: dict, cfg: Settings):
+    def __init__(self, task: str, card: Card, cfg: Settings):
         self.task = task
-        self.ref = (card.get("reference") or {}).get("features", {})
+        self.ref = (card.reference or {}).get("features", {})
         self.strict = cfg.strict
         window = cfg.drift_window
         self.min_rows = max(1, window // 10)  # fewer values than this say nothing yet

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from PIL import Image
 
 from app.monitor import Monitor
 from app.settings import Settings
+from stages.core import layout
+from stages.core.card import Card, read_card
 from stages.core.cli import StageError
 from stages.core.inference import open_session, physical_cores, run_all
 from stages.core.params import TASKS
@@ -68,7 +69,7 @@ class Limiter:
 
 @dataclass
 class Loaded:
-    card: dict
+    card: Card
     session: object
     monitor: Monitor
     limit: Limiter
@@ -79,9 +80,9 @@ class Loaded:
     def version(self) -> str:
         """Which model answers: its registry version when served from the registry, else the
         md5 of the trained model the ONNX file was exported from."""
-        if self.card.get("registry"):
-            return str(self.card["registry"]["version"])
-        return self.card["provenance"]["model_md5"]
+        if self.card.registry:
+            return str(self.card.registry["version"])
+        return self.card.provenance["model_md5"]
 
     def checked(self, rows: list[dict]) -> list[list[str]]:
         """Warnings per row; with serve.strict on, any warning refuses the request (422)."""
@@ -101,12 +102,12 @@ def load_models(models_dir: str | Path, cfg: Settings) -> tuple[dict[str, Loaded
     limit = Limiter(cfg.concurrency, cfg.queue_timeout_s)
     loaded, missing = {}, {}
     for task in TASKS:
-        card_path = Path(models_dir) / task / "model.json"
+        card_path = Path(models_dir) / task / layout.card(task).name
         try:
-            card = json.loads(card_path.read_text())
+            card = read_card(card_path)
             # Spinning threads would burn the cores between requests of a shared server.
             session = open_session(
-                card_path.parent / card["onnx"]["file"], threads=threads, spinning=False
+                card_path.parent / card.onnx.file, threads=threads, spinning=False
             )
             loaded[task] = Loaded(
                 card,
@@ -156,10 +157,10 @@ def predict_tabular(
         if x is None:
             df = type_features(
                 rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows),
-                model.card["features"],
+                model.card.features,
                 "request",
             )
-            records = df[[f["name"] for f in model.card["features"]]].to_dict("records")
+            records = df[[f.name for f in model.card.features]].to_dict("records")
         else:
             records = rows
         warnings = model.checked(records)
@@ -169,17 +170,17 @@ def predict_tabular(
             else:
                 # One run up to infer's default batch (as run_all would), without its lookups.
                 outs = (
-                    model.session.run(None, {model.card["onnx"]["input"]: x})
+                    model.session.run(None, {model.card.onnx.input: x})
                     if len(x) <= model.batch_size
                     else run_all(model.session, x, model.batch_size)
                 )
                 preds = model.rows.decode(outs[0])
-                if "trust" in model.card:  # prediction_set or interval, and ood
+                if model.card.trust is not None:  # prediction_set or interval, and ood
                     vectors = ood_vectors(model.card, x, outs)
                     preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
             if explain:
                 if x is None:
-                    x = Preprocessor.from_dict(model.card["preprocessing"]).transform(df, "request")
+                    x = Preprocessor.from_dict(model.card.preprocessing).transform(df, "request")
                 preds = explained(model, x, preds)
     except StageError as e:
         raise BadInput(str(e)) from None
@@ -192,19 +193,19 @@ def explained(model: Loaded, x: np.ndarray, preds: list[dict]) -> list[dict]:
     """Predictions with `base_value` and `attributions` ({column: value}, summing with the
     base value to the answer's probability, or its prediction; stages/tabular/explain.py)."""
     card = model.card
-    if "explain" not in card:
+    if card.explain is None:
         raise BadInput(
             "the served tabular model has no explanation background in its card (exported "
             "before explanations existed): re-run `dvc repro export@tabular`"
         )
-    classes = card.get("classes")
+    classes = card.classes
     predicted = (
         np.array([classes.index(p["prediction"]) for p in preds])
-        if card["kind"] == "classification"
+        if card.kind == "classification"
         else None
     )
     base, phi = attributions(card, model.session, x, predicted)
-    names = card["explain"]["columns"]
+    names = card.explain["columns"]
     return [
         {**p, "base_value": float(b), "attributions": dict(zip(names, a.tolist(), strict=True))}
         for p, b, a in zip(preds, base, phi, strict=True)
@@ -222,7 +223,7 @@ def predict_image(
     im = open_image(
         data, max_pixels
     )  # checked first; then the very bytes go through infer's loader
-    rgb = load_rgb(io.BytesIO(data), card["preprocessing"]["image_size"])
+    rgb = load_rgb(io.BytesIO(data), card.preprocessing["image_size"])
     seen = {
         "width": im.width,
         "height": im.height,
@@ -233,7 +234,7 @@ def predict_image(
     with model.limit:
         probs, feats, cams = image.predict_with_cams(card, model.session, rgb[None])
     model.monitor.observe([seen])
-    classes = card["classes"]
+    classes = card.classes
     trusted = with_trust(card, [{}], probs, feats)[0]  # prediction_set and ood
     model.monitor.ood([trusted])
     probs = probs[0]
@@ -271,9 +272,9 @@ def predict_detect(
     card_conf, card_iou = detect.thresholds(card)  # the ones batch infer uses
     conf = card_conf if conf is None else conf
     iou = card_iou if iou is None else iou
-    loaded = load_for_detection(io.BytesIO(data), card["preprocessing"]["imgsz"])
+    loaded = load_for_detection(io.BytesIO(data), card.preprocessing["imgsz"])
     with model.limit:
-        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card["classes"])
+        found = to_records(detect.predict(model.session, [loaded], conf, iou)[0], card.classes)
     area = im.width * im.height
     model.monitor.observe(
         [

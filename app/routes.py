@@ -18,6 +18,7 @@ from app.limits import error_body
 from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
 from app.v2_tensors import TensorError
+from stages.core.card import Card
 from stages.core.params import TASKS
 
 
@@ -33,7 +34,7 @@ class Served:
     app_version: str
 
 
-def tabular_request(card: dict | None, max_rows: int):
+def tabular_request(card: Card | None, max_rows: int):
     """The request body for /predict/tabular, generated from the model card's feature schema:
     every feature present (null = missing, imputed), numbers finite, categories from training,
     no other fields."""
@@ -41,13 +42,13 @@ def tabular_request(card: dict | None, max_rows: int):
         row = dict[str, float | str | None]
     else:
         fields = {}
-        for f in card["features"]:
-            if f["type"] == "numeric":
-                fields[f["name"]] = (Annotated[float, Field(allow_inf_nan=False)] | None, ...)
-            elif f["type"] in ("text", "datetime"):  # free strings: the preprocessor reads dates
-                fields[f["name"]] = (str | None, ...)
+        for f in card.features:
+            if f.type == "numeric":
+                fields[f.name] = (Annotated[float, Field(allow_inf_nan=False)] | None, ...)
+            elif f.type in ("text", "datetime"):  # free strings: the preprocessor reads dates
+                fields[f.name] = (str | None, ...)
             else:
-                fields[f["name"]] = (Literal[tuple(f["categories"])] | None, ...)
+                fields[f.name] = (Literal[tuple(f.categories)] | None, ...)
         row = create_model("TabularRow", __config__=ConfigDict(extra="forbid"), **fields)
     return create_model(
         "TabularRequest",
@@ -146,12 +147,12 @@ def info_routes(s: Served) -> APIRouter:
 
     @r.get("/model/info", summary="The model cards of the loaded models")
     def model_info() -> dict:
-        return {"models": {t: m.card for t, m in s.models.items()}, "missing": s.missing}
+        return {"models": {t: m.card.dump() for t, m in s.models.items()}, "missing": s.missing}
 
     @r.get("/model/info/{task}", summary="One model card")
     def model_info_task(task: Literal[TASKS]) -> dict:
         # A closed set of names: "../x" or any other value is a 422, never a path on disk.
-        return model(s, task).card
+        return model(s, task).card.dump()
 
     return r
 
@@ -191,7 +192,7 @@ def predict_routes(s: Served, key_check) -> APIRouter:
         explain: Annotated[bool, Query(description=EXPLAIN_IMAGE)] = False,
     ) -> dict:
         m = model(s, "image")
-        k = min(top_k, len(m.card["classes"]))
+        k = min(top_k, len(m.card.classes))
         return {
             "model_version": m.version,
             **predict_image(m, read_upload(file, s.cfg), k, s.cfg.max_pixels, explain),

@@ -20,6 +20,7 @@ from app.explain_view import WHY, bars, overlay, top_contributions
 from app.label_issues import show as show_label_issues
 from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
+from stages.core.card import Card
 from stages.core.cli import StageError
 from stages.core.images import image_extensions
 from stages.core.trust import describe
@@ -104,13 +105,13 @@ def warnings_markdown(warnings: list[str], pred: dict | None = None) -> str:
 
 def tabular_form(model: Loaded, *values) -> tuple[dict | float, str]:
     """One row from the form → ({class: probability} (gr.Label) or the predicted value, warnings)."""
-    row = dict(zip([f["name"] for f in model.card["features"]], values, strict=False))
+    row = dict(zip([f.name for f in model.card.features], values, strict=False))
     try:
         pred = predict_tabular(model, [row])[0]
     except BadInput as e:
         raise _error(e) from None
-    if model.card["kind"] == "classification":
-        return {c: pred[f"p_{c}"] for c in model.card["classes"]}, warnings_markdown(
+    if model.card.kind == "classification":
+        return {c: pred[f"p_{c}"] for c in model.card.classes}, warnings_markdown(
             pred["warnings"], pred
         )
     return pred["prediction"], warnings_markdown(pred["warnings"], pred)
@@ -118,7 +119,7 @@ def tabular_form(model: Loaded, *values) -> tuple[dict | float, str]:
 
 def tabular_why(model: Loaded, *values) -> pd.DataFrame:
     """One row from the form → its top contributions, for a bar chart (docs/explain.md)."""
-    row = dict(zip([f["name"] for f in model.card["features"]], values, strict=False))
+    row = dict(zip([f.name for f in model.card.features], values, strict=False))
     try:
         pred = predict_tabular(model, [row], explain=True)[0]
     except BadInput as e:
@@ -262,45 +263,43 @@ def detect_one(model: Loaded, path: str | None, conf: float, iou: float, max_pix
     note = warnings_markdown(result["warnings"])
     if not found:
         note = f"No objects above confidence {conf:g}. " + note
-    return draw_boxes(path, dets, model.card["classes"]), table, note
+    return draw_boxes(path, dets, model.card.classes), table, note
 
 
-def form_defaults(card: dict) -> list[tuple[str, object]]:
+def form_defaults(card: Card) -> list[tuple[str, object]]:
     """(label, start value) per feature: the training median or mode, and the training range."""
-    ref = (card.get("reference") or {}).get("features", {})
+    ref = (card.reference or {}).get("features", {})
     out = []
-    for f in card["features"]:
-        r = ref.get(f["name"], {})
-        if f["type"] == "numeric" and "min" in r:
-            out.append((f"{f['name']} (training {r['min']:g} to {r['max']:g})", r["median"]))
-        elif f["type"] == "numeric":
-            out.append((f["name"], None))
-        elif f["type"] in ("text", "datetime"):
-            out.append(
-                (f"{f['name']} ({f['type']}{', ' + f['format'] if 'format' in f else ''})", None)
-            )
+    for f in card.features:
+        r = ref.get(f.name, {})
+        if f.type == "numeric" and "min" in r:
+            out.append((f"{f.name} (training {r['min']:g} to {r['max']:g})", r["median"]))
+        elif f.type == "numeric":
+            out.append((f.name, None))
+        elif f.type in ("text", "datetime"):
+            out.append((f"{f.name} ({f.type}{', ' + f.format if f.format else ''})", None))
         else:
-            out.append((f"{f['name']} (training: {', '.join(f['categories'])})", r.get("mode")))
+            out.append((f"{f.name} (training: {', '.join(f.categories)})", r.get("mode")))
     return out
 
 
-def tabular_examples(card: dict, n: int = N_EXAMPLES) -> list[list]:
+def tabular_examples(card: Card, n: int = N_EXAMPLES) -> list[list]:
     """A row per class (or the first rows) among the first 5,000 of the training CSV, as
     form values; none when the file is not at hand or does not fit the form."""
     try:
         df = pd.read_csv(
-            card["data"]["source"], sep=None, engine="python", nrows=5000, skipinitialspace=True
+            card.data.source, sep=None, engine="python", nrows=5000, skipinitialspace=True
         )
-        if card["kind"] == "classification" and card["target"] in df:
-            df = df.groupby(df[card["target"]].astype(str), sort=False).head(1)
+        if card.kind == "classification" and card.target in df:
+            df = df.groupby(df[card.target].astype(str), sort=False).head(1)
         return [
             [
                 None
-                if pd.isna(r[f["name"]])
-                else float(r[f["name"]])
-                if f["type"] == "numeric"
-                else str(r[f["name"]]).strip()
-                for f in card["features"]
+                if pd.isna(r[f.name])
+                else float(r[f.name])
+                if f.type == "numeric"
+                else str(r[f.name]).strip()
+                for f in card.features
             ]
             for _, r in df.head(n).iterrows()
         ]
@@ -308,9 +307,9 @@ def tabular_examples(card: dict, n: int = N_EXAMPLES) -> list[list]:
         return []
 
 
-def image_examples(card: dict, n: int = N_EXAMPLES) -> list[str]:
+def image_examples(card: Card, n: int = N_EXAMPLES) -> list[str]:
     """n images of the demo data: the first of each folder (class) first, then the next ones."""
-    root = Path(card["data"]["source"])
+    root = Path(card.data.source)
     if not root.is_dir():
         return []
     exts, firsts, rest, folders = image_extensions(), [], [], set()
@@ -352,20 +351,20 @@ def plots(task: str, metrics_dir: Path = Path("metrics")) -> dict:
     return out
 
 
-def card_markdown(task: str, c: dict) -> str:
-    test = c.get("metrics", {}).get("test", {})
+def card_markdown(task: str, c: Card) -> str:
+    test = c.metrics.get("test", {})
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k in HEADLINE)
     warned = "".join(
         f"\n> **Warning:** {w if isinstance(w, str) else json.dumps(w)}\n"
-        for w in c.get("metrics", {}).get("warnings") or []
+        for w in c.metrics.get("warnings") or []
     )
     return (
-        f"### {task} ({c['kind']})\n{warned}\n- **test metrics**: {metrics}\n"
-        f"- **validation**: {'passed' if c['validation']['success'] else 'FAILED'} "
-        f"(`{c['validation']['suite_file']}`)\n- **model md5**: `{c.get('provenance', {}).get('model_md5', '?')}`\n"
-        f"- **data**: `{c['data']['source']}` ({c['data']['rows']})\n"
-        f"- **parity (ONNX vs training framework)**: `{json.dumps(c['parity'])}`\n"
-        f"- **params**: `{json.dumps(c['params'])[:600]}`\n"
+        f"### {task} ({c.kind})\n{warned}\n- **test metrics**: {metrics}\n"
+        f"- **validation**: {'passed' if c.validation.success else 'FAILED'} "
+        f"(`{c.validation.suite_file}`)\n- **model md5**: `{c.provenance.get('model_md5', '?')}`\n"
+        f"- **data**: `{c.data.source}` ({c.data.rows})\n"
+        f"- **parity (ONNX vs training framework)**: `{json.dumps(c.parity)}`\n"
+        f"- **params**: `{json.dumps(c.params)[:600]}`\n"
     )
 
 
@@ -397,11 +396,11 @@ def image_input(label: str, elem_id: str):
 def number_or_choice(f: dict, label: str, value):
     import gradio as gr
 
-    if f["type"] == "numeric":
-        return gr.Number(value=value, label=label, elem_id=f"tab-{f['name']}")
-    if f["type"] in ("text", "datetime"):  # free strings: the preprocessor reads dates
-        return gr.Textbox(label=label, elem_id=f"tab-{f['name']}")
-    return gr.Dropdown(f["categories"], value=value, label=label, elem_id=f"tab-{f['name']}")
+    if f.type == "numeric":
+        return gr.Number(value=value, label=label, elem_id=f"tab-{f.name}")
+    if f.type in ("text", "datetime"):  # free strings: the preprocessor reads dates
+        return gr.Textbox(label=label, elem_id=f"tab-{f.name}")
+    return gr.Dropdown(f.categories, value=value, label=label, elem_id=f"tab-{f.name}")
 
 
 def tabular_tab(m: Loaded, cfg: Settings) -> None:
@@ -414,18 +413,18 @@ def tabular_tab(m: Loaded, cfg: Settings) -> None:
     with gr.Row():
         inputs = [
             number_or_choice(f, label, value)
-            for f, (label, value) in zip(m.card["features"], form_defaults(m.card), strict=False)
+            for f, (label, value) in zip(m.card.features, form_defaults(m.card), strict=False)
         ]
     go = gr.Button("Predict", variant="primary", elem_id="tab-predict")
     with gr.Row():
         out = (
             gr.Label(label="prediction", elem_id="tab-out")
-            if m.card["kind"] == "classification"
-            else gr.Number(label=f"predicted {m.card['target']}", elem_id="tab-out")
+            if m.card.kind == "classification"
+            else gr.Number(label=f"predicted {m.card.target}", elem_id="tab-out")
         )
         note = gr.Markdown(elem_id="tab-warnings")
     go.click(lambda *v: tabular_form(m, *v), inputs, [out, note], api_name="tabular_form")
-    if "explain" in m.card:
+    if m.card.explain:
         why = gr.BarPlot(**bars("column", "contribution", WHY, "tab-why"))
         go.click(lambda *v: tabular_why(m, *v), inputs, why, api_name="tabular_explain")
     examples = tabular_examples(m.card)
@@ -433,7 +432,7 @@ def tabular_tab(m: Loaded, cfg: Settings) -> None:
         gr.Examples(
             examples,
             inputs,
-            label=f"Examples from {m.card['data']['source']}",
+            label=f"Examples from {m.card.data.source}",
             elem_id="tab-examples",
         )
     gr.Markdown("Or upload a CSV with the feature columns:")
@@ -490,7 +489,7 @@ def detect_tab(m: Loaded, cfg: Settings) -> None:
     with gr.Row():
         det_in = image_input("image", "det-in")
         det_img = gr.Image(type="pil", label="detections", elem_id="det-img", height=220)
-    post = m.card["postprocessing"]  # the thresholds export checked parity at
+    post = m.card.postprocessing  # the thresholds export checked parity at
     conf = gr.Slider(0, 1, value=post["conf"], step=0.01, label="confidence", elem_id="det-conf")
     iou = gr.Slider(0, 1, value=post["iou"], step=0.01, label="NMS IoU", elem_id="det-iou")
     det_note = gr.Markdown(elem_id="det-warnings")

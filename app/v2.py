@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
 from app.routes import sentences
 from app.v2_tensors import TensorError, output, read_inputs, split_body, wanted_outputs
+from stages.core.card import Card
 from stages.core.params import TASKS
 
 Name = Literal[TASKS]
@@ -38,42 +39,42 @@ INFER_BODY = {
 }
 
 
-def tensors(card: dict) -> tuple[list[dict], list[dict]]:
+def tensors(card: Card) -> tuple[list[dict], list[dict]]:
     """(inputs, outputs) metadata of a model: name, datatype, shape (-1: any size)."""
-    if card["task"] == "tabular":
+    if card.task == "tabular":
         inputs = [
             {
-                "name": f["name"],
-                "datatype": "FP64" if f["type"] == "numeric" else "BYTES",
+                "name": f.name,
+                "datatype": "FP64" if f.type == "numeric" else "BYTES",
                 "shape": [-1],
             }
-            for f in card["features"]
+            for f in card.features
         ]
     else:
         inputs = [
             {
                 "name": "image",
                 "datatype": "BYTES",
-                "shape": [-1] if card["task"] == "image" else [1],
+                "shape": [-1] if card.task == "image" else [1],
             }
         ]
-    if card["task"] == "detect":
+    if card.task == "detect":
         outputs = [("label", "BYTES", [-1]), ("score", "FP32", [-1]), ("bbox", "FP32", [-1, 4])]
-    elif card["kind"] == "classification":
-        outputs = [("label", "BYTES", [-1]), ("probabilities", "FP32", [-1, len(card["classes"])])]
+    elif card.kind == "classification":
+        outputs = [("label", "BYTES", [-1]), ("probabilities", "FP32", [-1, len(card.classes)])]
     else:
         outputs = [("prediction", "FP64", [-1])]
     outputs.append(("warnings", "BYTES", [-1]))
-    if "trust" in card:  # the REST routes' prediction_set / interval and ood, as tensors
+    if card.trust is not None:  # the REST routes' prediction_set / interval and ood, as tensors
         outputs += [
             ("prediction_set", "BYTES", [-1])  # each element: the set as a JSON list
-            if card["kind"] == "classification"
+            if card.kind == "classification"
             else ("interval", "FP64", [-1, 2]),
             ("ood_flagged", "BOOL", [-1]),
             ("ood_p_value", "FP64", [-1]),
         ]
-    if card["task"] == "tabular" and "explain" in card:  # computed only when asked for
-        m = len(card["explain"]["columns"])
+    if card.task == "tabular" and card.explain:  # computed only when asked for
+        m = len(card.explain["columns"])
         outputs += [("attributions", "FP32", [-1, m]), ("base_value", "FP64", [-1])]
     return inputs, [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs]
 
@@ -108,9 +109,9 @@ EXPLAINED = ("attributions", "base_value")
 
 def metadata_parameters(card: dict) -> dict:
     """The model metadata's `parameters`: the column order of `attributions` (tabular)."""
-    if card["task"] != "tabular" or "explain" not in card:
+    if card.task != "tabular" or not card.explain:
         return {}
-    return {"parameters": {"attribution_columns": card["explain"]["columns"]}}
+    return {"parameters": {"attribution_columns": card.explain["columns"]}}
 
 
 def attribution_tensors(preds: list[dict]) -> dict:
@@ -127,13 +128,13 @@ def attribution_tensors(preds: list[dict]) -> dict:
 
 def tabular_rows(m: Loaded, inputs: dict, request_model, max_rows: int) -> list[dict]:
     """Feature tensors → JSON-like rows, checked by the REST route's request model."""
-    features = m.card["features"]
-    unknown = set(inputs) - {f["name"] for f in features}
+    features = m.card.features
+    unknown = set(inputs) - {f.name for f in features}
     if unknown:
         raise TensorError(
-            f"unknown inputs {sorted(unknown)}; the model takes {', '.join(f['name'] for f in features)}"
+            f"unknown inputs {sorted(unknown)}; the model takes {', '.join(f.name for f in features)}"
         )
-    missing = [f["name"] for f in features if f["name"] not in inputs]
+    missing = [f.name for f in features if f.name not in inputs]
     if missing:
         raise TensorError(f"missing inputs: {', '.join(missing)}")
     lengths = {len(v) for _, v in inputs.values()}
@@ -143,21 +144,21 @@ def tabular_rows(m: Loaded, inputs: dict, request_model, max_rows: int) -> list[
         )
     columns = {}
     for f in features:
-        dtype, values = inputs[f["name"]]
+        dtype, values = inputs[f.name]
         if dtype == "BYTES":
             try:  # A BYTES tensor cannot hold null: "" is its missing value, as in a CSV.
-                columns[f["name"]] = [v.decode() if v else None for v in values]
+                columns[f.name] = [v.decode() if v else None for v in values]
             except UnicodeDecodeError:
-                raise TensorError(f"input {f['name']}: a value is not UTF-8 text") from None
+                raise TensorError(f"input {f.name}: a value is not UTF-8 text") from None
         else:
             v = np.asarray(values, dtype=np.float64)
             bad = np.flatnonzero(np.isinf(v))
             if len(bad):
                 raise TensorError(
-                    f"row {bad[0] + 1}, field {f['name']}: {v[bad[0]]} is not a finite number"
+                    f"row {bad[0] + 1}, field {f.name}: {v[bad[0]]} is not a finite number"
                 )
             # A float tensor cannot hold null: NaN is its missing value (imputed, as null is).
-            columns[f["name"]] = [None if x != x else x for x in v.tolist()]
+            columns[f.name] = [None if x != x else x for x in v.tolist()]
     rows = [dict(zip(columns, r, strict=True)) for r in zip(*columns.values(), strict=True)]
     try:
         request_model.model_validate({"rows": rows})
@@ -177,14 +178,14 @@ def run_model(m: Loaded, task: str, inputs: dict, request: dict, ctx) -> dict:
         preds = predict_tabular(m, rows, explain)
         warnings = ["; ".join(p["warnings"]) for p in preds]
         n = len(preds)
-        if m.card["kind"] != "classification":
+        if m.card.kind != "classification":
             return {
                 "prediction": ("FP64", [p["prediction"] for p in preds], [n], {}),
                 "warnings": ("BYTES", warnings, [n], {}),
                 **trust_tensors(preds),
                 **attribution_tensors(preds),
             }
-        classes = m.card["classes"]
+        classes = m.card.classes
         probs = [[p[f"p_{c}"] for c in classes] for p in preds]
         return {
             "label": ("BYTES", [p["prediction"] for p in preds], [n], {}),
@@ -206,7 +207,7 @@ def run_model(m: Loaded, task: str, inputs: dict, request: dict, ctx) -> dict:
     if task == "image":
         if not 1 <= len(images) <= ctx.cfg.max_rows:
             raise TensorError(f"input image: 1 to {ctx.cfg.max_rows} images")
-        classes = m.card["classes"]
+        classes = m.card.classes
         results = [predict_image(m, b, len(classes), ctx.cfg.max_pixels) for b in images]
         probs = [
             [{t["class"]: t["probability"] for t in r["top_k"]}[c] for c in classes]

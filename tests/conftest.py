@@ -71,6 +71,17 @@ def params_with(values: dict, path: Path = ROOT / "params.yaml"):
     return replaced(load_params(path), values)
 
 
+def card_of(**fields):
+    """A model card (stages/core/card.py Card) with just the fields a test needs, and the
+    ONNX block every card has."""
+    from stages.core.card import Card
+
+    onnx = {"file": "model.onnx", "sha256": "", "input": "x", "output": "y", "input_shape": []}
+    return Card.model_validate(
+        {"task": "tabular", "kind": "classification", "onnx": onnx, **fields}
+    )
+
+
 def set_params(repo: Path, values: dict) -> None:
     """Set dotted keys in repo/params.yaml, e.g. {"tabular.train.epochs": 2}."""
     path = repo / "params.yaml"

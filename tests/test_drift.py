@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, run
+from conftest import ROOT, card_of, run
+
+from stages.core.card import read_card
 
 
 def settings(**changes):
@@ -22,16 +24,16 @@ def settings(**changes):
     return load_settings(ROOT / "params.yaml").replace(**changes)
 
 
-def synthetic_card(rng) -> dict:
+def synthetic_card(rng):
     from stages.core.card import reference
 
     train = pd.DataFrame(
         {"mass": rng.normal(4000, 500, 2000), "island": rng.choice(["A", "B", "C"], 2000)}
     )
-    return {
-        "task": "tabular",
-        "reference": reference(dict(train.items()), {"mass": [1000, 8000]}, "synthetic"),
-    }
+    return card_of(
+        kind="regression",
+        reference=reference(dict(train.items()), {"mass": [1000, 8000]}, "synthetic"),
+    )
 
 
 def stream(rng, n: int, shift: float = 0.0, island=("A", "B", "C")) -> list[dict]:
@@ -68,7 +70,7 @@ def test_monitor_psi_rises_for_a_shifted_stream_only(tmp_path):
     ) == [
         [
             "mass = 0 is outside the validated range 1000 to 8000; training had "
-            f"{card['reference']['features']['mass']['min']:g} to {card['reference']['features']['mass']['max']:g}"
+            f"{card.reference['features']['mass']['min']:g} to {card.reference['features']['mass']['max']:g}"
         ],
         ["island = 'D' was never seen in training (known: A, B, C)"],
     ]
@@ -83,9 +85,9 @@ def tab(served_repo):
 
 
 def test_card_reference_comes_from_training_and_the_suite(served_repo, tab):
-    ref = tab.card["reference"]["features"]
+    ref = tab.card.reference["features"]
     train = pd.read_parquet(served_repo / "data/prepared/tabular/train.parquet")
-    assert set(ref) == {f["name"] for f in tab.card["features"]}
+    assert set(ref) == {f.name for f in tab.card.features}
     mass = ref["body_mass_g"]
     assert (
         mass["min"] == train["body_mass_g"].min()
@@ -99,9 +101,9 @@ def test_card_reference_comes_from_training_and_the_suite(served_repo, tab):
         ref["island"]["valid"]
     ) == set(train["island"])
     for task in ("image", "detect"):
-        card = json.loads((served_repo / f"models/{task}/model.json").read_text())
-        assert {"width", "height", "mode"} <= set(card["reference"]["features"]), task
-    assert {"score", "box_size", "boxes"} <= set(card["reference"]["features"])
+        card = read_card(served_repo / f"models/{task}/model.json")
+        assert {"width", "height", "mode"} <= set(card.reference["features"]), task
+    assert {"score", "box_size", "boxes"} <= set(card.reference["features"])
 
 
 @pytest.mark.slow
@@ -113,7 +115,7 @@ def test_fast_path_is_exactly_infer_on_the_test_split(served_repo, tab):
     from stages.tabular.serving import Rows
 
     test = pd.read_parquet(served_repo / "data/prepared/tabular/test.parquet").drop(
-        columns=tab.card["target"]
+        columns=tab.card.target
     )
     rows = json.loads(test.to_json(orient="records"))  # missing cells → None
     rows[0]["sex"] = rows[1]["bill_length_mm"] = rows[2]["island"] = (
@@ -121,10 +123,10 @@ def test_fast_path_is_exactly_infer_on_the_test_split(served_repo, tab):
     )
     rows[3]["year"] = int(rows[3]["year"])  # an int where a float is expected
     fast = Rows(tab.card)
-    typed = type_features(pd.DataFrame(rows), tab.card["features"], "t")
+    typed = type_features(pd.DataFrame(rows), tab.card.features, "t")
     x = fast.transform(rows)
     assert x.dtype == np.float32 and np.array_equal(
-        x, Preprocessor.from_dict(tab.card["preprocessing"]).transform(typed)
+        x, Preprocessor.from_dict(tab.card.preprocessing).transform(typed)
     )
     expected = infer.predict(tab.card, tab.session, typed, "t").to_dict("records")
     assert fast.decode(run_batches(tab.session, x, 4096)) == expected  # exact, float for float
@@ -257,7 +259,7 @@ def test_rest_and_ui_share_one_limit_per_worker(served_repo, tmp_path, monkeypat
         busy = client.post("/predict/tabular", json={"rows": [row]})
         assert busy.status_code == 503 and "busy" in busy.json()["detail"]
         with pytest.raises(Exception, match="busy"):
-            tabular_form(tab, *[row[f["name"]] for f in tab.card["features"]])
+            tabular_form(tab, *[row[f.name] for f in tab.card.features])
     assert client.post("/predict/tabular", json={"rows": [row]}).status_code == 200
     # Threads per worker: the cores shared out; Gradio's cache is cleaned.
     two, _ = load_models("models", settings(workers=2))

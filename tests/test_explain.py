@@ -118,7 +118,7 @@ def test_two_signal_columns_lead_importance_and_attributions(repo):
     ]
     assert np.mean([t == {"c1", "c5"} for t in top2]) >= 0.9
     # Sampled (exact_columns 0, 64 samples): still additive, and near the exact values.
-    m.card["explain"]["exact_columns"] = 0
+    m.card.explain["exact_columns"] = 0
     sampled = predict_tabular(m, rows, explain=True)
     errors = []
     for p, q in zip(preds, sampled, strict=True):

@@ -131,7 +131,7 @@ def test_image_finds_flipped_digits(tmp_path, monkeypatch):
     # Review → exclude → rerun: the listed paths leave every split.
     params = replaced(params, {"image.data.exclude": issues["line"].tolist()})
     schema = image_prepare.run(params, out_dir="prepared")
-    assert sum(schema["rows"].values()) == 1797 - len(issues)
+    assert sum(schema.rows.values()) == 1797 - len(issues)
 
 
 def test_exclude_lines_leave_every_split(tmp_path):
@@ -139,7 +139,7 @@ def test_exclude_lines_leave_every_split(tmp_path):
     before = tabular_prepare.run(params, out_dir=str(tmp_path / "a"))
     params = replaced(params, {"tabular.data.exclude_lines": [2, 3, 345]})
     after = tabular_prepare.run(params, out_dir=str(tmp_path / "b"))
-    assert sum(after["rows"].values()) == sum(before["rows"].values()) - 3
+    assert sum(after.rows.values()) == sum(before.rows.values()) - 3
     lines = pd.concat(
         [pd.read_parquet(tmp_path / f"b/{n}.parquet") for n in ("train", "val", "test")]
     ).index

@@ -74,10 +74,10 @@ def test_both_engines_give_identical_splits(spark, tmp_path, case):
     (schema_p, parts_p), (schema_s, parts_s) = both["pandas"], both["spark"]
     for name in parts_p:
         pd.testing.assert_frame_equal(parts_p[name], parts_s[name], check_dtype=False)
-    assert {k: v for k, v in schema_p.items() if k != "params"} == {
-        k: v for k, v in schema_s.items() if k != "params"
+    assert {k: v for k, v in schema_p.dump().items() if k != "params"} == {
+        k: v for k, v in schema_s.dump().items() if k != "params"
     }
-    assert sum(schema_p["rows"].values()) == len(pd.read_csv(source, sep=None, engine="python"))
+    assert sum(schema_p.rows.values()) == len(pd.read_csv(source, sep=None, engine="python"))
 
 
 def bad_csvs(tmp_path: Path) -> dict[str, tuple[Path, dict]]:
@@ -141,7 +141,7 @@ def test_both_engines_give_the_same_errors(spark, tmp_path):
             )
             schemas[engine] = prepare.run(params, out_dir=str(tmp_path / f"{case}-{engine}"))
         for key in ("rows", "features", "columns", "dropped_rows", "task"):
-            assert schemas["pandas"][key] == schemas["spark"][key], (case, key)
+            assert getattr(schemas["pandas"], key) == getattr(schemas["spark"], key), (case, key)
     assert "Expected 8 fields in line 20, saw 9" in messages["ragged_row", "pandas"]
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, params_with
+from conftest import ROOT, card_of, params_with
 
 from stages.core.cli import StageError
+from stages.core.documents import Feature
 from stages.core.splits import hash_assign, row_hash
 from stages.tabular import prepare
 from stages.tabular.data import Preprocessor, decode_outputs, read_csv, read_features
@@ -52,7 +53,7 @@ def prepared(
 
 def test_prepare_types_numbers_and_text(tmp_path):
     schema, parts = prepared(tmp_path)
-    kinds = {f["name"]: f["type"] for f in schema["features"]}
+    kinds = {f.name: f.type for f in schema.features}
     assert kinds["bill_length_mm"] == "numeric" and kinds["island"] == "categorical"
     df = pd.concat(parts.values()).sort_index()
     assert df["year"].dtype == "float64"
@@ -66,7 +67,7 @@ def test_numbers_stored_as_text_become_numeric(tmp_path):
     # even numbers: 0..39 would be a row number (an id, dropped: docs/tabular.md)
     rows = "".join(f'" {2 * i}",{"ab"[i % 2]},{"xy"[i % 2]}\n' for i in range(40))
     schema, parts = prepared(tmp_path, "x,c,y\n" + rows, target="y")
-    assert {f["name"]: f["type"] for f in schema["features"]} == {
+    assert {f.name: f.type for f in schema.features} == {
         "x": "numeric",
         "c": "categorical",
     }
@@ -96,7 +97,7 @@ def test_too_many_categories_is_no_error(tmp_path):
     # An id column is dropped, no longer an error (roles: docs/tabular.md)
     rows = "".join(f"u{i},{'ab'[i % 2]}\n" for i in range(60))
     schema, _ = prepared(tmp_path, "id,y\n" + rows, target="y")
-    assert schema["features"] == [] and schema["columns"][0]["role"] == "id"
+    assert schema.features == [] and schema.columns[0]["role"] == "id"
 
 
 @pytest.mark.parametrize("method", ["hash", "sklearn"])
@@ -184,7 +185,7 @@ def test_preprocessor_rejects_unseen_categories():
 def test_read_features_types_columns_as_in_training(tmp_path):
     path = tmp_path / "new.csv"
     path.write_text("n,c,extra\n1,a,x\n,b,y\n")
-    features = [{"name": "n", "type": "numeric"}, {"name": "c", "type": "categorical"}]
+    features = [Feature(name="n", type="numeric"), Feature(name="c", type="categorical")]
     df = read_features(path, features)
     assert df["n"].dtype == "float64" and np.isnan(df["n"].iloc[1])
     path.write_text("n,c\n1,a\noops,b\n")
@@ -195,11 +196,11 @@ def test_read_features_types_columns_as_in_training(tmp_path):
 
 
 def test_decode_outputs_classification_and_regression():
-    card = {"kind": "classification", "classes": ["x", "y"]}
+    card = card_of(kind="classification", classes=["x", "y"])
     table = decode_outputs(np.array([[2.0, 0.0], [0.0, 3.0]], np.float32), card)
     assert table["prediction"].tolist() == ["x", "y"]
     np.testing.assert_allclose(table[["p_x", "p_y"]].sum(axis=1), 1.0)
-    card = {"kind": "regression", "target_scaling": {"mean": 10.0, "std": 2.0}}
+    card = card_of(kind="regression", target_scaling={"mean": 10.0, "std": 2.0})
     assert decode_outputs(np.array([[1.0], [-0.5]], np.float32), card)["prediction"].tolist() == [
         12.0,
         9.0,
@@ -221,7 +222,7 @@ def test_prepare_over_many_batches_keeps_every_cell(tmp_path, monkeypatch):
         for i in range(n)
     ]
     schema, parts = prepared(tmp_path, "\n".join(rows) + "\n", target="y", max_categories=10)
-    kinds = {f["name"]: f["type"] for f in schema["features"]}
+    kinds = {f.name: f.type for f in schema.features}
     assert kinds == {
         "late": "categorical",
         "c": "categorical",

@@ -62,7 +62,8 @@ from stages.core.inference import open_session, run_batches
 from stages.tabular.data import read_split
 from stages.tabular.infer import predict
 from stages.tabular.serving import Rows
-card = json.load(open("models/tabular/model.json"))
+from stages.core.card import read_card
+card = read_card("models/tabular/model.json")
 test = read_split("data/prepared/tabular/test.parquet").drop(columns=["price"])
 rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         for r in test.to_dict("records")]

@@ -12,6 +12,7 @@ import pytest
 from conftest import params_with
 
 from stages.core.cli import StageError
+from stages.core.documents import Columns
 from stages.tabular import prepare
 from stages.tabular.data import Preprocessor, read_split
 from stages.tabular.encoders import TextEncoder, fit_text
@@ -21,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "tabular"
 
 
-def run_prepare(tmp_path: Path, csv: Path, target: str, **data) -> tuple[dict, dict]:
+def run_prepare(tmp_path: Path, csv: Path, target: str, **data) -> tuple[Columns, dict]:
     params = params_with(
         {"tabular.data.source": str(csv), "tabular.data.target": target}
         | {f"tabular.data.{k}": v for k, v in data.items()}
     )
     out = tmp_path / "prepared"
     schema = prepare.run(params, str(out))
-    roles = {c["column"]: c["role"] for c in schema["columns"]}
+    roles = {c["column"]: c["role"] for c in schema.columns}
     return schema, roles
 
 
@@ -40,18 +41,18 @@ def write(tmp_path: Path, df: pd.DataFrame) -> Path:
 
 def test_mtcars_regression_and_rownames_dropped(tmp_path):
     schema, roles = run_prepare(tmp_path, FIXTURES / "mtcars.csv", "mpg")
-    assert schema["task"] == "regression"
+    assert schema.task == "regression"
     assert roles["rownames"] == "id"
-    assert "rownames" not in [f["name"] for f in schema["features"]]
-    assert min(schema["rows"].values()) >= 5  # 32 rows: val and test never empty
+    assert "rownames" not in [f.name for f in schema.features]
+    assert min(schema.rows.values()) >= 5  # 32 rows: val and test never empty
 
 
 def test_seattle_dates_and_inferred_classification(tmp_path):
     schema, roles = run_prepare(tmp_path, FIXTURES / "seattle-weather-120.csv", "weather")
-    assert schema["task"] == "classification"
+    assert schema.task == "classification"
     assert roles["date"] == "datetime"
-    (date,) = [f for f in schema["features"] if f["name"] == "date"]
-    assert date == {"name": "date", "type": "datetime", "format": "%Y/%m/%d"}
+    (date,) = [f for f in schema.features if f.name == "date"]
+    assert date.dump() == {"name": "date", "type": "datetime", "format": "%Y/%m/%d"}
     train = read_split(tmp_path / "prepared" / "train.parquet")
     assert train["date"].iloc[0].startswith("2012/")  # kept as the user wrote it
     pre = Preprocessor.fit(train, {"date": "datetime"}, {"date": "%Y/%m/%d"})
@@ -73,7 +74,7 @@ def test_row_number_with_a_neutral_name_is_dropped(tmp_path):
     )
     schema, roles = run_prepare(tmp_path, write(tmp_path, df), "y")
     assert roles["n"] == "id" and roles["x"] == "numeric"
-    assert [f["name"] for f in schema["features"]] == ["x"]
+    assert [f.name for f in schema.features] == ["x"]
 
 
 def test_name_column_with_1000_values_is_text(tmp_path):
@@ -89,7 +90,7 @@ def test_name_column_with_1000_values_is_text(tmp_path):
         }
     )
     schema, roles = run_prepare(tmp_path, write(tmp_path, df), "count")
-    assert schema["task"] == "classification" and schema["classes"] == ["0", "1", "2"]
+    assert schema.task == "classification" and schema.classes == ["0", "1", "2"]
     assert roles["name"] == "text" and roles["grade"] == "categorical"
     train = read_split(tmp_path / "prepared" / "train.parquet")
     pre = Preprocessor.fit(train, {"name": "text", "grade": "categorical"})
@@ -101,8 +102,8 @@ def test_missing_targets_dropped_and_counted(tmp_path, capfd):
         {"x": np.arange(100) % 7, "y": [None if i % 10 == 0 else i * 0.5 for i in range(100)]}
     )
     schema, _ = run_prepare(tmp_path, write(tmp_path, df), "y")
-    assert schema["dropped_rows"] == {"missing_target": 10}
-    assert sum(schema["rows"].values()) == 90
+    assert schema.dropped_rows == {"missing_target": 10}
+    assert sum(schema.rows.values()) == 90
     assert "dropped 10 rows whose target 'y' is missing" in capfd.readouterr().err
 
 
@@ -140,14 +141,16 @@ def test_text_encoder_matches_scikit_learn():
 
 
 def test_a_dropped_column_rebuilds_only_its_expectations():
-    schema = {
-        "target": "y",
-        "task": "regression",
-        "classes": None,
-        "source": "t.csv",
-        "rows": {"train": 50, "val": 10, "test": 10},
-        "features": [{"name": "a", "type": "numeric"}, {"name": "b", "type": "categorical"}],
-    }
+    schema = Columns(
+        **{
+            "target": "y",
+            "task": "regression",
+            "classes": None,
+            "source": "t.csv",
+            "rows": {"train": 50, "val": 10, "test": 10},
+            "features": [{"name": "a", "type": "numeric"}, {"name": "b", "type": "categorical"}],
+        }
+    )
     from stages.tabular.validate import suite
 
     profile = {
@@ -156,7 +159,7 @@ def test_a_dropped_column_rebuilds_only_its_expectations():
     }
     old = suite(profile, schema, 0.5, 0.9999)
     old["expectations"][3]["kwargs"]["max_value"] = 99.0  # the user's edit of a's range
-    schema2 = {**schema, "features": schema["features"][:1]}
+    schema2 = schema.model_copy(update={"features": schema.features[:1]})
     merged, changes = merge_suite(old, suite(profile, schema2, 0.5, 0.9999), schema2)
     assert changes == ["dropped 'b'"]
     assert not [e for e in merged["expectations"] if e["kwargs"].get("column") == "b"]

@@ -6,6 +6,7 @@ trust is in tests/test_trust_served.py."""
 from __future__ import annotations
 
 import numpy as np
+from conftest import card_of
 
 from stages.core import trust
 
@@ -96,11 +97,11 @@ def test_sets_always_hold_the_top_class_and_describe_reads_well():
 def test_the_gate_refuses_coverage_below_one_minus_alpha_minus_0_05():
     from tools.registry import coverage_rows
 
-    card = {"trust": {"alpha": 0.1}, "metrics": {"test": {"coverage": 0.86}}}
+    card = card_of(trust={"alpha": 0.1}, metrics={"test": {"coverage": 0.86}})
     assert coverage_rows(card)[0][-1] is True
-    card["metrics"]["test"]["coverage"] = 0.84
+    card.metrics["test"]["coverage"] = 0.84
     assert coverage_rows(card)[0][-1] is False
-    assert coverage_rows({"metrics": {}}) == []  # detect, or a card from before trust
+    assert coverage_rows(card_of(metrics={})) == []  # detect, or a card from before trust
 
 
 def test_batch_infer_writes_interval_and_ood_columns(tmp_path):
@@ -113,7 +114,7 @@ def test_batch_infer_writes_interval_and_ood_columns(tmp_path):
     x_tr, x_val = rng.normal(0, 1, (200, 3)), rng.normal(0, 1, (100, 3))
     y_val = x_val.sum(1) + rng.normal(0, 0.5, 100)
     fit = trust.fit(ALPHA, 0.05, x_val.sum(1)[:, None], y_val, x_val, x_tr, None, False)
-    card = {"kind": "regression", "classes": None, "trust": fit}
+    card = card_of(kind="regression", classes=None, trust=fit)
     x = np.vstack([rng.normal(0, 1, (4, 3)), np.full((1, 3), 1e6)])
     values = x.sum(1)[:, None]
     expected = trust.records(fit, values, x, None)

@@ -32,7 +32,7 @@ def test_metrics_and_card_carry_trust(served_repo, models):
         m = json.loads((served_repo / f"metrics/{task}/metrics.json").read_text())["test"]
         assert m["ece"] <= m["ece_uncalibrated"] + 1e-9, (task, m)
         assert 0 < m["coverage"] <= 1 and m["mean_set_size"] >= 1, (task, m)
-        t = models[task].card["trust"]
+        t = models[task].card.trust
         assert t["alpha"] == 0.1 and t["temperature"] > 0
         names = [o.name for o in models[task].session.get_outputs()]
         # image: and the class activation map of the predicted class (stages/image/cam.py)
@@ -50,13 +50,10 @@ def test_tabular_test_split_mostly_unflagged_and_an_absurd_row_flagged(served_re
     assert np.mean([p["ood"]["flagged"] for p in preds]) < 0.1
     covered = [p["prediction"] in p["prediction_set"] for p in preds]
     assert all(covered)  # the top class is always in the set
-    absurd = {
-        f["name"]: (1e6 if f["type"] == "numeric" else rows[0][f["name"]])
-        for f in tab.card["features"]
-    }
+    absurd = {f.name: (1e6 if f.type == "numeric" else rows[0][f.name]) for f in tab.card.features}
     before = tab.monitor.flagged
     got = predict_tabular(tab, [absurd])[0]
-    assert got["ood"]["flagged"] and got["ood"]["p_value"] < tab.card["trust"]["ood"]["threshold"]
+    assert got["ood"]["flagged"] and got["ood"]["p_value"] < tab.card.trust["ood"]["threshold"]
     # ... and counted for /metrics' ood_flagged_total (deploy/'s OODShare alert)
     assert tab.monitor.flagged == before + 1
 
@@ -79,7 +76,9 @@ def test_the_served_heatmap_is_a_grayscale_png_of_the_images_size(models):
     assert heat.mode == "L" and heat.size == (40, 30)
     assert np.asarray(heat).max() in (0, 255)  # scaled to its own maximum (0: no evidence)
     assert "heatmap_png" not in predict_image(models["image"], data, 3, 10**7)
-    card = {**models["image"].card, "explain": {"cam": None, "why_no_cam": "two linear layers"}}
+    card = models["image"].card.model_copy(
+        update={"explain": {"cam": None, "why_no_cam": "two linear layers"}}
+    )
     other = dataclasses.replace(models["image"], card=card)  # as a mobilenet_v3_small's card
     with pytest.raises(BadInput, match="no heatmap.*two linear layers"):
         predict_image(other, data, 1, 10**7, explain=True)

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from app.monitor import feature_shares, psi
+from stages.core.card import Card, read_card
 from stages.core.params import TASKS, load_params
 
 WATCH = 0.1  # PSI above this (and below serve.drift_threshold): watch the feature
@@ -39,19 +40,19 @@ def read_log(folder: Path, task: str) -> list[dict]:
     return rows
 
 
-def training_values(card: dict) -> pd.DataFrame | None:
+def training_values(card: Card) -> pd.DataFrame | None:
     """The training split, where it is on disk (tabular), for KS."""
     path = Path("data/prepared/tabular/train.parquet")
-    return pd.read_parquet(path) if card["task"] == "tabular" and path.is_file() else None
+    return pd.read_parquet(path) if card.task == "tabular" and path.is_file() else None
 
 
-def compare(card: dict, rows: list[dict], shifted: float) -> list[dict]:
+def compare(card: Card, rows: list[dict], shifted: float) -> list[dict]:
     """Per feature: PSI (above `shifted`, serve.drift_threshold: the feature has moved), KS."""
     from scipy.stats import ks_2samp
 
     train = training_values(card)
     out = []
-    for name, ref in card["reference"]["features"].items():
+    for name, ref in card.reference["features"].items():
         values = [
             x
             for r in rows
@@ -86,7 +87,7 @@ def compare(card: dict, rows: list[dict], shifted: float) -> list[dict]:
     return out
 
 
-def draw(task: str, card: dict, results: list[dict], path: Path) -> None:
+def draw(task: str, card: Card, results: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +99,7 @@ def draw(task: str, card: dict, results: list[dict], path: Path) -> None:
         -(-n // cols), cols, figsize=(4 * cols, 2.6 * -(-n // cols)), squeeze=False
     )
     for ax, r in zip(axes.flat, results, strict=False):
-        ref = card["reference"]["features"][r["feature"]]
+        ref = card.reference["features"][r["feature"]]
         ticks = (
             ["< " + f"{ref['bins'][0]:g}"] + [f"{b:g}" for b in ref["bins"]]
             if ref["type"] == "numeric"
@@ -118,7 +119,7 @@ def draw(task: str, card: dict, results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def report(task: str, card: dict, rows: list[dict], out: Path, shifted: float) -> dict:
+def report(task: str, card: Card, rows: list[dict], out: Path, shifted: float) -> dict:
     results = compare(card, rows, shifted)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{task}.png"
@@ -131,7 +132,7 @@ def report(task: str, card: dict, rows: list[dict], out: Path, shifted: float) -
     image = base64.b64encode(png.read_bytes()).decode()
     (out / f"{task}.html").write_text(
         f"<!doctype html><meta charset=utf-8><title>drift: {task}</title><h1>{task}: served inputs against the "
-        f"training data</h1><p>{len(rows)} logged requests; reference: {html.escape(card['reference']['source'])}. "
+        f"training data</h1><p>{len(rows)} logged requests; reference: {html.escape(card.reference['source'])}. "
         f"PSI &gt; {shifted}: shifted, &gt; {WATCH}: watch. KS: against the training split.</p>"
         f"<table border=1 cellpadding=4><tr><th>feature</th><th>served values</th><th>PSI</th><th>KS</th>"
         f"<th>verdict</th></tr>{table}</table><p><img src='data:image/png;base64,{image}'></p>"
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         card_path = Path(args.models) / task / "model.json"
         if not rows or not card_path.is_file():
             continue
-        card = json.loads(card_path.read_text())
-        if "reference" not in card:
+        card = read_card(card_path)
+        if card.reference is None:
             raise SystemExit(
                 f"error: {card_path} has no reference statistics: export it again (dvc repro export@{task})"
             )

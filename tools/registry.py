@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from stages.core.card import Card, parse_card
 from stages.core.cli import StageError, run_main
 from stages.core.params import TASKS, load_params
 from stages.core.schema import Registry
@@ -60,7 +61,7 @@ def git(*args: str) -> str:
     return res.stdout.strip()
 
 
-def fetch_version(task: str, rev: str, out: Path, info: dict | None = None) -> dict:
+def fetch_version(task: str, rev: str, out: Path, info: dict | None = None) -> Card:
     """Write the task's model.onnx + model.json as of commit `rev` into out/<task>/ (the card
     gets `registry`: info); returns the card."""
     import dvc.api
@@ -68,22 +69,22 @@ def fetch_version(task: str, rev: str, out: Path, info: dict | None = None) -> d
     _, onnx_path = artifact(task)
     card_path = str(Path(onnx_path).with_name("model.json"))
     try:
-        card = json.loads(dvc.api.read(card_path, repo=".", rev=rev))
+        card = parse_card(dvc.api.read(card_path, repo=".", rev=rev))
         onnx = dvc.api.read(onnx_path, repo=".", rev=rev, mode="rb")
     except Exception as e:  # noqa: BLE001 - DVC raises several types for "not there"
         raise StageError(
             f"{onnx_path} + model.json at {rev}: cannot read them ({type(e).__name__}: {e}); "
             "the models must be committed (dvc.lock) and in the DVC cache or remote"
         ) from None
-    if hashlib.sha256(onnx).hexdigest() != card["onnx"]["sha256"]:
+    if hashlib.sha256(onnx).hexdigest() != card.onnx.sha256:
         raise StageError(
             f"{onnx_path} at {rev} is not the file its card describes (sha256 differs)"
         )
     if info:
-        card["registry"] = info
+        card = card.model_copy(update={"registry": info})
     (out / task).mkdir(parents=True, exist_ok=True)
-    (out / task / card["onnx"]["file"]).write_bytes(onnx)
-    (out / task / "model.json").write_text(json.dumps(card, indent=2))
+    (out / task / card.onnx.file).write_bytes(onnx)
+    (out / task / "model.json").write_text(json.dumps(card.dump(), indent=2))
     return card
 
 
@@ -121,27 +122,24 @@ def resolve(name: str, model: str):
     return (vstage.version, vstage.commit_hexsha) if vstage else None
 
 
-def main_metric(card: dict) -> tuple[str, bool]:
+def main_metric(card: Card) -> tuple[str, bool]:
     """(dotted key in the card's metrics, higher is better)."""
-    if card["kind"] == "regression":
+    if card.kind == "regression":
         return "test.rmse", False
-    key, order = RANK_BY[card["task"]]
+    key, order = RANK_BY[card.task]
     return key.split(":", 1)[1], order == "desc"
 
 
-def metric(card: dict, key: str) -> float:
-    value = card["metrics"]
+def metric(card: Card, key: str) -> float:
+    value = card.metrics
     for part in key.split("."):
         value = value[part]
     return float(value)
 
 
-def parity_passed(card: dict) -> bool:
+def parity_passed(card: Card) -> bool:
     """The card's parity numbers against the limits export checked them with."""
-    parity, limits = (
-        card.get("parity") or {},
-        card.get("params", {}).get(f"{card['task']}.export", {}),
-    )
+    parity, limits = card.parity or {}, card.params.get(f"{card.task}.export", {})
     if "max_abs_diff" in parity:
         return parity["max_abs_diff"] <= parity["atol"] and parity["class_agreement"] >= limits.get(
             "min_top1_agreement", 1.0
@@ -154,10 +152,10 @@ def parity_passed(card: dict) -> bool:
     return False
 
 
-def test_split(card: dict) -> str | None:
+def test_split(card: Card) -> str | None:
     """The prepared data (hence the test split) the model was trained and evaluated on."""
-    deps = (card.get("provenance") or {}).get("deps") or {}
-    return deps.get(f"data/prepared/{card['task']}")
+    deps = card.provenance.get("deps") or {}
+    return deps.get(f"data/prepared/{card.task}")
 
 
 def p50_latencies(paths: list[Path], runs: int = 300) -> list[float]:
@@ -182,16 +180,16 @@ def p50_latencies(paths: list[Path], runs: int = 300) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def gate(cand: dict, cur: dict | None, latency: list[float], cfg: Registry) -> list[tuple]:
+def gate(cand: Card, cur: Card | None, latency: list[float], cfg: Registry) -> list[tuple]:
     """Rows (check, candidate, current, rule, passed)."""
     key, higher = main_metric(cand)
     rows = [
         (
             "validation",
-            cand["validation"]["success"],
+            cand.validation.success,
             "",
             "passed",
-            bool(cand["validation"]["success"]),
+            bool(cand.validation.success),
         ),
         ("ONNX parity", parity_passed(cand), "", "passed", parity_passed(cand)),
         *coverage_rows(cand),
@@ -224,12 +222,12 @@ def gate(cand: dict, cur: dict | None, latency: list[float], cfg: Registry) -> l
     return rows
 
 
-def coverage_rows(card: dict) -> list[tuple]:
+def coverage_rows(card: Card) -> list[tuple]:
     """The conformal check (stages/core/trust.py): test coverage >= 1 - alpha - 0.05. A
     card without trust (detect, or a model exported before it) has no row."""
-    if "trust" not in card:
+    if card.trust is None:
         return []
-    floor = 1 - card["trust"]["alpha"] - 0.05
+    floor = 1 - card.trust["alpha"] - 0.05
     c = metric(card, "test.coverage")
     return [
         (
@@ -262,8 +260,8 @@ def promote(task: str, stage: str = "prod", rev: str = "HEAD") -> str:
         latency = (
             p50_latencies(
                 [
-                    Path(tmp) / "candidate" / task / cand["onnx"]["file"],
-                    Path(tmp) / "current" / task / cur["onnx"]["file"],
+                    Path(tmp) / "candidate" / task / cand.onnx.file,
+                    Path(tmp) / "current" / task / cur.onnx.file,
                 ]
             )
             if cur

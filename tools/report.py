@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core.card import Card, read_card
 from stages.core.cli import StageError, run_main
 from stages.core.files import read_json
 from stages.core.params import TASKS
@@ -80,12 +81,12 @@ def metric_rows(diff: dict, task: str) -> list[list]:
     return rows
 
 
-def latency_ms(onnx: Path, card: dict, runs: int = 50) -> float:
+def latency_ms(onnx: Path, card: Card, runs: int = 50) -> float:
     """Median onnxruntime latency at batch 1 on zeros of the model's input shape."""
     from stages.core.inference import open_session
 
     session = open_session(onnx)
-    shape = [1 if isinstance(d, str) else d for d in card["onnx"]["input_shape"]]
+    shape = [1 if isinstance(d, str) else d for d in card.onnx.input_shape]
     x = {session.get_inputs()[0].name: np.zeros(shape, np.float32)}
     session.run(None, x)
     times = []
@@ -231,7 +232,7 @@ def build_report(
         parts.append(importance_md(task))
         onnx, card_path = Path(f"models/{task}/model.onnx"), Path(f"models/{task}/model.json")
         if onnx.exists() and card_path.exists():
-            card = read_json(card_path)
+            card = read_card(card_path)
             parts.append(
                 "### Model\n\n"
                 + table(
@@ -241,7 +242,7 @@ def build_report(
                             onnx.as_posix(),
                             round(onnx.stat().st_size / 1e6, 2),
                             round(latency_ms(onnx, card), 3),
-                            card.get("provenance", {}).get("model_md5", "")[:12],
+                            card.provenance.get("model_md5", "")[:12],
                         ]
                     ],
                 )

@@ -1,17 +1,87 @@
-"""The model-card fields every task shares: provenance, the ONNX file, metrics, and the
-`reference` statistics serving checks inputs against. Torch-free."""
+"""The model card (models/<task>/model.json): its typed model, read and written here only,
+and the fields every task shares: provenance, the ONNX file, metrics, and the `reference`
+statistics serving checks inputs against. Torch-free: infer and app/ read the card.
+
+The card is a public file that clients and tools read: its field names and meanings stay
+(fields are added, never renamed), and a reader keeps fields it does not know (a newer
+writer's), as Document does.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
 from stages.core import layout
+from stages.core.documents import Document, Feature, Meta, Prepared
 from stages.core.files import read_json
 from stages.core.inference import open_session
 from stages.core.schema import Section, plain
+
+
+class Onnx(Document):
+    file: str  # beside model.json
+    sha256: str
+    input: str
+    output: str
+    input_shape: list
+
+
+class Validation(Document):
+    success: bool
+    suite_file: str  # the GX suite inputs are checked against (infer, serving)
+
+
+class Data(Document):
+    source: str
+    rows: dict
+
+
+class Card(Document):
+    """models/<task>/model.json. Every task's card has task, kind and onnx; the rest is there
+    where the task has it (tabular: target, features, target_scaling; detect: no trust)."""
+
+    task: str  # tabular | image | detect
+    kind: str  # classification | regression | detection
+    provenance: dict = {}
+    onnx: Onnx
+    metrics: dict = {}
+    training: dict = {}
+    params: dict = {}
+    validation: Validation | None = None
+    parity: dict | None = None
+    data: Data | None = None
+    target: str | None = None
+    classes: list | None = None  # class labels (detect: category names); None for regression
+    features: list[Feature] | None = None
+    preprocessing: dict = {}
+    target_scaling: dict | None = None  # regression: {mean, std} the outputs are scaled back by
+    reference: dict | None = None  # training-data statistics for input checks and drift
+    postprocessing: str | dict | None = None
+    trust: dict | None = None  # conformal sets and OOD (stages/core/trust.py)
+    # tabular: columns, background, how attributions are estimated (stages/tabular/explain.py);
+    # image: the graph's `cam` output, or why it has none (stages/image/cam.py)
+    explain: dict | None = None
+    registry: dict | None = None  # the registered version it came from (tools/registry.py)
+
+
+def read_card(path: str | Path) -> Card:
+    return Card.read(path)
+
+
+def parse_card(text: str | bytes) -> Card:
+    """A card from its JSON text (fetched from a registry, a git revision)."""
+    return Card.model_validate(json.loads(text))
+
+
+def write_card(path: str | Path, card: Card | dict) -> Card:
+    """Checks a card against the model and writes it, its fields in the order given."""
+    card = card if isinstance(card, Card) else Card.model_validate(card)
+    card.write(path)
+    return card
 
 
 def provenance(task: str, model_file: Path, lock_file: Path = Path("dvc.lock")) -> dict:
@@ -56,13 +126,14 @@ def card_common(
     kind: str,
     onnx_path: Path,
     input_shape: list,
-    meta: dict,
+    meta: Meta,
     parity: dict,
     export_params: Section,
 ) -> dict:
     """The model-card fields every task shares."""
     validation = read_json(layout.validation(task))
     session = open_session(onnx_path, threads=1)
+    prepared = Prepared.model_validate(meta.prepared)
     return {
         "task": task,
         "kind": kind,
@@ -75,15 +146,11 @@ def card_common(
             "input_shape": input_shape,
         },
         "metrics": read_json(layout.metrics(task)),
-        "training": meta["train"],
-        "params": {
-            **meta["schema"]["params"],
-            **meta["params"],
-            f"{task}.export": plain(export_params),
-        },
+        "training": meta.train,
+        "params": {**prepared.params, **meta.params, f"{task}.export": plain(export_params)},
         "validation": {"success": validation["success"], "suite_file": validation["suite_file"]},
         "parity": parity,
-        "data": {"source": meta["schema"]["source"], "rows": meta["schema"]["rows"]},
+        "data": {"source": prepared.source, "rows": prepared.rows},
     }
 
 

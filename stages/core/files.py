@@ -14,10 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from stages.core.schema import Section, plain
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -98,19 +94,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _json_default(obj: Any) -> Any:
-    """json.dumps' `default`: a params section as params.yaml spells it, another typed model
-    (a document) as its JSON fields."""
-    if isinstance(obj, Section):
-        return plain(obj)
-    if isinstance(obj, BaseModel):
-        return obj.model_dump(mode="json", by_alias=True)
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

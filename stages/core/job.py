@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.distributed import relaunch_under_torchrun, seed_everything, setup, teardown
+from stages.core.documents import Meta
 from stages.core.schema import Params, plain
 from stages.core.trainer import LoopConfig, fit, load_checkpoint, save_checkpoint
 
@@ -174,14 +175,18 @@ def train(task: str, params: Params, make_job: Callable[[Params], Job]) -> None:
             }
         if rt.is_main:
             best = load_checkpoint(ckpt_dir / "best.pt")
-            meta = {
-                "task": task,
-                "arch": job.arch,
-                **job.meta,
-                "train": summary,
-                "params": {"seed": params.seed, f"{task}.train": p},
-            }
-            save_checkpoint(out_dir / "model.pt", {"state_dict": best["model"], "meta": meta})
+            meta = Meta.model_validate(
+                {
+                    "task": task,
+                    "arch": job.arch,
+                    **job.meta,
+                    "train": summary,
+                    "params": {"seed": params.seed, f"{task}.train": p},
+                }
+            )
+            save_checkpoint(
+                out_dir / "model.pt", {"state_dict": best["model"], "meta": meta.dump()}
+            )
             live.end()
             log(
                 f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: "

@@ -29,6 +29,12 @@ def prepared(task: str) -> Path:
     return Path("data/prepared") / task
 
 
+def columns(task: str) -> Path:
+    """prepare's description of the prepared data (stages/core/documents.py Columns for
+    tabular, ImageIndex for image)."""
+    return prepared(task) / "schema.json"
+
+
 def expectations(task: str) -> Path:
     """The committed GX suites (one per data source)."""
     return Path("data/expectations") / task

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from stages.core.cli import StageError
+from stages.core.documents import Meta
 from stages.core.files import atomic_path
 from stages.core.inference import open_session, run_batches
 from stages.core.trainer import load_checkpoint
@@ -17,12 +18,13 @@ from stages.core.trainer import load_checkpoint
 
 def load_model(
     path: str | Path, build: Callable[[dict], torch.nn.Module]
-) -> tuple[torch.nn.Module, dict]:
+) -> tuple[torch.nn.Module, Meta]:
     """models/<task>/model.pt → (the model in eval mode, the meta that train stored beside it)."""
     ck = load_checkpoint(Path(path))
-    model = build(ck["meta"]["arch"])
+    meta = Meta.model_validate(ck["meta"])
+    model = build(meta.arch)
     model.load_state_dict(ck["state_dict"])
-    return model.eval(), ck["meta"]
+    return model.eval(), meta
 
 
 @torch.inference_mode()

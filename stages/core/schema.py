@@ -17,9 +17,10 @@ import copy
 import difflib
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.core.cli import StageError
+from stages.core.documents import KeepsRead, as_read
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
@@ -41,20 +42,11 @@ BoxFormat = Literal["yolo", "coco", "voc"]
 Graph = Literal["raw", "nms", "end2end"]
 
 
-class Section(BaseModel):
+class Section(KeepsRead):
     # strict: a quoted "80" is not an int, 1 is not true; an int is still a valid float.
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
-    # The mapping this section was read from: plain() keeps its key order and its spelling of
-    # a number (rotate: 10, not the float 10.0), so outputs that record params stay as before.
-    _read: dict = PrivateAttr(default_factory=dict)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _keep_read(cls, data, handler):
-        model = handler(data)
-        if isinstance(data, dict):
-            model._read = data
-        return model
+    # KeepsRead: plain() keeps the key order and the spelling of a number of what was read
+    # (rotate: 10, not the float 10.0), so outputs that record params stay as before.
 
     # TRANSITIONAL (issue 36): read-only mapping access by params.yaml name, so code not yet
     # moved to attributes (params.tabular.train.lr) keeps working. Removed once none is left.
@@ -397,20 +389,7 @@ class Params(Section):
 def plain(section: Section) -> dict:
     """A section as params.yaml spells it (`validate`, not `validate_`; its key order; 10, not
     10.0), JSON-ready: what a fingerprint hashes and what a log or a model card records."""
-    return _as_read(section.model_dump(mode="json", by_alias=True), section._read)
-
-
-def _as_read(value, read):
-    """value, in the order and spelling of what was read where it still equals it (a
-    model_copy(update=...) changes values: those are the new ones)."""
-    if isinstance(value, dict) and isinstance(read, dict):
-        order = [k for k in read if k in value] + [k for k in value if k not in read]
-        return {k: _as_read(value[k], read.get(k)) for k in order}
-    if isinstance(value, list) and isinstance(read, list) and len(value) == len(read):
-        return [_as_read(v, r) for v, r in zip(value, read, strict=True)]
-    if type(value) is not type(read) and value == read and not isinstance(read, bool):
-        return read
-    return value
+    return as_read(section.model_dump(mode="json", by_alias=True), section._read)
 
 
 def _fields(model: type[BaseModel]) -> dict:

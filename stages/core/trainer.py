@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import get_args
 
 import torch
 import torch.distributed as dist
@@ -36,9 +35,8 @@ from torch.utils.data.distributed import DistributedSampler
 from stages.core.cli import StageError, log
 from stages.core.distributed import AmpPolicy, Runtime, all_reduce_sums, amp_policy
 from stages.core.files import atomic_path
-from stages.core.schema import Loop, Scheduler
+from stages.core.schema import Device, Loop, Scheduler
 
-SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
 LOWER_IS_BETTER = ("loss", "rmse", "mae", "error")
 
 
@@ -50,7 +48,7 @@ class LoopConfig:
     batch_size: int
     lr: float
     weight_decay: float
-    scheduler: str
+    scheduler: Scheduler
     step_size: int
     gamma: float
     grad_clip: float
@@ -59,7 +57,7 @@ class LoopConfig:
     patience: int
     monitor: str
     num_workers: int
-    device: str
+    device: Device
     nproc: int
     compile: bool = (
         False  # torch.compile; a default, so that loops configured in code need not name it

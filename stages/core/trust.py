@@ -28,8 +28,12 @@ below is a dozen lines of numpy.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from stages.core.card import Card
 
 ECE_BINS = 15
 
@@ -171,12 +175,12 @@ def fit(
     }
 
 
-def ood_vectors(card: dict, x: np.ndarray, outputs: list):
+def ood_vectors(card: Card, x: np.ndarray, outputs: list):
     """What the card's OOD score reads: the model input x or the graph's features output
     (None for a card without trust)."""
-    if "trust" not in card:
+    if card.trust is None:
         return None
-    return x if card["trust"]["ood"]["space"] == "input" else outputs[1]
+    return x if card.trust["ood"]["space"] == "input" else outputs[1]
 
 
 def apply(trust: dict, scores: np.ndarray, feats: np.ndarray) -> dict:
@@ -265,9 +269,9 @@ def metrics(
     return out, plots
 
 
-def with_trust(card: dict, rows: list[dict], scores: np.ndarray, feats) -> list[dict]:
+def with_trust(card: Card, rows: list[dict], scores: np.ndarray, feats) -> list[dict]:
     """Prediction dicts with the card's trust fields added (unchanged for a card without)."""
-    if "trust" not in card or feats is None:
+    if card.trust is None or feats is None:
         return rows
-    extra = records(card["trust"], scores, feats, card.get("classes"))
+    extra = records(card.trust, scores, feats, card.classes)
     return [{**r, **t} for r, t in zip(rows, extra, strict=True)]

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from stages.core import layout
-from stages.core.card import card_common, reference, validated_ranges
+from stages.core.card import Card, card_common, reference, validated_ranges, write_card
 from stages.core.cli import StageError, log
-from stages.core.files import atomic_path, read_json, write_json
+from stages.core.documents import Meta
+from stages.core.files import atomic_path, read_json
 from stages.core.inference import open_session
 from stages.core.schema import DetectExport, Graph, Params
 from stages.detect import yolo
@@ -183,7 +184,7 @@ def postprocessing(kind: str, p: DetectExport) -> dict:
     }
 
 
-def run(params: Params, out_dir: Path = layout.model_dir("detect")) -> dict:
+def run(params: Params, out_dir: Path = layout.model_dir("detect")) -> Card:
     """Ultralytics' ONNX exporter (dynamic axes), then the input fixed to imgsz × imgsz with
     a dynamic batch; parity: our numpy pipeline vs Ultralytics' predict on the val images."""
     p = params.detect.export
@@ -210,13 +211,13 @@ def run(params: Params, out_dir: Path = layout.model_dir("detect")) -> dict:
         )
     names = read_json(layout.prepared("detect") / "dataset.json")["names"]
     args = model.ckpt["train_args"]
-    meta = {
-        "train": {
+    meta = Meta(
+        train={
             k: args.get(k) for k in ("model", "epochs", "imgsz", "batch", "lr0", "patience", "seed")
         },
-        "schema": read_json(layout.prepared("detect") / "dataset.json"),
-        "params": {"seed": args.get("seed")},
-    }
+        schema=read_json(layout.prepared("detect") / "dataset.json"),
+        params={"seed": args.get("seed")},
+    )
     card = {
         **card_common("detect", "detection", onnx_path, ["batch", 3, size, size], meta, parity, p),
         "classes": names,
@@ -230,7 +231,7 @@ def run(params: Params, out_dir: Path = layout.model_dir("detect")) -> dict:
         "postprocessing": postprocessing(kind, p),
         "reference": detect_reference(files, ours),
     }
-    write_json(out_dir / "model.json", card)
+    card = write_card(out_dir / layout.card("detect").name, card)
     log(
         f"exported {onnx_path} (parity on {len(files)} val images: {parity['matched_of_ultralytics']:.3f} of "
         f"Ultralytics' boxes matched at IoU >= {p.match_iou})"

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from stages.core import layout
+from stages.core.card import Card, read_card
 from stages.core.cli import log
-from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
+from stages.core.files import atomic_dir, atomic_path, write_json, write_timing
 from stages.core.images import list_images
 from stages.core.inference import open_session
 from stages.core.schema import Params
@@ -36,10 +37,10 @@ def graph_kind(session) -> str:
     return "end2end" if session.get_outputs()[0].shape[-1] == 6 else "raw"
 
 
-def thresholds(card: dict) -> tuple[float, float]:
+def thresholds(card: Card) -> tuple[float, float]:
     """(conf, iou): the model card's, which export checked parity at (detect.export.conf, iou).
     Batch infer and serving both take them from here, so they detect the same boxes."""
-    post = card["postprocessing"]
+    post = card.postprocessing
     return post["conf"], post["iou"]
 
 
@@ -76,11 +77,11 @@ def run(
     """COCO-style results ({file, category_id, category, bbox [x, y, w, h] in pixels, score})
     for every image; unreadable files are listed in metrics/detect/infer.json and skipped."""
     p = params.detect.infer
-    card = read_json(model_dir / "model.json")
-    names, size = card["classes"], card["preprocessing"]["imgsz"]
+    card = read_card(model_dir / layout.card("detect").name)
+    names, size = card.classes, card.preprocessing["imgsz"]
     table, root = list_images(p.source, labelled=False)
     files = table["path"].tolist()
-    session = open_session(model_dir / card["onnx"]["file"])
+    session = open_session(model_dir / card.onnx.file)
     conf, iou = thresholds(card)
     results, errors, shown = [], [], []
     start = time.perf_counter()

@@ -26,7 +26,8 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("image")) -> dict:
     from sklearn.metrics import precision_recall_fscore_support
 
     model, meta = load_model(layout.model_pt("image"), build_model)
-    schema, classes = meta["schema"], meta["schema"]["classes"]
+    schema = meta.prepared  # image prepare's description (ImageIndex), as preprocess reads it
+    classes = schema["classes"]
     paths, y = split_images(schema)
     probs = softmax(predict(model, preprocess(paths, schema)).astype("float64"))
     metrics, plots = classification_report(y, probs, classes)

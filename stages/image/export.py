@@ -12,9 +12,8 @@ import pandas as pd
 import torch
 
 from stages.core import layout
-from stages.core.card import card_common, reference, validated_ranges
+from stages.core.card import Card, card_common, reference, validated_ranges, write_card
 from stages.core.cli import log
-from stages.core.files import write_json
 from stages.core.onnx_export import (
     FirstOutput,
     WithFeatures,
@@ -48,10 +47,10 @@ def image_reference(schema: dict, size: int, sample: int = 2000) -> dict:
     )
 
 
-def run(params: Params, out_dir: Path = layout.model_dir("image")) -> dict:
+def run(params: Params, out_dir: Path = layout.model_dir("image")) -> Card:
     p = params.image.export
     model, meta = load_model(out_dir / "model.pt", build_model)
-    schema = meta["schema"]
+    schema = meta.prepared  # image prepare's description (ImageIndex), as preprocess reads it
     paths, _ = split_images(schema)
     x_test = preprocess(paths, schema)
     onnx_path = out_dir / "model.onnx"
@@ -93,7 +92,7 @@ def run(params: Params, out_dir: Path = layout.model_dir("image")) -> dict:
             **({"why_no_cam": why_not} if not pool else {}),
         },
     }
-    write_json(out_dir / "model.json", card)
+    card = write_card(out_dir / layout.card("image").name, card)
     log(
         f"exported {onnx_path} (parity: max abs diff {parity['max_abs_diff']:.2e}, "
         f"top-1 agreement {parity['class_agreement']:.4f} over {parity['rows']} images)"

@@ -16,8 +16,9 @@ import pandas as pd
 from PIL import Image
 
 from stages.core import layout
+from stages.core.card import Card, read_card
 from stages.core.cli import StageError, log
-from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
+from stages.core.files import atomic_dir, atomic_path, write_json, write_timing
 from stages.core.images import list_images
 from stages.core.inference import open_session, run_all, softmax
 from stages.core.schema import Params
@@ -25,22 +26,22 @@ from stages.core.trust import ood_vectors, with_trust
 from stages.image.data import load_rgb, normalise, top_k
 
 
-def predict(card: dict, session, rgb: np.ndarray) -> np.ndarray:
+def predict(card: Card, session, rgb: np.ndarray) -> np.ndarray:
     """N × H × W × 3 uint8 images (load_rgb at the card's size) → N × classes probabilities.
     `infer` and the app both call this, so they answer alike."""
     return predict_outputs(card, session, rgb)[0]
 
 
-def predict_outputs(card: dict, session, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_outputs(card: Card, session, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(probabilities, the penultimate features that trust reads, or None for a card
     without trust)."""
     return predict_with_cams(card, session, rgb)[:2]
 
 
-def predict_with_cams(card: dict, session, rgb: np.ndarray) -> tuple:
+def predict_with_cams(card: Card, session, rgb: np.ndarray) -> tuple:
     """predict_outputs and the class activation maps of the predicted classes ([N, h, w];
     None for a graph without them: stages/image/cam.py)."""
-    spec = card["preprocessing"]
+    spec = card.preprocessing
     x = normalise(rgb, spec["mean"], spec["std"])
     outs = run_all(session, x, max(len(x), 1))
     cams = outs[2] if len(outs) > 2 else None
@@ -60,9 +61,9 @@ def heatmap(cam: np.ndarray, width: int, height: int) -> Image.Image:
     )
 
 
-def no_cam(card: dict) -> str | None:
+def no_cam(card: Card) -> str | None:
     """Why the model has no heatmaps, or None when it has them."""
-    e = card.get("explain", {})
+    e = card.explain or {}
     if e.get("cam"):
         return None
     return (
@@ -88,7 +89,7 @@ def write_heatmaps(cams: dict, root: Path, folder: Path) -> None:
 TRUST = ["prediction_set", "ood_flagged", "ood_p_value"]  # empty for a card without trust
 
 
-def trust_fields(card: dict, probs: np.ndarray, feats) -> list[dict]:
+def trust_fields(card: Card, probs: np.ndarray, feats) -> list[dict]:
     """Per image: prediction_set (a JSON list), ood_flagged, ood_p_value, as CSV columns."""
     import json
 
@@ -112,11 +113,11 @@ def run(
 ) -> dict:
     """Predict every image; one that can't be read gets a row with its error, and the batch goes on."""
     p = params.image.infer
-    card = read_json(model_dir / "model.json")
+    card = read_card(model_dir / layout.card("image").name)
     table, root = list_images(p.source, labelled=False)
     files = table["path"].tolist()
-    session = open_session(model_dir / card["onnx"]["file"])
-    classes, spec = card["classes"], card["preprocessing"]
+    session = open_session(model_dir / card.onnx.file)
+    classes, spec = card.classes, card.preprocessing
     if p.heatmaps and no_cam(card):
         raise StageError(f"image.infer.heatmaps: {no_cam(card)}")
     rows, start, cams = [], time.perf_counter(), {}

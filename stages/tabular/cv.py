@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from stages.core.cli import log
+from stages.core.documents import Columns
 from stages.core.metrics import classification_report, regression_report
 from stages.core.schema import Params
 from stages.core.splits import NAMES
@@ -27,7 +28,7 @@ def whole_table(prepared: Path) -> pd.DataFrame:
     return pd.concat([read_split(prepared / f"{n}.parquet") for n in NAMES]).sort_index()
 
 
-def fit_fold(train: pd.DataFrame, schema: dict, arch: dict, params: Params, seed: int):
+def fit_fold(train: pd.DataFrame, schema: Columns, arch: dict, params: Params, seed: int):
     """(preprocessor, trained model, target scaling) on one fold's training rows."""
     import torch
 
@@ -35,20 +36,18 @@ def fit_fold(train: pd.DataFrame, schema: dict, arch: dict, params: Params, seed
     from stages.tabular.model import build_model
 
     p = resolve(params.tabular.train, len(train))  # `auto` as train resolves it
-    classify = schema["task"] == "classification"
-    kinds = {f["name"]: f["type"] for f in schema["features"]}
-    formats = {f["name"]: f["format"] for f in schema["features"] if "format" in f}
+    classify = schema.task == "classification"
+    kinds = {f.name: f.type for f in schema.features}
+    formats = {f.name: f.format for f in schema.features if f.format}
     pre = Preprocessor.fit(train, kinds, formats)
     x = torch.from_numpy(pre.transform(train))
     if classify:
         y = torch.from_numpy(
-            pd.Categorical(train[schema["target"]], categories=schema["classes"]).codes.astype(
-                np.int64
-            )
+            pd.Categorical(train[schema.target], categories=schema.classes).codes.astype(np.int64)
         )
         scale = None
     else:
-        t = train[schema["target"]].to_numpy("float64")
+        t = train[schema.target].to_numpy("float64")
         scale = {"mean": float(t.mean()), "std": float(t.std()) or 1.0}
         y = torch.from_numpy(((t - scale["mean"]) / scale["std"]).astype(np.float32))
     torch.manual_seed(seed)
@@ -67,7 +66,7 @@ def fit_fold(train: pd.DataFrame, schema: dict, arch: dict, params: Params, seed
     return pre, model.eval(), scale
 
 
-def cv_metrics(prepared: Path, schema: dict, arch: dict, params: Params) -> dict | None:
+def cv_metrics(prepared: Path, schema: Columns, arch: dict, params: Params) -> dict | None:
     """{"folds": K, "rows": n, metric: {"mean", "sd"}} over K folds, or None above
     `cv_below` rows (or when it is 0)."""
     import torch
@@ -76,13 +75,13 @@ def cv_metrics(prepared: Path, schema: dict, arch: dict, params: Params) -> dict
     from stages.core.distributed import configure_backends
 
     e = params.tabular.evaluate
-    rows = sum(schema["rows"].values())
+    rows = sum(schema.rows.values())
     if not e.cv_below or rows >= e.cv_below:
         return None
     configure_backends(torch.device("cpu"))  # threads as train sets them: the folds reproduce
     df = whole_table(prepared)
-    classify = schema["task"] == "classification"
-    y = df[schema["target"]].astype(str) if classify else None
+    classify = schema.task == "classification"
+    y = df[schema.target].astype(str) if classify else None
     k = e.cv_folds
     folds = (
         StratifiedKFold(k, shuffle=True, random_state=params.seed).split(df, y)
@@ -99,11 +98,11 @@ def cv_metrics(prepared: Path, schema: dict, arch: dict, params: Params) -> dict
         if classify:
             probs = np.exp(out - out.max(axis=1, keepdims=True))
             probs /= probs.sum(axis=1, keepdims=True)
-            codes = pd.Categorical(test[schema["target"]], categories=schema["classes"]).codes
-            scores.append(classification_report(codes, probs, schema["classes"])[0])
+            codes = pd.Categorical(test[schema.target], categories=schema.classes).codes
+            scores.append(classification_report(codes, probs, schema.classes)[0])
         else:
             pred = out[:, 0] * scale["std"] + scale["mean"]
-            scores.append(regression_report(test[schema["target"]].to_numpy("float64"), pred)[0])
+            scores.append(regression_report(test[schema.target].to_numpy("float64"), pred)[0])
     table = pd.DataFrame(scores)
     result = {"folds": k, "rows": rows}
     for m in table.columns:
@@ -117,12 +116,12 @@ def cv_metrics(prepared: Path, schema: dict, arch: dict, params: Params) -> dict
     return result
 
 
-def _known(test: pd.DataFrame, train: pd.DataFrame, schema: dict) -> np.ndarray:
+def _known(test: pd.DataFrame, train: pd.DataFrame, schema: Columns) -> np.ndarray:
     """Rows of a fold's test part whose categories its training part has seen (the model
     cannot score the others; prepare moves such rows to train for the same reason)."""
     keep = np.ones(len(test), bool)
-    for f in schema["features"]:
-        if f["type"] == "categorical":
-            seen = set(train[f["name"]].dropna())
-            keep &= (test[f["name"]].isna() | test[f["name"]].isin(seen)).to_numpy()
+    for f in schema.features:
+        if f.type == "categorical":
+            seen = set(train[f.name].dropna())
+            keep &= (test[f.name].isna() | test[f.name].isin(seen)).to_numpy()
     return keep

@@ -11,15 +11,20 @@ import csv
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from stages.core.cli import StageError
+from stages.core.documents import Columns, Feature
 from stages.core.inference import softmax
 from stages.core.schema import TabularData, plain
 from stages.core.splits import NAMES
 from stages.tabular.encoders import TextEncoder, date_part_names, date_parts
+
+if TYPE_CHECKING:
+    from stages.core.card import Card
 
 # A column of strings in which at least this share parse as numbers is a numeric column
 # with bad cells, not a categorical one.
@@ -411,39 +416,39 @@ class Preprocessor:
         return cls(**d)
 
 
-def decode_outputs(outputs: np.ndarray, card: dict) -> pd.DataFrame:
+def decode_outputs(outputs: np.ndarray, card: Card) -> pd.DataFrame:
     """Model outputs → a predictions table: class and per-class probabilities, or the value."""
     return scores_table(scores(outputs, card), card)
 
 
-def scores(outputs: np.ndarray, card: dict) -> np.ndarray:
+def scores(outputs: np.ndarray, card: Card) -> np.ndarray:
     """Model outputs → what a prediction reports, in float64: the per-class probabilities
     (rows × classes), or the value in the target's units (rows × 1)."""
-    if card["kind"] == "classification":
+    if card.kind == "classification":
         return softmax(outputs.astype("float64"))
-    scale = card["target_scaling"]
+    scale = card.target_scaling
     return outputs[:, :1].astype("float64") * scale["std"] + scale["mean"]
 
 
-def scores_table(s: np.ndarray, card: dict) -> pd.DataFrame:
+def scores_table(s: np.ndarray, card: Card) -> pd.DataFrame:
     """scores() as the predictions table: the class (the first most probable), its
     probability and each class's, or the value."""
-    if card["kind"] != "classification":
+    if card.kind != "classification":
         return pd.DataFrame({"prediction": s[:, 0]})
-    classes = card["classes"]
+    classes = card.classes
     table = pd.DataFrame(s, columns=[f"p_{c}" for c in classes])
     table.insert(0, "prediction", np.asarray(classes, dtype=object)[s.argmax(axis=1)])
     table.insert(1, "probability", s.max(axis=1))
     return table
 
 
-def read_features(path: str | Path, features: list[dict]) -> pd.DataFrame:
+def read_features(path: str | Path, features: list[Feature]) -> pd.DataFrame:
     """Read a CSV or parquet to predict on and type its feature columns as in training.
     Extra columns are kept (and ignored by the preprocessor)."""
     return pd.concat(list(feature_chunks(path, features, 10**12)))
 
 
-def feature_chunks(path: str | Path, features: list[dict], rows: int):
+def feature_chunks(path: str | Path, features: list[Feature], rows: int):
     """read_features in frames of about `rows` rows, indexed by CSV line (a parquet file
     without one is numbered as its CSV would be: 2, 3, ...)."""
     path = Path(path)
@@ -462,18 +467,18 @@ def feature_chunks(path: str | Path, features: list[dict], rows: int):
         raise StageError(f"{path}: no rows to predict")
 
 
-def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.DataFrame:
+def type_features(df: pd.DataFrame, features: list[Feature], source: str) -> pd.DataFrame:
     """Numbers that don't parse are an error naming the rows; missing feature columns
     are an error. Used by `infer` (files) and the app (JSON rows, uploads) alike."""
-    missing = [f["name"] for f in features if f["name"] not in df.columns]
+    missing = [f.name for f in features if f.name not in df.columns]
     if missing:
         raise StageError(f"{source}: missing feature columns: {', '.join(missing)}")
     if df.empty:
         raise StageError(f"{source}: no rows to predict")
     df = df.copy()
     for f in features:
-        col = f["name"]
-        if f["type"] == "numeric":
+        col = f.name
+        if f.type == "numeric":
             if pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col]):
                 df[col] = df[col].astype("float64")
                 continue
@@ -492,25 +497,35 @@ def type_features(df: pd.DataFrame, features: list[dict], source: str) -> pd.Dat
 
 
 def describe(
-    p: TabularData, seed: int, kinds: dict, classes: list | None, codes_or_counts, plan=None
-) -> dict:
-    """schema.json: what the splits hold (both engines write the same one)."""
+    p: TabularData,
+    seed: int,
+    kinds: dict,
+    classes: list | None,
+    codes_or_counts,
+    plan,
+    missing_target: int,
+) -> Columns:
+    """The prepared columns (layout.columns): what the splits hold (both engines write the
+    same one); `plan` is the roles' decision (stages/tabular/roles.py)."""
     counts = (
         np.bincount(codes_or_counts, minlength=3)
         if isinstance(codes_or_counts, np.ndarray)
         else codes_or_counts
     )
-    return {
-        "source": p.source,
-        "target": p.target,
-        "task": plan.task if plan else p.task,
-        **({"task_why": plan.task_why} if plan else {}),
-        "features": [
-            {"name": c, "type": k, **({"format": plan.formats[c]} if k == "datetime" else {})}
+    return Columns(
+        source=p.source,
+        target=p.target,
+        task=plan.task,
+        task_why=plan.task_why,
+        features=[
+            Feature(name=c, type=k, **({"format": plan.formats[c]} if k == "datetime" else {}))
             for c, k in kinds.items()
             if c != p.target
         ],
-        "classes": classes,
-        "rows": {name: int(counts[i]) for i, name in enumerate(NAMES)},
-        "params": {"seed": seed, "tabular.data": plain(p)},
-    }
+        classes=classes,
+        rows={name: int(counts[i]) for i, name in enumerate(NAMES)},
+        params={"seed": seed, "tabular.data": plain(p)},
+        dropped_rows={"missing_target": missing_target},
+        columns=plan.roles,
+        warnings=[f"possible leak: {c}" for c in plan.leaks],
+    )

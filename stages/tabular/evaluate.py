@@ -17,6 +17,7 @@ import pandas as pd
 
 from stages.core import layout
 from stages.core.cli import log
+from stages.core.documents import Columns, Meta
 from stages.core.files import read_json, timing_path, write_json
 from stages.core.inference import softmax
 from stages.core.metrics import (
@@ -38,10 +39,10 @@ CHUNK_ROWS = 1_000_000
 
 def run(params: Params, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
     model, meta = load_model(layout.model_pt("tabular"), build_model)
-    schema, pre = meta["schema"], Preprocessor.from_dict(meta["preprocessor"])
+    schema, pre = meta.columns(), Preprocessor.from_dict(meta.preprocessor)
     prepared = layout.prepared("tabular")
-    target, classify = schema["target"], schema["task"] == "classification"
-    classes = schema["classes"]
+    target, classify = schema.target, schema.task == "classification"
+    classes = schema.classes
 
     def labels(df: pd.DataFrame) -> np.ndarray:
         return (
@@ -74,7 +75,7 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
             "the majority-class share",
         )
     else:
-        scale = meta["target_scaling"]
+        scale = meta.target_scaling
         metrics, plots = regression_report(y_test, out[:, 0] * scale["std"] + scale["mean"])
         warnings = learned_nothing("tabular", "r2", metrics["r2"], 0.0, "predicting the mean")
     trusted, trust_plots = trust_report(params, model, meta, pre)  # stages/core/trust.py
@@ -117,18 +118,18 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
     return result
 
 
-def small_table_cv(prepared: Path, schema: dict, meta: dict, params: Params) -> dict:
+def small_table_cv(prepared: Path, schema: Columns, meta: Meta, params: Params) -> dict:
     """`cv` (K-fold metrics on small tables; stages/tabular/cv.py) and what prepare decided:
     the task, the column roles, rows dropped, warnings."""
     from stages.tabular.cv import cv_metrics
 
     out = {
-        "task": schema["task"],
-        "columns": {c["column"]: c["role"] for c in schema.get("columns", [])},
-        "dropped_rows": schema.get("dropped_rows", {}),
-        "data_warnings": schema.get("warnings", []),
+        "task": schema.task,
+        "columns": {c["column"]: c["role"] for c in schema.columns or []},
+        "dropped_rows": schema.dropped_rows or {},
+        "data_warnings": schema.warnings or [],
     }
-    cv = cv_metrics(prepared, schema, meta["arch"], params)
+    cv = cv_metrics(prepared, schema, meta.arch, params)
     return {**out, **({"cv": cv} if cv else {})}
 
 

@@ -59,13 +59,13 @@ def card_section(pre: Preprocessor, train: Path, export) -> dict:
 def answer_values(card: dict, session):
     """The served answer as a function of model inputs: each class's probability (the
     softmax of the graph's output), or the prediction in the target's units."""
-    out_name = card["onnx"]["output"]
-    in_name = card["onnx"]["input"]
-    scaling = card.get("target_scaling")
+    out_name = card.onnx.output
+    in_name = card.onnx.input
+    scaling = card.target_scaling
 
     def f(z: np.ndarray) -> np.ndarray:
         out = session.run([out_name], {in_name: z})[0].astype("float64")
-        if card["kind"] == "classification":
+        if card.kind == "classification":
             return softmax(out)
         return out[:, :1] * scaling["std"] + scaling["mean"]
 
@@ -75,8 +75,8 @@ def answer_values(card: dict, session):
 def attributions(card: dict, session, x: np.ndarray, predicted: np.ndarray | None):
     """(base_value [N], attributions [N, columns]) of each row's answer: the predicted
     class's probability (predicted: class indices), or the prediction (None)."""
-    e = card["explain"]
-    _, idx = blocks(card["preprocessing"])
+    e = card.explain
+    _, idx = blocks(card.preprocessing)
     return explain.shapley(
         answer_values(card, session),
         x,
@@ -94,19 +94,19 @@ def attribution_columns(card: dict, session, df: pd.DataFrame, scored: np.ndarra
     chunk of typed rows and its scores (tabular.infer.explain)."""
     import pyarrow as pa
 
-    if "explain" not in card:
+    if card.explain is None:
         raise StageError(
             "tabular.infer.explain: the model card has no explanation background (exported "
             "before explanations existed): re-run `dvc repro export@tabular`"
         )
-    x = Preprocessor.from_dict(card["preprocessing"]).transform(df, source)
-    predicted = scored.argmax(1) if card["kind"] == "classification" else None
+    x = Preprocessor.from_dict(card.preprocessing).transform(df, source)
+    predicted = scored.argmax(1) if card.kind == "classification" else None
     base, phi = attributions(card, session, x, predicted)
     return [
         ("base_value", pa.array(base.astype(np.float32))),
         *(
             (f"attr_{c}", pa.array(phi[:, j].astype(np.float32)))
-            for j, c in enumerate(card["explain"]["columns"])
+            for j, c in enumerate(card.explain["columns"])
         ),
     ]
 

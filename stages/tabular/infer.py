@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from stages.core import layout
+from stages.core.card import Card, read_card
 from stages.core.cli import StageError, log
 from stages.core.expectations import for_inference, load_suite, run_suite_aside, summarise
-from stages.core.files import atomic_dir, atomic_path, read_json, write_json, write_timing
+from stages.core.files import atomic_dir, atomic_path, write_json, write_timing
 from stages.core.inference import open_session, run_all
 from stages.core.schema import Params
 from stages.core.trust import apply, ood_vectors, with_trust
@@ -32,7 +33,7 @@ CHUNK_ROWS = 1_000_000
 
 
 def predict(
-    card: dict, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
+    card: Card, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
 ) -> pd.DataFrame:
     """Typed feature rows → the predictions table: class and per-class probabilities, or the
     value. The app and Spark call this, `infer` the scores under it, so they answer alike."""
@@ -40,17 +41,17 @@ def predict(
 
 
 def predict_scores(
-    card: dict, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
+    card: Card, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
 ) -> np.ndarray:
     """Typed feature rows → their scores (stages.tabular.data.scores)."""
     return predict_outputs(card, session, df, source, batch_size)[0]
 
 
 def predict_outputs(
-    card: dict, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
+    card: Card, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(scores, what the card's OOD score reads (ood_vectors), or None for a card without trust)."""
-    x = Preprocessor.from_dict(card["preprocessing"]).transform(df, source)
+    x = Preprocessor.from_dict(card.preprocessing).transform(df, source)
     outputs = run_all(session, x, batch_size)
     if not np.isfinite(outputs[0]).all():
         raise StageError(
@@ -59,7 +60,7 @@ def predict_outputs(
     return scores(outputs[0], card), ood_vectors(card, x, outputs)
 
 
-def predict_records(card: dict, session, df: pd.DataFrame, source: str = "input") -> list[dict]:
+def predict_records(card: Card, session, df: pd.DataFrame, source: str = "input") -> list[dict]:
     """predict() as dicts, with the trust fields (prediction_set or interval, ood): the app's
     pandas path."""
     s, feats = predict_outputs(card, session, df, source)
@@ -97,7 +98,7 @@ def csv_field(text: str) -> str:
     return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\r\n') else text
 
 
-def trust_columns(card: dict, predicted: np.ndarray, feats, csv: bool) -> list[tuple]:
+def trust_columns(card: Card, predicted: np.ndarray, feats, csv: bool) -> list[tuple]:
     """The trust fields as (name, arrow array) columns: prediction_set (a JSON list in CSV,
     a list column in parquet) or interval_low / interval_high, then ood_flagged and
     ood_p_value; [] for a card without trust."""
@@ -105,11 +106,11 @@ def trust_columns(card: dict, predicted: np.ndarray, feats, csv: bool) -> list[t
 
     import pyarrow as pa
 
-    if "trust" not in card or feats is None:
+    if card.trust is None or feats is None:
         return []
-    a = apply(card["trust"], predicted, feats)
+    a = apply(card.trust, predicted, feats)
     if "sets" in a:
-        classes = card["classes"]
+        classes = card.classes
         sets = [[classes[j] for j in np.flatnonzero(row)] for row in a["sets"]]
         first = [
             ("prediction_set", pa.array([csv_field(json.dumps(x)) for x in sets] if csv else sets))
@@ -136,7 +137,7 @@ class Writer:
     100,000 rows against 17 for this; `make bench`). Written from the scores, not the
     table: building the table was 16 ms more (15% of the bare loop)."""
 
-    def __init__(self, path: Path, card: dict):
+    def __init__(self, path: Path, card: Card):
         self.path, self.card, self.out = path, card, None
 
     def write(self, predicted: np.ndarray, lines: np.ndarray, feats=None, also=()) -> None:
@@ -145,7 +146,7 @@ class Writer:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        csv, classes = self.path.suffix != ".parquet", self.card.get("classes")
+        csv, classes = self.path.suffix != ".parquet", self.card.classes
         names = ["prediction", *(["probability", *(f"p_{c}" for c in classes)] if classes else [])]
         extra = trust_columns(self.card, predicted, feats, csv) + list(also)
         names += [n for n, _ in extra]
@@ -204,9 +205,9 @@ def run(
 ) -> dict:
     p = params.tabular.infer
     out = Path(out or p.output)
-    card = read_json(model_dir / "model.json")
+    card = read_card(model_dir / layout.card("tabular").name)
     source = p.source
-    suite_file = card["validation"]["suite_file"]
+    suite_file = card.validation.suite_file
     suite = for_inference(load_suite(suite_file))
     if params.tabular.data.engine == "spark":
         if p.explain:
@@ -218,7 +219,7 @@ def run(
         with atomic_dir(out) as tmp:
             stats, seconds = spark_infer(
                 card,
-                model_dir / card["onnx"]["file"],
+                model_dir / card.onnx.file,
                 suite,
                 source,
                 suite_file,
@@ -230,11 +231,11 @@ def run(
     else:
         # GX checks the input in the validation worker, which reads it for itself while it
         # is predicted and written here: GX is pure Python, and as long as the bare loop.
-        frames = functools.partial(input_frames, source, card["features"], card["target"])
+        frames = functools.partial(input_frames, source, card.features, card.target)
         checked = run_suite_aside(suite, {"input": frames})
         seconds, rows, failed = 0.0, 0, None
         try:
-            session = open_session(model_dir / card["onnx"]["file"], spinning=False)
+            session = open_session(model_dir / card.onnx.file, spinning=False)
             with atomic_path(out) as tmp:
                 writer = Writer(tmp, card)
                 try:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from stages.core import label_issues, layout
 from stages.core.cli import StageError, log
-from stages.core.files import read_json
+from stages.core.documents import Columns
 from stages.core.schema import Params, TabularLabels
 from stages.core.splits import NAMES
 from stages.tabular.data import Preprocessor, read_split
@@ -83,11 +83,11 @@ def fold_model(
     return fit_predict
 
 
-def find(df: pd.DataFrame, schema: dict, p: TabularLabels, seed: int) -> pd.DataFrame:
+def find(df: pd.DataFrame, schema: Columns, p: TabularLabels, seed: int) -> pd.DataFrame:
     """The pure core: the suspected errors of a frame indexed by CSV line."""
-    classes = schema["classes"]
-    labels = pd.Categorical(df[schema["target"]], categories=classes).codes.astype(np.int64)
-    kinds = {f["name"]: f["type"] for f in schema["features"]}
+    classes = schema.classes
+    labels = pd.Categorical(df[schema.target], categories=classes).codes.astype(np.int64)
+    kinds = {f.name: f.type for f in schema.features}
     fit_predict = fold_model(df, labels, kinds, p, len(classes), seed)
     probs = label_issues.out_of_fold(labels, len(classes), p.folds, seed, fit_predict)
     return label_issues.find(df.index.tolist(), labels, probs, classes)
@@ -99,8 +99,8 @@ def run(
     out: Path = layout.label_issues("tabular"),
 ) -> dict:
     p = params.tabular.labels
-    schema = read_json(Path(prepared) / "schema.json")
-    if schema["task"] != "classification":
+    schema = Columns.read(Path(prepared) / layout.columns("tabular").name)
+    if schema.task != "classification":
         return label_issues.skip(
             "tabular", "a regression target has no class labels to check", Path(out)
         )

@@ -35,7 +35,8 @@ import numpy as np
 
 from stages.core import layout
 from stages.core.cli import StageError, log
-from stages.core.files import atomic_dir, write_json
+from stages.core.documents import Columns
+from stages.core.files import atomic_dir
 from stages.core.inference import physical_cores
 from stages.core.schema import Params, TabularData
 from stages.core.splits import (
@@ -68,7 +69,7 @@ DROPPED = 3  # a row's split code when its target is missing: written to no spli
 STRINGS = ("text", "datetime")  # kinds kept as the user's strings in the splits
 
 
-def run(params: Params, out_dir: str | Path = layout.prepared("tabular")) -> dict:
+def run(params: Params, out_dir: str | Path = layout.prepared("tabular")) -> Columns:
     p = params.tabular.data
     engine, method = p.engine, p.split.method  # the schema allows each value
     if engine == "spark" and method != "hash":
@@ -82,7 +83,7 @@ def run(params: Params, out_dir: str | Path = layout.prepared("tabular")) -> dic
 
         with atomic_dir(out_dir) as tmp:
             schema, roles = spark_prepare(path, sep, p, params.seed, tmp)
-            write_json(tmp / "schema.json", schema)
+            schema.write(tmp / layout.columns("tabular").name)
     else:
         with atomic_dir(out_dir) as tmp:
             spill = tmp / "rows.arrow"
@@ -95,31 +96,29 @@ def run(params: Params, out_dir: str | Path = layout.prepared("tabular")) -> dic
             roles = decide(scan.stats, read_sample(path, sep), p, source)
             kinds, classes, codes, moved = plan(scan, p, params.seed, roles)
             codes = exclude(codes, p.exclude_lines, source)  # reviewed rows: in no split
-            schema = describe(p, params.seed, kinds, classes, codes, roles)
-            schema["dropped_rows"] = {"missing_target": scan.stats[p.target].missing}
-            schema["columns"] = roles.roles
-            schema["warnings"] = [f"possible leak: {c}" for c in roles.leaks]
+            missing = scan.stats[p.target].missing
+            schema = describe(p, params.seed, kinds, classes, codes, roles, missing)
             texts = {c: scan.column_codes(c) for c, k in kinds.items() if k == "categorical"}
             strings = read_columns(path, sep, [c for c, k in kinds.items() if k in STRINGS])
             write_splits(spill, kinds, p.target, codes, texts, tmp, strings)
             spill.unlink()
-            write_json(tmp / "schema.json", schema)
+            schema.write(tmp / layout.columns("tabular").name)
         for col, n in moved.items():
             log(f"moved {n} rows to train: their {col!r} value appears nowhere else in train")
     report_roles(roles, schema, p)
     log(
         f"prepared {source} ({engine}): "
-        + ", ".join(f"{k} {v} rows" for k, v in schema["rows"].items())
+        + ", ".join(f"{k} {v} rows" for k, v in schema.rows.items())
         + f" → {out_dir}"
     )
     return schema
 
 
-def report_roles(roles, schema: dict, p: TabularData) -> None:
+def report_roles(roles, schema: Columns, p: TabularData) -> None:
     """The task, the roles table and the rows dropped for a missing target, logged; schema.json
     keeps them (`columns`), and evaluate copies them into metrics.json."""
     log(f"task: {roles.task} ({roles.task_why})\n{role_table(roles)}")
-    missing = schema.get("dropped_rows", {}).get("missing_target", 0)
+    missing = (schema.dropped_rows or {}).get("missing_target", 0)
     if missing:
         log(f"dropped {missing} rows whose target {p.target!r} is missing")
 

@@ -12,6 +12,7 @@ and the caller falls back to the pandas path, which names the problem.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,14 +20,17 @@ from stages.core.cli import StageError
 from stages.core.inference import softmax
 from stages.tabular.encoders import TextEncoder, date_parts
 
+if TYPE_CHECKING:
+    from stages.core.card import Card
+
 
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 class Rows:
-    def __init__(self, card: dict):
-        pre = card["preprocessing"]
+    def __init__(self, card: Card):
+        pre = card.preprocessing
         self.numeric, self.categorical = pre["numeric"], pre["categorical"]
         self.medians, self.means, self.stds = (
             np.asarray(pre[k], dtype="float64") for k in ("medians", "means", "stds")
@@ -38,9 +42,9 @@ class Rows:
         self.texts = {c: TextEncoder(e) for c, e in pre.get("texts", {}).items()}
         self.width = len(self.medians) + sum(len(v) for v in self.codes.values())
         self.kind, self.classes, self.scaling = (
-            card["kind"],
-            card["classes"],
-            card.get("target_scaling"),
+            card.kind,
+            card.classes,
+            card.target_scaling,
         )
         self.p_names = [f"p_{c}" for c in self.classes or []]
 

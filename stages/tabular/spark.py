@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from stages.core.cli import StageError, log
+from stages.core.documents import Columns
 from stages.core.schema import TabularData
 from stages.core.spark import session
 from stages.core.splits import NAMES, quotas, row_hash_sql
@@ -29,6 +31,9 @@ from stages.tabular.data import (
     not_readable,
     open_csv,
 )
+
+if TYPE_CHECKING:
+    from stages.core.card import Card
 
 PART_ROWS = 1_000_000  # rows per written parquet part
 
@@ -165,10 +170,7 @@ def prepare(path: Path, sep: str, p: TabularData, seed: int, out: Path) -> dict:
         part = df.filter(F.col("_split") == code).drop("_split")
         write_parts(part, rows[code], out / f"{name}.parquet", "parquet")
     df.unpersist()
-    schema = describe(p, seed, dict(kinds), classes, rows, roles)
-    schema["dropped_rows"] = {"missing_target": int(missing)}
-    schema["columns"] = roles.roles
-    schema["warnings"] = [f"possible leak: {c}" for c in roles.leaks]
+    schema = describe(p, seed, dict(kinds), classes, rows, roles, int(missing))
     return schema, roles
 
 
@@ -229,35 +231,33 @@ def write_parts(df, rows: int, out: Path, fmt: str) -> None:
     tmp.rmdir()
 
 
-def profile(paths: list[Path] | Path, schema: dict) -> dict:
+def profile(paths: list[Path] | Path, schema: Columns) -> dict:
     """validate.profile on Spark: per feature rows, nulls, min, max, sorted values."""
     from pyspark.sql import functions as F
 
     paths = [paths] if isinstance(paths, str | Path) else paths
     df = session().read.parquet(*map(str, paths))
     aggs = [F.count(F.lit(1)).alias("rows")]
-    for i, f in enumerate(schema["features"]):
-        c = F.col(f"`{f['name']}`")
+    for i, f in enumerate(schema.features):
+        c = F.col(f"`{f.name}`")
         aggs += [F.count(F.when(c.isNull(), 1)).alias(f"n{i}")]
         aggs += (
             [F.min(c).alias(f"lo{i}"), F.max(c).alias(f"hi{i}")]
-            if f["type"] == "numeric"
+            if f.type == "numeric"
             else [
-                F.sort_array(F.collect_set(c if f["type"] == "categorical" else None)).alias(
-                    f"v{i}"
-                )
+                F.sort_array(F.collect_set(c if f.type == "categorical" else None)).alias(f"v{i}")
             ]
         )
     row = df.agg(*aggs).first()
     return {
-        f["name"]: {
+        f.name: {
             "rows": row["rows"],
             "nulls": row[f"n{i}"],
-            "min": row[f"lo{i}"] if f["type"] == "numeric" else None,
-            "max": row[f"hi{i}"] if f["type"] == "numeric" else None,
-            "values": list(row[f"v{i}"]) if f["type"] == "categorical" else None,
+            "min": row[f"lo{i}"] if f.type == "numeric" else None,
+            "max": row[f"hi{i}"] if f.type == "numeric" else None,
+            "values": list(row[f"v{i}"]) if f.type == "categorical" else None,
         }
-        for i, f in enumerate(schema["features"])
+        for i, f in enumerate(schema.features)
     }
 
 
@@ -274,14 +274,14 @@ def read_features(source: str, features: list[dict]):
         rows = df.count()
     else:
         df, rows = read_lines(*open_csv(path))
-    missing = [f["name"] for f in features if f["name"] not in df.columns]
+    missing = [f.name for f in features if f.name not in df.columns]
     if missing:
         raise StageError(f"{source}: missing feature columns: {', '.join(missing)}")
     if not rows:
         raise StageError(f"{source}: no rows to predict")
     for f in features:
-        c = F.col(f"`{f['name']}`")
-        if f["type"] != "numeric" or dict(df.dtypes)[f["name"]] != "string":
+        c = F.col(f"`{f.name}`")
+        if f.type != "numeric" or dict(df.dtypes)[f.name] != "string":
             continue
         bad = df.filter(c.isNotNull() & ~c.rlike(NUMBER_RE))
         n = bad.count()
@@ -291,15 +291,15 @@ def read_features(source: str, features: list[dict]):
                 [r["v"] for r in first], index=[r["line"] for r in first], dtype=object
             )
             raise StageError(
-                f"{source}: column {f['name']!r} must be numeric but has text in {n} rows "
+                f"{source}: column {f.name!r} must be numeric but has text in {n} rows "
                 f"({describe_cells(cells, count=n)})"
             )
-        df = df.withColumn(f["name"], c.cast("double"))
+        df = df.withColumn(f.name, c.cast("double"))
     return df
 
 
 def infer(
-    card: dict,
+    card: Card,
     onnx_path: Path,
     suite: dict,
     source: str,
@@ -320,8 +320,8 @@ def infer(
     from stages.core.inference import open_session
 
     spark = session()
-    df = read_features(source, card["features"])
-    df = df.drop(card["target"]) if card["target"] in df.columns else df
+    df = read_features(source, card.features)
+    df = df.drop(card.target) if card.target in df.columns else df
     report = run_suite(suite, {"input": df})
     if not report["success"]:
         raise StageError(
@@ -331,12 +331,12 @@ def infer(
     spark.sparkContext.addFile(str(onnx_path))
     name = Path(onnx_path).name
     fields = [T.StructField("line", T.LongType())]
-    if card["kind"] == "classification":
+    if card.kind == "classification":
         fields += [
             T.StructField("prediction", T.StringType()),
             T.StructField("probability", T.FloatType()),
         ]
-        fields += [T.StructField(f"p_{c}", T.FloatType()) for c in card["classes"]]
+        fields += [T.StructField(f"p_{c}", T.FloatType()) for c in card.classes]
     else:
         fields += [T.StructField("prediction", T.FloatType())]
 

@@ -22,7 +22,8 @@ from torch.utils.data import IterableDataset, TensorDataset, get_worker_info
 
 from stages.core import layout
 from stages.core.cli import log
-from stages.core.files import read_json, write_timing
+from stages.core.documents import Columns
+from stages.core.files import write_timing
 from stages.core.job import Job, train
 from stages.core.schema import Params
 from stages.core.trainer import regression_sums
@@ -33,18 +34,18 @@ from stages.tabular.model import build_model
 TRAIN_TIME = "train-tabular"  # .cache/timings/train-tabular.json, read by evaluate
 
 
-def targets(df: pd.DataFrame, schema: dict, scaling: dict | None) -> torch.Tensor:
-    target = df[schema["target"]]
-    if schema["task"] == "classification":
+def targets(df: pd.DataFrame, schema: Columns, scaling: dict | None) -> torch.Tensor:
+    target = df[schema.target]
+    if schema.task == "classification":
         return torch.from_numpy(
-            pd.Categorical(target, categories=schema["classes"]).codes.astype(np.int64)
+            pd.Categorical(target, categories=schema.classes).codes.astype(np.int64)
         )
     return torch.from_numpy(
         ((target.to_numpy("float64") - scaling["mean"]) / scaling["std"]).astype(np.float32)
     )
 
 
-def tensors(path: Path, pre: Preprocessor, schema: dict, scaling: dict | None) -> TensorDataset:
+def tensors(path: Path, pre: Preprocessor, schema: Columns, scaling: dict | None) -> TensorDataset:
     """A whole split as preprocessed tensors, read in chunks (float32 features only in memory)."""
     xs, ys = [], []
     for df in split_chunks(path, 1_000_000):
@@ -67,7 +68,7 @@ class RowGroups(IterableDataset):
         self,
         path: Path,
         pre: Preprocessor,
-        schema: dict,
+        schema: Columns,
         scaling: dict | None,
         seed: int,
         batch_size: int,
@@ -159,8 +160,8 @@ def fit_preprocessor(path: Path, features: list[dict] | dict) -> Preprocessor:
     `features`: schema.json's list, or {column: kind}."""
     if isinstance(features, dict):
         features = [{"name": c, "type": k} for c, k in features.items()]
-    kinds = {f["name"]: f["type"] for f in features}
-    formats = {f["name"]: f["format"] for f in features if "format" in f}
+    kinds = {f.name: f.type for f in features}
+    formats = {f.name: f.format for f in features if f.format}
     parts = {c: Preprocessor.fit(read_split(path, [c]), {c: k}, formats) for c, k in kinds.items()}
     pre = Preprocessor(
         [c for c, k in kinds.items() if k == "numeric"],
@@ -187,15 +188,15 @@ def job(params: Params) -> Job:
 
     p = params.tabular.train
     prepared = layout.prepared("tabular")
-    schema = read_json(prepared / "schema.json")
+    schema = Columns.read(prepared / layout.columns("tabular").name)
     train_path, val_path = prepared / "train.parquet", prepared / "val.parquet"
-    pre = fit_preprocessor(train_path, schema["features"])
+    pre = fit_preprocessor(train_path, schema.features)
     scaling = None
-    if schema["task"] == "regression":
-        t = read_split(train_path, [schema["target"]])[schema["target"]]
+    if schema.task == "regression":
+        t = read_split(train_path, [schema.target])[schema.target]
         scaling = {"mean": float(t.mean()), "std": float(t.std(ddof=0)) or 1.0}
-    n_out = len(schema["classes"]) if schema["task"] == "classification" else 1
-    classify = schema["task"] == "classification"
+    n_out = len(schema.classes) if schema.task == "classification" else 1
+    classify = schema.task == "classification"
     arch = {
         "kind": "net",
         "n_in": pre.n_features,
@@ -215,7 +216,7 @@ def job(params: Params) -> Job:
         tensors(val_path, pre, schema, scaling),
         loss_sums(classify, float(p.label_smoothing)),
         data_files(train_path) + data_files(val_path),
-        {"preprocessor": pre.to_dict(), "schema": schema, "target_scaling": scaling},
+        {"preprocessor": pre.to_dict(), "schema": schema.dump(), "target_scaling": scaling},
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import pandas as pd
 
 from stages.core import layout, trust
+from stages.core.documents import Meta
 from stages.core.onnx_export import outputs_and_features
 from stages.core.schema import Params
 from stages.tabular.data import Preprocessor, sample_split
@@ -26,28 +27,28 @@ from stages.tabular.data import Preprocessor, sample_split
 FIT_ROWS = 200_000
 
 
-def _split(model, meta: dict, pre: Preprocessor, split: str):
+def _split(model, meta: Meta, pre: Preprocessor, split: str):
     """(raw outputs, features, labels or target values in their units) of a split's sample."""
-    schema = meta["schema"]
-    target = schema["target"]
+    schema = meta.columns()
+    target = schema.target
     df, _ = sample_split(
         layout.prepared("tabular") / f"{split}.parquet", [*pre.columns, target], FIT_ROWS
     )
     x = pre.transform(df)
     out, _ = outputs_and_features(model, x)
     feats = x  # OOD reads the input row (space "input"): see the module docstring
-    if schema["task"] == "classification":
-        y = pd.Categorical(df[target], categories=schema["classes"]).codes.astype(int)
+    if schema.task == "classification":
+        y = pd.Categorical(df[target], categories=schema.classes).codes.astype(int)
         return out, feats, y
-    scale = meta["target_scaling"]
+    scale = meta.target_scaling
     values = out[:, :1].astype("float64") * scale["std"] + scale["mean"]
     return values, feats, df[target].to_numpy("float64")
 
 
-def fit_trust(params: Params, model, meta: dict, pre: Preprocessor) -> dict:
+def fit_trust(params: Params, model, meta: Meta, pre: Preprocessor) -> dict:
     """The card's `trust` section (tabular.evaluate.alpha and .ood_threshold)."""
     p = params.tabular.evaluate
-    classify = meta["schema"]["task"] == "classification"
+    classify = meta.columns().task == "classification"
     val_out, val_feats, val_y = _split(model, meta, pre, "val")
     _, train_feats, train_y = _split(model, meta, pre, "train")
     return trust.fit(
@@ -63,7 +64,7 @@ def fit_trust(params: Params, model, meta: dict, pre: Preprocessor) -> dict:
     )
 
 
-def trust_report(params: Params, model, meta: dict, pre: Preprocessor) -> tuple[dict, dict]:
+def trust_report(params: Params, model, meta: Meta, pre: Preprocessor) -> tuple[dict, dict]:
     """(test metrics: ece_uncalibrated, ece, coverage, mean set size or interval width, OOD
     shares; reliability plot rows) for evaluate."""
     fitted = fit_trust(params, model, meta, pre)

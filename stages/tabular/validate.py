@@ -20,8 +20,8 @@ from pathlib import Path
 
 from stages.core import layout
 from stages.core.cli import log
+from stages.core.documents import Columns
 from stages.core.expectations import SPLITS, check, load_suite, save_suite, suite_path
-from stages.core.files import read_json
 from stages.core.schema import Params
 from stages.tabular.data import split_chunks
 
@@ -58,22 +58,22 @@ def null_mostly(nulls: int, rows: int, smallest: int, confidence: float) -> floa
     )  # rounded down: never stricter than the bound
 
 
-def suite(profile: dict, schema: dict, range_margin: float, confidence: float) -> dict:
+def suite(profile: dict, schema: Columns, range_margin: float, confidence: float) -> dict:
     """Expectations profiled from the whole table (`profile`: per column rows, nulls, min,
     max, values over all splits): columns, types, nulls (sized to the smallest split),
     ranges, categories, classes. Every split passes it, and so does a clean resample."""
-    target = schema["target"]
-    features = [f["name"] for f in schema["features"]]
-    rows = sum(schema["rows"].values())
-    smallest = max(1, min(schema["rows"].values()))
+    target = schema.target
+    features = [f.name for f in schema.features]
+    rows = sum(schema.rows.values())
+    smallest = max(1, min(schema.rows.values()))
     exps = [columns_expectation(features + [target])]
-    for f in schema["features"]:
-        exps += column_expectations(f, profile[f["name"]], rows, smallest, range_margin, confidence)
+    for f in schema.features:
+        exps += column_expectations(f, profile[f.name], rows, smallest, range_margin, confidence)
     exps += target_expectations(schema)
     return {
         "name": "tabular",
         "expectations": exps,
-        "meta": {"created_from": f"{schema['source']} (all splits, {rows} rows)"},
+        "meta": {"created_from": f"{schema.source} (all splits, {rows} rows)"},
     }
 
 
@@ -89,12 +89,12 @@ def column_expectations(
     f: dict, st: dict, rows: int, smallest: int, range_margin: float, confidence: float
 ) -> list[dict]:
     """One feature's expectations: its type, its nulls, and its range or set of categories."""
-    col, numeric = f["name"], f["type"] == "numeric"
+    col, numeric = f.name, f.type == "numeric"
     exps = [
         {
             "type": "expect_column_values_to_be_in_type_list",
             "kwargs": {"column": col, "type_list": NUMERIC_TYPES if numeric else TEXT_TYPES},
-            "meta": {"kind": f["type"]},
+            "meta": {"kind": f.type},
         },
         {
             "type": "expect_column_values_to_not_be_null",
@@ -120,7 +120,7 @@ def column_expectations(
                 "meta": {"observed": [lo, hi]},
             }
         )
-    elif f["type"] == "categorical":
+    elif f.type == "categorical":
         # The set seen in the whole table: new data with a category never seen fails here,
         # before the model would reject it. Text and dates have no closed set.
         exps.append(
@@ -133,8 +133,8 @@ def column_expectations(
     return exps
 
 
-def target_expectations(schema: dict) -> list[dict]:
-    target = schema["target"]
+def target_expectations(schema: Columns) -> list[dict]:
+    target = schema.target
     exps = [
         {
             "type": "expect_column_values_to_not_be_null",
@@ -142,11 +142,11 @@ def target_expectations(schema: dict) -> list[dict]:
             "meta": {"role": "target"},
         }
     ]
-    if schema["task"] == "classification":
+    if schema.task == "classification":
         exps.append(
             {
                 "type": "expect_column_values_to_be_in_set",
-                "kwargs": {"column": target, "value_set": schema["classes"]},
+                "kwargs": {"column": target, "value_set": schema.classes},
                 "meta": {"role": "target"},
             }
         )
@@ -169,13 +169,13 @@ def _column(e: dict):
     return e["kwargs"].get("column")
 
 
-def merge_suite(old: dict, fresh: dict, schema: dict) -> tuple[dict, list[str]]:
+def merge_suite(old: dict, fresh: dict, schema: Columns) -> tuple[dict, list[str]]:
     """The stored suite with only the changed columns' expectations rebuilt from `fresh`
     (columns added, dropped or retyped, or a new target): the user's edits to the others
     survive. Returns it and what changed (none: the stored suite as it is)."""
     before = stored_kinds(old)
-    now = {f["name"]: f["type"] for f in schema["features"]}
-    target = schema["target"]
+    now = {f.name: f.type for f in schema.features}
+    target = schema.target
     old_targets = {
         _column(e) for e in old["expectations"] if e.get("meta", {}).get("role") == "target"
     }
@@ -198,7 +198,7 @@ def merge_suite(old: dict, fresh: dict, schema: dict) -> tuple[dict, list[str]]:
     return {**old, "expectations": [fresh["expectations"][0], *kept, *added]}, changes
 
 
-def profile(paths: list[Path] | Path, schema: dict) -> dict:
+def profile(paths: list[Path] | Path, schema: Columns) -> dict:
     """Per feature over the prepared splits: rows, nulls, min, max, sorted values
     (categories); one column in memory at a time."""
     import pyarrow.compute as pc
@@ -207,24 +207,24 @@ def profile(paths: list[Path] | Path, schema: dict) -> dict:
     paths = [paths] if isinstance(paths, str | Path) else paths
     data = ds.dataset([str(p) for p in paths], format="parquet")
     out = {}
-    for f in schema["features"]:
-        col = data.to_table(columns=[f["name"]]).column(0)
+    for f in schema.features:
+        col = data.to_table(columns=[f.name]).column(0)
         st = {"rows": len(col), "nulls": col.null_count, "min": None, "max": None, "values": None}
-        if f["type"] == "numeric":
+        if f.type == "numeric":
             mm = pc.min_max(col)
             st["min"], st["max"] = mm["min"].as_py(), mm["max"].as_py()
-        elif f["type"] == "categorical":
+        elif f.type == "categorical":
             st["values"] = sorted(pc.drop_null(pc.unique(col)).to_pylist())
-        out[f["name"]] = st
+        out[f.name] = st
     return out
 
 
 def run(params: Params, new_suite: bool = False) -> dict:
     prepared = layout.prepared("tabular")
-    schema = read_json(prepared / "schema.json")
+    schema = Columns.read(prepared / layout.columns("tabular").name)
     # the engine that prepared the splits
-    spark = schema["params"]["tabular.data"].get("engine") == "spark"
-    path = suite_path("tabular", schema["source"])
+    spark = schema.params["tabular.data"].get("engine") == "spark"
+    path = suite_path("tabular", schema.source)
     v = params.tabular.validate_
     splits = [prepared / f"{name}.parquet" for name in SPLITS]
     if spark:
@@ -264,7 +264,7 @@ def run(params: Params, new_suite: bool = False) -> dict:
         "tabular",
         [path],
         {
-            name: f"{prepared}/{name}.parquet, rows numbered by line of {schema['source']}"
+            name: f"{prepared}/{name}.parquet, rows numbered by line of {schema.source}"
             for name in SPLITS
         },
     )

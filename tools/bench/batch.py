@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.files import read_json
+from stages.core.card import Card, read_card
 from stages.core.inference import open_session
 from stages.core.params import load_params
 from stages.core.schema import replaced
@@ -19,14 +19,14 @@ from tools.bench.repo import (
 from tools.bench.timing import alternate, median, ratio_row
 
 
-def tabular_steps(read, pre, tsession, bs: int, tcard: dict, work: Path, rounds: int) -> dict:
+def tabular_steps(read, pre, tsession, bs: int, tcard: Card, work: Path, rounds: int) -> dict:
     """infer_tabular's steps, each timed alone with the same helpers and session."""
     from stages.core.expectations import for_inference, load_suite, run_suite
     from stages.core.inference import run_batches
     from stages.tabular import infer as tabular_infer
     from stages.tabular.data import scores
 
-    suite = for_inference(load_suite(ROOT / tcard["validation"]["suite_file"]))
+    suite = for_inference(load_suite(ROOT / tcard.validation.suite_file))
     df = read()
     x = pre.transform(df)
     out = run_batches(tsession, x, bs)
@@ -108,7 +108,7 @@ def batch(quick: bool, scratch: Path) -> dict:
         params, {"tabular.infer.source": str(csv), "image.infer.source": str(ROOT / ip.source)}
     )
     ip = params.image.infer
-    tcard, icard = read_json("models/tabular/model.json"), read_json("models/image/model.json")
+    tcard, icard = read_card("models/tabular/model.json"), read_card("models/image/model.json")
     # Without spinning, as infer_tabular's: the bare loops' sessions stay open between samples, and
     # spinning ones keep a core busy after each run, which took a third of that core from
     # whichever contender came next (infer_tabular, with its validation worker, 132 → 161 ms).
@@ -116,16 +116,14 @@ def batch(quick: bool, scratch: Path) -> dict:
         open_session(ROOT / f"models/{t}/model.onnx", spinning=False) for t in ("tabular", "image")
     )
     pre, bs = (
-        Preprocessor.from_dict(tcard["preprocessing"]),
+        Preprocessor.from_dict(tcard.preprocessing),
         params.tabular.infer.batch_size,
     )
     table, root = list_images(ip.source, labelled=False)
     files = table["path"].tolist()
 
     def read():
-        return read_features(csv, tcard["features"]).drop(
-            columns=[tcard["target"]], errors="ignore"
-        )
+        return read_features(csv, tcard.features).drop(columns=[tcard.target], errors="ignore")
 
     def bare_tabular():
         df = read()
@@ -133,10 +131,10 @@ def batch(quick: bool, scratch: Path) -> dict:
 
     def bare_image():
         for i in range(0, len(files), ip.batch_size):
-            x = preprocess([root / f for f in files[i : i + ip.batch_size]], icard["preprocessing"])
+            x = preprocess([root / f for f in files[i : i + ip.batch_size]], icard.preprocessing)
             top_k(
                 softmax(run_batches(isession, x, ip.batch_size).astype("float64")),
-                icard["classes"],
+                icard.classes,
                 ip.top_k,
             )
 
@@ -166,7 +164,7 @@ def batch(quick: bool, scratch: Path) -> dict:
 
 
 def write_predictions(
-    tabular_infer, card: dict, predicted: np.ndarray, df: pd.DataFrame, path: Path
+    tabular_infer, card: Card, predicted: np.ndarray, df: pd.DataFrame, path: Path
 ) -> None:
     writer = tabular_infer.Writer(path, card)
     writer.write(predicted, df.index.to_numpy())

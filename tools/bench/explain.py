@@ -63,14 +63,13 @@ def served(folder: Path):
     """(Loaded, one JSON row) as the server holds them (bare: no trust, no monitor checks)."""
     from app.predict import Limiter, Loaded
     from app.settings import load_settings
+    from stages.core.card import read_card
     from stages.core.inference import open_session, physical_cores
     from stages.tabular.serving import Rows
 
-    card = json.loads((folder / "model.json").read_text())
+    card = read_card(folder / "model.json")
     cfg = load_settings()
-    session = open_session(
-        folder / card["onnx"]["file"], threads=max(1, physical_cores() // cfg.workers)
-    )
+    session = open_session(folder / card.onnx.file, threads=max(1, physical_cores() // cfg.workers))
 
     class Quiet:  # the monitor's checks cost the same with explain on or off
         strict = False
@@ -107,7 +106,7 @@ def explain(quick: bool, scratch: Path) -> dict:
         if columns is None:
             df = pd.read_parquet("data/prepared/tabular/test.parquet")
             row = json.loads(
-                df[[f["name"] for f in m.card["features"]]].head(1).to_json(orient="records")
+                df[[f.name for f in m.card.features]].head(1).to_json(orient="records")
             )
         else:
             row = [
@@ -126,8 +125,8 @@ def explain(quick: bool, scratch: Path) -> dict:
         )
         ms = {k: percentile(v, 50) * 1e3 for k, v in times.items()}
         added = ms["explain"] - ms["plain"]
-        m_cols = len(m.card["explain"]["columns"])
-        how = "exact" if m_cols <= m.card["explain"]["exact_columns"] else "sampled"
+        m_cols = len(m.card.explain["columns"])
+        how = "exact" if m_cols <= m.card.explain["exact_columns"] else "sampled"
         what = f"{'penguins, ' if columns is None else ''}{m_cols} columns ({how}): added p50"
         target = TARGETS_MS.get(columns)
         details[what] = {**ms, "added_ms": added}

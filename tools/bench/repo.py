@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stages.core.files import read_json
+from stages.core.card import read_card
 from stages.core.params import load_params
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is tools/bench/...)
@@ -37,15 +37,15 @@ def model_inputs(task: str, n: int) -> np.ndarray:
     from stages.image.data import preprocess
     from stages.tabular.data import Preprocessor
 
-    card = read_json(f"models/{task}/model.json")
+    card = read_card(f"models/{task}/model.json")
     if task == "tabular":
         df = pd.read_parquet("data/prepared/tabular/test.parquet").head(n)
-        return Preprocessor.from_dict(card["preprocessing"]).transform(df)
+        return Preprocessor.from_dict(card.preprocessing).transform(df)
     if task == "image":
         paths = pd.read_csv("data/prepared/image/test.csv")["path"].head(n)
-        return preprocess([Path("data/prepared/image") / p for p in paths], card["preprocessing"])
+        return preprocess([Path("data/prepared/image") / p for p in paths], card.preprocessing)
     files = sorted(Path("data/prepared/detect/images/test").iterdir())[:n]
-    return np.stack([load_for_detection(f, card["preprocessing"]["imgsz"])[0] for f in files])
+    return np.stack([load_for_detection(f, card.preprocessing["imgsz"])[0] for f in files])
 
 
 def torch_model(task: str):

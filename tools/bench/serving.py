@@ -96,16 +96,16 @@ def serving(quick: bool, scratch: Path) -> dict:
     tab, img = models["tabular"], models["image"]
     row = json.loads(
         pd.read_parquet("data/prepared/tabular/test.parquet")
-        .drop(columns=tab.card["target"])
+        .drop(columns=tab.card.target)
         .head(1)
         .to_json(orient="records")
     )
-    x_row = Preprocessor.from_dict(tab.card["preprocessing"]).transform(
-        type_features(pd.DataFrame(row), tab.card["features"], "request")
+    x_row = Preprocessor.from_dict(tab.card.preprocessing).transform(
+        type_features(pd.DataFrame(row), tab.card.features, "request")
     )
     digit = split_images(read_json("data/prepared/image/schema.json"))[0][0].read_bytes()
-    x_img = preprocess([io.BytesIO(digit)], img.card["preprocessing"])
-    k = min(cfg.top_k, len(img.card["classes"]))
+    x_img = preprocess([io.BytesIO(digit)], img.card.preprocessing)
+    k = min(cfg.top_k, len(img.card.classes))
     n = 20 if quick else 300
     rows, details = [], {"requests_per_contender": n}
     proc, url = start_server(scratch)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages.core.card import read_card, write_card
 from tools.bench.timing import Row, alternate, percentile
 
 
@@ -22,12 +23,11 @@ def bare_models(dst: Path) -> Path:
     """models/tabular and models/image copied to dst, their cards without `trust`."""
     for task in ("tabular", "image"):
         (dst / task).mkdir(parents=True)
-        card = json.loads(Path(f"models/{task}/model.json").read_text())
-        if "trust" not in card:
+        card = read_card(f"models/{task}/model.json")
+        if card.trust is None:
             raise RuntimeError(f"models/{task}/model.json has no trust: re-export it")
-        card.pop("trust")
-        shutil.copy(f"models/{task}/{card['onnx']['file']}", dst / task)
-        (dst / task / "model.json").write_text(json.dumps(card))
+        shutil.copy(f"models/{task}/{card.onnx.file}", dst / task)
+        write_card(dst / task / "model.json", card.model_copy(update={"trust": None}))
     return dst
 
 
