@@ -17,6 +17,7 @@ import pandas as pd
 
 from stages.core import explain, layout
 from stages.core.cli import StageError, log
+from stages.core.documents import Meta
 from stages.core.files import write_json
 from stages.core.inference import softmax
 from stages.tabular.data import Preprocessor, sample_split
@@ -111,24 +112,24 @@ def attribution_columns(card: dict, session, df: pd.DataFrame, scored: np.ndarra
     ]
 
 
-def importance_report(params, model_outputs, meta: dict, pre: Preprocessor, out_dir: Path):
+def importance_report(params, model_outputs, meta: Meta, pre: Preprocessor, out_dir: Path):
     """Permutation importance on (a sample of) the test split, per original column: the
     drop in the headline metric (accuracy, or R²) when the column is shuffled, mean and std
     over tabular.evaluate.importance_repeats shuffles. Writes importance.json and its plot."""
-    schema = meta["schema"]
-    target, classify = schema["target"], schema["task"] == "classification"
+    schema = meta.columns()
+    target, classify = schema.target, schema.task == "classification"
     df, _ = sample_split(
         layout.prepared("tabular") / "test.parquet", [*pre.columns, target], IMPORTANCE_ROWS
     )
     x = pre.transform(df, "test split")
     if classify:
-        y = np.asarray(pd.Categorical(df[target], categories=schema["classes"]).codes)
+        y = np.asarray(pd.Categorical(df[target], categories=schema.classes).codes)
 
         def score(z):
             return float((model_outputs(z).argmax(1) == y).mean())
     else:
         y = df[target].to_numpy("float64")
-        scale = meta["target_scaling"]
+        scale = meta.target_scaling
 
         def score(z):
             pred = model_outputs(z)[:, 0] * scale["std"] + scale["mean"]
