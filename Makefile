@@ -9,7 +9,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 TASK ?= tabular
 
-.PHONY: install run test lint bench suite sweep tune promote report serve push pull clean-checkpoints
+.PHONY: install run test lint bench suite sweep tune promote report serve reload rollback push pull clean-checkpoints
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,14 @@ bench: install
 # The REST API + Gradio app over models/*/model.onnx (after `make run`): http://127.0.0.1:7860
 serve: install
 	dir=$$(python -m tools.registry fetch) && APP_MODELS_DIR=$$dir python -m app.server
+
+# On the running server (docs/operate.md#rolling-out-and-back): load what serve.model names,
+# or roll TASK back to the version it served before, on every worker, without a restart.
+reload: install
+	python -m tools.rollout load $(TASK)
+
+rollback: install
+	python -m tools.rollout rollback $(TASK)
 
 # (Re)create the Great Expectations suite for TASK from its training split.
 suite: install

@@ -6,10 +6,17 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import HTTPException, Security
+from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.errors import BadInput
+
 bearer = HTTPBearer(auto_error=False, description="one of the keys in APP_API_KEYS")
+
+
+def encoded(keys: tuple[str, ...]) -> tuple[bytes, ...]:
+    """The keys as app.state.api_keys holds them."""
+    return tuple(k.encode() for k in keys)
 
 
 def key_matches(given: str, keys: tuple[bytes, ...]) -> bool:
@@ -19,18 +26,24 @@ def key_matches(given: str, keys: tuple[bytes, ...]) -> bool:
     return ok
 
 
-def key_check(keys: tuple[str, ...]):
-    """A FastAPI dependency: nothing when no keys are set, else 401 without a matching key."""
-    encoded = tuple(k.encode() for k in keys)
+def api_key(
+    request: Request,
+    creds: HTTPAuthorizationCredentials | None = Security(bearer),  # noqa: B008
+) -> None:
+    """A FastAPI dependency: nothing when no keys are set (the app's settings), else 401
+    without a matching key."""
+    keys = request.app.state.api_keys
+    if keys and (creds is None or not key_matches(creds.credentials, keys)):
+        raise BadInput(
+            "this route needs an API key: send `Authorization: Bearer <key>`"
+            if creds is None
+            else "the API key is not valid",
+            401,
+            {"WWW-Authenticate": "Bearer"},
+        )
 
-    def check(creds: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:  # noqa: B008
-        if encoded and (creds is None or not key_matches(creds.credentials, encoded)):
-            raise HTTPException(
-                401,
-                "this route needs an API key: send `Authorization: Bearer <key>`"
-                if creds is None
-                else "the API key is not valid",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
 
-    return check
+def caller(request: Request) -> str | None:
+    """The API key a request carries (whether or not keys are on), for sticky routing."""
+    given = request.headers.get("authorization", "")
+    return given[7:] if given.lower().startswith("bearer ") else None

@@ -61,53 +61,94 @@ class Metrics:
         self.warned = Counter(
             "input_warnings",
             "served rows with values outside the validated range or unseen",
-            ["task"],
+            ["task", "version"],
             registry=registry,
         )
         self.flagged = Counter(
             "ood_flagged",
             "served rows (images) whose prediction was flagged unlike the training data (ood)",
-            ["task"],
+            ["task", "version"],
             registry=registry,
         )
-        self.requests = Counter("requests", "HTTP requests", ["task", "status"], registry=registry)
+        self.requests = Counter(
+            "requests", "HTTP requests", ["task", "version", "status"], registry=registry
+        )
         self.errors = Counter(
-            "request_errors", "HTTP requests answered 4xx or 5xx", ["task"], registry=registry
+            "request_errors",
+            "HTTP requests answered 4xx or 5xx",
+            ["task", "version"],
+            registry=registry,
         )
         self.latency = Histogram(
             "request_latency_seconds",
             "request latency",
-            ["task"],
+            ["task", "version"],
             registry=registry,
             buckets=BUCKETS,
         )
-        serving_metrics(registry, cfg, models, missing)  # for deploy/'s alerts and dashboard
-        for task in models:  # at 0 from the start: rate() sees no rise from a series it never saw
-            self.warned.labels(task)
-            self.flagged.labels(task)
-            self.errors.labels(task)
+        self.shadow_rows = Counter(
+            "shadow_rows",
+            "rows (images) the candidate scored in shadow",
+            ["task"],
+            registry=registry,
+        )
+        self.shadow_disagreements = Counter(
+            "shadow_disagreements",
+            "rows (images) where the shadow candidate's answer differs from the served model's",
+            ["task"],
+            registry=registry,
+        )
+        self.gauges = serving_metrics(registry, cfg)  # for deploy/'s alerts and dashboard
+        for task in missing:
+            self.gauges["ready"].labels(task).set(0)
+        for task, m in models.items():
+            self.adopt(task, m)
+
+    def adopt(self, task: str, m, old=None, role: str = "served") -> None:
+        """A model swapped in (old: the one it replaces): its version's series start at 0
+        (rate() sees no rise from a series it never saw) and model_info names it."""
+        if old is not None:
+            self.report(task, old)  # what the old one counted until now
+            self.gauges["info"].labels(task, old.version, role, old.card.onnx.sha256[:12]).set(0)
+        self.gauges["info"].labels(task, m.version, role, m.card.onnx.sha256[:12]).set(1)
+        if role == "served":
+            self.gauges["ready"].labels(task).set(1)
+        m.monitor.rows = self.gauges["rows"].labels(task, m.version)
+        self.warned.labels(task, m.version)
+        self.flagged.labels(task, m.version)
+        self.errors.labels(task, m.version)
+        self.shadow_rows.labels(task)
+        self.shadow_disagreements.labels(task)
 
     def refresh(self) -> None:
-        """Push this worker's drift, warning count and memory into the metrics."""
+        """Push this worker's drift, warning and OOD counts and memory into the metrics."""
         self.last_refresh = time.monotonic()
         self.memory.set(resident_bytes())
-        for task, m in self.models.items():
+        for task, m in list(self.models.items()):
             for feature, value in m.monitor.drift().items():
                 self.drift.labels(task, feature).set(value)
-            new = m.monitor.warned - m.monitor.warned_reported
-            m.monitor.warned_reported = m.monitor.warned
-            if new:
-                self.warned.labels(task).inc(new)
-            new = m.monitor.flagged - m.monitor.flagged_reported
-            m.monitor.flagged_reported = m.monitor.flagged
-            if new:
-                self.flagged.labels(task).inc(new)
+            self.report(task, m)
 
-    def observe(self, task: str, status: int, elapsed: float) -> None:
-        self.requests.labels(task, str(status)).inc()
-        self.latency.labels(task).observe(elapsed)
+    def shadowed(self, task: str, rows: int, disagreements: int) -> None:
+        self.shadow_rows.labels(task).inc(rows)
+        self.shadow_disagreements.labels(task).inc(disagreements)
+
+    def report(self, task: str, m) -> None:
+        """The warnings and OOD flags a model's monitor counted since the last report."""
+        mon = m.monitor
+        new, mon.warned_reported = mon.warned - mon.warned_reported, mon.warned
+        if new:
+            self.warned.labels(task, m.version).inc(new)
+        new, mon.flagged_reported = mon.flagged - mon.flagged_reported, mon.flagged
+        if new:
+            self.flagged.labels(task, m.version).inc(new)
+
+    def observe(self, task: str, version: str, status: int, elapsed: float) -> None:
+        """One request; version: the model that answered ("-": refused before one did)."""
+        self.requests.labels(task, version, str(status)).inc()
+        self.latency.labels(task, version).observe(elapsed)
         if status >= 400:
-            self.errors.labels(task).inc()
+            self.errors.labels(task, version).inc()
         if time.monotonic() - self.last_refresh > 1:  # at most once a second per worker
             self.refresh()
 

@@ -76,18 +76,13 @@ def value_warnings(ref: dict, row: dict) -> list[str]:
     return out
 
 
-def model_version(card: Card) -> str:
-    """The registry version `make serve` fetched (tools/registry.py writes it into the card),
-    else "workspace": models/ as the pipeline left it."""
-    return (card.registry or {}).get("version") or "workspace"
-
-
-def serving_metrics(registry, cfg: Settings, models: dict, missing: dict) -> None:
+def serving_metrics(registry, cfg: Settings) -> dict:
     """What the alert rules and the dashboard (deploy/) read besides the traffic metrics:
     the drift threshold (serve.drift_threshold, so the rule file holds no copy of it), which
-    models are ready, which version each one is (gauges set once per worker at start; with
-    several workers each sets the same values, so max/min merge them), and the rows checked
-    for warnings, the denominator of the warnings share (a counter each Monitor counts into)."""
+    models are ready, which version each one is (set per worker as models are swapped in;
+    with several workers each sets the same values, so max/min merge them), and the rows
+    checked for warnings per version, the denominator of the warning and OOD shares (a
+    counter each Monitor counts into)."""
     from prometheus_client import Counter, Gauge
 
     Gauge(
@@ -105,19 +100,20 @@ def serving_metrics(registry, cfg: Settings, models: dict, missing: dict) -> Non
     )
     info = Gauge(
         "model_info",
-        "1 per served model: its registry version (or workspace) and ONNX sha256 prefix",
-        ["task", "version", "sha256"],
+        "1 per served model (0: one served before): its version (the registry version, else "
+        "the model's md5, as model_version in every answer), role (served or candidate) and "
+        "ONNX sha256 prefix",
+        ["task", "version", "role", "sha256"],
         registry=registry,
         multiprocess_mode="max",
     )
-    for task in [*models, *missing]:
-        ready.labels(task).set(1 if task in models else 0)
     rows = Counter(
-        "input_rows", "served rows (images) checked for warnings", ["task"], registry=registry
+        "input_rows",
+        "served rows (images) checked for warnings",
+        ["task", "version"],
+        registry=registry,
     )
-    for task, m in models.items():
-        info.labels(task, model_version(m.card), m.card.onnx.sha256[:12]).set(1)
-        m.monitor.rows = rows.labels(task)
+    return {"ready": ready, "info": info, "rows": rows}
 
 
 class Monitor:
@@ -144,8 +140,19 @@ class Monitor:
             with self.lock:
                 self.flagged += n
 
-    def warnings(self, rows: list[dict]) -> list[list[str]]:
+    def warnings(
+        self, rows: list[dict], screened: list[list[str]] | None = None
+    ) -> list[list[str]]:
+        """Per row: the cells the model read as missing or unknown (`screened`, from
+        Preprocessor.screen, the rule batch infer applies too), then this monitor's own
+        warnings on the other columns (missing where training never was, outside the
+        validated range)."""
         out = [value_warnings(self.ref, r) for r in rows]
+        if screened is not None:
+            out = [
+                s + [w for w in m if w.split(" ", 1)[0] not in {x.split(" ", 1)[0] for x in s}]
+                for s, m in zip(screened, out, strict=True)
+            ]
         if self.rows is not None:
             self.rows.inc(len(rows))
         if any(out):

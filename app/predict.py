@@ -11,40 +11,24 @@ import base64
 import io
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from app.errors import BadInput
 from app.monitor import Monitor
-from app.settings import Settings
-from stages.core import layout
-from stages.core.card import Card, read_card
+from stages.core.card import Card
 from stages.core.cli import StageError
-from stages.core.inference import open_session, physical_cores, run_all
-from stages.core.params import TASKS
+from stages.core.inference import run_all
 from stages.core.trust import ood_vectors, with_trust
 from stages.detect import infer as detect
 from stages.detect.boxes import load_for_detection, to_records
 from stages.image import infer as image
 from stages.image.data import load_rgb, top_k
-from stages.tabular import infer as tabular
 from stages.tabular.data import Preprocessor, scores, type_features
 from stages.tabular.explain import attributions
-from stages.tabular.serving import Rows
-
-HOW_TO_TRAIN = (
-    "run `make run` (or `dvc repro infer@{task}`, or `dvc pull` from a remote that has it)"
-)
-
-
-class BadInput(ValueError):
-    """The request's content is wrong: the server answers `status` (4xx) with this message."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
+from stages.tabular.serving import Rows, json_rows
 
 
 class Limiter:
@@ -84,9 +68,9 @@ class Loaded:
             return str(self.card.registry["version"])
         return self.card.provenance["model_md5"]
 
-    def checked(self, rows: list[dict]) -> list[list[str]]:
+    def checked(self, rows: list[dict], screened: list[list[str]] | None = None) -> list[list[str]]:
         """Warnings per row; with serve.strict on, any warning refuses the request (422)."""
-        warnings = self.monitor.warnings(rows)
+        warnings = self.monitor.warnings(rows, screened)
         if self.monitor.strict and any(warnings):
             raise BadInput(
                 "; ".join(f"row {i + 1}: {w}" for i, ws in enumerate(warnings) for w in ws)
@@ -95,35 +79,15 @@ class Loaded:
         return warnings
 
 
-def load_models(models_dir: str | Path, cfg: Settings) -> tuple[dict[str, Loaded], dict[str, str]]:
-    """({task: Loaded} for every exported model, {task: why it is missing} for the rest)."""
-    # The cores (cgroup quota and affinity included) shared out between the worker processes.
-    threads = max(1, physical_cores() // cfg.workers)
-    limit = Limiter(cfg.concurrency, cfg.queue_timeout_s)
-    loaded, missing = {}, {}
-    for task in TASKS:
-        card_path = Path(models_dir) / task / layout.card(task).name
-        try:
-            card = read_card(card_path)
-            # Spinning threads would burn the cores between requests of a shared server.
-            session = open_session(
-                card_path.parent / card.onnx.file, threads=threads, spinning=False
-            )
-            loaded[task] = Loaded(
-                card,
-                session,
-                Monitor(task, card, cfg),
-                limit,
-                Rows(card) if task == "tabular" else None,
-                cfg.tabular_batch_size if task == "tabular" else 1,
-            )
-        except FileNotFoundError:
-            missing[task] = (
-                f"no {card_path.parent}/model.onnx + model.json: " + HOW_TO_TRAIN.format(task=task)
-            )
-        except Exception as e:  # noqa: BLE001 - a broken model must not stop the others from serving
-            missing[task] = f"{card_path.parent}: could not load ({type(e).__name__}: {e})"
-    return loaded, missing
+class Current:
+    """The task's served model at the moment of each use, for the UI's handlers, which are
+    built once (a load swaps the model; the features, and so the form, stay the same)."""
+
+    def __init__(self, models: dict[str, Loaded], task: str):
+        self._models, self._task = models, task
+
+    def __getattr__(self, name: str):
+        return getattr(self._models[self._task], name)
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -149,10 +113,15 @@ def predict_tabular(
     model: Loaded, rows: list[dict] | pd.DataFrame, explain: bool = False
 ) -> list[dict]:
     """Rows → one dict per row: prediction (and probabilities), and `warnings`; with explain,
-    `base_value` and `attributions` too. JSON rows take the numpy fast path
-    (stages/tabular/serving.py); a DataFrame, or a row it cannot type, the pandas path that
-    `infer` uses; both give identical answers."""
+    `base_value` and `attributions` too (docs/explain.md). JSON rows
+    take the numpy fast path (stages/tabular/serving.py); a DataFrame, or a row it cannot
+    take as it is (a value the model has not seen), the pandas path that `infer` uses, where
+    Preprocessor.screen reads such a cell as missing and says so; both give identical answers."""
+    card = model.card
+    if isinstance(rows, list):
+        rows = json_rows(rows, card)
     x = model.rows.transform(rows) if isinstance(rows, list) and model.rows else None
+    screened = None
     try:
         if x is None:
             df = type_features(
@@ -161,26 +130,25 @@ def predict_tabular(
                 "request",
             )
             records = df[[f.name for f in model.card.features]].to_dict("records")
+            pre = Preprocessor.from_dict(model.card.preprocessing)
+            df, screened = pre.screen(df)
+            x = pre.transform(df, "request")
         else:
             records = rows
-        warnings = model.checked(records)
+        warnings = model.checked(records, screened)
         with model.limit:
-            if x is None:
-                preds = tabular.predict_records(model.card, model.session, df, "request")
-            else:
-                # One run up to infer's default batch (as run_all would), without its lookups.
-                outs = (
-                    model.session.run(None, {model.card.onnx.input: x})
-                    if len(x) <= model.batch_size
-                    else run_all(model.session, x, model.batch_size)
-                )
-                preds = model.rows.decode(outs[0])
-                if model.card.trust is not None:  # prediction_set or interval, and ood
-                    vectors = ood_vectors(model.card, x, outs)
-                    preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
-            if explain:
-                if x is None:
-                    x = Preprocessor.from_dict(model.card.preprocessing).transform(df, "request")
+            # One run up to infer's default batch (as run_all would), without its lookups.
+            outs = (
+                model.session.run(None, {model.card.onnx.input: x})
+                if len(x) <= model.batch_size
+                else run_all(model.session, x, model.batch_size)
+            )
+        preds = (model.rows or Rows(model.card)).decode(outs[0])
+        if model.card.trust is not None:  # prediction_set or interval, and ood
+            vectors = ood_vectors(model.card, x, outs)
+            preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
+        if explain:
+            with model.limit:
                 preds = explained(model, x, preds)
     except StageError as e:
         raise BadInput(str(e)) from None

@@ -5,50 +5,62 @@ input (a NaN echoed back would not even be JSON).
 (No `from __future__ import annotations`: FastAPI must see the request model built at run time
 from the model card as a real type, not a string.)"""
 
+import json
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ConfigDict, Field, create_model
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import ConfigDict, Field, ValidationError, create_model
+from starlette.exceptions import HTTPException
 
-from app.limits import error_body
-from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
+from app.auth import api_key, caller
+from app.errors import BadInput, error_body
+from app.predict import Loaded, predict_detect, predict_image, predict_tabular
+from app.repository import Repository
 from app.settings import Settings
-from app.v2_tensors import TensorError
 from stages.core.card import Card
 from stages.core.params import TASKS
 
 
 @dataclass
 class Served:
-    """What the routes share: the models, why others are missing, the settings, metrics."""
+    """What the routes share (app.state.served): the models, why others are missing, the
+    settings, metrics, the tabular request model (from the served card's features)."""
 
-    models: dict[str, Loaded]
-    missing: dict[str, str]
+    repo: Repository
     cfg: Settings
     metrics: object
     tabular_model: type
     app_version: str
 
+    @property
+    def models(self) -> dict[str, Loaded]:
+        return self.repo.models
+
+    @property
+    def missing(self) -> dict[str, str]:
+        return self.repo.missing
+
 
 def tabular_request(card: Card | None, max_rows: int):
     """The request body for /predict/tabular, generated from the model card's feature schema:
-    every feature present (null = missing, imputed), numbers finite, categories from training,
-    no other fields."""
+    every feature present (null = missing, imputed), numbers finite; a text, date or category
+    column takes a JSON number too (as the CSV reader would have read it); a value the model has
+    not seen is answered with a warning (Preprocessor.screen); the CSV's other columns that the
+    card lists as `ignored` (ids, constants, the target) are allowed and ignored; no others."""
     if card is None:
         row = dict[str, float | str | None]
     else:
-        fields = {}
+        number = Annotated[float, Field(allow_inf_nan=False)]
+        fields = {name: (Any, None) for name in getattr(card, "ignored", None) or []}
         for f in card.features:
-            if f.type == "numeric":
-                fields[f.name] = (Annotated[float, Field(allow_inf_nan=False)] | None, ...)
-            elif f.type in ("text", "datetime"):  # free strings: the preprocessor reads dates
-                fields[f.name] = (str | None, ...)
-            else:
-                fields[f.name] = (Literal[tuple(f.categories)] | None, ...)
+            if f.type == "numeric" and getattr(f, "words", None) != "missing":
+                fields[f.name] = (number | None, ...)
+            else:  # free strings: the preprocessor reads dates, screen() the unseen values
+                fields[f.name] = (str | number | None, ...)
         row = create_model("TabularRow", __config__=ConfigDict(extra="forbid"), **fields)
     return create_model(
         "TabularRequest",
@@ -82,6 +94,14 @@ def sentences(errors: list[dict], limit: int = 10) -> str:
     return "; ".join(out[:limit]) + more
 
 
+def served(request: Request) -> Served:
+    """A dependency: what the app serves."""
+    return request.app.state.served
+
+
+State = Annotated[Served, Depends(served)]
+
+
 def install_handlers(app) -> None:
     def answer(request: Request, status: int, message: str, headers=None) -> Response:
         return Response(error_body(request.url.path, message), status, headers, "application/json")
@@ -93,123 +113,169 @@ def install_handlers(app) -> None:
             return answer(request, 404, f"no model named {name!r}; the models: {', '.join(TASKS)}")
         return answer(request, 422, sentences(exc.errors()))
 
-    @app.exception_handler(StarletteHTTPException)  # FastAPI's, and the body limit's
-    async def http_error(request: Request, exc: StarletteHTTPException):
+    @app.exception_handler(HTTPException)  # BadInput, FastAPI's own, and the body limit's
+    async def http_error(request: Request, exc: HTTPException):
         return answer(request, exc.status_code, str(exc.detail), exc.headers)
-
-    @app.exception_handler(BadInput)
-    async def bad_input(request: Request, exc: BadInput):
-        return answer(request, exc.status, str(exc))
-
-    @app.exception_handler(TensorError)
-    async def bad_tensor(request: Request, exc: TensorError):
-        return answer(request, exc.status, str(exc))
 
 
 def read_upload(file: UploadFile, cfg: Settings) -> bytes:
     data = file.file.read(cfg.max_bytes + 1)
     if len(data) > cfg.max_bytes:
-        raise HTTPException(413, f"upload over the {cfg.max_upload_mb:g} MB limit")
+        raise BadInput(f"upload over the {cfg.max_upload_mb:g} MB limit", 413)
     if not data:
-        raise HTTPException(422, "the upload is empty")
+        raise BadInput("the upload is empty")
     return data
 
 
-def model(s: Served, task: str) -> Loaded:
+def model(s: Served, task: str, request: Request) -> Loaded:
+    """The model that answers the request: the task's served model, or the canary for its
+    share of callers (noted in request.state for the access log and metrics)."""
     if task not in s.models:
-        raise HTTPException(503, f"the {task} model is not loaded: {s.missing[task]}")
-    return s.models[task]
+        raise BadInput(f"the {task} model is not loaded: {s.missing[task]}", 503)
+    m = s.repo.pick(task, caller(request) or getattr(request.state, "request_id", ""))
+    request.state.model_version = m.version
+    return m
 
 
-def info_routes(s: Served) -> APIRouter:
-    r = APIRouter()
+async def tabular_rows(request: Request, request_model) -> list[dict]:
+    """The body's rows, checked by the request model built from the served card (so it is
+    read here rather than declared: the route is written before any card is read)."""
+    try:
+        body = json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"the body is not JSON ({e})") from None
+    try:
+        parsed = request_model.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]
+        ) from None
+    return [r if isinstance(r, dict) else r.model_dump() for r in parsed.rows]
 
-    @r.get("/health", summary="Liveness")
-    def health() -> dict:
-        return {"status": "ok"}
 
-    @r.get("/ready", summary="Which models are loaded")
-    def ready() -> JSONResponse:
-        body = {
-            "ready": bool(s.models),
-            "loaded": sorted(s.models),
-            "missing": s.missing,
-            "workers": s.cfg.workers,
+def tabular_openapi(app, request_model) -> None:
+    """Put the request model's schema into /openapi.json as /predict/tabular's body."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(body.pop("$defs", {}), TabularRequest=body)
+        ref = {"$ref": "#/components/schemas/TabularRequest"}
+        schema["paths"]["/predict/tabular"]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": ref}},
         }
-        return JSONResponse(body, 200 if s.models else 503)
+        return schema
 
-    @r.get(
-        "/metrics",
-        summary="Prometheus metrics: requests, errors, latency, input drift and warnings",
-    )
-    def metrics() -> Response:
-        return Response(s.metrics.scrape(), media_type=s.metrics.content_type)
+    app.openapi = openapi
 
-    @r.get("/model/info", summary="The model cards of the loaded models")
-    def model_info() -> dict:
-        return {"models": {t: m.card.dump() for t, m in s.models.items()}, "missing": s.missing}
 
-    @r.get("/model/info/{task}", summary="One model card")
-    def model_info_task(task: Literal[TASKS]) -> dict:
-        # A closed set of names: "../x" or any other value is a 422, never a path on disk.
-        return model(s, task).card.dump()
+info = APIRouter()
 
-    return r
+
+@info.get("/health", summary="Liveness")
+def health() -> dict:
+    return {"status": "ok"}
+
+
+@info.get("/ready", summary="Which models are loaded")
+def ready(s: State) -> JSONResponse:
+    body = {
+        "ready": bool(s.models),
+        "loaded": sorted(s.models),
+        "missing": s.missing,
+        "workers": s.cfg.workers,
+    }
+    return JSONResponse(body, 200 if s.models else 503)
+
+
+@info.get(
+    "/metrics", summary="Prometheus metrics: requests, errors, latency, input drift and warnings"
+)
+def metrics(s: State) -> Response:
+    return Response(s.metrics.scrape(), media_type=s.metrics.content_type)
+
+
+@info.get("/model/info", summary="The model cards of the loaded models")
+def model_info(s: State) -> dict:
+    return {"models": {t: m.card.dump() for t, m in s.models.items()}, "missing": s.missing}
+
+
+@info.get("/model/info/{task}", summary="One model card")
+def model_info_task(task: Literal[TASKS], s: State, request: Request) -> dict:
+    # A closed set of names: "../x" or any other value is a 422, never a path on disk.
+    return model(s, task, request).card.dump()
+
+
+predict = APIRouter(dependencies=[Depends(api_key)])
+Upload = Annotated[UploadFile, File(description="an image PIL can read")]
+Threshold = Annotated[float | None, Query(ge=0, le=1, description="default: the model card's")]
 
 
 EXPLAIN_TABULAR = (
     "also answer `base_value` and `attributions` ({column: value}) per row: each column's "
     "share of the answer's probability (or prediction), which they sum to (docs/explain.md)"
 )
-
 EXPLAIN_IMAGE = (
     "also answer `heatmap_png`: the predicted class's activation map, a base64 grayscale PNG "
     "the size of the image (0 = no evidence, 255 = the most; docs/explain.md)"
 )
 
 
-def predict_routes(s: Served, key_check) -> APIRouter:
-    r = APIRouter(dependencies=[Depends(key_check)])
-    TabularRequest = s.tabular_model
+@predict.post(
+    "/predict/tabular",
+    summary="Predict rows (JSON) with the tabular model; `warnings` per row name "
+    "values outside the validated range (serve.strict: a 422)",
+)
+async def tabular(
+    s: State, request: Request, explain: Annotated[bool, Query(description=EXPLAIN_TABULAR)] = False
+) -> dict:
+    rows = await tabular_rows(request, s.tabular_model)
+    m = model(s, "tabular", request)
+    preds = await run_in_threadpool(predict_tabular, m, rows, explain)
+    s.repo.mirror("tabular", m, lambda c: predict_tabular(c, rows), row_labels, preds)
+    return {"model_version": m.version, "predictions": preds}
 
-    @r.post(
-        "/predict/tabular",
-        summary="Predict rows (JSON) with the tabular model; `warnings` per row name "
-        "values outside the validated range (serve.strict: a 422)",
+
+def row_labels(preds: list[dict]) -> list:
+    return [p["prediction"] for p in preds]
+
+
+def image_labels(answer: dict) -> list:
+    return [answer.get("prediction", sorted(d["category"] for d in answer.get("detections", [])))]
+
+
+@predict.post("/predict/image", summary="Classify one image (multipart upload)")
+def image(
+    s: State,
+    request: Request,
+    file: Upload,
+    top_k: Annotated[
+        int | None, Query(ge=1, le=100, description="default: image.infer.top_k")
+    ] = None,
+    explain: Annotated[bool, Query(description=EXPLAIN_IMAGE)] = False,
+) -> dict:
+    m = model(s, "image", request)
+    k = min(top_k or s.cfg.top_k, len(m.card.classes))
+    data = read_upload(file, s.cfg)
+    found = predict_image(m, data, k, s.cfg.max_pixels, explain)
+    s.repo.mirror(
+        "image", m, lambda c: predict_image(c, data, k, s.cfg.max_pixels), image_labels, found
     )
-    def tabular(
-        body: TabularRequest,  # type: ignore[valid-type]
-        explain: Annotated[bool, Query(description=EXPLAIN_TABULAR)] = False,
-    ) -> dict:
-        m = model(s, "tabular")
-        rows = [r if isinstance(r, dict) else r.model_dump() for r in body.rows]
-        return {"model_version": m.version, "predictions": predict_tabular(m, rows, explain)}
+    return {"model_version": m.version, **found}
 
-    @r.post("/predict/image", summary="Classify one image (multipart upload)")
-    def image(
-        file: Annotated[UploadFile, File(description="an image PIL can read")],
-        top_k: Annotated[int, Query(ge=1, le=100)] = s.cfg.top_k,
-        explain: Annotated[bool, Query(description=EXPLAIN_IMAGE)] = False,
-    ) -> dict:
-        m = model(s, "image")
-        k = min(top_k, len(m.card.classes))
-        return {
-            "model_version": m.version,
-            **predict_image(m, read_upload(file, s.cfg), k, s.cfg.max_pixels, explain),
-        }
 
-    @r.post("/predict/detect", summary="Detect objects in one image (multipart upload)")
-    def detect(
-        file: Annotated[UploadFile, File(description="an image PIL can read")],
-        conf: Annotated[
-            float | None, Query(ge=0, le=1, description="default: the model card's")
-        ] = None,
-        iou: Annotated[
-            float | None, Query(ge=0, le=1, description="default: the model card's")
-        ] = None,
-    ) -> dict:
-        m = model(s, "detect")
-        found = predict_detect(m, read_upload(file, s.cfg), conf, iou, s.cfg.max_pixels)
-        return {"model_version": m.version, **found}
-
-    return r
+@predict.post("/predict/detect", summary="Detect objects in one image (multipart upload)")
+def detect(
+    s: State, request: Request, file: Upload, conf: Threshold = None, iou: Threshold = None
+) -> dict:
+    m = model(s, "detect", request)
+    data = read_upload(file, s.cfg)
+    found = predict_detect(m, data, conf, iou, s.cfg.max_pixels)
+    again = lambda c: predict_detect(c, data, conf, iou, s.cfg.max_pixels)  # noqa: E731
+    s.repo.mirror("detect", m, again, image_labels, found)
+    return {"model_version": m.version, **found}

@@ -9,8 +9,10 @@ mode); with more than one worker the Prometheus metrics go through multiprocess 
 (PROMETHEUS_MULTIPROC_DIR), so /metrics sums the counters of all workers. A missing model
 does not stop the server: /ready and its tab say what is missing.
 
-Routes: app/routes.py (REST), app/v2.py (v2); the HTTP edge (request IDs, body limit, HEAD,
-405, access log): app/limits.py; metrics: app/metrics.py; API keys: app/auth.py.
+Routes: app/routes.py (REST), app/v2.py (v2), module-level routers that reach what is served
+through a dependency (app.state.served); the HTTP edge (request IDs, access log and metrics,
+500s, HEAD, 405, body limit), one small middleware each: app/edge.py; metrics:
+app/metrics.py; API keys: app/auth.py.
 """
 
 import logging
@@ -20,12 +22,11 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from app import v2
-from app.auth import key_check
-from app.limits import Edge
+from app import edge, repository, routes, v2
+from app.auth import encoded
 from app.metrics import Metrics
-from app.predict import load_models
-from app.routes import Served, info_routes, install_handlers, predict_routes, tabular_request
+from app.repository import Repository, state_dir
+from app.routes import Served, install_handlers, tabular_openapi, tabular_request
 from app.settings import Settings, SettingsError, load_settings
 from stages.core.cli import StageError
 
@@ -37,7 +38,8 @@ def api(cfg: Settings, models_dir: str | Path) -> FastAPI:
     (fastapi-offline), so they work on an offline host."""
     from fastapi_offline import FastAPIOffline
 
-    models, missing = load_models(models_dir, cfg)
+    repo = Repository(cfg, Path(models_dir), state_dir())
+    models, missing = repo.models, repo.missing
     app = FastAPIOffline(
         title="model-train",
         version=VERSION,
@@ -45,21 +47,26 @@ def api(cfg: Settings, models_dir: str | Path) -> FastAPI:
         "REST routes and as the Open Inference Protocol v2 (/v2). With APP_API_KEYS set, "
         "the predict and infer routes need `Authorization: Bearer <key>`.",
     )
+    metrics = Metrics(models, missing, cfg)
+    repo.on_swap.append(metrics.adopt)
+    if repo.candidate is not None:
+        metrics.adopt(repo.candidate.task, repo.candidate.model, role="candidate")
+        repo.candidate.on_shadow.append(metrics.shadowed)
     served = Served(
-        models,
-        missing,
+        repo,
         cfg,
-        Metrics(models, missing, cfg),
+        metrics,
         tabular_request(models["tabular"].card if "tabular" in models else None, cfg.max_rows),
         VERSION,
     )
     app.state.models, app.state.missing, app.state.config = models, missing, cfg
-    app.state.served = served
-    check = key_check(cfg.api_keys)
-    routers = [info_routes(served), predict_routes(served, check), v2.router(served, check)]
+    app.state.served, app.state.api_keys = served, encoded(cfg.api_keys)
+    app.state.repository = repo
+    routers = [routes.info, routes.predict, v2.router, repository.router]
     for router in routers:
         app.include_router(router)
     install_handlers(app)
+    tabular_openapi(app, served.tabular_model)
     if cfg.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -69,15 +76,21 @@ def api(cfg: Settings, models_dir: str | Path) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
-    app.add_middleware(
-        Edge,
-        max_bytes=cfg.max_bytes,
-        max_upload_mb=cfg.max_upload_mb,
-        metrics=served.metrics,
-        # The routers' own routes: FastAPI keeps included routers nested in app.router.
-        routes_of=lambda: [*app.router.routes, *(r for router in routers for r in router.routes)],
-    )
+    add_edge(app, cfg, served.metrics, routers)
+    repo.threads()
     return app
+
+
+def add_edge(app: FastAPI, cfg: Settings, metrics: Metrics, routers: list) -> None:
+    """The edge middlewares (app/edge.py); the last added runs first."""
+    app.add_middleware(edge.BodyLimit, max_bytes=cfg.max_bytes, max_upload_mb=cfg.max_upload_mb)
+    # The routers' own routes: FastAPI keeps included routers nested in app.router.
+    every = lambda: [*app.router.routes, *(r for router in routers for r in router.routes)]  # noqa: E731
+    app.add_middleware(edge.WrongMethod, routes_of=every)
+    app.add_middleware(edge.HeadAsGet)
+    app.add_middleware(edge.ServerErrors)
+    app.add_middleware(edge.AccessLog, metrics=metrics)
+    app.add_middleware(edge.RequestId)
 
 
 def create_app(
@@ -125,6 +138,8 @@ def main() -> None:
         # Before any worker imports prometheus_client: a fresh folder, so no counts of an
         # earlier run are summed in.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-")
+    # The folder through which the workers hear of a model load (app/loading.py).
+    os.environ["APP_STATE_DIR"] = tempfile.mkdtemp(prefix="model-state-")
     keys = f", {len(cfg.api_keys)} API key(s)" if cfg.api_keys else ""
     print(
         f"serving on http://{cfg.host}:{cfg.port} with {cfg.workers} worker(s){keys}  "

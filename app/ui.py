@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from app.errors import BadInput
 from app.explain_view import WHY, bars, overlay, top_contributions
 from app.label_issues import show as show_label_issues
-from app.predict import BadInput, Loaded, predict_detect, predict_image, predict_tabular
+from app.predict import Current, Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
 from stages.core.card import Card
 from stages.core.cli import StageError
@@ -360,12 +361,27 @@ def card_markdown(task: str, c: Card) -> str:
     )
     return (
         f"### {task} ({c.kind})\n{warned}\n- **test metrics**: {metrics}\n"
-        f"- **validation**: {'passed' if c.validation.success else 'FAILED'} "
+        + served_markdown(c.ensemble, c.metrics)
+        + f"- **validation**: {'passed' if c.validation.success else 'FAILED'} "
         f"(`{c.validation.suite_file}`)\n- **model md5**: `{c.provenance.get('model_md5', '?')}`\n"
         f"- **data**: `{c.data.source}` ({c.data.rows})\n"
         f"- **parity (ONNX vs training framework)**: `{json.dumps(c.parity)}`\n"
         f"- **params**: `{json.dumps(c.params)[:600]}`\n"
     )
+
+
+def served_markdown(ensemble: dict | None, metrics: dict) -> str:
+    """The served members (tabular: network and gradient boosting; the card's `ensemble`),
+    each one's weight and test scores alone, and why those weights; "" for a model of one
+    member."""
+    members = metrics.get("members", {})
+    if not ensemble:
+        return ""
+    parts = []
+    for m, w in ensemble["weights"].items():
+        alone = ", ".join(f"{k} {v:.4f}" for k, v in members.get(m, {}).items() if k in HEADLINE)
+        parts.append(f"{m} × {w:.2f}" + (f" (alone: {alone})" if alone else ""))
+    return f"- **served**: {'; '.join(parts)}. Why: {ensemble['why']}\n"
 
 
 def image_input(label: str, elem_id: str):
@@ -578,7 +594,7 @@ def build_ui(models: dict[str, Loaded], missing: dict[str, str], cfg: Settings):
         ):
             with gr.Tab(name):
                 if task in models:
-                    tab(models[task], cfg)
+                    tab(Current(models, task), cfg)
                 else:
                     gr.Markdown(f"**No {task} model.** {missing[task]}")
         with gr.Tab("Models"):

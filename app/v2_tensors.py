@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 import math
 import struct
+from typing import NamedTuple
 
 import numpy as np
+
+from app.errors import BadInput
+from stages.tabular.serving import as_text
 
 NUMERIC = {
     "BOOL": np.bool_,
@@ -30,12 +34,17 @@ NUMERIC = {
 }
 
 
-class TensorError(ValueError):
-    """The request is not a valid v2 request: answered 422 (or 400 for broken framing)."""
+# The request is not a valid v2 request: answered 422 (or 400 for broken framing). The app's
+# one error type for bad input, under the name this module's readers know.
+TensorError = BadInput
 
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
+
+class Input(NamedTuple):
+    """One input tensor as read: BYTES as a list of bytes, numbers as a 1-D numpy array."""
+
+    datatype: str
+    values: list | np.ndarray
+    binary: bool = False  # sent in the binary tail (else as JSON `data`)
 
 
 class NonFinite(str):
@@ -92,7 +101,7 @@ def _flat(data) -> list:
     return [data]
 
 
-def read_inputs(request: dict, tail: bytes) -> dict[str, tuple[str, list | np.ndarray]]:
+def read_inputs(request: dict, tail: bytes) -> dict[str, Input]:
     """{name: (datatype, values)}: BYTES as a list of bytes (JSON strings as UTF-8), numbers as
     a 1-D numpy array (JSON null → NaN, a missing value)."""
     out, at = {}, 0
@@ -130,12 +139,18 @@ def read_inputs(request: dict, tail: bytes) -> dict[str, tuple[str, list | np.nd
             raise TensorError(
                 f"input {name}: shape {shape} holds {math.prod(shape)} values, the data {len(values)}"
             )
-        out[name] = (dtype, values)
+        out[name] = Input(dtype, values, size is not None)
     return out
 
 
 def _json_values(name: str, dtype: str, data: list):
     if dtype == "BYTES":
+        # A JSON number in a BYTES tensor (a year-like or code-like column) is read as the CSV
+        # reader would have read the cell: 1999 → "1999".
+        data = [
+            as_text(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+            for v in data
+        ]
         if not all(isinstance(v, str) for v in data):
             raise TensorError(f"input {name}: BYTES data must be strings")
         return [v.encode() for v in data]

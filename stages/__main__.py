@@ -12,13 +12,17 @@ stage can reach reruns it (tests/test_deps.py keeps that true).
 from __future__ import annotations
 
 import importlib
+import time
 
+from stages.core import numerics
 from stages.core.cli import StageError, run_main
+from stages.core.files import write_timing
 from stages.core.params import TASKS, load_params
 
-STAGES = ("demo", "prepare", "validate", "train", "evaluate", "export", "infer", "labels")
+STAGES = ("demo", "prepare", "validate", "train", "boost", "evaluate", "export", "infer", "labels")
 DEMOS = ("image", "detect")  # tabular's demo data is a file in git
 LABELS = ("tabular", "image")  # classification labels to check (stages/core/label_issues.py)
+BOOST = ("tabular",)  # gradient boosting beside the network (stages/tabular/boost.py)
 
 
 def main(argv: list[str]) -> None:
@@ -36,12 +40,20 @@ def main(argv: list[str]) -> None:
         raise StageError(
             f"there is no labels stage for {task}; tasks with one: {', '.join(LABELS)}"
         )
+    if stage == "boost" and task not in BOOST:
+        raise StageError(f"there is no boost stage for {task}; tasks with one: {', '.join(BOOST)}")
     if flags and (stage, flags) != ("validate", ["--new-suite"]):
         raise StageError(
             f"unknown option {' '.join(flags)} (only `validate TASK --new-suite` takes one)"
         )
+    params = load_params()
+    # Before the stage's module loads torch / numpy / onnxruntime: they read it at load.
+    numerics.pin(params.reproducible)
+    start = time.perf_counter()
     run = importlib.import_module(f"stages.{task}.{stage}").run
-    run(load_params(), **({"new_suite": True} if flags else {}))
+    run(params, **({"new_suite": True} if flags else {}))
+    # The stage's wall time, imports included (tools.realtables reports train's and labels').
+    write_timing(f"stage-{stage}-{task}", {"seconds": round(time.perf_counter() - start, 2)})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,22 +35,9 @@ TINY_TABULAR = {
 
 def copy_repo(dst: Path) -> Path:
     """Copy the files git tracks (and untracked, unignored ones) into dst; init git there."""
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout
-    for rel in filter(None, out.decode().split("\0")):
-        src = ROOT / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=test"]
-    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=dst, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dst, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dst, check=True)
-    return dst
+    from tools.realtables import repo_copy
+
+    return repo_copy(dst)
 
 
 @pytest.fixture

@@ -94,15 +94,23 @@ def test_tabular_predictions_and_schema_checks(client, served_repo):
         "missing field": {"rows": [{k: v for k, v in row.items() if k != "island"}]},
         "extra field": {"rows": [{**row, "colour": "blue"}]},
         "wrong type": {"rows": [{**row, "body_mass_g": "heavy"}]},
-        "unknown category": {"rows": [{**row, "island": "Atlantis"}]},
         "no rows": {"rows": []},
         "not a list": {"rows": "x"},
         "no body field": {"data": [row]},
-        "huge number": {"rows": [{**row, "body_mass_g": 1e308}]},
     }
     for what, body in bad.items():
         r = client.post("/predict/tabular", json=body)
         assert r.status_code == 422, (what, r.status_code, r.text)
+    # Values the model has not seen are answered, with a warning naming column and value
+    # (issue 37); a raw row as it is in the CSV (its id and target columns) is accepted.
+    odd = [{**row, "island": "Atlantis"}, {**row, "body_mass_g": 1e308}]
+    raw = {**row, "species": "Adelie"}
+    r = client.post("/predict/tabular", json={"rows": [*odd, raw]})
+    assert r.status_code == 200, r.text
+    warned = [p["warnings"] for p in r.json()["predictions"]]
+    assert warned[0] == ["island = 'Atlantis' was never seen in training; read as unknown"]
+    assert warned[1][0].startswith("body_mass_g = 1e+308 is outside the validated range")
+    assert warned[2] == []
     too_many = client.post("/predict/tabular", json={"rows": [row] * 10001})
     assert too_many.status_code == 422 and "10000" in too_many.text
 
@@ -148,9 +156,12 @@ def test_upload_bad_inputs_are_4xx(client, path):
 
 def test_metrics_count_requests_errors_and_latency(client):
     text = client.get("/metrics").text
-    assert 'requests_total{status="200",task="tabular"}' in text
-    assert 'request_errors_total{task="image"}' in text
-    assert 'request_latency_seconds_bucket{le="0.01",task="tabular"}' in text
+    # Each series names the version that answered (the card's model md5 here).
+    version = client.get("/model/info/tabular").json()["provenance"]["model_md5"]
+    assert f'requests_total{{status="200",task="tabular",version="{version}"}}' in text
+    assert 'request_errors_total{task="image",version="' in text
+    assert f'request_latency_seconds_bucket{{le="0.01",task="tabular",version="{version}"}}' in text
+    assert 'model_info{role="served",sha256="' in text and f'version="{version}"}} 1.0' in text
     assert "worker_resident_memory_bytes " in text and "input_drift_psi" in text
 
 

@@ -22,8 +22,10 @@ SECTIONS = {
     "edge",
     "trust",
     "labels",
+    "numerics",
     "tabular_cost",
     "explain",
+    "ensemble",
 }
 
 

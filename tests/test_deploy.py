@@ -43,7 +43,7 @@ def promtool(*args: str) -> str:
 
 def test_promtool_checks_the_config_and_rules_and_runs_their_unit_tests():
     assert "SUCCESS" in promtool("check", "config", "prometheus.yml")
-    assert "SUCCESS: 7 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 8 rules found" in promtool("check", "rules", "alerts.yml")
     assert "SUCCESS" in promtool("test", "rules", "alerts.test.yml")
 
 

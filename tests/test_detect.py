@@ -245,7 +245,8 @@ def trained(e2e, tmp_path):
 def test_batch_infer_and_serving_use_the_same_thresholds(e2e, trained, fake_home):
     """Both read conf and iou from the card: change them there (to values no params key
     holds) and batch infer and the app's detect endpoint still find the same boxes."""
-    from app.predict import load_models, predict_detect
+    from app.predict import predict_detect
+    from app.repository import load_models
     from app.settings import load_settings
 
     card_path = trained / "models/detect/model.json"

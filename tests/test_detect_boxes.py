@@ -126,3 +126,16 @@ def test_decode_a_hand_built_output():
         decode(output, meta, conf=0.25, iou=0.7, max_det=2), expected[:2], atol=1e-5
     )
     assert decode(output, meta, conf=0.95, iou=0.7).shape == (0, 6)
+
+
+def test_map_disagreement_is_a_warning_with_the_gap_the_test_set_explains():
+    """Issue 37: pycocotools and Ultralytics 0.0218 apart on 7 test images is a warning that
+    says how much a test set that small explains, never a stop."""
+    from stages.detect.evaluate import disagreement, explained_gap
+
+    small = {"annotations": [{"category_id": 1}] * 5 + [{"category_id": 2}] * 3}
+    assert explained_gap(small) == round((1 / 5 + 1 / 3) / 2, 4)
+    text = disagreement({"mAP50": 0.01, "mAP50-95": 0.0218}, 0.02, explained_gap(small))
+    assert "0.0218" in text and "within the 0.2667" in text
+    large = {"annotations": [{"category_id": 1}] * 1000}
+    assert "beyond the 0.0010" in disagreement({"mAP50": 0.03}, 0.02, explained_gap(large))

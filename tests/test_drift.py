@@ -78,7 +78,7 @@ def test_monitor_psi_rises_for_a_shifted_stream_only(tmp_path):
 
 @pytest.fixture(scope="module")
 def tab(served_repo):
-    from app.predict import load_models
+    from app.repository import load_models
 
     models, _ = load_models(served_repo / "models", settings(request_log_sample=0.0))
     return models["tabular"]
@@ -240,7 +240,7 @@ def test_drift_gauges_strict_mode_and_the_report(served_repo, tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_rest_and_ui_share_one_limit_per_worker(served_repo, tmp_path, monkeypatch):
-    from app.predict import load_models
+    from app.repository import load_models
     from app.ui import build_ui, tabular_form
     from stages.core.inference import physical_cores
 

@@ -20,7 +20,7 @@ from stages.tabular.model import build_model
 def trained(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("trained"))
     set_params(repo, TINY_TABULAR)
-    for name in ("prepare", "validate", "train", "evaluate", "export"):
+    for name in ("prepare", "validate", "train", "boost", "evaluate", "export"):
         stage(repo, name)
     return repo
 
@@ -72,8 +72,12 @@ def test_model_card_describes_the_model(trained):
         "provenance",
         "validation",
         "parity",
+        "ensemble",
     ):
         assert key in card, key
+    # The served members (boost@tabular): both named, weights summing to 1, and why.
+    assert set(card["ensemble"]["weights"]) == {"network", "boosting"} and card["ensemble"]["why"]
+    assert sum(card["ensemble"]["weights"].values()) == pytest.approx(1.0)
     assert card["onnx"]["input_shape"][0] == "batch"
     island = next(f for f in card["features"] if f["name"] == "island")
     assert island["categories"] == ["Biscoe", "Dream", "Torgersen"]

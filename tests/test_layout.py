@@ -22,18 +22,21 @@ def expected(stage: str, task: str, params: Params) -> tuple[set, set]:
     """(deps, outs) of stage@task, from the layout and params.yaml, code deps aside."""
     source = getattr(params, task).data.source
     prepared, model, valid = layout.prepared(task), layout.model_pt(task), layout.validation(task)
+    # tabular's served model is the network and boost's members (the others: the network)
+    served = {model, *((layout.boosting(task), layout.ensemble(task)) if task == "tabular" else ())}
     io = {
         "demo": (set(), {layout.DEMO.get(task)}),
         "prepare": ({source}, {prepared}),
         "validate": ({prepared, layout.expectations(task)}, {valid}),
         "train": ({prepared, source, valid}, {model, layout.train_log(task)}),
-        "evaluate": ({model, prepared, source}, {layout.metrics(task), layout.plots(task)}),
+        "boost": ({model, prepared, source}, {layout.boosting(task), layout.ensemble(task)}),
+        "evaluate": ({*served, prepared, source}, {layout.metrics(task), layout.plots(task)}),
         "labels": (
-            {prepared, source, valid},
+            {prepared, source, valid, *({layout.ensemble(task)} if task == "tabular" else ())},
             {layout.label_issues(task), layout.label_issues(task).with_suffix(".json")},
         ),
         "export": (
-            {model, prepared, source, layout.metrics(task), valid},
+            {*served, prepared, source, layout.metrics(task), valid},
             {layout.model_onnx(task), layout.card(task)},
         ),
         "infer": (
@@ -62,8 +65,8 @@ def test_dvc_yaml_names_the_layouts_paths():
             outs = {o.def_path for o in stage.outs}
             assert (deps, outs) == expected(name, task, params), stage.name
             seen += 1
-    # demo@image, demo@detect, six stages per task, and labels@ for the classifiers
-    assert seen == 2 + 6 * len(TASKS) + 2
+    # demo@image, demo@detect, six stages per task, labels@ for the classifiers, boost@tabular
+    assert seen == 2 + 6 * len(TASKS) + 2 + 1
 
 
 def dvc_paths() -> set[str]:

@@ -54,9 +54,10 @@ def test_tabular_evaluate_warns_then_fails_on_an_untrained_model(tmp_path):
             "tabular.train.lr": 1e-12,
             "tabular.train.epochs": 1,
             "tabular.evaluate.baseline": False,
+            "tabular.boost.models": "network",  # the network alone is served: it learned nothing
         },
     )
-    for name in ("prepare", "train"):
+    for name in ("prepare", "train", "boost"):
         stage(repo, name, "tabular")
     res = stage(repo, "evaluate", "tabular")
     assert re.search(

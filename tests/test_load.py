@@ -65,7 +65,9 @@ def test_two_workers_share_the_load_and_sum_their_metrics(served_repo, monkeypat
     # (50 warm-up requests + 2,000).
     served = sum(
         float(v)
-        for v in re.findall(r'^requests_total\{status="200",task="\w+"\} (\S+)$', text, re.M)
+        for v in re.findall(
+            r'^requests_total\{status="200",task="\w+",version="\w+"\} (\S+)$', text, re.M
+        )
     )
     assert served == 2050, served
     # What deploy/'s alert rules read: one series each, however many workers set it.

@@ -31,7 +31,7 @@ def test_repro_runs_every_stage_and_is_reproducible(repo):
     # is committed, and prepare writes the data it read, bit for bit.)
     (repo / "dvc.lock").unlink()
     out = run(repo, "dvc", "repro", "infer@tabular")
-    for name in ("prepare", "validate", "train", "evaluate", "export", "infer"):
+    for name in ("prepare", "validate", "train", "boost", "evaluate", "export", "infer"):
         assert f"Running stage '{name}@tabular'" in out.stdout
     for rel in (
         "data/prepared/tabular/train.parquet",

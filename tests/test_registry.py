@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 from conftest import run
 
 pytestmark = pytest.mark.slow
@@ -141,3 +142,31 @@ def test_serving_prod_loads_the_tagged_version(registry, monkeypatch, tmp_path):
     assert (
         card["onnx"]["sha256"] == tagged["onnx"]["sha256"] and card["metrics"] == tagged["metrics"]
     )
+
+
+def test_a_running_server_loads_a_version_and_follows_the_stage(registry, monkeypatch, tmp_path):
+    """POST .../load {"version"} fetches and serves a registered version; with serve.model a
+    stage, the follower loads the version the stage names when it differs (app/repository.py)."""
+    from fastapi.testclient import TestClient
+
+    repo, _, _ = registry
+    folder = run(repo, "python", "-m", "tools.registry", "fetch", "prod").stdout.strip()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["serve"] |= {"model": "prod", "reload_s": 0}  # follow() is called by hand below
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("APP_MODELS_DIR", str(repo / folder))
+    from app.server import create_app
+
+    client = TestClient(create_app(params_path=tmp_path / "params.yaml", ui=False))
+    load = client.post(
+        "/v2/repository/models/tabular/load", json={"parameters": {"version": "v0.0.1"}}
+    )
+    assert load.status_code == 200 and load.json()["version"] == "v0.0.1", load.text
+    assert client.get("/model/info/tabular").json()["registry"]["version"] == "v0.0.1"
+    missing = client.post(
+        "/v2/repository/models/tabular/load", json={"parameters": {"version": "v9.9.9"}}
+    )
+    assert missing.status_code == 404 and "v0.0.1" in missing.json()["error"]
+    client.app.state.repository.follow()  # one tick of the serve.reload_s poller
+    assert client.get("/model/info/tabular").json()["registry"]["version"] == "v0.0.2"

@@ -140,6 +140,12 @@ def test_the_values_stages_read_keep_their_types():
     # what outputs record: params.yaml's own keys, order and numbers (rotate: 10, not 10.0)
     assert schema.plain(params) == raw_params()
     assert repr(schema.plain(params)) == repr(raw_params())
+    # frozen, and no mapping access: settings are attributes; other values a new object
+    with pytest.raises(ValueError, match="frozen"):
+        params.tabular.train.lr = 0.1
+    with pytest.raises(TypeError):
+        params["tabular"]
+    assert schema.replaced(params, {"tabular.train.lr": 0.1}).tabular.train.lr == 0.1
 
 
 def test_overridden_is_what_a_sweep_would_run():

@@ -126,9 +126,9 @@ def triton(server):
     return th, th.InferenceServerClient(urlparse(server).netloc)
 
 
-def tabular_inputs(th, binary: bool, bill=None):
+def tabular_inputs(th, binary: bool, bill=None, extra=None):
     out = []
-    for name, values in FEATURES.items():
+    for name, values in {**FEATURES, **(extra or {})}.items():
         if name == "bill_length_mm" and bill is not None:
             values = bill
         text = isinstance(values[0], str)
@@ -173,7 +173,14 @@ def test_tritonclient_tabular(triton, binary, served_repo):
     top = r.as_numpy("probabilities").max(axis=1)
     assert np.allclose(r.as_numpy("base_value") + attr.sum(axis=1), top, atol=1e-5)
     assert r.get_response()["model_version"] == version
-    # The same checks as REST: an unknown category and an Infinity name the field and the row.
+    # As over REST (issue 37): an unseen category is answered with a warning naming it, a
+    # raw row's other CSV columns (the target) are accepted; an Infinity names field and row.
+    odd = {"island": ["Biscoe", "Atlantis"], "species": ["Adelie", "Gentoo"]}
+    warned = c.infer("tabular", tabular_inputs(th, binary, extra=odd)).as_numpy("warnings")
+    assert [w.decode() if isinstance(w, bytes) else w for w in warned] == [
+        "",
+        "island = 'Atlantis' was never seen in training; read as unknown",
+    ]
     with pytest.raises(Exception, match=r"422.*row 2.*bill_length_mm"):
         c.infer("tabular", tabular_inputs(th, binary, bill=[40.0, np.inf]))
     if binary:  # NaN is a binary float tensor's missing value, imputed as null is

@@ -84,13 +84,46 @@ def test_cells_are_stripped_and_na_strings_missing_however_written(tmp_path):
     assert [None if pd.isna(v) else v for v in got] == [want[i % len(cells)] for i in range(40)]
 
 
-def test_text_in_a_numeric_column_names_the_line(tmp_path):
-    rows = [f"{i},{'ab'[i % 2]}" for i in range(40)]
-    rows[5] = "abc,b"  # line 7: header = line 1
-    with pytest.raises(
-        StageError, match=r"column 'x' is numeric but has text in 1 rows \(line 7: 'abc'\)"
-    ):
-        prepared(tmp_path, "x,y\n" + "\n".join(rows) + "\n", target="y")
+def test_numbers_with_a_few_words_get_a_role_that_runs(tmp_path):
+    """Issue 37: many values: numbers, the words missing (and said in the roles table); few
+    values (an engine type among cylinder counts): a category."""
+    rows = [f"{i * 1.5},{[4, 6, 8][i % 3]},{'ab'[i % 2]}" for i in range(40)]
+    rows[5] = "abc,rotary,b"  # line 7: header = line 1
+    schema, parts = prepared(tmp_path, "x,cyl,y\n" + "\n".join(rows) + "\n", target="y")
+    roles = {r["column"]: r for r in schema.columns}
+    assert roles["x"]["role"] == "numeric" and "line 7: 'abc'" in roles["x"]["why"]
+    assert "read as missing" in roles["x"]["why"]
+    assert roles["cyl"]["role"] == "categorical" and "rotary" in roles["cyl"]["why"]
+    assert {"name": "x", "type": "numeric", "words": "missing"} in [
+        f.dump() for f in schema.features
+    ]
+    whole = pd.concat(parts.values()).sort_index()
+    assert np.isnan(whole.loc[7, "x"]) and whole.loc[8, "x"] == 9.0
+    assert whole.loc[7, "cyl"] == "rotary" and whole.loc[2, "cyl"] == "4"
+
+
+def test_screen_reads_unseen_values_as_missing_and_says_so():
+    """One rule for data the model has not seen (issue 37): the cell is imputed as train
+    imputes, and the row gets a warning naming the column and the value."""
+    train = pd.DataFrame({"n": [1.0, 2.0, 3.0], "c": ["a", "b", "a"], "d": ["2020-01-02"] * 3})
+    p = Preprocessor.fit(
+        train, {"n": "numeric", "c": "categorical", "d": "datetime"}, {"d": "%Y-%m-%d"}
+    )
+    p.ranges = {"n": [1.0, 3.0]}  # export sets the suite's validated ranges
+    new = pd.DataFrame({"n": [2.0, 99.0], "c": ["zz", "a"], "d": ["2020-01-02", "soon"]})
+    clean, warnings = p.screen(new)
+    assert warnings == [
+        ["c = 'zz' was never seen in training; read as unknown"],
+        [
+            "d = 'soon' is not a date like '%Y-%m-%d'; read as missing",
+            "n = 99 is outside the validated range 1 to 3; read as missing",
+        ],
+    ]
+    x = p.transform(clean)
+    missing = p.transform(pd.DataFrame({"n": [2.0, None], "c": [None, "a"], "d": [None, None]}))
+    np.testing.assert_array_equal(x[0, 1:], missing[0, 1:])  # unknown category: all zeros
+    np.testing.assert_array_equal(x[1], missing[1])
+    assert p.screen(train)[1] == [[], [], []]
 
 
 def test_too_many_categories_is_no_error(tmp_path):
@@ -174,12 +207,17 @@ def test_preprocessor_fits_train_only_and_round_trips():
     np.testing.assert_array_equal(again.transform(train), p.transform(train))
 
 
-def test_preprocessor_rejects_unseen_categories():
-    p = Preprocessor.fit(pd.DataFrame({"c": ["a", "b"]}), {"c": "categorical"})
-    with pytest.raises(
-        StageError, match=r"column 'c' has categories not seen in training \(line 3: 'zz'\)"
-    ):
-        p.transform(pd.DataFrame({"c": ["a", "zz"]}, index=[2, 3]), "new.csv")
+def test_preprocessor_reads_unseen_categories_and_bad_dates_as_missing():
+    """A held-out fold or split may hold a category whose only rows are there, or a "." in
+    a date column: unknown / missing, as in serving (where screen says so first)."""
+    p = Preprocessor.fit(
+        pd.DataFrame({"c": ["a", "b"], "d": ["1/2/2006", "."]}),
+        {"c": "categorical", "d": "datetime"},
+        {"d": "%m/%d/%Y"},
+    )
+    x = p.transform(pd.DataFrame({"c": ["a", "zz"], "d": [".", "1/2/2006"]}, index=[2, 3]))
+    assert x[1, -2:].tolist() == [0.0, 0.0]  # unseen: all zeros
+    assert x[0, :-2].tolist() == x[1, :-2].tolist()  # "." imputed with the median date
 
 
 def test_read_features_types_columns_as_in_training(tmp_path):
@@ -237,3 +275,43 @@ def test_prepare_over_many_batches_keeps_every_cell(tmp_path, monkeypatch):
         assert (got[col].dropna() == raw[col].dropna()).all(), col
     assert got["x"].isna().equals(raw["x"].isna())
     assert np.allclose(got["x"].dropna(), raw["x"].dropna().astype(float))
+
+
+def test_infer_validation_stops_only_an_unusable_batch(capfd):
+    """Issue 37: a value outside the set, or more missing values than `mostly` allows, is a
+    logged warning with the share the batch explains; missing columns, or a column of the
+    wrong type throughout, stop it; a few words in a column of numbers do not."""
+    from stages.tabular.infer import judge
+
+    def report(*results):
+        return {"success": False, "tables": {"input": {"results": list(results)}}}
+
+    def res(expectation, bad, n=1000, **kw):
+        return {
+            "expectation": expectation,
+            "column": "c",
+            "kwargs": {"column": "c", **kw},
+            "success": False,
+            "considered": n,
+            "unexpected_count": bad,
+            "sample_values": ["x"],
+            "sample_rows": [5],
+        }
+
+    judge(
+        report(
+            res("expect_column_values_to_not_be_null", 4, mostly=0.9998),
+            res("expect_column_values_to_be_in_set", 1, value_set=["a"]),
+            res("expect_column_values_to_be_in_type_list", 3, type_list=["float64"]),
+        ),
+        "slice.csv",
+        "suite.json",
+    )
+    err = capfd.readouterr().err
+    assert "4 of 1000 rows (0.40%), more than the 0.15% a batch of 1000 rows explains" in err
+    with pytest.raises(StageError, match="in_type_list on column 'c'"):
+        judge(
+            report(res("expect_column_values_to_be_in_type_list", 900, type_list=["float64"])),
+            "x.csv",
+            "suite.json",
+        )

@@ -35,7 +35,7 @@ def test_thirty_rows_with_dates_and_text_first_try(repo):
     set_params(
         repo, {"tabular.data.source": "data/tabular/homes.csv", "tabular.data.target": "price"}
     )
-    for name in ("prepare", "validate", "train", "evaluate", "export", "infer"):
+    for name in ("prepare", "validate", "train", "boost", "evaluate", "export", "infer"):
         stage(repo, name)
     metrics = json.loads((repo / "metrics/tabular/metrics.json").read_text())
     assert metrics["task"] == "regression"

@@ -155,7 +155,12 @@ def test_comparison_margin_and_times(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     margin, cost = comparison({"accuracy": 0.9}, {"accuracy": 0.85}, 2.0)
     assert margin["margin_over_hgb"]["accuracy"] == pytest.approx(0.05)
-    assert cost == {"train_seconds": None, "hgb_fit_seconds": 2.0, "train_over_hgb": None}
+    assert cost == {
+        "train_seconds": None,
+        "boost_seconds": None,
+        "hgb_fit_seconds": 2.0,
+        "train_over_hgb": None,
+    }
     (tmp_path / ".cache/timings").mkdir(parents=True)
     (tmp_path / ".cache/timings/train-tabular.json").write_text(json.dumps({"seconds": 10.0}))
     margin, cost = comparison({"r2": 0.5}, {"r2": 0.6}, 2.0)
@@ -180,6 +185,7 @@ def test_pipeline_writes_margin_and_times(tmp_path: Path):
     stage(repo, "prepare")
     log = stage(repo, "train")
     assert "223 training rows: batch_size 32, epochs 5" in log.stdout + log.stderr
+    stage(repo, "boost")
     stage(repo, "evaluate")
     m = json.loads((repo / "metrics/tabular/metrics.json").read_text())
     assert m["margin_over_hgb"]["accuracy"] == pytest.approx(

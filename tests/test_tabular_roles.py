@@ -8,10 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from conftest import params_with
 
-from stages.core.cli import StageError
 from stages.core.documents import Columns
 from stages.tabular import prepare
 from stages.tabular.data import Preprocessor, read_split
@@ -59,8 +57,10 @@ def test_seattle_dates_and_inferred_classification(tmp_path):
     assert pre.feature_names() == [f"date.{p}" for p in ("year", "month", "day", "weekday")] + [
         "date.elapsed_days"
     ]
-    with pytest.raises(StageError, match="line 7: 'soon'"):
-        pre.transform(pd.DataFrame({"date": ["2012/01/01", "soon"]}, index=[6, 7]))
+    # A date that does not parse is missing (issue 37), and said by screen.
+    odd = pd.DataFrame({"date": ["2012/01/01", "soon"]}, index=[6, 7])
+    assert pre.screen(odd)[1][1] == ["date = 'soon' is not a date like '%Y/%m/%d'; read as missing"]
+    assert np.isfinite(pre.transform(odd)).all()
 
 
 def test_row_number_with_a_neutral_name_is_dropped(tmp_path):

@@ -219,7 +219,14 @@ def test_backends_tf32_on_cuda_threads_on_cpu(monkeypatch):
             "threads": 3
         }  # 6 cores, 2 ranks
         assert torch.get_num_threads() == 3
+        # On the numeric baseline (the dispatcher's pin): its fixed count, whatever the cores.
+        monkeypatch.setenv("STAGES_NUMERICS", "baseline")
+        assert configure_backends(torch.device("cpu"), local_world_size=2) == {
+            "threads": 1,
+            "deterministic": True,
+        }
     finally:
+        torch.use_deterministic_algorithms(False)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_num_threads(saved[2])
 

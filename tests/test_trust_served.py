@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def models(served_repo):
-    from app.predict import load_models
+    from app.repository import load_models
     from app.settings import load_settings
 
     cfg = load_settings(served_repo / "params.yaml")

@@ -123,6 +123,32 @@ async def run(url: str, clients: int, total: int, repo: Path, samples: int = 5) 
     }
 
 
+async def steady(url: str, clients: int, body: dict, stop: asyncio.Event) -> list[tuple]:
+    """Tabular predictions from `clients` concurrent clients until `stop` is set: one
+    (start, latency s, status, model_version or the error, client) per request, start on
+    time.perf_counter()'s clock. For a rollout under load (tests/test_rollout.py): which
+    version answered, and when."""
+    import httpx
+
+    seen: list[tuple] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    r = await client.post("/predict/tabular", json=body)
+                    status = r.status_code
+                    what = r.json().get("model_version") if status == 200 else r.text[:200]
+                except httpx.HTTPError as e:
+                    status, what = 0, f"{type(e).__name__}: {e}"
+                seen.append((start, time.perf_counter() - start, status, what, i))
+
+        await asyncio.gather(*(one(i) for i in range(clients)))
+    return seen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m tools.loadtest")
     ap.add_argument("url")

@@ -191,6 +191,26 @@ def importance_md(task: str, top: int = 10) -> str:
     )
 
 
+def served_md(card: Card) -> str:
+    """The served model's members (tabular: network and gradient boosting; the card's
+    `ensemble`): weight, test scores alone, and why; "" for a model of one member."""
+    ensemble = card.ensemble
+    if not ensemble:
+        return ""
+    members = card.metrics.get("members", {})
+    test = card.metrics.get("test", {})
+    keys = [k for k in HEADLINE if k in test]
+    rows = [
+        [m, w, *(members.get(m, {}).get(k) for k in keys)] for m, w in ensemble["weights"].items()
+    ]
+    rows.append(["served", 1.0, *(test.get(k) for k in keys)])
+    return (
+        "\n**Served members** (test scores alone; weights fitted on the validation split)\n\n"
+        + table(["member", "weight", *keys], rows)
+        + f"\n\n{ensemble['why']}\n"
+    )
+
+
 def build_report(
     base: str, out_md: Path = Path("report.md"), plots_dir: Path = Path("report")
 ) -> str:
@@ -247,6 +267,7 @@ def build_report(
                     ],
                 )
                 + "\n"
+                + served_md(card)
             )
         for title, path in plot_curves(task, plots_dir):
             parts.append(f"**{title}**\n\n![{task} {title}]({path})\n")

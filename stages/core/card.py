@@ -65,6 +65,7 @@ class Card(Document):
     # tabular: columns, background, how attributions are estimated (stages/tabular/explain.py);
     # image: the graph's `cam` output, or why it has none (stages/image/cam.py)
     explain: dict | None = None
+    ensemble: dict | None = None  # tabular: the served members, weights and why (boost stage)
     registry: dict | None = None  # the registered version it came from (tools/registry.py)
 
 

@@ -140,7 +140,11 @@ def amp_policy(mode: str, device: torch.device) -> AmpPolicy:
         if device.type == "cuda":
             mode = "bf16" if cuda_supports_bf16(device) else "fp16"
         else:
-            mode = "bf16" if cpu_supports_bf16() else "off"
+            from stages.core import numerics
+
+            # On the numeric baseline (AVX2) no CPU has native bf16: every CPU trains in fp32,
+            # as one without it would (else this machine's bf16 would be its own result).
+            mode = "bf16" if cpu_supports_bf16() and not numerics.pinned() else "off"
     if mode == "fp16" and device.type != "cuda":
         raise StageError("train.amp 'fp16' needs a CUDA device; use 'bf16', 'auto' or 'off' on CPU")
     if mode == "off":
@@ -154,16 +158,26 @@ def configure_backends(device: torch.device, local_world_size: int = 1) -> dict:
     convolutions (Ampere and later run them on tensor cores, ~10-bit mantissa: the speed-up
     that every training recipe takes; no effect on older GPUs). CPU: torch threads =
     physical cores within the cgroup quota and affinity, shared by the local ranks (torch
-    counts every core of the host, so a container limited to 2 CPUs ran 64 threads)."""
+    counts every core of the host, so a container limited to 2 CPUs ran 64 threads); on the
+    numeric baseline (stages/core/numerics.py) its fixed thread count instead, and CUDA's
+    deterministic algorithms (the same bits run to run on one GPU model)."""
+    from stages.core import numerics
+
+    pinned = {"deterministic": True} if numerics.pinned() else {}
+    if pinned:
+        # warn_only: an op without a deterministic kernel warns (naming itself), not stops.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False  # benchmark picks kernels by timing
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        return {"tf32": True}
+        return {"tf32": True, **pinned}
     from stages.core.inference import physical_cores
 
-    threads = max(1, physical_cores() // max(local_world_size, 1))
+    cores = numerics.THREADS if pinned else physical_cores()
+    threads = max(1, cores // max(local_world_size, 1))
     torch.set_num_threads(threads)
-    return {"threads": threads}
+    return {"threads": threads, **pinned}
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

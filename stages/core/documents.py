@@ -44,14 +44,14 @@ class KeepsRead(BaseModel):
             model._read = data
         return model
 
+    def dump(self) -> dict:
+        """JSON-ready data by the file's names (aliases): the keys it was given (none of the
+        defaults it filled in), in their order and spelling."""
+        return as_read(self.model_dump(mode="json", by_alias=True, exclude_unset=True), self._read)
+
 
 class Document(KeepsRead):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    def dump(self) -> dict:
-        """The document as JSON-ready data: the keys it was given (none of the defaults it
-        filled in), in their order."""
-        return as_read(self.model_dump(mode="json", by_alias=True, exclude_unset=True), self._read)
 
     @classmethod
     def read(cls, path: str | Path):

@@ -18,7 +18,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -39,7 +39,7 @@ def _remove_stale_temps(path: Path) -> None:
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}\.tmp")
     for p in path.parent.iterdir():
         m = pattern.fullmatch(p.name)
-        if m and not (m.group(1) and _pid_alive(int(m.group(1)))):
+        if m and not (m.group(1) and pid_alive(int(m.group(1)))):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -94,9 +94,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _json_default(obj: Any) -> Any:
+    """json.dumps' `default`: a typed model (a params section, a document) as it was read:
+    its dump() (stages/core/documents.py KeepsRead). Duck-typed, so that this module, which
+    documents.py builds on, imports neither."""
+    dump = getattr(obj, "dump", None)
+    if callable(dump):
+        return dump()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

@@ -70,9 +70,15 @@ def physical_cores(
 def open_session(path: str | Path, threads: int | None = None, spinning: bool = True):
     import onnxruntime as ort
 
+    from stages.core import numerics
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or physical_cores()
+    # In a pinned stage (stages/core/numerics.py) the baseline's count: MLAS splits a
+    # matrix product's rows over its threads, and the rows at a split add in another order.
+    opts.intra_op_num_threads = threads or (
+        numerics.THREADS if numerics.pinned() else physical_cores()
+    )
     opts.inter_op_num_threads = 1
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -130,7 +130,9 @@ def train(task: str, params: Params, make_job: Callable[[Params], Job]) -> None:
         seed_everything(params.seed, rt.rank)
         job = make_job(params)
         ckpt_dir = out_dir / "checkpoints"
-        fp = fingerprint({"train": p, "seed": params.seed}, job.data_files, rt.world_size)
+        # A pinned run's checkpoint is no unpinned run's (other kernels, threads, precision).
+        run = {"train": p, "seed": params.seed, "reproducible": params.reproducible}
+        fp = fingerprint(run, job.data_files, rt.world_size)
         live = None
         if rt.is_main:
             from dvclive import Live

@@ -49,6 +49,16 @@ def model_pt(task: str) -> Path:
     return model_dir(task) / "model.pt"
 
 
+def boosting(task: str) -> Path:
+    """boost's gradient boosting model (scikit-learn, joblib); tabular only."""
+    return model_dir(task) / "boosting.joblib"
+
+
+def ensemble(task: str) -> Path:
+    """boost's members, weights and why (the card's `ensemble` section); tabular only."""
+    return model_dir(task) / "ensemble.json"
+
+
 def model_onnx(task: str) -> Path:
     return model_dir(task) / "model.onnx"
 

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.core.cli import StageError
-from stages.core.documents import KeepsRead, as_read
+from stages.core.documents import KeepsRead
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
@@ -44,41 +44,10 @@ Graph = Literal["raw", "nms", "end2end"]
 
 class Section(KeepsRead):
     # strict: a quoted "80" is not an int, 1 is not true; an int is still a valid float.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # frozen: a stage reads its settings; other values are a new object (replaced, model_copy).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     # KeepsRead: plain() keeps the key order and the spelling of a number of what was read
     # (rotate: 10, not the float 10.0), so outputs that record params stay as before.
-
-    # TRANSITIONAL (issue 36): read-only mapping access by params.yaml name, so code not yet
-    # moved to attributes (params.tabular.train.lr) keeps working. Removed once none is left.
-    def _name(self, key: str) -> str:
-        for name, field in type(self).model_fields.items():
-            if (field.alias or name) == key:
-                return name
-        raise KeyError(key)
-
-    def __getitem__(self, key: str):
-        return getattr(self, self._name(key))
-
-    def __setitem__(self, key: str, value) -> None:
-        setattr(self, self._name(key), value)
-
-    def get(self, key: str, default=None):
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key in _fields(type(self))
-
-    def keys(self):
-        return list(_fields(type(self)))
-
-    def items(self):
-        return [(k, self[k]) for k in self.keys()]
-
-    def values(self):
-        return [self[k] for k in self.keys()]
 
 
 # ---- shared shapes ----
@@ -168,6 +137,17 @@ class TabularEvaluate(Section):
     importance_repeats: Positive  # permutation importance: shuffles per column
 
 
+class TabularBoost(Section):
+    """The boost stage (stages/tabular/boost.py): HistGradientBoosting and the weights."""
+
+    models: Literal["ensemble", "network", "boosting"]  # what is served
+    max_iter: Positive
+    learning_rate: Annotated[float, Field(gt=0)]
+    max_leaf_nodes: Annotated[int, Field(ge=2)]
+    patience: Positive  # early stopping on the validation split: iterations without gain
+    rounds: Positive  # greedy ensemble selection's picks (weights are multiples of 1/rounds)
+
+
 class TabularExport(Section):
     parity_atol: Annotated[float, Field(gt=0)]
     torchscript: bool
@@ -189,6 +169,7 @@ class Tabular(Section):
     data: TabularData
     validate_: TabularValidate = Field(alias="validate")  # BaseModel has .validate
     train: TabularTrain
+    boost: TabularBoost
     labels: TabularLabels
     evaluate: TabularEvaluate
     export: TabularExport
@@ -352,6 +333,15 @@ class Registry(Section):
     max_latency_ratio: Annotated[float, Field(gt=0)]
 
 
+class Canary(Section):
+    """A candidate served beside one task's model: a folder or a registry version."""
+
+    task: Literal["tabular", "image", "detect"]
+    path: str
+    version: str
+    share: Share
+
+
 class Serve(Section):
     model: str
     host: str
@@ -371,10 +361,15 @@ class Serve(Section):
     request_log_mb: Annotated[float, Field(gt=0)]
     request_log_backups: Count
     gradio_cache_s: Positive
+    model_root: str  # load requests' paths resolve inside it ("" = the working directory)
+    reload_s: Annotated[float, Field(ge=0)]  # follow serve.model's stage; 0 = off
+    canary: Canary
+    shadow: bool
 
 
 class Params(Section):
     seed: int
+    reproducible: bool = True  # stages/core/numerics.py
     tabular: Tabular
     image: Image
     detect: Detect
@@ -389,7 +384,7 @@ class Params(Section):
 def plain(section: Section) -> dict:
     """A section as params.yaml spells it (`validate`, not `validate_`; its key order; 10, not
     10.0), JSON-ready: what a fingerprint hashes and what a log or a model card records."""
-    return as_read(section.model_dump(mode="json", by_alias=True), section._read)
+    return section.dump()
 
 
 def _fields(model: type[BaseModel]) -> dict:

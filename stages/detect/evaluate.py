@@ -1,5 +1,6 @@
 """evaluate: Ultralytics' validator on the test split, and the same predictions scored again
-by pycocotools; the two mAPs must agree within detect.evaluate.coco_tolerance.
+by pycocotools; a disagreement beyond detect.evaluate.coco_tolerance is a warning in the
+metrics (and so the report and the card) with the size the test set explains, never a stop.
 
     python -m stages evaluate detect
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.core import layout
-from stages.core.cli import StageError, log
+from stages.core.cli import log
 from stages.core.files import read_json, write_json
 from stages.core.metrics import fail_if_untrained, learned_nothing
 from stages.core.schema import Params
@@ -110,9 +111,31 @@ def _write_plots(plots: Path, box, names: list[str], per_class: dict) -> None:
     )
 
 
+def explained_gap(truth: dict) -> float:
+    """How far two implementations of one mAP can differ on this test set from interpolation
+    alone: a class's precision-recall curve moves in recall steps of 1 / (its boxes), and the
+    two integrate a step differently by at most that much (precision <= 1); the mAP is the
+    mean over classes."""
+    counts: dict[int, int] = {}
+    for a in truth["annotations"]:
+        counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
+    return round(float(np.mean([1 / n for n in counts.values()])), 4) if counts else 1.0
+
+
+def disagreement(gap: dict, tolerance: float, explained: float) -> str:
+    worst = max(abs(v) for v in gap.values())
+    size = "within" if worst <= explained else "beyond"
+    return (
+        f"Ultralytics and pycocotools disagree by {worst:.4f} (more than "
+        f"detect.evaluate.coco_tolerance {tolerance}): {gap}; {size} the {explained:.4f} that "
+        "interpolation alone explains on this test set (1 / boxes per class, averaged): "
+        + ("a small test set" if size == "within" else "check the predictions file")
+    )
+
+
 def run(params: Params, out_dir: Path = layout.metrics_dir("detect")) -> dict:
     """Ultralytics' validator on the test split, and the same predictions scored again by
-    pycocotools. The two mAPs must agree within evaluate.coco_tolerance."""
+    pycocotools; a gap beyond evaluate.coco_tolerance is a warning (disagreement)."""
     p = params.detect.evaluate
     yolo.configure()
     from ultralytics import YOLO
@@ -145,19 +168,23 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("detect")) -> dict:
         else []
     )
     prepared = layout.prepared("detect")
-    coco = coco_map(
-        coco_ground_truth(prepared / "images/test", prepared / "labels/test", len(names)),
-        predictions,
-    )
+    truth = coco_ground_truth(prepared / "images/test", prepared / "labels/test", len(names))
+    coco = coco_map(truth, predictions)
     gap = {k: round(ours[k] - coco[k], 4) for k in coco}
-    warnings = learned_nothing(
+    untrained = learned_nothing(
         "detect", "mAP50", ours["mAP50"], p.min_map50, "the floor detect.evaluate.min_map50"
     )
+    warnings = list(untrained)
+    explained = explained_gap(truth)
+    if max(abs(v) for v in gap.values()) > p.coco_tolerance:
+        warnings.append(disagreement(gap, p.coco_tolerance, explained))
+        log(f"warning: {warnings[-1]}")
     result = {
         "test": {**ours, "per_class": per_class},
         "pycocotools": coco,
         "ultralytics_minus_pycocotools": gap,
         "tolerance": p.coco_tolerance,
+        "gap_explained_by_test_set": explained,
         "test_images": dataset["rows"].get("test", 0),
         "warnings": warnings,
     }
@@ -167,10 +194,5 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("detect")) -> dict:
         f"test: mAP50={ours['mAP50']:.4f} mAP50-95={ours['mAP50-95']:.4f} (pycocotools: mAP50={coco['mAP50']:.4f} "
         f"mAP50-95={coco['mAP50-95']:.4f})"
     )
-    if max(abs(v) for v in gap.values()) > p.coco_tolerance:
-        raise StageError(
-            f"Ultralytics and pycocotools disagree by more than {p.coco_tolerance}: {gap} "
-            f"(see {out_dir}/metrics.json)"
-        )
-    fail_if_untrained(warnings, "detect", params)
+    fail_if_untrained(untrained, "detect", params)  # a disagreement never stops a run
     return result

@@ -46,6 +46,15 @@ def configure() -> None:
             "runs_dir": str(cfg / "runs"),
         }
     )
+    from stages.core import numerics
+
+    if numerics.pinned():
+        # Ultralytics sets torch's threads to min(8, CPUs - 1) when it picks the CPU device
+        # (select_device, read from this module-level name): the baseline's count instead,
+        # else the sums' split follows the machine (stages/core/numerics.py).
+        from ultralytics.utils import torch_utils
+
+        torch_utils.NUM_THREADS = numerics.THREADS
 
 
 def dataset_view(names: list[str], prepared: Path = layout.prepared("detect")) -> Path:

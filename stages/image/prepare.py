@@ -13,7 +13,8 @@ import pandas as pd
 
 from stages.core import layout
 from stages.core.cli import StageError, log
-from stages.core.files import atomic_dir, write_json
+from stages.core.documents import ImageIndex
+from stages.core.files import atomic_dir
 from stages.core.images import inspect_image, list_images
 from stages.core.schema import Params, plain
 from stages.core.splits import split
@@ -26,7 +27,7 @@ def index_images(table: pd.DataFrame, root) -> pd.DataFrame:
     return pd.concat([table, info], axis=1)
 
 
-def run(params: Params, out_dir: str | Path = layout.prepared("image")) -> dict:
+def run(params: Params, out_dir: str | Path = layout.prepared("image")) -> ImageIndex:
     """Index every image (size, mode, bytes, content hash, decode error), split stratified
     by label, and flag files that occur in two splits (a leak)."""
     p = params.image.data
@@ -61,16 +62,16 @@ def run(params: Params, out_dir: str | Path = layout.prepared("image")) -> dict:
     index["dup_across_splits"] = leak
     index["class_count"] = index.groupby("label")["label"].transform("size")
     index = index.set_index("path").sort_index()
-    schema = {
-        "source": p.source,
-        "root": str(root),
-        "classes": classes,
-        "image_size": p.image_size,
-        "mean": p.mean,
-        "std": p.std,
-        "rows": index["split"].value_counts().to_dict(),
-        "params": {"seed": params.seed, "image.data": plain(p)},
-    }
+    schema = ImageIndex(
+        source=p.source,
+        root=str(root),
+        classes=classes,
+        image_size=p.image_size,
+        mean=p.mean,
+        std=p.std,
+        rows=index["split"].value_counts().to_dict(),
+        params={"seed": params.seed, "image.data": plain(p)},
+    )
     with atomic_dir(out_dir) as tmp:
         index.to_parquet(tmp / "index.parquet")
         for name in parts:
@@ -82,10 +83,10 @@ def run(params: Params, out_dir: str | Path = layout.prepared("image")) -> dict:
             pd.DataFrame(
                 {"path": rel, "label": index.loc[index["split"] == name, "label"].to_numpy()}
             ).to_csv(tmp / f"{name}.csv", index=False)
-        write_json(tmp / "schema.json", schema)
+        schema.write(tmp / layout.columns("image").name)
     log(
         f"prepared {len(index)} images in {len(classes)} classes from {p.source}: "
-        + ", ".join(f"{k} {v}" for k, v in schema["rows"].items())
+        + ", ".join(f"{k} {v}" for k, v in schema.rows.items())
         + f" → {out_dir}"
     )
     return schema

@@ -37,9 +37,7 @@ def fit_fold(train: pd.DataFrame, schema: Columns, arch: dict, params: Params, s
 
     p = resolve(params.tabular.train, len(train))  # `auto` as train resolves it
     classify = schema.task == "classification"
-    kinds = {f.name: f.type for f in schema.features}
-    formats = {f.name: f.format for f in schema.features if f.format}
-    pre = Preprocessor.fit(train, kinds, formats)
+    pre = Preprocessor.fit_features(train, schema.features)
     x = torch.from_numpy(pre.transform(train))
     if classify:
         y = torch.from_numpy(
@@ -91,10 +89,11 @@ def cv_metrics(prepared: Path, schema: Columns, arch: dict, params: Params) -> d
     scores = []
     for i, (tr, te) in enumerate(folds):
         train, test = df.iloc[tr], df.iloc[te]
-        test = test[_known(test, train, schema)]
         pre, model, scale = fit_fold(train, schema, arch, params, params.seed + i)
         with torch.no_grad():
-            out = model(torch.from_numpy(pre.transform(test))).numpy().astype("float64")
+            # A value this fold never saw is read as serving reads it (screen: unknown).
+            x = pre.transform(pre.screen(test)[0])
+            out = model(torch.from_numpy(x)).numpy().astype("float64")
         if classify:
             probs = np.exp(out - out.max(axis=1, keepdims=True))
             probs /= probs.sum(axis=1, keepdims=True)
@@ -114,14 +113,3 @@ def cv_metrics(prepared: Path, schema: Columns, arch: dict, params: Params) -> d
         )
     )
     return result
-
-
-def _known(test: pd.DataFrame, train: pd.DataFrame, schema: Columns) -> np.ndarray:
-    """Rows of a fold's test part whose categories its training part has seen (the model
-    cannot score the others; prepare moves such rows to train for the same reason)."""
-    keep = np.ones(len(test), bool)
-    for f in schema.features:
-        if f.type == "categorical":
-            seen = set(train[f.name].dropna())
-            keep &= (test[f.name].isna() | test[f.name].isin(seen)).to_numpy()
-    return keep

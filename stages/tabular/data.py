@@ -308,6 +308,15 @@ class Preprocessor:
     categories: dict[str, list[str]] = field(default_factory=dict)
     dates: dict[str, str] = field(default_factory=dict)
     texts: dict[str, dict] = field(default_factory=dict)
+    # Numeric columns' validated [min, max] (the GX suite's range over the training data,
+    # set by export): outside it, screen() reads a number as missing. Empty: no range check.
+    ranges: dict[str, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def fit_features(cls, df: pd.DataFrame, features: list[dict]) -> Preprocessor:
+        """fit() with schema.json's feature list: the one preprocessing plan (roles and date
+        formats) that train, the label-issue folds and the CV folds all use."""
+        return cls.fit(df, *feature_plan(features))
 
     @classmethod
     def fit(cls, df: pd.DataFrame, kinds: dict[str, str], formats: dict | None = None):
@@ -362,19 +371,44 @@ class Preprocessor:
                 x = x.apply(pd.to_numeric, errors="coerce")  # keeps numbers as they are
             parts.append(x.to_numpy(dtype="float64"))
         for c, fmt in self.dates.items():
-            values = df[c].to_numpy(dtype=object)
-            rows = [date_parts(v, fmt) for v in values]
-            bad = [i for i, r in enumerate(rows) if r is None]
-            if bad:
-                cells = df[c].iloc[bad]
-                raise StageError(
-                    f"{source}: column {c!r} must be dates like {fmt!r} but has "
-                    f"{describe_cells(cells, count=len(bad))}"
-                )
-            parts.append(np.array(rows, dtype="float64").reshape(len(df), -1))
+            # A cell that is not a date like the others ("." for missing) is missing, and
+            # imputed; data to predict on says so first (screen).
+            width = len(date_part_names(fmt))
+            rows = [date_parts(v, fmt) or [math.nan] * width for v in df[c].to_numpy(object)]
+            parts.append(np.array(rows, dtype="float64").reshape(len(df), width))
         for c, enc in self.texts.items():
             parts.append(TextEncoder(enc).matrix(df[c].to_numpy(dtype=object)))
         return np.concatenate(parts, axis=1) if parts else np.zeros((len(df), 0))
+
+    def screen(self, df: pd.DataFrame) -> tuple[pd.DataFrame, list[list[str]]]:
+        """The one rule for data the model has not seen: a category never seen in training,
+        a date that does not parse, a number outside the validated range becomes a missing
+        cell (imputed as train imputes: median, or no category), and its row gets a warning
+        naming the column and the value. Returns (the frame to transform, warnings per row)."""
+        warnings: list[list[str]] = [[] for _ in range(len(df))]
+        bad_cells: dict[str, np.ndarray] = {}
+        for c in self.categorical:
+            v = df[c]
+            bad_cells[c] = (v.notna() & ~v.astype(str).isin(self.categories[c])).to_numpy()
+        for c, fmt in self.dates.items():
+            bad_cells[c] = np.array([date_parts(v, fmt) is None for v in df[c].to_numpy(object)])
+        for c in self.numeric:  # words in a column whose words are missing values, or out of range
+            x = pd.to_numeric(df[c], errors="coerce").to_numpy("float64")
+            lo, hi = self.ranges.get(c, (-np.inf, np.inf))
+            with np.errstate(invalid="ignore"):
+                bad_cells[c] = (x < lo) | (x > hi) | (np.isnan(x) & df[c].notna().to_numpy())
+        if not any(b.any() for b in bad_cells.values()):
+            return df, warnings
+        df = df.copy()
+        for c, bad in bad_cells.items():
+            if not bad.any():
+                continue
+            for i in np.flatnonzero(bad):
+                warnings[i].append(unseen_warning(self, c, df[c].iloc[i]))
+            df[c] = df[c].astype(object).where(~bad, None)
+            if c in self.numeric:
+                df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+        return df, warnings
 
     def transform(self, df: pd.DataFrame, source: str = "input") -> np.ndarray:
         missing = [c for c in self.columns if c not in df.columns]
@@ -387,17 +421,9 @@ class Preprocessor:
             parts.append((x - np.asarray(self.means)) / np.asarray(self.stds))
         for c in self.categorical:
             known = self.categories[c]
-            codes = pd.Index(known).get_indexer(
-                df[c].to_numpy(dtype=object)
-            )  # as pd.Categorical codes them
-            if (codes[df[c].notna().to_numpy()] < 0).any():  # a value that is not a known category
-                values = df[c].astype(object).where(df[c].notna(), None)
-                unseen = values[values.notna() & ~values.astype(str).isin(known)]
-                if len(unseen):
-                    raise StageError(
-                        f"{source}: column {c!r} has categories not seen in training "
-                        f"({describe_cells(unseen)}); known: {', '.join(known)}"
-                    )
+            # As pd.Categorical codes them; a category training never saw is unknown (-1): all
+            # zeros, as missing (data to predict on says so first: screen).
+            codes = pd.Index(known).get_indexer(df[c].to_numpy(dtype=object))
             onehot = np.zeros((len(df), len(known)))
             rows = np.flatnonzero(codes >= 0)
             onehot[rows, codes[rows]] = 1.0
@@ -414,6 +440,27 @@ class Preprocessor:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessor:
         return cls(**d)
+
+
+def feature_plan(features: list[Feature]) -> tuple[dict[str, str], dict[str, str]]:
+    """The prepared columns' features → ({column: kind}, {date column: format})."""
+    kinds = {f.name: f.type for f in features}
+    return kinds, {f.name: f.format for f in features if f.format}
+
+
+def unseen_warning(pre: Preprocessor, col: str, value) -> str:
+    """One sentence for a cell screen() turned into a missing one."""
+    if col in pre.numeric:
+        number = pd.to_numeric(pd.Series([value]), errors="coerce")[0]
+        if number != number:
+            return f"{col} = {value!r} is not a number; read as missing"
+        lo, hi = pre.ranges[col]
+        return (
+            f"{col} = {number:g} is outside the validated range {lo:g} to {hi:g}; read as missing"
+        )
+    if col in pre.dates:
+        return f"{col} = {value!r} is not a date like {pre.dates[col]!r}; read as missing"
+    return f"{col} = {value!r} was never seen in training; read as unknown"
 
 
 def decode_outputs(outputs: np.ndarray, card: Card) -> pd.DataFrame:
@@ -485,6 +532,11 @@ def type_features(df: pd.DataFrame, features: list[Feature], source: str) -> pd.
             text = df[col].astype("string").str.strip().replace("", pd.NA)
             numbers = pd.to_numeric(text, errors="coerce")
             bad = _bad_numbers(text, numbers)
+            if (
+                len(bad) and getattr(f, "words", None) == "missing"
+            ):  # screen() warns and reads them as missing
+                df[col] = text.astype(object).where(text.notna(), None)
+                continue
             if len(bad):
                 raise StageError(
                     f"{source}: column {col!r} must be numeric but has text in {len(bad)} rows "
@@ -518,7 +570,12 @@ def describe(
         task=plan.task,
         task_why=plan.task_why,
         features=[
-            Feature(name=c, type=k, **({"format": plan.formats[c]} if k == "datetime" else {}))
+            Feature(
+                name=c,
+                type=k,
+                **({"format": plan.formats[c]} if k == "datetime" else {}),
+                **({"words": "missing"} if c in plan.words_missing else {}),
+            )
             for c, k in kinds.items()
             if c != p.target
         ],

@@ -59,10 +59,13 @@ def parse_date(value: str, fmt: str) -> datetime | None:
 
 
 def detect_date_format(values: list[str]) -> str | None:
-    """The first format that parses every value (at least one must look like a date: a
-    4-digit year or a month name, so "1", "2" are never dates), or None."""
-    if not values or not all(any(ch.isdigit() for ch in v) for v in values):
+    """The first format that parses every value with a digit in it, or None. Values without
+    a digit (".", "unknown": a missing-value marker) are left out, as long as they are under
+    half; what is left must hold a digit (so "1", "2" parse as no format's date anyway)."""
+    dated = [v for v in values if any(ch.isdigit() for ch in v)]
+    if not dated or len(dated) * 2 < len(values):
         return None
+    values = dated
     for fmt in DATE_FORMATS:
         if all(parse_date(v, fmt) is not None for v in values):
             return fmt

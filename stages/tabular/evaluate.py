@@ -1,10 +1,13 @@
-"""evaluate: score the MLP on the test split, beside scikit-learn's HistGradientBoosting on
-the same split and features.
+"""evaluate: score the served model (the network, boosting, or both together: the boost
+stage's weights) on the test split, each member on its own, and scikit-learn's
+HistGradientBoosting on the same split and features as a baseline.
 
     python -m stages evaluate tabular
 
-Outputs: metrics/tabular/metrics.json and plot data in metrics/tabular/plots/ (confusion
-matrix, micro-averaged ROC and PR curves; predicted vs actual for regression).
+Outputs: metrics/tabular/metrics.json (`test`: the served model; `members`: each member's
+test scores and the weights; `baseline_hgb`, `margin_over_hgb`, `cv`, ...) and plot data in
+metrics/tabular/plots/ (confusion matrix, micro-averaged ROC and PR curves; predicted vs
+actual for regression).
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from stages.core.metrics import (
     learned_nothing,
     regression_report,
 )
-from stages.core.onnx_export import load_model, predict
 from stages.core.schema import Params
+from stages.tabular.boost import BOOST_TIME, Served, load_served
 from stages.tabular.data import Preprocessor, read_split, split_chunks
+from stages.tabular.ensemble import combine
 from stages.tabular.explain import importance_report
-from stages.tabular.model import build_model
 from stages.tabular.train import TRAIN_TIME
 from stages.tabular.trust import trust_report
 
@@ -38,57 +41,36 @@ CHUNK_ROWS = 1_000_000
 
 
 def run(params: Params, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
-    model, meta = load_model(layout.model_pt("tabular"), build_model)
-    schema, pre = meta.columns(), Preprocessor.from_dict(meta.preprocessor)
-    prepared = layout.prepared("tabular")
-    target, classify = schema.target, schema.task == "classification"
-    classes = schema.classes
+    served = load_served()
+    schema, prepared = served.schema, layout.prepared("tabular")
 
     def labels(df: pd.DataFrame) -> np.ndarray:
         return (
-            pd.Categorical(df[target], categories=classes).codes
-            if classify
-            else df[target].to_numpy("float64")
+            pd.Categorical(df[schema.target], categories=schema.classes).codes
+            if served.classify
+            else df[schema.target].to_numpy("float64")
         )
 
     t0 = time.perf_counter()
-    hgb = baseline(params, pre, prepared / "train.parquet", labels, classify)
+    hgb = baseline(params, served.pre, prepared / "train.parquet", labels, served.classify)
     hgb_seconds = time.perf_counter() - t0
-    # The test split a million rows at a time: only the labels and outputs stay in memory
-    # (the whole split as a frame and its features took 5x the CSV on 50M rows; `make bench`).
-    y_test, out, base_out = [], [], []
-    for df in split_chunks(prepared / "test.parquet", CHUNK_ROWS):
-        x = pre.transform(df)
-        y_test.append(labels(df))
-        out.append(predict(model, x))
-        if hgb is not None:
-            base_out.append(hgb.predict_proba(x) if classify else hgb.predict(x))
-    y_test, out = np.concatenate(y_test), np.concatenate(out)
-    if classify:
-        metrics, plots = classification_report(y_test, softmax(out.astype("float64")), classes)
-        # Chance: always answering the test split's most common class.
-        warnings = learned_nothing(
-            "tabular",
-            "accuracy",
-            metrics["accuracy"],
-            float(pd.Series(y_test).value_counts(normalize=True).max()),
-            "the majority-class share",
-        )
-    else:
-        scale = meta.target_scaling
-        metrics, plots = regression_report(y_test, out[:, 0] * scale["std"] + scale["mean"])
-        warnings = learned_nothing("tabular", "r2", metrics["r2"], 0.0, "predicting the mean")
-    trusted, trust_plots = trust_report(params, model, meta, pre)  # stages/core/trust.py
-    importance_report(params, lambda z: predict(model, z), meta, pre, out_dir)
+    y_test, members, base_out = test_outputs(served, hgb, labels)
+    metrics, plots, warnings = score(
+        served, y_test, combine(members, served.ensemble["weights"], served.classify)
+    )
+    trusted, trust_plots = trust_report(params, served)  # stages/core/trust.py
+    importance_report(params, served.outputs, served.meta, served.pre, out_dir)
     metrics, plots = {**metrics, **trusted}, {**plots, **trust_plots}
     base_metrics = {}
     if hgb is not None:
-        report = classification_report if classify else regression_report
-        base_metrics = report(y_test, np.concatenate(base_out), *([classes] if classify else []))[0]
+        report = classification_report if served.classify else regression_report
+        args = [schema.classes] if served.classify else []
+        base_metrics = report(y_test, base_out, *args)[0]
     margin, cost = comparison(metrics, base_metrics, hgb_seconds if hgb is not None else None)
     result = {
         "test": metrics,
-        **small_table_cv(prepared, schema, meta, params),
+        "members": member_scores(served, y_test, members),
+        **small_table_cv(prepared, schema, served.meta, params),
         "baseline_hgb": base_metrics,
         **margin,
         "test_rows": len(y_test),
@@ -98,24 +80,71 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
     write_json(out_dir / layout.COST.name, cost)
     for name, rows in plots.items():
         write_json(out_dir / "plots" / f"{name}.json", rows)
-    log(
-        "test: "
-        + " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        + (
-            " | HistGradientBoosting: " + " ".join(f"{k}={v:.4f}" for k, v in base_metrics.items())
-            if base_metrics
-            else ""
+    show(result, cost)
+    fail_if_untrained(warnings, "tabular", params)
+    return result
+
+
+def test_outputs(served: Served, hgb, labels) -> tuple[np.ndarray, dict, np.ndarray | None]:
+    """(the test labels, each member's outputs (ensemble.member_outputs), the baseline's),
+    the test split read a million rows at a time: only labels and outputs stay in memory
+    (the whole split as a frame and its features took 5x the CSV on 50M rows; `make bench`)."""
+    y_test, members, base_out = [], [], []
+    for df in split_chunks(layout.prepared("tabular") / "test.parquet", CHUNK_ROWS):
+        x = served.pre.transform(df)
+        y_test.append(labels(df))
+        members.append(served.members(x))
+        if hgb is not None:
+            base_out.append(hgb.predict_proba(x) if served.classify else hgb.predict(x))
+    joined = {m: np.concatenate([part[m] for part in members]) for m in members[0]}
+    return np.concatenate(y_test), joined, np.concatenate(base_out) if base_out else None
+
+
+def score(served: Served, y: np.ndarray, raw: np.ndarray) -> tuple[dict, dict, list]:
+    """(metrics, plot rows, warnings) of a raw output (ensemble.combine's) on the test split."""
+    if served.classify:
+        classes = served.schema.classes
+        metrics, plots = classification_report(y, softmax(raw.astype("float64")), classes)
+        # Chance: always answering the test split's most common class.
+        chance = float(pd.Series(y).value_counts(normalize=True).max())
+        warnings = learned_nothing(
+            "tabular", "accuracy", metrics["accuracy"], chance, "the majority-class share"
         )
+        return metrics, plots, warnings
+    scale = served.meta.target_scaling
+    metrics, plots = regression_report(y, raw[:, 0] * scale["std"] + scale["mean"])
+    return (
+        metrics,
+        plots,
+        learned_nothing("tabular", "r2", metrics["r2"], 0.0, "predicting the mean"),
     )
+
+
+def member_scores(served: Served, y: np.ndarray, members: dict) -> dict:
+    """metrics.json's `members`: each member's test scores alone, the served weights and why
+    (the served model's own scores are `test`)."""
+    out = {m: score(served, y, combine(members, {m: 1.0}, served.classify))[0] for m in members}
+    e = served.ensemble
+    return {**out, "weights": e["weights"], "models": e["models"], "why": e["why"]}
+
+
+def show(result: dict, cost: dict) -> None:
+    def line(scores: dict) -> str:
+        return " ".join(f"{k}={v:.4f}" for k, v in scores.items() if isinstance(v, float))
+
+    members = result["members"]
+    log(f"test (served, {members['models']}): {line(result['test'])}")
+    for m, w in members["weights"].items():
+        log(f"  {m} alone (weight {w:.2f}): {line(members[m])}")
+    if result["baseline_hgb"]:
+        log(f"  HistGradientBoosting baseline: {line(result['baseline_hgb'])}")
     if "margin_over_hgb" in result:
-        c = cost
         log(
             "margin over HGB: "
             + " ".join(f"{k}={v:+.4f}" for k, v in result["margin_over_hgb"].items())
-            + f" | train stage {c['train_seconds']}s, HGB fit {c['hgb_fit_seconds']}s"
+            + f" | train stage {cost['train_seconds']}s, boost stage {cost['boost_seconds']}s,"
+            f" HGB fit {cost['hgb_fit_seconds']}s"
         )
-    fail_if_untrained(warnings, "tabular", params)
-    return result
 
 
 def small_table_cv(prepared: Path, schema: Columns, meta: Meta, params: Params) -> dict:
@@ -142,9 +171,15 @@ def comparison(metrics: dict, base_metrics: dict, hgb_seconds: float | None) -> 
     margin = (
         {"margin_over_hgb": {score: metrics[score] - base_metrics[score]}} if base_metrics else {}
     )
-    timing = timing_path(TRAIN_TIME)
+    timing, boost_timing = timing_path(TRAIN_TIME), timing_path(BOOST_TIME)
     train_seconds = read_json(timing)["seconds"] if timing.is_file() else None
-    cost = {"train_seconds": train_seconds, "hgb_fit_seconds": None, "train_over_hgb": None}
+    boost_seconds = read_json(boost_timing)["seconds"] if boost_timing.is_file() else None
+    cost = {
+        "train_seconds": train_seconds,
+        "boost_seconds": boost_seconds,
+        "hgb_fit_seconds": None,
+        "train_over_hgb": None,
+    }
     if hgb_seconds is not None:
         cost["hgb_fit_seconds"] = round(hgb_seconds, 2)
         if train_seconds is not None:

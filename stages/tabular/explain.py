@@ -100,7 +100,8 @@ def attribution_columns(card: dict, session, df: pd.DataFrame, scored: np.ndarra
             "tabular.infer.explain: the model card has no explanation background (exported "
             "before explanations existed): re-run `dvc repro export@tabular`"
         )
-    x = Preprocessor.from_dict(card.preprocessing).transform(df, source)
+    pre = Preprocessor.from_dict(card.preprocessing)
+    x = pre.transform(pre.screen(df)[0], source)  # unseen values as missing, as predicted
     predicted = scored.argmax(1) if card.kind == "classification" else None
     base, phi = attributions(card, session, x, predicted)
     return [

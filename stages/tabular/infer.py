@@ -12,6 +12,7 @@ a folder of CSV parts. Also writes metrics/tabular/infer.json with its throughpu
 from __future__ import annotations
 
 import functools
+import math
 import time
 from pathlib import Path
 
@@ -49,22 +50,27 @@ def predict_scores(
 
 def predict_outputs(
     card: Card, session, df: pd.DataFrame, source: str = "input", batch_size: int = 4096
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(scores, what the card's OOD score reads (ood_vectors), or None for a card without trust)."""
-    x = Preprocessor.from_dict(card.preprocessing).transform(df, source)
+) -> tuple[np.ndarray, np.ndarray | None, list[list[str]]]:
+    """(scores, what the card's OOD score reads (ood_vectors), or None for a card without
+    trust, the warnings per row): a value the model has not seen is read as missing or
+    unknown, and said (Preprocessor.screen, the rule the app applies too)."""
+    pre = Preprocessor.from_dict(card.preprocessing)
+    df, warnings = pre.screen(df)
+    x = pre.transform(df, source)
     outputs = run_all(session, x, batch_size)
     if not np.isfinite(outputs[0]).all():
         raise StageError(
             f"{source}: some values are so far out of range that the model gives no finite prediction"
         )
-    return scores(outputs[0], card), ood_vectors(card, x, outputs)
+    return scores(outputs[0], card), ood_vectors(card, x, outputs), warnings
 
 
 def predict_records(card: Card, session, df: pd.DataFrame, source: str = "input") -> list[dict]:
     """predict() as dicts, with the trust fields (prediction_set or interval, ood): the app's
     pandas path."""
-    s, feats = predict_outputs(card, session, df, source)
-    return with_trust(card, scores_table(s, card).to_dict("records"), s, feats)
+    s, feats, warnings = predict_outputs(card, session, df, source)
+    records = with_trust(card, scores_table(s, card).to_dict("records"), s, feats)
+    return [{**r, "warnings": w} for r, w in zip(records, warnings, strict=True)]
 
 
 def input_frames(source: str, features: list[dict], target: str):
@@ -140,15 +146,20 @@ class Writer:
     def __init__(self, path: Path, card: Card):
         self.path, self.card, self.out = path, card, None
 
-    def write(self, predicted: np.ndarray, lines: np.ndarray, feats=None, also=()) -> None:
-        """also: more (name, arrow array) columns, after the trust ones (attributions)."""
+    def write(
+        self, predicted: np.ndarray, lines: np.ndarray, feats=None, warnings=None, also=()
+    ) -> None:
+        """also: more (name, arrow array) columns, after the others (attributions)."""
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         csv, classes = self.path.suffix != ".parquet", self.card.classes
         names = ["prediction", *(["probability", *(f"p_{c}" for c in classes)] if classes else [])]
-        extra = trust_columns(self.card, predicted, feats, csv) + list(also)
+        extra = trust_columns(self.card, predicted, feats, csv)
+        texts = ["; ".join(w) for w in warnings or [[]] * len(predicted)]
+        extra.append(("warnings", pa.array([csv_field(t) for t in texts] if csv else texts)))
+        extra += list(also)
         names += [n for n, _ in extra]
         if classes:  # as scores_table: the first most probable class, and its probability
             best = predicted.argmax(axis=1)
@@ -200,6 +211,61 @@ class Writer:
             self.out.close()
 
 
+# Expectations a batch to predict on cannot do without: its columns, and their types. The
+# others judge values row by row; in a batch to predict on, such a row is predicted with a
+# warning (Preprocessor.screen), never a reason to refuse the batch.
+WHOLE_BATCH = ("expect_table_columns_to_match_set", "expect_column_values_to_be_in_type_list")
+
+
+def judge(report: dict, source: str, suite_file: str) -> None:
+    """Stop only when the batch as a whole is unusable; log the row-level failures, each with
+    the share a batch of its size explains (a `mostly` share is judged on a sample: three
+    standard errors of a binomial share)."""
+    if report["success"]:
+        return
+    whole = {
+        name: {**t, "results": [r for r in t["results"] if unusable(r)]}
+        for name, t in report["tables"].items()
+    }
+    if any(t["results"] for t in whole.values()):
+        # Rows are numbered by CSV line ("row 5" is line 5, not the fifth data row): say so.
+        raise StageError(
+            f"{source} does not meet the expectations in {suite_file} (target checks excluded)\n"
+            + summarise({**report, "tables": whole}, {"input": f"{source}, rows by CSV line"})
+        )
+    for t in report["tables"].values():
+        for r in t["results"]:
+            if r["success"] or unusable(r) or not r.get("considered"):
+                continue
+            n, bad = r["considered"], r["unexpected_count"]
+            mostly = r["kwargs"].get("mostly", 1.0)
+            explained = (1 - mostly) + 3 * math.sqrt(mostly * (1 - mostly) / n)
+            verdict = "within" if bad / n <= explained else "more than"
+            log(
+                f"warning: {source}: {r['expectation']} on {r['column']!r}: {bad} of {n} rows "
+                f"({bad / n:.2%}), {verdict} the {explained:.2%} a batch of {n} rows explains; "
+                "predicted, each with its warning where the model read a value as missing"
+            )
+
+
+def unusable(r: dict) -> bool:
+    """A failed expectation that makes the batch unusable as a whole: its columns, or a
+    column of the wrong type throughout (half its values or more; a few words in a column of
+    numbers are that row's warning)."""
+    if r["success"] or r["expectation"] not in WHOLE_BATCH:
+        return False
+    considered = r.get("considered")
+    return not considered or r["unexpected_count"] >= considered / 2
+
+
+def count_warnings(counts: dict, warned: list[list[str]]) -> None:
+    """Warnings per column (a warning starts with its column's name)."""
+    for row in warned:
+        for w in row:
+            col = w.split(" = ", 1)[0]
+            counts[col] = counts.get(col, 0) + 1
+
+
 def run(
     params: Params, model_dir: Path = layout.model_dir("tabular"), out: Path | None = None
 ) -> dict:
@@ -233,7 +299,7 @@ def run(
         # is predicted and written here: GX is pure Python, and as long as the bare loop.
         frames = functools.partial(input_frames, source, card.features, card.target)
         checked = run_suite_aside(suite, {"input": frames})
-        seconds, rows, failed = 0.0, 0, None
+        seconds, rows, failed, counts = 0.0, 0, None, {}
         try:
             session = open_session(model_dir / card.onnx.file, spinning=False)
             with atomic_path(out) as tmp:
@@ -242,11 +308,11 @@ def run(
                     for df in frames():
                         start = time.perf_counter()
                         try:
-                            predicted, feats = predict_outputs(
+                            predicted, feats, warned = predict_outputs(
                                 card, session, df, source, p.batch_size
                             )
                         except StageError as e:
-                            # A chunk GX is about to fail (an unseen category) can't be predicted;
+                            # A chunk that can't be predicted (a column of the wrong type);
                             # GX's report names every broken value, so it speaks first below.
                             failed = e
                             break
@@ -256,23 +322,17 @@ def run(
                             else []
                         )
                         seconds += time.perf_counter() - start
-                        writer.write(predicted, df.index.to_numpy(), feats, also)
+                        writer.write(predicted, df.index.to_numpy(), feats, warned, also)
                         rows += len(df)
+                        count_warnings(counts, warned)
                 finally:
                     writer.close()
-                report = checked()
-                if not report["success"]:
-                    # Rows are numbered by CSV line ("row 5" is line 5, not the fifth data row): say so.
-                    raise StageError(
-                        f"{source} does not meet the expectations in {suite_file} (target checks "
-                        f"excluded)\n"
-                        + summarise(report, {"input": f"{source}, rows numbered by CSV line"})
-                    )
+                judge(checked(), source, suite_file)
                 if failed is not None:
                     raise failed
         finally:
             checked.cancel()  # a run that stopped early: its report is not waited for
-        stats = {"rows": rows}
+        stats = {"rows": rows, "warnings": counts}
     timing = {"seconds": round(seconds, 4), "rows_per_s": round(stats["rows"] / max(seconds, 1e-9))}
     write_json(layout.infer_stats("tabular"), stats)
     write_timing("infer-tabular", timing)

@@ -193,9 +193,10 @@ class Scan:
 
     def _scan(self, line: int, col: str, v, cap: int | None, target: bool):
         """One batch's cells of a column into its stats and codes; returns them as float64
-        when all are numbers, else None. Text is looked at per distinct value (a dictionary
+        with any text cells null (all null for a column of text). Text is looked at per distinct value (a dictionary
         encoding: one hash pass), not per cell: a category has a handful of values in a
         million cells."""
+        import pyarrow as pa
         import pyarrow.compute as pc
 
         s = self.stats[col]
@@ -215,12 +216,11 @@ class Scan:
         values = enc.dictionary
         rows = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)  # -1: missing
         if floats is None:  # text: which values (so which cells) are not numbers
-            bad = np.append(
-                ~pc.fill_null(pc.match_substring_regex(values, NUMBER_RE), False).to_numpy(
-                    zero_copy_only=False
-                ),
-                False,
-            )[rows]
+            number = pc.fill_null(pc.match_substring_regex(values, NUMBER_RE), False)
+            bad = np.append(~number.to_numpy(zero_copy_only=False), False)[rows]
+            # The numbers among them, words null: what a column of numbers with a few words
+            # (roles.mostly_numbers) keeps.
+            floats = pc.cast(pc.if_else(number, values, None), pa.float64()).take(enc.indices)
             n_bad = int(bad.sum())
             s.bad += n_bad
             if n_bad and len(s.bad_cells) < 5:
@@ -333,6 +333,9 @@ def move_unseen_categories(
         if unseen.any():
             moved[col] = int(unseen.sum())
             move |= unseen
+    for split in (VAL, TEST):  # never a whole split: its unseen values are read as unknown
+        if (codes == split).any() and move[codes == split].all():
+            move[codes == split] = False
     codes = codes.copy()
     codes[move] = TRAIN
     return codes, moved

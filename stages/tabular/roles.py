@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import get_args
 
 import numpy as np
@@ -17,7 +18,7 @@ import pandas as pd
 
 from stages.core.cli import StageError, log
 from stages.core.schema import Role, TabularData, TabularTask
-from stages.tabular.data import NULLS, NUMERIC_SHARE, ColumnStats, describe_cells
+from stages.tabular.data import NULLS, NUMERIC_SHARE, ColumnStats, csv_header, describe_cells
 from stages.tabular.encoders import detect_date_format
 
 # the roles a column keeps (tabular.data.roles also allows `drop`)
@@ -31,6 +32,7 @@ BOOLEANS = {"yes", "no", "y", "n", "true", "false", "t", "f"}
 NEAR_UNIQUE = 0.99  # strings unique on this share of rows (and not prose) are ids
 TEXT_WORDS = 3  # values averaging this many words, and mostly distinct, are text
 LEAK = 0.99
+FEW_VALUES = 10  # a column of numbers with a few words and at most this many values is a category
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Plan:
     )  # kept columns: numeric|categorical|datetime|text
     formats: dict[str, str] = field(default_factory=dict)  # datetime columns' formats
     leaks: list[str] = field(default_factory=list)
+    words_missing: list[str] = field(default_factory=list)  # numeric columns: words → missing
 
 
 def read_sample(path, sep: str, columns: list[str] | None = None) -> pd.DataFrame:
@@ -50,7 +53,9 @@ def read_sample(path, sep: str, columns: list[str] | None = None) -> pd.DataFram
     df = pd.read_csv(
         path, sep=sep, nrows=SAMPLE_ROWS, dtype=str, keep_default_na=False, skipinitialspace=True
     )
-    df.columns = [str(c).strip() for c in df.columns]
+    header = [h.strip() for h in csv_header(Path(path), sep)]
+    # The header as the streaming reader names it: pandas calls an empty one "Unnamed: 0".
+    df.columns = header if len(header) == len(df.columns) else [str(c).strip() for c in df.columns]
     df = df.apply(lambda s: s.str.strip()).replace(NULLS, np.nan)
     return df[columns] if columns is not None else df
 
@@ -87,38 +92,60 @@ def decide(
     plan = Plan(task, why)
     plan.kinds[target] = "numeric" if task == "regression" else "categorical"
     for col, s in stats.items():
-        if col == target:
-            role, reason = ("numeric" if task == "regression" else "categorical"), "target"
-        elif col in overrides:
-            role, reason = overrides[col], "tabular.data.roles"
-            if role == "datetime":
-                plan.formats[col] = _format(sample[col]) or _no_dates(col, source)
-        else:
-            role, reason = column_role(col, s, sample[col], p.max_categories, source)
-            if role == "datetime":
-                plan.formats[col] = _format(sample[col])
-        if role in ("categorical", "boolean") and not s.counted_all and col != target:
-            raise StageError(
-                f"{source}: column {col!r} has more than {s.distinct - 1} values and cannot be "
-                "categorical; set its role to text in tabular.data.roles"
-            )
-        example = sample[col].dropna()
-        plan.roles.append(
-            {
-                "column": col,
-                "role": role,
-                "why": reason,
-                "example": None if example.empty else str(example.iloc[0])[:40],
-            }
-        )
-        if role in KEPT and col != target:
-            plan.kinds[col] = "categorical" if role == "boolean" else role
+        role, reason = role_of(col, s, sample[col], plan, overrides, p, source)
+        add_role(plan, col, role, reason, sample[col], target)
     plan.kinds = {c: plan.kinds[c] for c in stats if c in plan.kinds}  # CSV order
     plan.leaks = leaks(sample, plan, target)
     for r in plan.roles:
         if r["column"] in plan.leaks:
             r["why"] += "; possible leak: alone it predicts the target almost perfectly"
     return plan
+
+
+def role_of(
+    col: str,
+    s: ColumnStats,
+    sample: pd.Series,
+    plan: Plan,
+    overrides: dict,
+    p: TabularData,
+    source: str,
+) -> tuple[str, str]:
+    """(role, why) of one column: the target's, an override's, or the rules'. Records a date
+    column's format and a numeric column's words-read-as-missing in the plan."""
+    if col == p.target:
+        return ("numeric" if plan.task == "regression" else "categorical"), "target"
+    if col in overrides:
+        role, reason = overrides[col], "tabular.data.roles"
+        if role == "datetime":
+            plan.formats[col] = _format(sample) or _no_dates(col, source)
+    else:
+        role, reason = column_role(col, s, sample, p.max_categories, source)
+        if role == "datetime":
+            plan.formats[col] = _format(sample)
+        if role == "numeric" and s.bad:
+            plan.words_missing.append(col)
+    if role in ("categorical", "boolean") and not s.counted_all:
+        raise StageError(
+            f"{source}: column {col!r} has more than {s.distinct - 1} values and cannot be "
+            "categorical; set its role to text in tabular.data.roles"
+        )
+    return role, reason
+
+
+def add_role(plan: Plan, col: str, role: str, reason: str, sample: pd.Series, target: str):
+    """The column's line in the roles table, and its kind when the model uses it."""
+    example = sample.dropna()
+    plan.roles.append(
+        {
+            "column": col,
+            "role": role,
+            "why": reason,
+            "example": None if example.empty else str(example.iloc[0])[:40],
+        }
+    )
+    if role in KEPT and col != target:
+        plan.kinds[col] = "categorical" if role == "boolean" else role
 
 
 def _format(values: pd.Series) -> str | None:
@@ -152,11 +179,7 @@ def column_role(
                 return "id", "unique contiguous integers: a row number"
         return "numeric", "numbers"
     if s.present - s.bad >= NUMERIC_SHARE * s.present:
-        cells = pd.Series([v for _, v in s.bad_cells], index=[i for i, _ in s.bad_cells])
-        raise StageError(
-            f"{source}: column {col!r} is numeric but has text in {s.bad} rows "
-            f"({describe_cells(cells, count=s.bad)})"
-        )
+        return mostly_numbers(s)
     lowered = set(values.str.lower())
     if lowered and lowered <= BOOLEANS and s.distinct <= 2:
         return "boolean", "yes/no values"
@@ -172,6 +195,17 @@ def column_role(
     if words >= TEXT_WORDS and distinct_share > 0.5:
         return "text", f"{words:.1f} words per value, mostly distinct"
     return "categorical", f"{s.distinct} distinct strings"
+
+
+def mostly_numbers(s: ColumnStats) -> tuple[str, str]:
+    """A column of numbers with a few words (an engine type among cylinder counts): as skrub
+    and AutoGluon would, it runs: a category when its values are few, else numbers with the
+    words read as missing (serving then warns on such a cell, as on any unseen value)."""
+    cells = pd.Series([v for _, v in s.bad_cells], index=[i for i, _ in s.bad_cells])
+    words = f"text in {s.bad} rows ({describe_cells(cells, limit=2, count=s.bad)})"
+    if s.counted_all and s.distinct <= FEW_VALUES:
+        return "categorical", f"{s.distinct} distinct values, mostly numbers; {words}"
+    return "numeric", f"numbers; {words} read as missing"
 
 
 def leaks(sample: pd.DataFrame, plan: Plan, target: str) -> list[str]:

@@ -5,8 +5,9 @@ pandas' fixed cost per call was almost all of a one-row request (3.0 ms against 
 for session.run). This does the very arithmetic of `Preprocessor.transform` and
 `decode_outputs` (stages/tabular/data.py) in the same order and dtypes, so the answers are
 bit-for-bit the same (tests/test_drift.py checks it on the penguins test split). Anything
-it cannot type as JSON values (text in a number field, an unseen category) returns None,
-and the caller falls back to the pandas path, which names the problem.
+it cannot take as it is (text in a number field, an unseen category, an unparseable date, a
+number outside the validated range) returns None, and the caller falls back to the pandas
+path, which names the problem or reads the cell as missing with a warning (Preprocessor.screen).
 """
 
 from __future__ import annotations
@@ -28,6 +29,25 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
+def as_text(v):
+    """A JSON number sent for a text, date or category column, as the CSV reader would have
+    read the cell: 1999 → "1999" (an integral float too: 4.0 → "4"), 2.5 → "2.5"."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return v
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return v
+    return str(int(v)) if float(v).is_integer() else repr(v)
+
+
+def json_rows(rows: list[dict], card: Card) -> list[dict]:
+    """Rows as a client sends them, every column of the training CSV allowed → the feature
+    columns only (the card's `ignored`: ids, constants, dropped columns, the target, which the
+    model does not read), JSON numbers in text-like columns as text."""
+    texts = {f.name for f in card.features if f.type != "numeric"}
+    names = [f.name for f in card.features]
+    return [{c: as_text(r.get(c)) if c in texts else r.get(c) for c in names} for r in rows]
+
+
 class Rows:
     def __init__(self, card: Card):
         pre = card.preprocessing
@@ -38,6 +58,9 @@ class Rows:
         self.codes = {
             c: {v: i for i, v in enumerate(pre["categories"][c])} for c in self.categorical
         }
+        ranges = pre.get("ranges", {})
+        self.lows = np.asarray([ranges.get(c, [-np.inf])[0] for c in self.numeric], "float64")
+        self.highs = np.asarray([ranges.get(c, [0, np.inf])[1] for c in self.numeric], "float64")
         self.dates = pre.get("dates", {})
         self.texts = {c: TextEncoder(e) for c, e in pre.get("texts", {}).items()}
         self.width = len(self.medians) + sum(len(v) for v in self.codes.values())
@@ -58,6 +81,9 @@ class Rows:
             )
         except (TypeError, ValueError):
             return None
+        with np.errstate(invalid="ignore"):
+            if ((x < self.lows) | (x > self.highs)).any():
+                return None  # outside the validated range: the pandas path screens and warns
         extra = []
         for c, fmt in self.dates.items():  # the very per-value functions data.py calls
             values = [date_parts(r[c], fmt) for r in rows]

@@ -28,7 +28,7 @@ from stages.core.job import Job, train
 from stages.core.schema import Params
 from stages.core.trainer import regression_sums
 from stages.tabular.budget import resolve
-from stages.tabular.data import Preprocessor, read_split, split_chunks
+from stages.tabular.data import Preprocessor, feature_plan, read_split, split_chunks
 from stages.tabular.model import build_model
 
 TRAIN_TIME = "train-tabular"  # .cache/timings/train-tabular.json, read by evaluate
@@ -160,8 +160,7 @@ def fit_preprocessor(path: Path, features: list[dict] | dict) -> Preprocessor:
     `features`: schema.json's list, or {column: kind}."""
     if isinstance(features, dict):
         features = [{"name": c, "type": k} for c, k in features.items()]
-    kinds = {f.name: f.type for f in features}
-    formats = {f.name: f.format for f in features if f.format}
+    kinds, formats = feature_plan(features)
     parts = {c: Preprocessor.fit(read_split(path, [c]), {c: k}, formats) for c, k in kinds.items()}
     pre = Preprocessor(
         [c for c, k in kinds.items() if k == "numeric"],

@@ -1,4 +1,5 @@
-"""Trust for the tabular model (stages/core/trust.py): fitted on the validation split, with
+"""Trust for the served tabular model (stages/core/trust.py; the network, or the network and
+boosting together: stages/tabular/boost.py Served): fitted on the validation split, with
 the training split's penultimate features as the in-distribution reference; scored on the
 test split. evaluate and export both call fit_trust (the same deterministic fit), so the
 card carries the numbers that metrics.json scored.
@@ -19,23 +20,23 @@ from __future__ import annotations
 import pandas as pd
 
 from stages.core import layout, trust
-from stages.core.documents import Meta
-from stages.core.onnx_export import outputs_and_features
 from stages.core.schema import Params
-from stages.tabular.data import Preprocessor, sample_split
+from stages.tabular.data import sample_split
 
 FIT_ROWS = 200_000
 
 
-def _split(model, meta: Meta, pre: Preprocessor, split: str):
-    """(raw outputs, features, labels or target values in their units) of a split's sample."""
-    schema = meta.columns()
+def _split(served, split: str):
+    """(served raw outputs, features, labels or target values in their units) of a split's
+    sample."""
+    meta, pre = served.meta, served.pre
+    schema = served.schema
     target = schema.target
     df, _ = sample_split(
         layout.prepared("tabular") / f"{split}.parquet", [*pre.columns, target], FIT_ROWS
     )
     x = pre.transform(df)
-    out, _ = outputs_and_features(model, x)
+    out = served.outputs(x)
     feats = x  # OOD reads the input row (space "input"): see the module docstring
     if schema.task == "classification":
         y = pd.Categorical(df[target], categories=schema.classes).codes.astype(int)
@@ -45,12 +46,12 @@ def _split(model, meta: Meta, pre: Preprocessor, split: str):
     return values, feats, df[target].to_numpy("float64")
 
 
-def fit_trust(params: Params, model, meta: Meta, pre: Preprocessor) -> dict:
+def fit_trust(params: Params, served) -> dict:
     """The card's `trust` section (tabular.evaluate.alpha and .ood_threshold)."""
     p = params.tabular.evaluate
-    classify = meta.columns().task == "classification"
-    val_out, val_feats, val_y = _split(model, meta, pre, "val")
-    _, train_feats, train_y = _split(model, meta, pre, "train")
+    classify = served.classify
+    val_out, val_feats, val_y = _split(served, "val")
+    _, train_feats, train_y = _split(served, "train")
     return trust.fit(
         p.alpha,
         p.ood_threshold,
@@ -64,11 +65,11 @@ def fit_trust(params: Params, model, meta: Meta, pre: Preprocessor) -> dict:
     )
 
 
-def trust_report(params: Params, model, meta: Meta, pre: Preprocessor) -> tuple[dict, dict]:
+def trust_report(params: Params, served) -> tuple[dict, dict]:
     """(test metrics: ece_uncalibrated, ece, coverage, mean set size or interval width, OOD
     shares; reliability plot rows) for evaluate."""
-    fitted = fit_trust(params, model, meta, pre)
-    out, feats, y = _split(model, meta, pre, "test")
+    fitted = fit_trust(params, served)
+    out, feats, y = _split(served, "test")
     if fitted["temperature"] is None:
         return trust.metrics(fitted, None, out, y, feats)
     calibrated = trust.softmax(out.astype("float64") / fitted["temperature"])

@@ -223,7 +223,7 @@ def run(params: Params, new_suite: bool = False) -> dict:
     prepared = layout.prepared("tabular")
     schema = Columns.read(prepared / layout.columns("tabular").name)
     # the engine that prepared the splits
-    spark = schema.params["tabular.data"].get("engine") == "spark"
+    spark = schema.params.get("tabular.data", {}).get("engine") == "spark"
     path = suite_path("tabular", schema.source)
     v = params.tabular.validate_
     splits = [prepared / f"{name}.parquet" for name in SPLITS]

@@ -1,4 +1,4 @@
-"""Bench section `edge`: what the HTTP edge (app/limits.py: request ID, body limit, HEAD/405
+"""Bench section `edge`: what the HTTP edge (app/edge.py: request ID, body limit, HEAD/405
 check, access log line, metrics) and the API key check (app/auth.py) add to a request.
 
 The same POST /predict/tabular goes straight into three builds of the app (ASGI calls in
@@ -20,14 +20,15 @@ BODY = json.dumps({"rows": [{"bill_length_mm": 40.1, "island": "Biscoe"}]}).enco
 
 
 def build(scratch: Path, edge: bool, keys: tuple[str, ...]):
-    from app.limits import Edge
+    from app import edge as middlewares
     from app.server import api
     from app.settings import load_settings
 
     cfg = load_settings().replace(api_keys=keys)
     app = api(cfg, scratch / "no-models")
     if not edge:
-        app.user_middleware = [m for m in app.user_middleware if m.cls is not Edge]
+        ours = {getattr(middlewares, n) for n in middlewares.__all__}
+        app.user_middleware = [m for m in app.user_middleware if m.cls not in ours]
     return app
 
 

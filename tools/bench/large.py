@@ -36,7 +36,7 @@ def large(quick: bool, scratch: Path) -> dict:
         },
     )
     rows, details = [], {"csv_rows": n, "csv_mib": round(size_mb), "stages": {}}
-    for stage in ("prepare", "validate", "train", "evaluate", "export", "infer"):
+    for stage in ("prepare", "validate", "train", "boost", "evaluate", "export", "infer"):
         seconds, peak = run_measured([sys.executable, "-m", "stages", stage, "tabular"], repo)
         details["stages"][stage] = {
             "seconds": round(seconds, 1),

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from tools.bench.batch import batch
 from tools.bench.edge import edge
+from tools.bench.ensemble import ensemble
 from tools.bench.explain import explain
 from tools.bench.inference import inference
 from tools.bench.labels import labels
 from tools.bench.large import large
+from tools.bench.numerics import numerics
 from tools.bench.pipeline import pipeline
 from tools.bench.serving import serving
 from tools.bench.tabular_cost import tabular_cost
@@ -34,7 +36,9 @@ SECTIONS = {
     "explain": explain,
     "edge": edge,
     "labels": labels,
+    "numerics": numerics,
     "tabular_cost": tabular_cost,
+    "ensemble": ensemble,
     "large": large,
 }
 OPT_IN = {"large"}  # run only when named in --only

@@ -84,7 +84,8 @@ def serving(quick: bool, scratch: Path) -> dict:
     """p50/p99 through the HTTP server vs the same call in process vs the bare session.run."""
     import httpx
 
-    from app.predict import load_models, predict_image, predict_tabular
+    from app.predict import predict_image, predict_tabular
+    from app.repository import load_models
     from app.settings import load_settings
     from stages.image.data import preprocess, split_images
     from stages.tabular.data import Preprocessor, type_features
