@@ -10,6 +10,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 TOP_CONTRIBUTIONS = 8  # bars beside a tabular answer
+HEAT = "where the predicted class's evidence is (red: most; docs/explain.md)"
 WHY = "why: each column's share of the answer, from the training average (docs/explain.md)"
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from app.errors import BadInput
-from app.explain_view import WHY, bars, overlay, top_contributions
+from app.explain_view import HEAT, WHY, bars, overlay, top_contributions
 from app.label_issues import show as show_label_issues
 from app.predict import Current, Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
@@ -88,6 +88,14 @@ def _error(e: Exception | str):
     return gr.Error(text if text.endswith((".", "?", "!")) else text + ".")
 
 
+def _answer(predict, *args, **kw):
+    """predict(...), its BadInput shown as the UI's error."""
+    try:
+        return predict(*args, **kw)
+    except BadInput as e:
+        raise _error(e) from None
+
+
 def _need_file(path: str | None, what: str) -> str:
     if not path:
         raise _error(f"No file arrived: choose {what}")
@@ -121,11 +129,7 @@ def tabular_form(model: Loaded, *values) -> tuple[dict | float, str]:
 def tabular_why(model: Loaded, *values) -> pd.DataFrame:
     """One row from the form → its top contributions, for a bar chart (docs/explain.md)."""
     row = dict(zip([f.name for f in model.card.features], values, strict=False))
-    try:
-        pred = predict_tabular(model, [row], explain=True)[0]
-    except BadInput as e:
-        raise _error(e) from None
-    return top_contributions(pred)
+    return top_contributions(_answer(predict_tabular, model, [row], explain=True)[0])
 
 
 def looks_like_text(path: str) -> bool:
@@ -163,10 +167,7 @@ def tabular_csv(model: Loaded, path: str | None, max_rows: int) -> str:
 
 def image_one(model: Loaded, path: str | None, k: int, max_pixels: int) -> tuple[dict, str]:
     _need_file(path, "an image file")
-    try:
-        result = predict_image(model, Path(path).read_bytes(), k, max_pixels)
-    except BadInput as e:
-        raise _error(e) from None
+    result = _answer(predict_image, model, Path(path).read_bytes(), k, max_pixels)
     return {r["class"]: r["probability"] for r in result["top_k"]}, warnings_markdown(
         result["warnings"], result
     )
@@ -175,10 +176,7 @@ def image_one(model: Loaded, path: str | None, k: int, max_pixels: int) -> tuple
 def image_why(model: Loaded, path: str | None, max_pixels: int):
     """The image with its predicted class's activation map laid over it (docs/explain.md)."""
     _need_file(path, "an image file")
-    try:
-        result = predict_image(model, Path(path).read_bytes(), 1, max_pixels, explain=True)
-    except BadInput as e:
-        raise _error(e) from None
+    result = _answer(predict_image, model, Path(path).read_bytes(), 1, max_pixels, explain=True)
     return overlay(path, result["heatmap_png"])
 
 
@@ -474,12 +472,7 @@ def image_tab(m: Loaded, cfg: Settings) -> None:
 
     img.upload(classify, img, [label, img_note], api_name="image_one")
     if not no_cam(m.card):
-        why = gr.Image(
-            label="where the predicted class's evidence is (red: most; docs/explain.md)",
-            elem_id="img-why",
-            type="pil",
-            height=240,
-        )
+        why = gr.Image(label=HEAT, elem_id="img-why", type="pil", height=240)
         img.upload(lambda p: image_why(m, p, max_pixels), img, why, api_name="image_explain")
     examples = image_examples(m.card)
     if examples:
