@@ -104,7 +104,8 @@ def test_two_signal_columns_lead_importance_and_attributions(repo):
     assert set(list(importance)[:2]) == {"c1", "c5"}, importance
     assert all(v["std"] >= 0 for v in importance.values())
 
-    from app.predict import load_models, predict_tabular
+    from app.predict import predict_tabular
+    from app.repository import load_models
     from app.settings import load_settings
 
     m = load_models(repo / "models", load_settings(repo / "params.yaml"))[0]["tabular"]
