@@ -37,7 +37,13 @@ def wide_model(columns: int, folder: Path, export) -> Path:
         "task": "tabular",
         "kind": "classification",
         "classes": ["a", "b", "c"],
-        "onnx": {"file": "model.onnx", "input": "input", "output": "output"},
+        "onnx": {
+            "file": "model.onnx",
+            "sha256": "",
+            "input": "input",
+            "output": "output",
+            "input_shape": ["batch", columns],
+        },
         "features": [{"name": n, "type": "numeric"} for n in names],
         "preprocessing": {
             "numeric": names,
