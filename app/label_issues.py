@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.core import label_issues
+from stages.core import label_issues, layout
 from stages.core.card import Card
 
 SHOWN = 12
@@ -56,7 +56,7 @@ def show(gr, task: str, card: Card, metrics_dir: Path = Path("metrics")) -> None
         return
     issues, summary = found
     head = (
-        f"**Suspected label errors** (`metrics/{task}/label_issues.csv`, docs/validation.md): "
+        f"**Suspected label errors** (`{layout.label_issues(task)}`, docs/validation.md): "
         f"{summary['count']} of {summary['rows']} rows"
         + (
             f" ({summary['share']:.1%})"

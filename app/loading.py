@@ -32,6 +32,7 @@ from app.errors import BadInput
 from app.monitor import Monitor
 from app.predict import Limiter, Loaded
 from app.settings import Settings
+from stages.core import layout
 from stages.core.card import Card, read_card
 from stages.core.files import pid_alive, write_json
 from stages.core.inference import open_session, physical_cores
@@ -68,9 +69,11 @@ def field(card: Card, dotted: str):
 
 def read_checked(folder: Path, task: str) -> Card:
     """The folder's model card, checked for what serving reads; BadInput names the problem."""
-    path = folder / "model.json"
+    path = folder / layout.CARD_FILE
     if not path.is_file():
-        raise BadInput(f"{folder}: no model.json (a model folder holds model.onnx + model.json)")
+        raise BadInput(
+            f"{folder}: no {layout.CARD_FILE} (a model folder holds {layout.MODEL_ONNX_FILE} + {layout.CARD_FILE})"
+        )
     try:
         card = read_card(path)
     except ValidationError as e:
@@ -93,7 +96,7 @@ def open_checked(folder: Path, card: Card, threads: int):
     """The card's ONNX file as an onnxruntime session, if it is the file the card describes."""
     path = folder / card.onnx.file
     if not path.is_file():
-        raise BadInput(f"{folder}: no {card.onnx.file} beside model.json")
+        raise BadInput(f"{folder}: no {card.onnx.file} beside {layout.CARD_FILE}")
     if hashlib.sha256(path.read_bytes()).hexdigest() != card.onnx.sha256:
         raise BadInput(f"{path}: not the file its card describes (sha256 differs: cut short?)")
     try:  # Spinning threads would burn the cores between requests of a shared server.

@@ -35,6 +35,7 @@ from app.loading import (
 )
 from app.predict import Limiter, Loaded
 from app.settings import Settings
+from stages.core import layout
 from stages.core.params import TASKS
 
 
@@ -56,7 +57,7 @@ def registry_folder(task: str, model: str) -> Source:
         info = {"artifact": name, "version": version, "commit": commit}
         if model != version:
             info["stage"] = model
-        if not (out / task / "model.json").is_file():
+        if not (out / task / layout.CARD_FILE).is_file():
             registry.fetch_version(task, commit, out, info)
     except BadInput:
         raise
@@ -119,9 +120,10 @@ class Repository:
         restarted after a load), else the models folder."""
         now = self.gens.current(task)
         folder = Path(now["folder"]) if now else self.models_dir / task
-        if not (folder / "model.json").is_file():
-            self.missing[task] = f"no {folder}/model.onnx + model.json: " + HOW_TO_TRAIN.format(
-                task=task
+        if not (folder / layout.CARD_FILE).is_file():
+            self.missing[task] = (
+                f"no {folder}/{layout.MODEL_ONNX_FILE} + {layout.CARD_FILE}: "
+                + HOW_TO_TRAIN.format(task=task)
             )
         else:
             try:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.detect.boxformats import yolo_line
 from stages.detect.demo import SHAPES, shapes_scene
-from stages.detect.labels import yolo_line
 
 SPLITS = ("train", "val", "test")
 CONF = 0.002  # between the stride-32 prior (~0.0041) and the stride-16 one (~0.0010): see above

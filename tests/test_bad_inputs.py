@@ -173,7 +173,7 @@ def test_a_class_too_small_to_stratify_falls_back_with_a_warning(good: Path):
     set_params(good, {"tabular.data.source": source})
     res = stage(good, "prepare")
     assert "class 'Gentoo' of 'species' has 1 row(s): the split is not stratified" in res.stderr
-    schema = json.loads((good / "data/prepared/tabular/schema.json").read_text())
+    schema = json.loads((good / "data/prepared/tabular/columns.json").read_text())
     assert sum(schema["rows"].values()) == 21
 
 

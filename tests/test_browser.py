@@ -4,7 +4,12 @@
 Each tab is visited empty, with a result, with a warning and with an error; axe-core (the
 copy that axe-playwright-python ships, injected into the page: no CDN) checks each state,
 and the test fails on any serious or critical violation. The states' screenshots (small
-palette PNGs) and axe's own JSON per state (docs/ui/axe.json) are tracked, for reviewers.
+palette PNGs) and axe's own JSON per state go to .cache/ui/.
+
+`make screenshots` (after `make run`) runs it with UI_DEMO set to a checkout: the app serves
+that checkout's demo models instead of the tiny ones, every result state must show a right
+answer (the example's own label, the scene's own objects), and the screenshots and axe.json
+go to docs/ui/, which the README shows.
 It also checks that the form starts at the training medians with the ranges in its labels,
 that a wrong upload gets a sentence, that the Models tab shows its plots, and that /docs
 and /redoc render offline."""
@@ -13,10 +18,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+import yaml
+from conftest import ROOT, serving
+
+from stages.core import layout
+from stages.core.params import TASKS
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +41,8 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SHOTS = ROOT / "docs" / "ui"
+DEMO = Path(os.environ["UI_DEMO"]).resolve() if os.environ.get("UI_DEMO") else None
+SHOTS = ROOT / "docs" / "ui" if DEMO else ROOT / ".cache" / "ui"
 AXE: list[dict] = []  # one axe result per tab and state, written by the last test
 TOAST = ".toast-body, [data-testid='toast-body']"
 
@@ -61,6 +73,26 @@ def check(page, name: str) -> None:
         if v["impact"] in ("serious", "critical")
     ]
     assert not bad, f"{name}: " + "; ".join(bad)
+
+
+if DEMO:  # the demo models `make run` trained, in place of the tiny ones (conftest)
+
+    @pytest.fixture(scope="module")
+    def served_repo() -> Path:
+        missing = [t for t in TASKS if not (DEMO / layout.model_onnx(t)).is_file()]
+        if missing:
+            pytest.fail(f"UI_DEMO={DEMO} has no model for {', '.join(missing)}: `make run` first")
+        return DEMO
+
+    @pytest.fixture(scope="module")
+    def server(served_repo):
+        with serving(served_repo) as url:
+            yield url
+
+
+def top_label(page, out: str) -> str:
+    """The class a gr.Label shows on top."""
+    return page.locator(f"#{out} [data-testid='label-output-value']").inner_text().strip()
 
 
 def offline(server: str):
@@ -105,10 +137,16 @@ def test_tabular_states(page, served_repo, tmp_path):
     assert label in page.locator("#tab-body_mass_g").inner_text()
     assert page.locator("#tab-island input").input_value() == ref["island"]["mode"]
     check(page, "tabular-empty")
+    page.locator("#tab-examples table tbody tr, #tab-examples button.gallery-item").first.click()
     page.locator("#tab-predict").click()
     page.wait_for_function(
         "() => /inside the range/.test(document.querySelector('#tab-warnings').innerText)"
     )
+    if DEMO:  # the first example is the source's first row: its own label is the right answer
+        import pandas as pd
+
+        rows = pd.read_csv(served_repo / card["data"]["source"], sep=None, engine="python", nrows=1)
+        assert top_label(page, "tab-out") == str(rows[card["target"]].iloc[0]).strip()
     check(page, "tabular-result")
     mass.fill("0")
     page.locator("#tab-predict").click()
@@ -141,6 +179,8 @@ def image_states(page, tab: str, prefix: str, out: str, tmp_path, served_repo) -
     page.wait_for_function(
         f"() => /range|Check|objects/.test(document.querySelector('#{key}-warnings').innerText)"
     )
+    if DEMO:
+        right_answer(page, prefix, served_repo)
     check(page, f"{prefix}-result")
     odd = tmp_path / f"{prefix}-wide.png"
     # Wider than the image suite allows, and grey where detection trained on colour.
@@ -159,6 +199,54 @@ def image_states(page, tab: str, prefix: str, out: str, tmp_path, served_repo) -
     assert "notes.png is not an image" in text and "/tmp/" not in text and "PIL" not in text, text
     check(page, f"{prefix}-error")
     page.reload()
+
+
+def right_answer(page, prefix: str, repo: Path) -> None:
+    """The first example (the first image of the demo data) answered right: its folder's class
+    (image); every box drawn one of the scene's objects (its YOLO label file) of the same class at
+    IoU >= 0.5, missing at most one of a pile (detect, recall 0.87 on the demo's test split)."""
+    from PIL import Image
+
+    from app.ui import DETECT_COLUMNS, image_examples
+
+    card = json.loads((repo / layout.card(prefix)).read_text())
+    first = Path(image_examples({"data": {"source": str(repo / card["data"]["source"])}})[0])
+    if prefix == "image":
+        assert top_label(page, "img-out") == first.parent.name, first
+        return
+    root = first.parents[1]  # <source>/images/<name>.png, <source>/labels/<name>.txt
+    names = yaml.safe_load((root / "data.yaml").read_text())["names"]
+    w, h = Image.open(first).size
+    truth = []  # (class, x, y, width, height) in pixels, as the table shows boxes
+    for line in (root / "labels" / f"{first.stem}.txt").read_text().split("\n"):
+        if line.strip():
+            c, cx, cy, bw, bh = line.split()
+            bw, bh = float(bw) * w, float(bh) * h
+            truth.append((names[int(c)], float(cx) * w - bw / 2, float(cy) * h - bh / 2, bw, bh))
+    # Gradio's table draws its visible cells as cell-<row>-<column>, in DETECT_COLUMNS' order.
+    cells = page.eval_on_selector_all(
+        "#det-table [data-testid^='cell-']",
+        "cs => cs.map(c => [+c.dataset.row, +c.dataset.col, c.innerText.trim()])",
+    )
+    table: dict[int, dict] = {}
+    for row, col, text in cells:
+        table.setdefault(row, {})[DETECT_COLUMNS[col]] = text
+    shown = [r for r in table.values() if r.get("category")]
+    found = [
+        max((t for t in truth if t[0] == r["category"]), key=lambda t: iou(r, t), default=None)
+        for r in shown
+    ]
+    wrong = [r for r, t in zip(shown, found, strict=True) if t is None or iou(r, t) < 0.5]
+    assert not wrong and len(set(found)) >= len(truth) - 1, (first, shown, truth)
+
+
+def iou(row: dict, truth: tuple) -> float:
+    """A table row's box against a ground-truth (class, x, y, width, height)."""
+    x, y, w, h = (float(row[k]) for k in ("x", "y", "width", "height"))
+    _, tx, ty, tw, th = truth
+    ix = max(0.0, min(x + w, tx + tw) - max(x, tx))
+    iy = max(0.0, min(y + h, ty + th) - max(y, ty))
+    return ix * iy / (w * h + tw * th - ix * iy)
 
 
 def test_image_states(page, tmp_path, served_repo):

@@ -129,10 +129,10 @@ def test_the_walker_finds_lazy_and_submodule_imports(tmp_path):
         "stages/sub/leaf.py",
     ]
     # And on the real code: train@detect reaches yolo only through a module-level
-    # `from stages.detect import yolo`, labels reaches it only inside a function.
+    # `from stages.detect import yolo`, boxformats reaches it only inside a function.
     train = closure(ROOT, ["stages.detect.train"])
     assert ROOT / "stages/detect/yolo.py" in train and ROOT / "stages/core/files.py" in train
-    assert ROOT / "stages/detect/yolo.py" in closure(ROOT, ["stages.detect.labels"])
+    assert ROOT / "stages/detect/yolo.py" in closure(ROOT, ["stages.detect.boxformats"])
 
 
 def test_every_stage_depends_on_the_code_it_imports():

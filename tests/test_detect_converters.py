@@ -31,8 +31,8 @@ from detect_helpers import (
 )
 from PIL import Image
 
+from stages.detect.boxformats import read_yolo
 from stages.detect.evaluate import coco_ground_truth, coco_map
-from stages.detect.labels import read_yolo
 
 # HOME for every subprocess of this module (detect_helpers.fake_home).
 fake_home = pytest.fixture(scope="module", autouse=True)(detect_helpers.fake_home)

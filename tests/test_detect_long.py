@@ -295,14 +295,14 @@ def test_evaluate_says_when_the_model_learned_nothing(uninterrupted, tmp_path):
 @pytest.mark.parametrize(
     "graph,model", [("raw", "yolo11n.yaml"), ("nms", "yolo11n.yaml"), ("end2end", "yolo26n.yaml")]
 )
-def test_onnx_graph_kinds_match_ultralytics(graph, model, validated, uninterrupted, tmp_path):
+def test_onnx_graph_types_match_ultralytics(graph, model, validated, uninterrupted, tmp_path):
     """Each graph kind Ultralytics exports here (the raw head, NMS inside, an NMS-free
     YOLO26 head end to end): export's parity check (our predict vs Ultralytics' predict on
     the val images, which fails the stage below min_matched) passes, predict recognises the
     kind from the graph, and a batch answers as images one by one."""
     from stages.core.inference import open_session
     from stages.detect.boxes import load_for_detection
-    from stages.detect.infer import graph_kind, predict
+    from stages.detect.infer import graph_type, predict
 
     if model == "yolo11n.yaml":
         repo = clone(uninterrupted, tmp_path / "repo")
@@ -333,7 +333,7 @@ def test_onnx_graph_kinds_match_ultralytics(graph, model, validated, uninterrupt
     )
     assert card["parity"]["boxes_ultralytics"] > 0
     session = open_session(repo / "models/detect/model.onnx")
-    assert graph_kind(session) == graph
+    assert graph_type(session) == graph
     files = sorted((repo / "data/prepared/detect/images/val").iterdir())[:3]
     images = [load_for_detection(f, 64) for f in files]
     together = predict(session, images, CONF, 0.7)

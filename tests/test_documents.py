@@ -56,7 +56,7 @@ def test_columns_and_meta_read_what_prepare_and_train_wrote():
         "rows": {"train": 3, "val": 1, "test": 1},
         "params": {"seed": 1},
     }
-    meta = Meta.model_validate({"task": "tabular", "arch": {"kind": "net"}, "schema": columns})
+    meta = Meta.model_validate({"task": "tabular", "arch": {"name": "net"}, "schema": columns})
     assert meta.columns().features[0].format == "%Y"
     assert meta.dump()["schema"] == columns  # the checkpoint keeps its key
     assert Columns.model_validate(columns).dump() == columns

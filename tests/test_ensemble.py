@@ -85,7 +85,7 @@ def test_one_graph_serves_the_weighted_members_at_batch_1_and_n(tmp_path: Path, 
     boosting = fit_boosting(x[:200], y[:200], x[200:], y[200:], classify, BOOST, 0)
     torch.manual_seed(0)
     net = build_model(
-        {"kind": "mlp", "n_in": 6, "hidden": [8], "n_out": n_out, "dropout": 0.0}
+        {"name": "mlp", "n_in": 6, "hidden": [8], "n_out": n_out, "dropout": 0.0}
     ).eval()
     path = tmp_path / "model.onnx"
     export_onnx(WithFeatures(net).eval(), torch.from_numpy(x[:2]), path, ("output", "features"))

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, params_with
 
+from stages.core import gx_patches
 from stages.core.expectations import for_inference, run_suite, summarise
 from stages.tabular import prepare
 from stages.tabular.validate import null_mostly, profile
@@ -158,8 +159,38 @@ def _read_in_chunks(path: str):
     yield from _chunks(pd.read_parquet(path), 100)
 
 
+def test_every_gx_patch_applies_to_the_gx_installed(penguins):
+    """stages/core/gx_patches.py changes GX's internals for speed; on a GX release where one of
+    them finds nothing to change (or GX stops going through it), this fails and names it."""
+    import great_expectations as gx
+    import great_expectations.execution_engine.pandas_execution_engine as engine
+    from great_expectations.core.id_dict import IDDict
+
+    parts, _, suite = penguins
+    run_suite(suite, {"t": parts["test"].head(3)})  # GX's context made: the patches applied
+    assert gx_patches.SKIPPED == [], f"GX {gx.__version__}: no longer applies: {gx_patches.SKIPPED}"
+    assert engine.HASH_THRESHOLD == 0 and hasattr(IDDict.to_id, "gx")
+    gx_patches.MEMO.clear()
+    run_suite(suite, {"t": parts["test"]})
+    memo = gx_patches.MEMO
+    assert memo["reused"] > 5 * memo["built"] > 0, f"GX {gx.__version__} bypasses the memo: {memo}"
+
+
+def test_a_gx_patch_that_finds_nothing_is_named(monkeypatch):
+    """What the test above reports on a GX where IDDict.to_id changed shape: GX's own stays."""
+    from great_expectations.core.id_dict import IDDict
+
+    def to_id(self, keys=None):  # another signature
+        return "x"
+
+    monkeypatch.setattr(IDDict, "to_id", to_id)
+    monkeypatch.setattr(gx_patches, "SKIPPED", [])
+    gx_patches._plain_ids()
+    assert gx_patches.SKIPPED == ["IDDict.to_id"] and IDDict.to_id is to_id
+
+
 def test_plain_ids_are_gx_ids(penguins):
-    """GX keys metrics by IDDict.to_id; the fast path for plain dicts (expectations.py) must
+    """GX keys metrics by IDDict.to_id; the fast path for plain dicts (gx_patches.py) must
     give GX's own id for every dict a validation asks about."""
     from great_expectations.core.id_dict import IDDict
 

@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
 def test_export_has_a_dynamic_batch_and_matches_torch(tmp_path):
     torch.manual_seed(0)
     model = build_model(
-        {"kind": "mlp", "n_in": 6, "hidden": [8], "n_out": 3, "dropout": 0.5}
+        {"name": "mlp", "n_in": 6, "hidden": [8], "n_out": 3, "dropout": 0.5}
     ).eval()
     path = tmp_path / "m.onnx"
     export_onnx(model, torch.randn(2, 6), path)
@@ -45,11 +45,11 @@ def test_export_has_a_dynamic_batch_and_matches_torch(tmp_path):
 def test_parity_check_fails_on_a_different_model(tmp_path):
     torch.manual_seed(0)
     model = build_model(
-        {"kind": "mlp", "n_in": 4, "hidden": [8], "n_out": 2, "dropout": 0.0}
+        {"name": "mlp", "n_in": 4, "hidden": [8], "n_out": 2, "dropout": 0.0}
     ).eval()
     export_onnx(model, torch.randn(2, 4), tmp_path / "m.onnx")
     other = build_model(
-        {"kind": "mlp", "n_in": 4, "hidden": [8], "n_out": 2, "dropout": 0.0}
+        {"name": "mlp", "n_in": 4, "hidden": [8], "n_out": 2, "dropout": 0.0}
     ).eval()
     with pytest.raises(StageError, match="disagrees with torch"):
         check_parity(

@@ -65,7 +65,7 @@ def test_repro_writes_every_output(pipeline):
     repo = pipeline["repo"]
     for rel in (
         "data/prepared/image/index.parquet",
-        "data/prepared/image/schema.json",
+        "data/prepared/image/columns.json",
         "data/prepared/image/test.csv",
         "data/expectations/image/shapes.json",
         "metrics/image/validation.json",
@@ -95,7 +95,7 @@ def test_repro_writes_every_output(pipeline):
     assert (
         index.groupby("label")["split"].nunique() == 3
     ).all()  # stratified: every class in every split
-    schema = read_json(repo / "data/prepared/image/schema.json")
+    schema = read_json(repo / "data/prepared/image/columns.json")
     assert schema["classes"] == list(PATTERNS) and schema["image_size"] == 16
 
     validation = read_json(repo / "metrics/image/validation.json")

@@ -106,7 +106,7 @@ def test_prepare_reads_a_manifest_anywhere(fresh: Path):
     stage(fresh, "prepare", "image")
     stage(fresh, "validate", "image")
     prepared = fresh / "data/prepared/image"
-    schema = read_json(prepared / "schema.json")
+    schema = read_json(prepared / "columns.json")
     assert schema["root"] == "data/images/listed/lists" and schema["classes"] == [
         "checker",
         "square",

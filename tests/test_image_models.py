@@ -25,14 +25,14 @@ def test_every_arch_runs_on_small_images(size: int):
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, size, size)
-    for kind in IMAGE_ARCHS:
-        model = build_model({"kind": kind, "num_classes": 5})
+    for arch in IMAGE_ARCHS:
+        model = build_model({"name": arch, "num_classes": 5})
         for mode in (model.train, model.eval):
             mode()
             with torch.no_grad():
                 out = model(x)
-            assert out.shape == (2, 5), (kind, size, out.shape)
-            assert torch.isfinite(out).all(), kind
+            assert out.shape == (2, 5), (arch, size, out.shape)
+            assert torch.isfinite(out).all(), arch
 
 
 def test_pretrained_weights_load_from_a_local_file(tmp_path: Path):
@@ -45,7 +45,7 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path: Path):
     saved = torchvision.models.resnet18(weights=None).state_dict()  # 1000 ImageNet classes
     path = tmp_path / "resnet18.pth"
     torch.save(saved, path)
-    model = build_model({"kind": "resnet18", "num_classes": 4}, pretrained=str(path))
+    model = build_model({"name": "resnet18", "num_classes": 4}, pretrained=str(path))
     state = model.state_dict()
     backbone = [k for k in saved if not k.startswith("fc.")]
     assert len(backbone) > 100 and set(state) == set(saved)
@@ -54,17 +54,17 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path: Path):
     assert model.fc.out_features == 4 and state["fc.weight"].shape == (4, 512)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     # Not pretrained: the same backbone keys hold other (random) weights.
-    fresh = build_model({"kind": "resnet18", "num_classes": 4}).state_dict()
+    fresh = build_model({"name": "resnet18", "num_classes": 4}).state_dict()
     assert not torch.equal(fresh["conv1.weight"], saved["conv1.weight"])
 
     with pytest.raises(StageError, match=r"image\.train\.pretrained: .*nothing\.pth: no such file"):
         build_model(
-            {"kind": "resnet18", "num_classes": 4}, pretrained=str(tmp_path / "nothing.pth")
+            {"name": "resnet18", "num_classes": 4}, pretrained=str(tmp_path / "nothing.pth")
         )
     other = tmp_path / "mobilenet.pth"
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), other)
     with pytest.raises(StageError, match=r"mobilenet\.pth: not a resnet18 state dict"):
-        build_model({"kind": "resnet18", "num_classes": 4}, pretrained=str(other))
+        build_model({"name": "resnet18", "num_classes": 4}, pretrained=str(other))
     # Not torch files at all, or not a dict: the same one-line error, not a traceback.
     (tmp_path / "junk.pth").write_text("not a torch file")
     (tmp_path / "empty.pth").write_bytes(b"")
@@ -73,11 +73,11 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path: Path):
         with pytest.raises(
             StageError, match=rf"{re.escape(name)}: not a resnet18 state dict \(.+\)"
         ):
-            build_model({"kind": "resnet18", "num_classes": 4}, pretrained=str(tmp_path / name))
+            build_model({"name": "resnet18", "num_classes": 4}, pretrained=str(tmp_path / name))
 
 
-@pytest.mark.parametrize("kind", ["small_cnn", "resnet18"])
-def test_fine_tune_from_an_earlier_runs_model(tmp_path: Path, kind: str):
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_fine_tune_from_an_earlier_runs_model(tmp_path: Path, arch: str):
     """image.train.pretrained: an earlier run's models/image/model.pt (state_dict + meta), for
     every arch: all tensors with the same classes; another class count: all but the head."""
     import torch
@@ -85,27 +85,27 @@ def test_fine_tune_from_an_earlier_runs_model(tmp_path: Path, kind: str):
     from stages.image.model import build_model
 
     torch.manual_seed(3)
-    earlier = build_model({"kind": kind, "num_classes": 10})
+    earlier = build_model({"name": arch, "num_classes": 10})
     path = tmp_path / "model.pt"
     torch.save(
-        {"state_dict": earlier.state_dict(), "meta": {"arch": {"kind": kind, "num_classes": 10}}},
+        {"state_dict": earlier.state_dict(), "meta": {"arch": {"name": arch, "num_classes": 10}}},
         path,
     )
-    same = build_model({"kind": kind, "num_classes": 10}, pretrained=str(path)).state_dict()
+    same = build_model({"name": arch, "num_classes": 10}, pretrained=str(path)).state_dict()
     assert all(torch.equal(v, same[k]) for k, v in earlier.state_dict().items())
-    fewer = build_model({"kind": kind, "num_classes": 4}, pretrained=str(path)).state_dict()
+    fewer = build_model({"name": arch, "num_classes": 4}, pretrained=str(path)).state_dict()
     differ = [k for k, v in earlier.state_dict().items() if v.shape != fewer[k].shape]
     assert differ and len(differ) <= 2  # the head's weight and bias
     assert all(torch.equal(v, fewer[k]) for k, v in earlier.state_dict().items() if k not in differ)
-    other = "resnet18" if kind == "small_cnn" else "small_cnn"
-    with pytest.raises(StageError, match=rf"is a {kind} model; image\.train\.arch is {other}"):
-        build_model({"kind": other, "num_classes": 10}, pretrained=str(path))
-    if kind == "small_cnn":
+    other = "resnet18" if arch == "small_cnn" else "small_cnn"
+    with pytest.raises(StageError, match=rf"is a {arch} model; image\.train\.arch is {other}"):
+        build_model({"name": other, "num_classes": 10}, pretrained=str(path))
+    if arch == "small_cnn":
         torch.save(earlier.state_dict(), tmp_path / "plain.pth")
         with pytest.raises(
             StageError, match="small_cnn starts from an earlier run's models/image/model.pt only"
         ):
-            build_model({"kind": kind, "num_classes": 10}, pretrained=str(tmp_path / "plain.pth"))
+            build_model({"name": arch, "num_classes": 10}, pretrained=str(tmp_path / "plain.pth"))
 
 
 def test_decoded_once_and_augmented_per_batch(tmp_path: Path, monkeypatch):
@@ -181,7 +181,7 @@ def test_training_survives_a_last_batch_of_one_with_batchnorm(tmp_path: Path):
         device="cpu",
         nproc=1,
     )
-    model = build_model({"kind": "mobilenet_v3_small", "num_classes": 2})
+    model = build_model({"name": "mobilenet_v3_small", "num_classes": 2})
     first = model.features[0][0].weight
     before = first.detach().clone()
     summary = fit(

@@ -5,6 +5,7 @@ stages/ spells a path that dvc.yaml names."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import yaml
@@ -33,7 +34,7 @@ def expected(stage: str, task: str, params: Params) -> tuple[set, set]:
         "evaluate": ({*served, prepared, source}, {layout.metrics(task), layout.plots(task)}),
         "labels": (
             {prepared, source, valid, *({layout.ensemble(task)} if task == "tabular" else ())},
-            {layout.label_issues(task), layout.label_issues(task).with_suffix(".json")},
+            {layout.label_issues(task), layout.label_issue_counts(task)},
         ),
         "export": (
             {*served, prepared, source, layout.metrics(task), valid},
@@ -142,3 +143,50 @@ def test_params_yaml_paths_are_not_layout_paths_in_disguise():
     """Paths that params.yaml names are read from params, never from the layout."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["tabular"]["infer"]["output"] not in {str(p) for p in layout.PREDICTIONS.values()}
+
+
+def file_names() -> set[str]:
+    """The layout's file names: its *_FILE constants and the names its fixed paths end in."""
+    names = {v for k, v in vars(layout).items() if k.endswith("_FILE")}
+    fixed = [layout.COST, *layout.PREDICTIONS.values()]
+    return names | {p.name for p in fixed}
+
+
+def strings(path: Path):
+    """(line, text) of each string literal in a module, docstrings aside, and of every piece
+    of text in an f-string (f"{out}/model.json" → "/model.json")."""
+    tree = ast.parse(path.read_text(), str(path))
+    yield from literals(path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            for part in node.values:
+                if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                    yield node.lineno, part.value
+
+
+def spells_a_file_name(text: str, names: set[str]) -> bool:
+    return any(re.search(rf"(?<![\w.-]){re.escape(n)}(?![\w.-])", text) for n in names)
+
+
+def test_no_module_spells_a_layout_file_name():
+    """model.json, metrics.json, ... are spelled in stages/core/layout.py only: a file name
+    written anywhere else under stages/, app/ or tools/ fails here."""
+    names = file_names()
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {text!r}"
+        for folder in ("stages", "app", "tools")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path != ROOT / "stages/core/layout.py"
+        for line, text in sorted(set(strings(path)))
+        if spells_a_file_name(text, names)
+    ]
+    assert found == [], "use stages/core/layout.py's names:\n" + "\n".join(found)
+
+
+def test_the_check_sees_a_file_name():
+    names = file_names()
+    assert {"model.onnx", "model.json", "columns.json", "label_issues.csv", "cost.json"} <= names
+    for text in ("model.json", "/metrics.json", "see metrics/detect/infer.json)", "model.pt"):
+        assert spells_a_file_name(text, names), text
+    for text in ("weights/last.pt", "my_model.json", "model.json5", "metrics.jsonl"):
+        assert not spells_a_file_name(text, names), text

@@ -35,7 +35,7 @@ def test_repro_runs_every_stage_and_is_reproducible(repo):
         assert f"Running stage '{name}@tabular'" in out.stdout
     for rel in (
         "data/prepared/tabular/train.parquet",
-        "data/prepared/tabular/schema.json",
+        "data/prepared/tabular/columns.json",
         "models/tabular/model.pt",
         "models/tabular/model.onnx",
         "models/tabular/model.json",
@@ -133,7 +133,15 @@ def test_a_regression_csv_by_editing_only_data_params(repo):
     preds = pd.read_csv(repo / "data/predictions/tabular.csv")
     assert (
         list(preds.columns)
-        == ["line", "prediction", "interval_low", "interval_high", "ood_flagged", "ood_p_value"]
+        == [
+            "line",
+            "prediction",
+            "interval_low",
+            "interval_high",
+            "ood_flagged",
+            "ood_p_value",
+            "warnings",
+        ]
         and preds["prediction"].between(0, 500).all()
     )
     assert (

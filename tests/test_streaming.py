@@ -33,10 +33,10 @@ def split(tmp_path_factory):
 
 def stream(split, rank=0, world=2, epoch=0, batch_size=8):
     out, schema = split
-    kinds = {f.name: f.type for f in schema.features}
+    types = {f.name: f.type for f in schema.features}
     ds = RowGroups(
         out / "groups.parquet",
-        fit_preprocessor(out / "groups.parquet", kinds),
+        fit_preprocessor(out / "groups.parquet", types),
         schema,
         None,
         seed=3,
@@ -107,9 +107,9 @@ def test_loader_workers_see_the_one_process_order(split):
 
 def test_preprocessor_fitted_column_by_column_equals_one_fit(split):
     out, schema = split
-    kinds = {f.name: f.type for f in schema.features}
-    assert fit_preprocessor(out / "train.parquet", kinds) == Preprocessor.fit(
-        pd.read_parquet(out / "train.parquet"), kinds
+    types = {f.name: f.type for f in schema.features}
+    assert fit_preprocessor(out / "train.parquet", types) == Preprocessor.fit(
+        pd.read_parquet(out / "train.parquet"), types
     )
 
 

@@ -53,8 +53,8 @@ def prepared(
 
 def test_prepare_types_numbers_and_text(tmp_path):
     schema, parts = prepared(tmp_path)
-    kinds = {f.name: f.type for f in schema.features}
-    assert kinds["bill_length_mm"] == "numeric" and kinds["island"] == "categorical"
+    types = {f.name: f.type for f in schema.features}
+    assert types["bill_length_mm"] == "numeric" and types["island"] == "categorical"
     df = pd.concat(parts.values()).sort_index()
     assert df["year"].dtype == "float64"
     assert df["sex"].isna().sum() == 11  # 'NA' cells stay missing, not the string 'nan'
@@ -260,8 +260,8 @@ def test_prepare_over_many_batches_keeps_every_cell(tmp_path, monkeypatch):
         for i in range(n)
     ]
     schema, parts = prepared(tmp_path, "\n".join(rows) + "\n", target="y", max_categories=10)
-    kinds = {f.name: f.type for f in schema.features}
-    assert kinds == {
+    types = {f.name: f.type for f in schema.features}
+    assert types == {
         "late": "categorical",
         "c": "categorical",
         "x": "numeric",

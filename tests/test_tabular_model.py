@@ -31,7 +31,7 @@ CONFIGS = {  # (embedding, ensemble)
 def net(embedding: int, ensemble: int, classify: bool = True) -> TabularNet:
     torch.manual_seed(0)
     arch = {
-        "kind": "net",
+        "name": "net",
         "n_in": 7,
         "n_numeric": 4,
         "hidden": [16, 8],
@@ -87,7 +87,7 @@ def _body_input(model: TabularNet, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_old_mlp_models_still_load():
-    model = build_model({"kind": "mlp", "n_in": 7, "hidden": [8], "n_out": 2, "dropout": 0.0})
+    model = build_model({"name": "mlp", "n_in": 7, "hidden": [8], "n_out": 2, "dropout": 0.0})
     assert model(rows(2)).shape == (2, 2)
 
 

@@ -121,7 +121,7 @@ def test_regression_loop(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(100, 3, generator=g)
     data = TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5]))
-    model = build_model({"kind": "mlp", "n_in": 3, "hidden": [16], "n_out": 1, "dropout": 0.0})
+    model = build_model({"name": "mlp", "n_in": 3, "hidden": [16], "n_out": 1, "dropout": 0.0})
     cfg = LoopConfig(**{**BASE, "monitor": "val_mae", "epochs": 30})
     summary = fit(
         model,
@@ -197,7 +197,7 @@ def test_unknown_monitor_lists_choices(tmp_path):
 
 def test_model_forward_shapes_and_no_nans():
     model = build_model(
-        {"kind": "mlp", "n_in": 5, "hidden": [8, 4], "n_out": 3, "dropout": 0.1}
+        {"name": "mlp", "n_in": 5, "hidden": [8, 4], "n_out": 3, "dropout": 0.1}
     ).eval()
     out = model(torch.randn(7, 5))
     assert out.shape == (7, 3) and torch.isfinite(out).all()

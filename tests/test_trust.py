@@ -130,6 +130,7 @@ def test_batch_infer_writes_interval_and_ood_columns(tmp_path):
             "interval_high",
             "ood_flagged",
             "ood_p_value",
+            "warnings",
         ]
         assert got["ood_flagged"].tolist() == [r["ood"]["flagged"] for r in expected]
         assert got["ood_flagged"].iloc[-1]  # the absurd row

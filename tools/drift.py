@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from app.monitor import feature_shares, psi
+from stages.core import layout
 from stages.core.card import Card, read_card
 from stages.core.params import TASKS, load_params
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     done = 0
     for task in args.task or TASKS:
         rows = read_log(Path(args.logs), task)
-        card_path = Path(args.models) / task / "model.json"
+        card_path = Path(args.models) / task / layout.CARD_FILE
         if not rows or not card_path.is_file():
             continue
         card = read_card(card_path)

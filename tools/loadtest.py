@@ -27,13 +27,15 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 
+from stages.core import layout
+
 MIX = (("tabular", 5), ("image", 3), ("detect", 2))  # requests per 10, by task
 
 
 def payloads(repo: Path) -> dict:
     row = json.loads(
         pd.read_parquet(repo / "data/prepared/tabular/test.parquet")
-        .drop(columns=json.loads((repo / "models/tabular/model.json").read_text())["target"])
+        .drop(columns=json.loads((repo / layout.card("tabular")).read_text())["target"])
         .head(1)
         .to_json(orient="records")
     )[0]

@@ -118,7 +118,7 @@ def run_table(
         if done.returncode:
             raise RuntimeError(f"{stage} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
         seconds[stage] = round(time.perf_counter() - t0, 2)
-    metrics = json.loads((folder / "metrics/tabular/metrics.json").read_text())
+    metrics = json.loads((folder / layout.metrics("tabular")).read_text())
     cost_file, time_file = folder / layout.COST, folder / timing_path(TRAIN_TIME)
     cost = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
     train = json.loads(time_file.read_text()) if time_file.is_file() else {}
@@ -246,7 +246,7 @@ def served_calls(repo: Path, csv: Path) -> dict:
 
     from stages.tabular.serving import as_text
 
-    card = json.loads((repo / "models/tabular/model.json").read_text())
+    card = json.loads((repo / layout.card("tabular")).read_text())
     rows = raw_rows(csv)
     with local_server(repo) as url:
         import urllib.request
@@ -298,7 +298,7 @@ def table_result(name: str, repo: Path, rows: int | None, sets: dict) -> dict:
     csv = table_csv(name, repo / "data" / "tabular", rows)
     result = {"table": name, **first_try(repo, csv.relative_to(repo), t.target, sets)}
     if result["ok"]:
-        metrics = json.loads((repo / "metrics/tabular/metrics.json").read_text())
+        metrics = json.loads((repo / layout.metrics("tabular")).read_text())
         score = "accuracy" if "accuracy" in metrics["test"] else "r2"
         result.update(
             score=score,

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from stages.core import layout
 from stages.core.card import Card, parse_card
 from stages.core.cli import StageError, run_main
 from stages.core.params import TASKS, load_params
@@ -67,13 +68,13 @@ def fetch_version(task: str, rev: str, out: Path, info: dict | None = None) -> C
     import dvc.api
 
     _, onnx_path = artifact(task)
-    card_path = str(Path(onnx_path).with_name("model.json"))
+    card_path = str(Path(onnx_path).with_name(layout.CARD_FILE))
     try:
         card = parse_card(dvc.api.read(card_path, repo=".", rev=rev))
         onnx = dvc.api.read(onnx_path, repo=".", rev=rev, mode="rb")
     except Exception as e:  # noqa: BLE001 - DVC raises several types for "not there"
         raise StageError(
-            f"{onnx_path} + model.json at {rev}: cannot read them ({type(e).__name__}: {e}); "
+            f"{onnx_path} + {layout.CARD_FILE} at {rev}: cannot read them ({type(e).__name__}: {e}); "
             "the models must be committed (dvc.lock) and in the DVC cache or remote"
         ) from None
     if hashlib.sha256(onnx).hexdigest() != card.onnx.sha256:
@@ -84,7 +85,7 @@ def fetch_version(task: str, rev: str, out: Path, info: dict | None = None) -> C
         card = card.model_copy(update={"registry": info})
     (out / task).mkdir(parents=True, exist_ok=True)
     (out / task / card.onnx.file).write_bytes(onnx)
-    (out / task / "model.json").write_text(json.dumps(card.dump(), indent=2))
+    (out / task / layout.CARD_FILE).write_text(json.dumps(card.dump(), indent=2))
     return card
 
 

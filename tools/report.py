@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.card import Card, read_card
 from stages.core.cli import StageError, run_main
 from stages.core.files import read_json
@@ -169,9 +170,7 @@ def label_issues_md(task: str, top: int = 10) -> str:
     text = f"### Suspected label errors\n\n{s['count']} of {s['rows']} rows"
     if not s["rows"]:
         return f"{text}: skipped ({s.get('skipped')}).\n"
-    text += (
-        f" ({s['share']:.1%}), `metrics/{task}/label_issues.csv`; review, then exclude by params.\n"
-    )
+    text += f" ({s['share']:.1%}), `{layout.label_issues(task)}`; review, then exclude by params.\n"
     rows = issues.head(top).values.tolist()
     return text + ("\n" + table(list(issues.columns), rows) + "\n" if rows else "")
 
@@ -179,7 +178,7 @@ def label_issues_md(task: str, top: int = 10) -> str:
 def importance_md(task: str, top: int = 10) -> str:
     """The columns that matter most on the test split (evaluate's permutation importance,
     docs/explain.md), or "" where the task has none."""
-    path = Path(f"metrics/{task}/importance.json")
+    path = layout.metrics_dir(task) / layout.IMPORTANCE.name
     if not path.exists():
         return ""
     rows = [[c, v["mean"], v["std"]] for c, v in list(read_json(path).items())[:top]]
@@ -239,7 +238,7 @@ def build_report(
             + (table(["metric", base, "now", "change"], rows) if rows else "No metrics.")
             + "\n"
         )
-        validation = Path(f"metrics/{task}/validation.json")
+        validation = layout.validation(task)
         if validation.exists():
             v = read_json(validation)
             failed = sum(not r["success"] for t in v["tables"].values() for r in t["results"])
@@ -250,13 +249,18 @@ def build_report(
             )
         parts.append(label_issues_md(task))
         parts.append(importance_md(task))
-        onnx, card_path = Path(f"models/{task}/model.onnx"), Path(f"models/{task}/model.json")
+        onnx, card_path = layout.model_onnx(task), layout.card(task)
         if onnx.exists() and card_path.exists():
             card = read_card(card_path)
             parts.append(
                 "### Model\n\n"
                 + table(
-                    ["file", "size (MB)", "onnxruntime p50 latency, batch 1 (ms)", "model.pt md5"],
+                    [
+                        "file",
+                        "size (MB)",
+                        "onnxruntime p50 latency, batch 1 (ms)",
+                        f"{layout.MODEL_PT_FILE} md5",
+                    ],
                     [
                         [
                             onnx.as_posix(),

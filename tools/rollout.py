@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 
 from app.settings import load_settings, parse_api_keys
+from stages.core import layout
 
 
 def call(url: str, path: str, body: dict | None = None) -> object:
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     load = sub.add_parser("load", help="load a version on every worker")
     load.add_argument("task")
     which = load.add_mutually_exclusive_group()
-    which.add_argument("--path", help="a folder inside serve.model_root (model.onnx + model.json)")
+    which.add_argument(
+        "--path",
+        help=f"a folder inside serve.model_root ({layout.MODEL_ONNX_FILE} + {layout.CARD_FILE})",
+    )
     which.add_argument("--version", help="a registry version (v0.0.3)")
     sub.add_parser("rollback", help="load the version served before").add_argument("task")
     sub.add_parser("index", help="what each task serves")

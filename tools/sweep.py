@@ -26,15 +26,16 @@ from pathlib import Path
 
 import yaml
 
+from stages.core import layout
 from stages.core.cli import StageError, run_main
 from stages.core.params import load_params
 from stages.core.schema import overridden, validate
 
 # The metric each task's sweep is ranked by, and whether higher is better.
 RANK_BY = {
-    "tabular": ("metrics/tabular/metrics.json:test.accuracy", "desc"),
-    "image": ("metrics/image/metrics.json:test.accuracy", "desc"),
-    "detect": ("metrics/detect/metrics.json:test.mAP50-95", "desc"),
+    "tabular": (f"{layout.metrics('tabular')}:test.accuracy", "desc"),
+    "image": (f"{layout.metrics('image')}:test.accuracy", "desc"),
+    "detect": (f"{layout.metrics('detect')}:test.mAP50-95", "desc"),
 }
 DONE = ("success", "failed")
 STALLED = (

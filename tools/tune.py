@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from stages.core import layout
 from stages.core.cli import StageError, run_main
 from stages.core.params import load_params
 from stages.core.schema import overridden, plain, validate
@@ -146,7 +147,7 @@ def record(study, storage, trial_number: int, name: str, state: str, data: dict,
     )
     storage.set_trial_user_attr(trial_id, "experiment", name)
     result = (
-        ((data.get("metrics") or {}).get(f"metrics/{task}/train/metrics.json") or {})
+        ((data.get("metrics") or {}).get(str(layout.train_log(task) / layout.METRICS_FILE)) or {})
         .get("data", {})
         .get("tune")
     )

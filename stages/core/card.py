@@ -108,7 +108,8 @@ def provenance(task: str, model_file: Path, lock_file: Path = Path("dvc.lock")) 
             "stage": stage,
             "deps": None,
             "params": None,
-            "note": f"dvc.lock does not record this model.pt as the output of {stage} (trained outside `dvc repro`?)",
+            "note": f"dvc.lock does not record this {layout.MODEL_PT_FILE} as the output of "
+            f"{stage} (trained outside `dvc repro`?)",
         }
     return {
         "model_md5": md5,

@@ -65,7 +65,7 @@ class Feature(Document):
     """A tabular input column: in the prepared columns and in the model card's `features`."""
 
     name: str
-    type: str  # its kind: numeric, categorical, datetime or text (stages/tabular/roles.py)
+    type: str  # numeric, categorical, datetime or text (stages/tabular/roles.py)
     format: str | None = None  # datetime: the strptime format its values were read with
     categories: list | None = None  # categorical, in the card: the one-hot order
 

@@ -9,10 +9,8 @@ kwargs, meta}]}) that a person can edit. `meta.role` marks what inference skips:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
-import json
 import logging
 import os
 import threading
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.core import layout
+from stages.core import gx_patches, layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, read_json, write_json
 
@@ -74,103 +72,13 @@ def for_inference(suite: dict) -> dict:
 
 def _context():
     import great_expectations as gx
-    import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    # GX fingerprints every pandas batch under 1 GB with an md5 of hash_pandas_object over
-    # all its cells and its index, a batch marker nothing here reads: a third of the suite's
-    # time on a million rows (`make bench`). Above the threshold GX skips it: make that always.
-    pandas_engine.HASH_THRESHOLD = 0
-    _memoise_configurations()
-    _plain_ids()
+    gx_patches.apply()  # GX's internals made faster, in one place (stages/core/gx_patches.py)
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     return ctx
-
-
-_validating = threading.local()  # .memo: {(method, id): (object, result)} while a thread validates
-
-
-@functools.cache
-def _memoise_configurations() -> None:
-    """While GX plans a validation it turns each expectation's configuration back into an
-    expectation (to_domain_obj, a pydantic model) for every metric it needs, about ten per
-    expectation, and rebuilds a configuration from that model for every keyword it looks up:
-    about 2,600 models built for the demo's 22 expectations, half of GX's fixed cost per run
-    (the floor of `infer` on 100,000 rows; `make bench`). Within one validation call nothing
-    changes either, so each is built once per call; outside one (and in other threads) GX's
-    own methods run. A memo holds the object it was built from, so an id is never reused
-    while it lives, and is dropped after the call."""
-    from great_expectations.expectations.expectation import Expectation
-    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
-
-    def once(build):
-        def memoised(self):
-            memo = getattr(_validating, "memo", None)
-            if memo is None:
-                return build(self)
-            hit = memo.get((build, id(self)))
-            if hit is None:
-                hit = memo[build, id(self)] = (self, build(self))
-            return hit[1]
-
-        return memoised
-
-    Expectation.configuration = property(
-        once(Expectation.configuration.fget), doc=Expectation.configuration.__doc__
-    )
-    ExpectationConfiguration.to_domain_obj = once(ExpectationConfiguration.to_domain_obj)
-
-
-@functools.cache
-def _plain_ids() -> None:
-    """GX keys each metric it plans by an md5 of its keyword dicts (IDDict.to_id), made
-    JSON-safe first by a walk that tries a dozen numpy checks on every value, None included:
-    a fifth of GX's fixed cost per run (`make bench`). A dict of plain JSON values (str keys;
-    str, int, bool, None, finite floats, lists and dicts of them) is dumped as it is, which
-    is the same string, so the same id (tests/test_expectations.py); the rest goes GX's way."""
-    import hashlib
-
-    from great_expectations.core.id_dict import IDDict
-
-    own = IDDict.to_id
-
-    def to_id(self, id_keys=None, id_ignore_keys=None):
-        if id_keys is None and id_ignore_keys is None:
-            keys = self.keys() - self._id_ignore_keys
-            if len(keys) > 1:
-                d = {k: self[k] for k in keys}
-                if _json_plain(d):
-                    return hashlib.md5(
-                        json.dumps(d, sort_keys=True).encode(), usedforsecurity=False
-                    ).hexdigest()
-        return own(self, id_keys, id_ignore_keys)
-
-    to_id.gx = own  # GX's own, for the test
-    IDDict.to_id = to_id
-
-
-def _json_plain(v) -> bool:
-    t = type(v)
-    if t is str or t is int or t is bool or v is None:
-        return True
-    if t is float:
-        return v == v  # GX writes NaN as null
-    if t is list or t is tuple:
-        return all(_json_plain(x) for x in v)
-    if t is dict:
-        return all(type(k) is str and _json_plain(x) for k, x in v.items())
-    return False
-
-
-@contextlib.contextmanager
-def _one_validation():
-    _validating.memo = {}
-    try:
-        yield
-    finally:
-        _validating.memo = None
 
 
 @functools.cache
@@ -261,7 +169,7 @@ def _validate_with_docs(
             actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["docs"])],
         )
     )
-    with _one_validation():
+    with gx_patches.one_validation():
         res = next(iter(cp.run(batch_parameters={"dataframe": frame}).run_results.values()))
     return [_result(r) for r in res.results]
 
@@ -430,7 +338,7 @@ def _validate(batch, groups: list, frame, result_format: dict) -> list[dict]:
         if cols is not None and not set(cols) <= set(frame.columns):
             cols = None  # a missing column: GX's own error, from the whole table
         part = frame if cols is None else frame[cols]
-        with _one_validation():
+        with gx_patches.one_validation():
             res = batch.get_batch(batch_parameters={"dataframe": part}).validate(
                 sub, result_format=result_format
             )
@@ -593,7 +501,7 @@ def check(
         raise StageError(
             f"data does not meet the expectations in {path}\n{summarise(report, sources)}\n"
             f"Fix the data, or edit {path} if the change is intended. "
-            f"Full report: metrics/{task}/validation.json, metrics/{task}/datadocs/index.html"
+            f"Full report: {layout.validation(task)}, {layout.datadocs(task)}/index.html"
         )
     log(f"validation passed: {total} checks over {', '.join(report['tables'])} ({path})")
     return report

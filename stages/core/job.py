@@ -187,13 +187,13 @@ def train(task: str, params: Params, make_job: Callable[[Params], Job]) -> None:
                 }
             )
             save_checkpoint(
-                out_dir / "model.pt", {"state_dict": best["model"], "meta": meta.dump()}
+                out_dir / layout.MODEL_PT_FILE, {"state_dict": best["model"], "meta": meta.dump()}
             )
             live.end()
             log(
                 f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: "
                 + " ".join(f"{k}={v:.4g}" for k, v in summary["best_metrics"].items())
-                + f" → {out_dir}/model.pt"
+                + f" → {out_dir / layout.MODEL_PT_FILE}"
             )
     finally:
         teardown()

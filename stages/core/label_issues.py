@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.core import layout
 from stages.core.cli import StageError, log
 from stages.core.files import atomic_path, write_json
 
@@ -97,7 +98,7 @@ def write(issues: pd.DataFrame, rows: int, extra: dict, out: Path) -> dict:
         "rows": rows,
         **extra,
     }
-    write_json(out.with_suffix(".json"), summary)
+    write_json(out.with_name(layout.LABEL_ISSUE_COUNTS_FILE), summary)
     return summary
 
 
@@ -156,8 +157,13 @@ def read(task: str, metrics_dir: str | Path = "metrics") -> tuple[pd.DataFrame, 
     """The stage's list and summary, for the report and the app (torch-free); None before
     the stage has run."""
     folder = Path(metrics_dir) / task
-    if not (folder / "label_issues.csv").is_file() or not (folder / "label_issues.json").is_file():
+    if (
+        not (folder / layout.LABEL_ISSUES_FILE).is_file()
+        or not (folder / layout.LABEL_ISSUE_COUNTS_FILE).is_file()
+    ):
         return None
     from stages.core.files import read_json
 
-    return pd.read_csv(folder / "label_issues.csv"), read_json(folder / "label_issues.json")
+    return pd.read_csv(folder / layout.LABEL_ISSUES_FILE), read_json(
+        folder / layout.LABEL_ISSUE_COUNTS_FILE
+    )

@@ -3,13 +3,28 @@ names, written once.
 
 dvc.yaml's templates (`data/prepared/${key}`, `models/${key}/model.onnx`, ...) mirror these
 functions; tests/test_layout.py checks that every dep and out of dvc.yaml's stages is one of
-them (or a params.yaml key, or code), and that no other module under stages/ spells one.
+them (or a params.yaml key, or code), that no other module under stages/ spells one, and
+that no module under stages/, app/ or tools/ spells one of the file names below (code that
+writes into a temporary folder, or reads another root, joins the same name).
 Paths are relative to the repository root, where dvc runs the stages. Torch-free.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+# The file names, each spelled here only.
+MODEL_PT_FILE = "model.pt"  # train: weights and the meta that evaluate and export read
+MODEL_ONNX_FILE = "model.onnx"
+CARD_FILE = "model.json"  # the model card
+COLUMNS_FILE = "columns.json"  # prepare: what the data's columns (or images, boxes) are
+METRICS_FILE = "metrics.json"  # evaluate's test metrics (DVCLive's own file has this name too)
+VALIDATION_FILE = "validation.json"
+INFER_STATS_FILE = "infer.json"
+LABEL_ISSUES_FILE = "label_issues.csv"
+LABEL_ISSUE_COUNTS_FILE = "label_issues.json"
+BOOSTING_FILE = "boosting.joblib"  # boost: the gradient boosting model (tabular)
+ENSEMBLE_FILE = "ensemble.json"  # boost: members, weights and why (tabular)
 
 # The demo stage's outputs (tabular's demo data is a file in git: tabular.data.source).
 DEMO = {"image": Path("data/demo/digits"), "detect": Path("data/demo/shapes")}
@@ -32,7 +47,7 @@ def prepared(task: str) -> Path:
 def columns(task: str) -> Path:
     """prepare's description of the prepared data (stages/core/documents.py Columns for
     tabular, ImageIndex for image)."""
-    return prepared(task) / "schema.json"
+    return prepared(task) / COLUMNS_FILE
 
 
 def expectations(task: str) -> Path:
@@ -40,32 +55,33 @@ def expectations(task: str) -> Path:
     return Path("data/expectations") / task
 
 
-def model_dir(task: str) -> Path:
-    return Path("models") / task
+def model_dir(task: str, root: str | Path = "models") -> Path:
+    """models/<task>, or <root>/<task> for another folder of models (the app's, a registry's)."""
+    return Path(root) / task
 
 
 def model_pt(task: str) -> Path:
     """train's output: weights and the meta evaluate and export read."""
-    return model_dir(task) / "model.pt"
+    return model_dir(task) / MODEL_PT_FILE
 
 
 def boosting(task: str) -> Path:
     """boost's gradient boosting model (scikit-learn, joblib); tabular only."""
-    return model_dir(task) / "boosting.joblib"
+    return model_dir(task) / BOOSTING_FILE
 
 
 def ensemble(task: str) -> Path:
     """boost's members, weights and why (the card's `ensemble` section); tabular only."""
-    return model_dir(task) / "ensemble.json"
+    return model_dir(task) / ENSEMBLE_FILE
 
 
-def model_onnx(task: str) -> Path:
-    return model_dir(task) / "model.onnx"
+def model_onnx(task: str, root: str | Path = "models") -> Path:
+    return model_dir(task, root) / MODEL_ONNX_FILE
 
 
-def card(task: str) -> Path:
+def card(task: str, root: str | Path = "models") -> Path:
     """export's model card, which infer and serving read."""
-    return model_dir(task) / "model.json"
+    return model_dir(task, root) / CARD_FILE
 
 
 def metrics_dir(task: str) -> Path:
@@ -74,7 +90,7 @@ def metrics_dir(task: str) -> Path:
 
 def validation(task: str) -> Path:
     """validate's report (train runs only after it)."""
-    return metrics_dir(task) / "validation.json"
+    return metrics_dir(task) / VALIDATION_FILE
 
 
 def datadocs(task: str) -> Path:
@@ -89,7 +105,7 @@ def train_log(task: str) -> Path:
 
 def metrics(task: str) -> Path:
     """evaluate's test metrics."""
-    return metrics_dir(task) / "metrics.json"
+    return metrics_dir(task) / METRICS_FILE
 
 
 def plots(task: str) -> Path:
@@ -106,10 +122,15 @@ IMPORTANCE = Path("metrics/tabular/importance.json")
 
 
 def label_issues(task: str) -> Path:
-    """the labels stage's list of suspected label errors (its summary: .json beside it)."""
-    return metrics_dir(task) / "label_issues.csv"
+    """the labels stage's list of suspected label errors."""
+    return metrics_dir(task) / LABEL_ISSUES_FILE
+
+
+def label_issue_counts(task: str) -> Path:
+    """the labels stage's summary: count, share, rows, folds."""
+    return metrics_dir(task) / LABEL_ISSUE_COUNTS_FILE
 
 
 def infer_stats(task: str) -> Path:
     """infer's throughput and the inputs it could not read."""
-    return metrics_dir(task) / "infer.json"
+    return metrics_dir(task) / INFER_STATS_FILE

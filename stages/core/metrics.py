@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from stages.core import layout
 from stages.core.schema import Params
 
 
@@ -94,9 +95,11 @@ def _thinned(n: int) -> np.ndarray:
 FIXES = {
     "tabular": "more rows, more epochs (tabular.train.epochs), a higher learning rate (tabular.train.lr), "
     "or features that carry the target",
-    "image": "start from weights (image.train.pretrained: a .pth state dict or an earlier models/image/model.pt), "
+    "image": "start from weights (image.train.pretrained: a .pth state dict or an earlier "
+    f"{layout.model_pt('image')}), "
     "more epochs (image.train.epochs), more images per class",
-    "detect": "start from weights (detect.train.model: a .pt such as an earlier models/detect/model.pt; training "
+    "detect": "start from weights (detect.train.model: a .pt such as an earlier "
+    f"{layout.model_pt('detect')}; training "
     "from scratch needs thousands of images), more epochs (detect.train.epochs), more labelled images",
 }
 

@@ -41,7 +41,10 @@ def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = 256) -> np.
 def export_onnx(
     model: torch.nn.Module, example: torch.Tensor, path: Path, outputs: tuple = ("output",)
 ) -> None:
-    """Dynamo export with a symbolic batch dimension; everything else stays fixed."""
+    """Dynamo export with a symbolic batch dimension; everything else stays fixed. In eval
+    mode: a wrapper module (WithFeatures) starts in training mode, and export would warn and
+    trace training-time behaviour (dropout, batch statistics)."""
+    model.eval()
     batch = torch.export.Dim("batch", min=1, max=1_000_000)
     with atomic_path(path) as tmp:
         program = torch.onnx.export(

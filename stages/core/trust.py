@@ -82,12 +82,12 @@ def reliability(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> tuple
     return float(ece), rows
 
 
-def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
+def conformal_quantile(nonconformity: np.ndarray, alpha: float) -> float:
     """The split-conformal threshold: the ceil((n+1)(1-alpha))-th smallest score (inf when
     the calibration set is too small for that level)."""
-    n = len(scores)
+    n = len(nonconformity)
     k = math.ceil((n + 1) * (1 - alpha))
-    return float(np.sort(scores)[k - 1]) if k <= n else math.inf
+    return float(np.sort(nonconformity)[k - 1]) if k <= n else math.inf
 
 
 def _pooled_gaussian(feats: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -151,10 +151,10 @@ def fit(
     if classify:
         temperature = fit_temperature(val_out, val_y)
         probs = softmax(val_out.astype("float64") / temperature)
-        scores = 1 - probs[np.arange(len(val_y)), val_y]
+        nonconformity = 1 - probs[np.arange(len(val_y)), val_y]
     else:
         temperature = None
-        scores = np.abs(val_y - val_out.reshape(-1))
+        nonconformity = np.abs(val_y - val_out.reshape(-1))
     means, prec = _pooled_gaussian(train_feats.astype("float64"), train_y if classify else None)
     fitted = {"means": means.tolist(), "precision": prec.tolist(), "calibration": []}
     ood = {**fitted, "calibration": np.sort(ood_distance(val_feats, fitted)).tolist()}
@@ -164,7 +164,7 @@ def fit(
         "score": "1 - p(class) (LAC), top class always in" if classify else "|y - prediction|",
         # None: too few validation rows for this alpha (n < 1/alpha - 1); the set is then
         # every class, the interval unbounded. JSON has no infinity.
-        "quantile": None if math.isinf(q := conformal_quantile(scores, alpha)) else q,
+        "quantile": None if math.isinf(q := conformal_quantile(nonconformity, alpha)) else q,
         "calibration_rows": len(val_y),
         "ood": {
             **ood,
@@ -183,7 +183,7 @@ def ood_vectors(card: Card, x: np.ndarray, outputs: list):
     return x if card.trust["ood"]["space"] == "input" else outputs[1]
 
 
-def apply(trust: dict, scores: np.ndarray, feats: np.ndarray) -> dict:
+def apply(trust: dict, predicted: np.ndarray, feats: np.ndarray) -> dict:
     """What serving and batch infer add to predictions, from the card's `trust` and the
     (calibrated) probabilities or values: `sets` (rows × classes, bool) or `intervals`
     (rows × 2), and the OOD `p_value` and `flagged` per row."""
@@ -192,18 +192,18 @@ def apply(trust: dict, scores: np.ndarray, feats: np.ndarray) -> dict:
     p = p_values(ood_distance(feats, ood), _arrays(ood)[3])
     out = {"p_value": p, "flagged": p <= ood["threshold"]}
     if trust["temperature"] is None:
-        v = scores[:, 0]
+        v = predicted[:, 0]
         out["intervals"] = np.stack([v - q, v + q], axis=1)
     else:
-        sets = 1 - scores <= q
-        sets[np.arange(len(scores)), scores.argmax(axis=1)] = True
+        sets = 1 - predicted <= q
+        sets[np.arange(len(predicted)), predicted.argmax(axis=1)] = True
         out["sets"] = sets
     return out
 
 
-def records(trust: dict, scores: np.ndarray, feats: np.ndarray, classes: list | None) -> list:
+def records(trust: dict, predicted: np.ndarray, feats: np.ndarray, classes: list | None) -> list:
     """apply() as one JSON-ready dict per row: prediction_set or interval, and ood."""
-    a = apply(trust, scores, feats)
+    a = apply(trust, predicted, feats)
     ood = [
         {"flagged": bool(f), "p_value": round(float(p), 6)}
         for f, p in zip(a["flagged"], a["p_value"], strict=True)
@@ -243,18 +243,18 @@ def describe(record: dict) -> str:
 def metrics(
     trust: dict,
     raw_logits: np.ndarray | None,
-    scores: np.ndarray,
+    predicted: np.ndarray,
     y: np.ndarray,
     feats: np.ndarray,
 ) -> tuple[dict, dict]:
     """Test-split numbers for metrics.json, and the reliability plot rows (classification):
     ece_uncalibrated, ece, coverage, mean set size or interval width, the share flagged and
     the share of OOD p-values at or below 0.1 and 0.5 (valid p-values: about 0.1 and 0.5)."""
-    a = apply(trust, scores, feats)
+    a = apply(trust, predicted, feats)
     out, plots = {}, {}
     if "sets" in a:
         ece_raw, rows_raw = reliability(softmax(raw_logits.astype("float64")), y)
-        ece, rows = reliability(scores, y)
+        ece, rows = reliability(predicted, y)
         out |= {"ece_uncalibrated": ece_raw, "ece": ece}
         out["coverage"] = float(a["sets"][np.arange(len(y)), y].mean())
         out["mean_set_size"] = float(a["sets"].sum(axis=1).mean())
@@ -269,9 +269,9 @@ def metrics(
     return out, plots
 
 
-def with_trust(card: Card, rows: list[dict], scores: np.ndarray, feats) -> list[dict]:
+def with_trust(card: Card, rows: list[dict], predicted: np.ndarray, feats) -> list[dict]:
     """Prediction dicts with the card's trust fields added (unchanged for a card without)."""
     if card.trust is None or feats is None:
         return rows
-    extra = records(card.trust, scores, feats, card.classes)
+    extra = records(card.trust, predicted, feats, card.classes)
     return [{**r, **t} for r, t in zip(rows, extra, strict=True)]

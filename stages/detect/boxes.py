@@ -86,16 +86,16 @@ def unletterbox(xyxy: np.ndarray, meta: dict) -> np.ndarray:
 
 
 def decode(
-    output: np.ndarray, meta: dict, conf: float, iou: float, max_det: int = 300, kind: str = "raw"
+    output: np.ndarray, meta: dict, conf: float, iou: float, max_det: int = 300, graph: str = "raw"
 ) -> np.ndarray:
     """One image's YOLO output → N × 6 [x1, y1, x2, y2, score, class] in original pixels.
 
-    kind "raw": the head as trained (4 + classes, anchors): cx, cy, w, h and class scores;
+    graph "raw": the head as trained (4 + classes, anchors): cx, cy, w, h and class scores;
     per-class NMS here via Ultralytics' class-offset trick. "nms" (NMS inside the graph,
     Ultralytics' export nms=True) and "end2end" (NMS-free heads: YOLO26, YOLOv10): already
     final rows (N, 6) [x1, y1, x2, y2, score, class], padded or top-k, so only the
     confidence filter applies (an NMS graph also applied its own export-time conf)."""
-    if kind != "raw":
+    if graph != "raw":
         dets = output[output[:, 4] > conf][:max_det].astype(np.float64)
         return np.concatenate([unletterbox(dets[:, :4], meta), dets[:, 4:6]], axis=1)
     pred = output.T

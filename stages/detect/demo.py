@@ -15,7 +15,7 @@ from stages.core import layout
 from stages.core.cli import log
 from stages.core.files import atomic_dir
 from stages.core.schema import Params
-from stages.detect.labels import yolo_line
+from stages.detect.boxformats import yolo_line
 
 SHAPES = ["circle", "square", "triangle"]
 

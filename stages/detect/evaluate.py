@@ -19,7 +19,7 @@ from stages.core.metrics import fail_if_untrained, learned_nothing
 from stages.core.schema import Params
 from stages.detect import yolo
 from stages.detect.boxes import upright_size
-from stages.detect.labels import parse_yolo_label
+from stages.detect.boxformats import parse_yolo_label
 
 
 def coco_ground_truth(images_dir: Path, labels_dir: Path, n_classes: int) -> dict:
@@ -188,7 +188,7 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("detect")) -> dict:
         "test_images": dataset["rows"].get("test", 0),
         "warnings": warnings,
     }
-    write_json(out_dir / "metrics.json", result)
+    write_json(out_dir / layout.METRICS_FILE, result)
     _write_plots(out_dir / "plots", box, names, per_class)
     log(
         f"test: mAP50={ours['mAP50']:.4f} mAP50-95={ours['mAP50-95']:.4f} (pycocotools: mAP50={coco['mAP50']:.4f} "

@@ -21,7 +21,7 @@ from stages.core.inference import open_session
 from stages.core.schema import DetectExport, Graph, Params
 from stages.detect import yolo
 from stages.detect.boxes import box_iou, load_for_detection
-from stages.detect.infer import graph_kind, predict
+from stages.detect.infer import graph_type, predict
 
 GRAPHS: dict[Graph, bool | None] = {
     "raw": None,
@@ -102,26 +102,29 @@ def export_onnx(pt: Path, onnx_path: Path, wanted: str, conf: float, iou: float)
     from ultralytics import YOLO
 
     with tempfile.TemporaryDirectory(dir=yolo.CACHE) as tmp:
-        shutil.copy2(pt, Path(tmp) / "model.pt")
+        shutil.copy2(pt, Path(tmp) / layout.MODEL_PT_FILE)
         if wanted not in GRAPHS:
             raise StageError(
                 f"detect.export.graph is {wanted!r}; choose one of: {', '.join(GRAPHS)}"
             )
-        model = YOLO(Path(tmp) / "model.pt")
+        model = YOLO(Path(tmp) / layout.MODEL_PT_FILE)
         size = int(model.ckpt["train_args"]["imgsz"])
         # nms: None keeps the raw head; True puts NMS in the graph (conf, iou as below); False
         # exports an NMS-free head end to end (YOLO26, YOLOv10; others stay raw).
-        exported = model.export(
-            format="onnx",
-            imgsz=size,
-            dynamic=True,
-            simplify=False,
-            device="cpu",
-            verbose=False,
-            nms=GRAPHS[wanted],
-            conf=conf,
-            iou=iou,
-        )
+        # Quiet: Ultralytics' report names the temporary copy (gone in a moment) and offers
+        # `yolo predict` commands on it; the stage's own line names models/detect/model.onnx.
+        with yolo.warnings_only():
+            exported = model.export(
+                format="onnx",
+                imgsz=size,
+                dynamic=True,
+                simplify=False,
+                device="cpu",
+                verbose=False,
+                nms=GRAPHS[wanted],
+                conf=conf,
+                iou=iou,
+            )
         graph = onnx.load(exported)
         dims = graph.graph.input[0].type.tensor_type.shape.dim
         dims[2].dim_value = dims[3].dim_value = size  # fixed imgsz; the batch stays symbolic
@@ -164,18 +167,18 @@ def parity_check(
     return parity, ours
 
 
-def postprocessing(kind: str, p: DetectExport) -> dict:
+def postprocessing(graph: str, p: DetectExport) -> dict:
     """The card's postprocessing: what infer and serving do after the graph, at which
     thresholds (stages/detect/infer.py thresholds)."""
     return {
-        "graph": kind,
-        "output": OUTPUTS[kind],
+        "graph": graph,
+        "output": OUTPUTS[graph],
         "nms": "per class, greedy"
         + (
             " (inside the graph, at the conf and iou below)"
-            if kind == "nms"
+            if graph == "nms"
             else " (none: an NMS-free head)"
-            if kind == "end2end"
+            if graph == "end2end"
             else ""
         ),
         "conf": p.conf,
@@ -191,15 +194,15 @@ def run(params: Params, out_dir: Path = layout.model_dir("detect")) -> Card:
     yolo.configure()
     from ultralytics import YOLO
 
-    model = YOLO(out_dir / "model.pt")
+    model = YOLO(out_dir / layout.MODEL_PT_FILE)
     size = int(model.ckpt["train_args"]["imgsz"])
-    onnx_path = out_dir / "model.onnx"
-    export_onnx(out_dir / "model.pt", onnx_path, p.graph, p.conf, p.iou)
+    onnx_path = out_dir / layout.MODEL_ONNX_FILE
+    export_onnx(out_dir / layout.MODEL_PT_FILE, onnx_path, p.graph, p.conf, p.iou)
     session = open_session(onnx_path)
-    kind = graph_kind(session)
-    if kind != p.graph:
+    graph = graph_type(session)
+    if graph != p.graph:
         raise StageError(
-            f"detect.export.graph is {p.graph!r} but Ultralytics exported a {kind!r} graph for "
+            f"detect.export.graph is {p.graph!r} but Ultralytics exported a {graph!r} graph for "
             f"{model.ckpt['train_args']['model']}: NMS inside needs a head with NMS (YOLOv8/11), "
             "end2end an NMS-free head (YOLO26, YOLOv10)"
         )
@@ -228,7 +231,7 @@ def run(params: Params, out_dir: Path = layout.model_dir("detect")) -> Card:
             "scale": "x / 255",
             "layout": "NCHW float32",
         },
-        "postprocessing": postprocessing(kind, p),
+        "postprocessing": postprocessing(graph, p),
         "reference": detect_reference(files, ours),
     }
     card = write_card(out_dir / layout.card("detect").name, card)

@@ -23,7 +23,7 @@ from stages.core.schema import Params
 from stages.detect.boxes import decode, draw_boxes, load_for_detection, to_records
 
 
-def graph_kind(session) -> str:
+def graph_type(session) -> str:
     """What the exported graph's output is: "raw" (the head, decoded and NMS'd here), "nms"
     (Ultralytics' nms=True: NMS inside) or "end2end" (an NMS-free head). From Ultralytics'
     ONNX metadata; without it, from the output shape: final rows are (batch, N, 6)."""
@@ -49,13 +49,13 @@ def predict(
 ) -> list[np.ndarray]:
     """Letterboxed images with their meta (load_for_detection) → per image, N × 6 [x1, y1, x2,
     y2, score, class] in original pixels. `infer`, the app and the export parity check call this;
-    any of the three graph kinds (graph_kind) is served."""
+    any of the three graph types (graph_type) is served."""
     if not images:
         return []
-    kind = graph_kind(session)
+    graph = graph_type(session)
     name = session.get_inputs()[0].name
     x = np.stack([x for x, _ in images])
-    if kind == "nms":
+    if graph == "nms":
         # Ultralytics' NMS graph loops over the batch size it was traced with (1): one image a run.
         outputs = np.concatenate(
             [session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))]
@@ -63,7 +63,7 @@ def predict(
     else:
         outputs = session.run(None, {name: x})[0]
     return [
-        decode(out, meta, conf, iou, kind=kind)
+        decode(out, meta, conf, iou, graph=graph)
         for out, (_, meta) in zip(outputs, images, strict=False)
     ]
 
@@ -116,6 +116,10 @@ def run(
     write_timing("infer-detect", timing)
     log(
         f"detected {len(results)} objects in {n} images from {p.source} → {out} ({timing['images_per_s']} images/s)"
-        + (f"; {len(errors)} could not be read (see metrics/detect/infer.json)" if errors else "")
+        + (
+            f"; {len(errors)} could not be read (see {layout.infer_stats('detect')})"
+            if errors
+            else ""
+        )
     )
     return {**stats, **timing}

@@ -15,7 +15,7 @@ from stages.core.cli import StageError, log
 from stages.core.files import atomic_dir, write_json
 from stages.core.schema import Params, plain
 from stages.core.splits import split_keys
-from stages.detect.labels import (
+from stages.detect.boxformats import (
     coco_to_yolo,
     label_tables,
     parse_yolo_label,
@@ -58,8 +58,8 @@ def run(params: Params, out_dir: str | Path = layout.prepared("detect")) -> dict
         with atomic_dir(out_dir) as tmp:
             for key, split_name in split_of.items():
                 flat = key.replace("/", "__")
-                for kind in ("images", "labels"):
-                    (tmp / kind / split_name).mkdir(parents=True, exist_ok=True)
+                for folder in ("images", "labels"):
+                    (tmp / folder / split_name).mkdir(parents=True, exist_ok=True)
                 shutil.copy2(
                     images[key], tmp / "images" / split_name / f"{flat}{images[key].suffix.lower()}"
                 )

@@ -39,8 +39,9 @@ def run(
     weights = str(p.model).endswith(".pt")
     if weights and not Path(p.model).is_file():
         hint = (
-            " (dvc repro deletes models/detect/model.pt before training: copy it elsewhere and name the copy)"
-            if Path(p.model) == out_dir / "model.pt"
+            f" (dvc repro deletes {layout.model_pt('detect')} before training: copy it elsewhere and"
+            " name the copy)"
+            if Path(p.model) == out_dir / layout.MODEL_PT_FILE
             else ""
         )
         raise StageError(
@@ -61,36 +62,39 @@ def run(
         {"detect.train": plain(p), "seed": params.seed, "world_size": world},
         yolo.history_rows(ckpt["train_results"]) if ckpt else [],
     )
-    if ckpt:
-        log(f"resuming from {runs / 'weights/last.pt'} after epoch {ckpt['epoch'] + 1}")
-        model = YOLO(runs / "weights" / "last.pt")
-        live.attach(model)
-        # Everything else comes from the checkpoint's train_args; these are where it runs.
-        model.train(resume=True, data=str(data), device=device, workers=p.workers)
-    else:
-        model = YOLO(p.model)
-        live.attach(model)
-        model.train(
-            data=str(data),
-            epochs=p.epochs,
-            imgsz=p.imgsz,
-            batch=p.batch,
-            optimizer=p.optimizer,
-            lr0=p.lr0,
-            patience=p.patience,
-            device=device,
-            workers=p.workers,
-            amp=p.amp,
-            seed=params.seed,
-            deterministic=True,
-            pretrained=weights,
-            project=str(runs.parent),
-            name=runs.name,
-            exist_ok=True,
-            plots=False,
-            verbose=False,
-        )
+    # Ultralytics' info lines off (its warnings stay): its settings, every argument on one line
+    # of 2,000 characters, the layer table, progress bars; LiveLog writes a line per epoch.
+    with yolo.warnings_only():
+        if ckpt:
+            log(f"resuming from {runs / 'weights/last.pt'} after epoch {ckpt['epoch'] + 1}")
+            model = YOLO(runs / "weights" / "last.pt")
+            live.attach(model)
+            # Everything else comes from the checkpoint's train_args; these are where it runs.
+            model.train(resume=True, data=str(data), device=device, workers=p.workers)
+        else:
+            model = YOLO(p.model)
+            live.attach(model)
+            model.train(
+                data=str(data),
+                epochs=p.epochs,
+                imgsz=p.imgsz,
+                batch=p.batch,
+                optimizer=p.optimizer,
+                lr0=p.lr0,
+                patience=p.patience,
+                device=device,
+                workers=p.workers,
+                amp=p.amp,
+                seed=params.seed,
+                deterministic=True,
+                pretrained=weights,
+                project=str(runs.parent),
+                name=runs.name,
+                exist_ok=True,
+                plots=False,
+                verbose=False,
+            )
     # Ultralytics' DDP runs in child processes; only this (rank 0) process gets here.
-    yolo.reproducible_weights(runs / "weights" / "best.pt", out_dir / "model.pt")
-    log(f"trained {p.model} for {p.epochs} epochs → {out_dir}/model.pt")
+    yolo.reproducible_weights(runs / "weights" / "best.pt", out_dir / layout.MODEL_PT_FILE)
+    log(f"trained {p.model} for {p.epochs} epochs → {out_dir / layout.MODEL_PT_FILE}")
     return {"run": str(runs)}

@@ -12,11 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from stages.core import layout
+from stages.core.cli import log
 
 CACHE = Path(".cache")
 
@@ -56,6 +59,30 @@ def configure() -> None:
 
         torch_utils.NUM_THREADS = numerics.THREADS
 
+    from ultralytics.utils import LOGGER
+
+    # evaluate computes the COCO mAP with pycocotools itself (evaluate.coco_map). Ultralytics'
+    # val(save_json=True) tries a second COCO pass through faster-coco-eval, which is not
+    # installed, and warns twice that it is missing: nothing a user can act on, so dropped.
+    LOGGER.addFilter(no_faster_coco_eval)  # a second call adds nothing: the same function
+
+
+def no_faster_coco_eval(record: logging.LogRecord) -> bool:
+    return "faster-coco-eval" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def warnings_only():
+    """Ultralytics' info lines off for a while (its warnings stay)."""
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        LOGGER.setLevel(level)
+
 
 def dataset_view(names: list[str], prepared: Path = layout.prepared("detect")) -> Path:
     """data.yaml over symlinks to the prepared files; returns its absolute path.
@@ -66,12 +93,12 @@ def dataset_view(names: list[str], prepared: Path = layout.prepared("detect")) -
     `dvc status` then reported prepare's output as modified after every train/evaluate."""
     view = (CACHE / "detect" / "dataset").resolve()
     shutil.rmtree(view, ignore_errors=True)
-    for kind in ("images", "labels"):
+    for folder in ("images", "labels"):
         for split in ("train", "val", "test"):
-            (view / kind / split).mkdir(parents=True)
-            source = (prepared / kind / split).resolve()
+            (view / folder / split).mkdir(parents=True)
+            source = (prepared / folder / split).resolve()
             for f in sorted(source.iterdir()) if source.is_dir() else []:
-                (view / kind / split / f.name).symlink_to(f)
+                (view / folder / split / f.name).symlink_to(f)
     data = view / "data.yaml"
     data.write_text(
         f"path: {view}\ntrain: images/train\nval: images/val\ntest: images/test\nnames:\n"
@@ -105,6 +132,10 @@ RENAME = {
     "metrics/mAP50-95(B)": "mAP50-95",
     "lr/pg0": "lr",
 }
+
+
+# What the epoch's log line shows (every column goes to DVCLive).
+EPOCH_LINE = ("train_box_loss", "train_cls_loss", "precision", "recall", "mAP50", "mAP50-95")
 
 
 def _log_row(live, step: int, row: dict) -> None:
@@ -163,14 +194,17 @@ class LiveLog:
             self.live.log_params(self.params)
             for step, row in enumerate(self.history):
                 _log_row(self.live, step, row)
-        _log_row(
-            self.live,
-            trainer.epoch,
-            {
-                **trainer.label_loss_items(trainer.tloss, prefix="train"),
-                **trainer.metrics,
-                **trainer.lr,
-            },
+        row = {
+            **trainer.label_loss_items(trainer.tloss, prefix="train"),
+            **trainer.metrics,
+            **trainer.lr,
+        }
+        _log_row(self.live, trainer.epoch, row)
+        # The epoch's line, as the torch trainer writes one (Ultralytics' own is off: train).
+        named = {RENAME.get(k, k.replace("/", "_")): v for k, v in row.items()}
+        log(
+            f"epoch {trainer.epoch + 1}/{trainer.epochs} "
+            + " ".join(f"{k}={float(named[k]):.4g}" for k in EPOCH_LINE if k in named)
         )
 
     def train_end(self, trainer) -> None:

@@ -47,7 +47,7 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("image")) -> dict:
     trusted, trust_plots = trust_report(params, model, schema)  # stages/core/trust.py
     metrics, plots = {**metrics, **trusted}, {**plots, **trust_plots}
     result = {"test": metrics, "test_images": len(paths), "warnings": warnings}
-    write_json(out_dir / "metrics.json", result)
+    write_json(out_dir / layout.METRICS_FILE, result)
     for name, rows in plots.items():
         write_json(out_dir / "plots" / f"{name}.json", rows)
     # The worst mistakes: wrong predictions made with the most confidence.

@@ -49,11 +49,11 @@ def image_reference(schema: dict, size: int, sample: int = 2000) -> dict:
 
 def run(params: Params, out_dir: Path = layout.model_dir("image")) -> Card:
     p = params.image.export
-    model, meta = load_model(out_dir / "model.pt", build_model)
+    model, meta = load_model(out_dir / layout.MODEL_PT_FILE, build_model)
     schema = meta.prepared  # image prepare's description (ImageIndex), as preprocess reads it
     paths, _ = split_images(schema)
     x_test = preprocess(paths, schema)
-    onnx_path = out_dir / "model.onnx"
+    onnx_path = out_dir / layout.MODEL_ONNX_FILE
     # The graph: (logits / temperature, penultimate features, and where it can the class
     # activation map of the predicted class): calibrated, with what OOD reads, and why.
     trust = fit_trust(params, model, schema)

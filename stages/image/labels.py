@@ -46,7 +46,7 @@ def fold_model(images: np.ndarray, labels: np.ndarray, schema: dict, p: ImageLab
 
     x = torch.from_numpy(normalise(np.asarray(images), schema["mean"], schema["std"]))
     y = torch.from_numpy(labels)
-    arch = {"kind": p.arch, "num_classes": len(schema["classes"])}
+    arch = {"name": p.arch, "num_classes": len(schema["classes"])}
 
     def fit_predict(train: np.ndarray, held: np.ndarray) -> np.ndarray:
         torch.manual_seed(seed)  # the fold's initial weights: outputs reproduce byte for byte
@@ -76,7 +76,7 @@ def run(
     out: Path = layout.label_issues("image"),
 ) -> dict:
     p = params.image.labels
-    schema = read_json(Path(prepared) / "schema.json")
+    schema = read_json(Path(prepared) / layout.COLUMNS_FILE)
     index = pd.read_parquet(Path(prepared) / "index.parquet")
     issues = find(index, schema, p, params.seed)
     summary = label_issues.write(issues, len(index), {"folds": p.folds}, Path(out))

@@ -97,13 +97,14 @@ def earlier_run(path: str) -> dict | None:
     return ckpt if isinstance(ckpt, dict) and {"state_dict", "meta"} <= set(ckpt) else None
 
 
-def fine_tune_from(model: nn.Module, kind: str, ckpt: dict, path: str) -> nn.Module:
+def fine_tune_from(model: nn.Module, name: str, ckpt: dict, path: str) -> nn.Module:
     """Start from an earlier run's weights (any arch, small_cnn included): every tensor whose
     name and shape match; with another number of classes the head keeps its fresh weights."""
     was = ckpt["meta"]["arch"]
-    if was["kind"] != kind:
+    was_name = was.get("name", was.get("kind"))  # `kind` in checkpoints saved before the rename
+    if was_name != name:
         raise StageError(
-            f"image.train.pretrained: {path} is a {was['kind']} model; image.train.arch is {kind}"
+            f"image.train.pretrained: {path} is a {was_name} model; image.train.arch is {name}"
         )
     own = model.state_dict()
     matching = {k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
@@ -125,18 +126,18 @@ def build_model(arch: dict, pretrained: bool | str = False) -> nn.Module:
     """Rebuild a model from the `arch` dict that train stores beside its weights; `pretrained`
     (image.train.pretrained): False, True (torchvision's weights), a torchvision state dict
     file, or an earlier run's models/image/model.pt (copied aside) to fine-tune from."""
-    kind = arch["kind"]
-    if isinstance(pretrained, str) and kind in IMAGE_ARCHS:
+    name = arch["name"]
+    if isinstance(pretrained, str) and name in IMAGE_ARCHS:
         ckpt = earlier_run(pretrained)
         if ckpt is not None:
-            return fine_tune_from(build_model(arch), kind, ckpt, pretrained)
-        if kind == "small_cnn":
+            return fine_tune_from(build_model(arch), name, ckpt, pretrained)
+        if name == "small_cnn":
             raise StageError(
                 f"image.train.pretrained: {pretrained}: small_cnn starts from an earlier run's "
                 f"{layout.model_pt('image')} only"
             )
-    if kind == "small_cnn":
+    if name == "small_cnn":
         return SmallCNN(arch["num_classes"])
-    if kind in IMAGE_ARCHS:
-        return torchvision_model(kind, arch["num_classes"], pretrained)
-    raise StageError(f"image.train.arch is {kind!r}; choose one of: {', '.join(IMAGE_ARCHS)}")
+    if name in IMAGE_ARCHS:
+        return torchvision_model(name, arch["num_classes"], pretrained)
+    raise StageError(f"image.train.arch is {name!r}; choose one of: {', '.join(IMAGE_ARCHS)}")

@@ -108,7 +108,7 @@ def decoded_images(
 def job(params: Params) -> Job:
     p = params.image.train
     prepared = layout.prepared("image")
-    schema = read_json(prepared / "schema.json")
+    schema = read_json(prepared / layout.COLUMNS_FILE)
     index = pd.read_parquet(prepared / "index.parquet")
     root = Path(schema["root"])
 
@@ -117,7 +117,7 @@ def job(params: Params) -> Job:
         labels = pd.Categorical(rows["label"], categories=schema["classes"]).codes.astype(np.int64)
         return ImageSet([root / p for p in rows.index], labels, schema, augment)
 
-    arch = {"kind": p.arch, "num_classes": len(schema["classes"])}
+    arch = {"name": p.arch, "num_classes": len(schema["classes"])}
     return Job(
         build_model(arch, pretrained=p.pretrained),
         arch,

@@ -66,7 +66,7 @@ def suite(classes: list[str], v: dict) -> dict:
 
 def run(params: Params, new_suite: bool = False) -> dict:
     prepared = layout.prepared("image")
-    schema = read_json(prepared / "schema.json")
+    schema = read_json(prepared / layout.COLUMNS_FILE)
     index = pd.read_parquet(prepared / "index.parquet")
     tables = {name: index[index["split"] == name] for name in SPLITS}
     path = suite_path("image", schema["source"])

@@ -229,13 +229,13 @@ def csv_batches(path: Path, sep: str, drop: list[str] = ()):
         raise not_readable(path, sep, e) from None
 
 
-def split_schema(kinds: dict[str, str], target: str):
+def split_schema(types: dict[str, str], target: str):
     """The arrow schema of a prepared split: numbers float64, text strings, and the CSV line as
     the pandas index, so pd.read_parquet gives the frame the stages always had."""
     import pyarrow as pa
 
     frame = pd.DataFrame(
-        {c: pd.Series(dtype="float64" if k == "numeric" else "str") for c, k in kinds.items()},
+        {c: pd.Series(dtype="float64" if k == "numeric" else "str") for c, k in types.items()},
         index=pd.Index([], dtype="int64", name="line"),
     )
     return pa.Schema.from_pandas(frame, preserve_index=True)
@@ -319,17 +319,17 @@ class Preprocessor:
         return cls.fit(df, *feature_plan(features))
 
     @classmethod
-    def fit(cls, df: pd.DataFrame, kinds: dict[str, str], formats: dict | None = None):
+    def fit(cls, df: pd.DataFrame, types: dict[str, str], formats: dict | None = None):
         from stages.tabular.encoders import fit_text
 
         p = cls(
-            [c for c, k in kinds.items() if k == "numeric"],
-            [c for c, k in kinds.items() if k == "categorical"],
-            dates={c: (formats or {})[c] for c, k in kinds.items() if k == "datetime"},
+            [c for c, k in types.items() if k == "numeric"],
+            [c for c, k in types.items() if k == "categorical"],
+            dates={c: (formats or {})[c] for c, k in types.items() if k == "datetime"},
         )
         p.texts = {
             c: fit_text(df[c].dropna().astype(str).tolist())
-            for c, k in kinds.items()
+            for c, k in types.items()
             if k == "text"
         }
         for col in p.continuous(df, "training split").T:
@@ -444,8 +444,8 @@ class Preprocessor:
 
 def feature_plan(features: list[Feature]) -> tuple[dict[str, str], dict[str, str]]:
     """The prepared columns' features → ({column: kind}, {date column: format})."""
-    kinds = {f.name: f.type for f in features}
-    return kinds, {f.name: f.format for f in features if f.format}
+    types = {f.name: f.type for f in features}
+    return types, {f.name: f.format for f in features if f.format}
 
 
 def unseen_warning(pre: Preprocessor, col: str, value) -> str:
@@ -551,7 +551,7 @@ def type_features(df: pd.DataFrame, features: list[Feature], source: str) -> pd.
 def describe(
     p: TabularData,
     seed: int,
-    kinds: dict,
+    types: dict,
     classes: list | None,
     codes_or_counts,
     plan,
@@ -576,7 +576,7 @@ def describe(
                 **({"format": plan.formats[c]} if k == "datetime" else {}),
                 **({"words": "missing"} if c in plan.words_missing else {}),
             )
-            for c, k in kinds.items()
+            for c, k in types.items()
             if c != p.target
         ],
         classes=classes,

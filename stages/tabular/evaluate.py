@@ -76,7 +76,7 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
         "test_rows": len(y_test),
         "warnings": warnings,
     }
-    write_json(out_dir / "metrics.json", result)
+    write_json(out_dir / layout.METRICS_FILE, result)
     write_json(out_dir / layout.COST.name, cost)
     for name, rows in plots.items():
         write_json(out_dir / "plots" / f"{name}.json", rows)

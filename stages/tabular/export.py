@@ -61,7 +61,7 @@ def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> Card:
             :PARITY_ROWS
         ]
     )
-    onnx_path = out_dir / "model.onnx"
+    onnx_path = out_dir / layout.MODEL_ONNX_FILE
     # The graph: (served outputs / temperature, penultimate features): calibrated, with what
     # OOD reads.
     trust = fit_trust(params, served)

@@ -87,7 +87,7 @@ def fold_model(
         pre = Preprocessor.fit_features(df.iloc[train], features)
         torch.manual_seed(seed)  # the fold's initial weights: outputs reproduce byte for byte
         arch = {
-            "kind": "mlp",
+            "name": "mlp",
             "n_in": pre.n_features,
             "hidden": list(p.hidden),
             "n_out": n_classes,

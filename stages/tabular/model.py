@@ -1,7 +1,7 @@
 """The tabular model, rebuilt from the `arch` dict stored beside its weights.
 
-`kind: mlp` is the original plain MLP (kept so that models trained before still load).
-`kind: net` is the default since issue 29 (measured on real tables, docs/tabular.md):
+`name: mlp` is the original plain MLP (kept so that models trained before still load).
+`name: net` is the default since issue 29 (measured on real tables, docs/tabular.md):
 
 - smooth clipping x / sqrt(1 + (x/3)^2) of the standardised numbers (RealMLP's robust
   scaling): inside the network, so the Preprocessor, the card and serving are unchanged, and
@@ -110,7 +110,7 @@ class TabularNet(nn.Module):
 
 
 def build_model(arch: dict) -> nn.Module:
-    if arch.get("kind", "mlp") == "mlp":
+    if arch.get("name", "mlp") == "mlp":
         return MLP(arch["n_in"], arch["hidden"], arch["n_out"], arch["dropout"])
     return TabularNet(
         arch["n_in"],

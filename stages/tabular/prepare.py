@@ -1,4 +1,4 @@
-"""prepare: any CSV → typed train/val/test parquet splits + schema.json in data/prepared/tabular/.
+"""prepare: any CSV → typed train/val/test parquet splits + columns.json in data/prepared/tabular/.
 
     python -m stages prepare tabular
 
@@ -66,7 +66,7 @@ from stages.tabular.roles import table as role_table
 
 NO_CODE = -1  # a missing cell, or a column whose values are no longer tracked
 DROPPED = 3  # a row's split code when its target is missing: written to no split
-STRINGS = ("text", "datetime")  # kinds kept as the user's strings in the splits
+STRINGS = ("text", "datetime")  # column types kept as the user's strings in the splits
 
 
 def run(params: Params, out_dir: str | Path = layout.prepared("tabular")) -> Columns:
@@ -94,13 +94,13 @@ def run(params: Params, out_dir: str | Path = layout.prepared("tabular")) -> Col
 
             pa.default_memory_pool().release_unused()
             roles = decide(scan.stats, read_sample(path, sep), p, source)
-            kinds, classes, codes, moved = plan(scan, p, params.seed, roles)
+            types, classes, codes, moved = plan(scan, p, params.seed, roles)
             codes = exclude(codes, p.exclude_lines, source)  # reviewed rows: in no split
             missing = scan.stats[p.target].missing
-            schema = describe(p, params.seed, kinds, classes, codes, roles, missing)
-            texts = {c: scan.column_codes(c) for c, k in kinds.items() if k == "categorical"}
-            strings = read_columns(path, sep, [c for c, k in kinds.items() if k in STRINGS])
-            write_splits(spill, kinds, p.target, codes, texts, tmp, strings)
+            schema = describe(p, params.seed, types, classes, codes, roles, missing)
+            texts = {c: scan.column_codes(c) for c, k in types.items() if k == "categorical"}
+            strings = read_columns(path, sep, [c for c, k in types.items() if k in STRINGS])
+            write_splits(spill, types, p.target, codes, texts, tmp, strings)
             spill.unlink()
             schema.write(tmp / layout.columns("tabular").name)
         for col, n in moved.items():
@@ -270,7 +270,7 @@ def plan(
     """Types, classes and each row's split code (DROPPED: no target); and how many rows each
     category column moved to train."""
     target, task = p.target, roles.task
-    kinds = roles.kinds
+    types = roles.types
     keep = ~np.concatenate(scan.target_missing) if scan.target_missing else np.ones(0, bool)
     if task == "classification":
         if scan.column_codes(target) is None:
@@ -302,9 +302,9 @@ def plan(
     codes = np.full(scan.rows, DROPPED, np.uint8)
     codes[keep] = kept
     columns = {
-        c: scan.column_codes(c)[0] for c, k in kinds.items() if k == "categorical" and c != target
+        c: scan.column_codes(c)[0] for c, k in types.items() if k == "categorical" and c != target
     }
-    return (kinds, classes, *move_unseen_categories(codes, columns))
+    return (types, classes, *move_unseen_categories(codes, columns))
 
 
 def stratify_or_not(counts: dict, groups: np.ndarray, labels: list, target: str, source: str):
@@ -341,7 +341,7 @@ def move_unseen_categories(
     return codes, moved
 
 
-def write_splits(spill: Path, kinds, target, codes, texts: dict, out: Path, strings=None) -> None:
+def write_splits(spill: Path, types, target, codes, texts: dict, out: Path, strings=None) -> None:
     """Pass 2: the spilled numbers and the categories' codes, typed, each batch cut into the
     three splits and appended as row groups. `texts`: {column: (codes per row, values)};
     `strings`: {column: whole string array} (text and date columns)."""
@@ -349,7 +349,7 @@ def write_splits(spill: Path, kinds, target, codes, texts: dict, out: Path, stri
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = split_schema(kinds, target)
+    schema = split_schema(types, target)
     values = {c: pa.array(v, pa.string()) for c, (_, v) in texts.items()}
     # Categories go in as arrow dictionaries, which parquet stores as its own dictionary
     # encoding without hashing each cell (the costliest part of the pass before). Without the

@@ -40,7 +40,7 @@ class Plan:
     task: str
     task_why: str
     roles: list[dict] = field(default_factory=list)  # {column, role, why, example}
-    kinds: dict[str, str] = field(
+    types: dict[str, str] = field(
         default_factory=dict
     )  # kept columns: numeric|categorical|datetime|text
     formats: dict[str, str] = field(default_factory=dict)  # datetime columns' formats
@@ -90,11 +90,11 @@ def decide(
     if task == "regression" and t.bad:
         raise StageError(f"{source}: regression target {target!r} is not numeric")
     plan = Plan(task, why)
-    plan.kinds[target] = "numeric" if task == "regression" else "categorical"
+    plan.types[target] = "numeric" if task == "regression" else "categorical"
     for col, s in stats.items():
         role, reason = role_of(col, s, sample[col], plan, overrides, p, source)
         add_role(plan, col, role, reason, sample[col], target)
-    plan.kinds = {c: plan.kinds[c] for c in stats if c in plan.kinds}  # CSV order
+    plan.types = {c: plan.types[c] for c in stats if c in plan.types}  # CSV order
     plan.leaks = leaks(sample, plan, target)
     for r in plan.roles:
         if r["column"] in plan.leaks:
@@ -134,7 +134,7 @@ def role_of(
 
 
 def add_role(plan: Plan, col: str, role: str, reason: str, sample: pd.Series, target: str):
-    """The column's line in the roles table, and its kind when the model uses it."""
+    """The column's line in the roles table, and its type when the model uses it."""
     example = sample.dropna()
     plan.roles.append(
         {
@@ -145,7 +145,7 @@ def add_role(plan: Plan, col: str, role: str, reason: str, sample: pd.Series, ta
         }
     )
     if role in KEPT and col != target:
-        plan.kinds[col] = "categorical" if role == "boolean" else role
+        plan.types[col] = "categorical" if role == "boolean" else role
 
 
 def _format(values: pd.Series) -> str | None:
@@ -216,18 +216,22 @@ def leaks(sample: pd.DataFrame, plan: Plan, target: str) -> list[str]:
         return []
     y = y[keep]
     out = []
-    for col, kind in plan.kinds.items():
-        if col == target or kind not in ("numeric", "categorical"):
+    for col, col_type in plan.types.items():
+        if col == target or col_type not in ("numeric", "categorical"):
             continue
         x = sample.loc[keep, col]
-        if plan.task == "regression" and kind == "numeric":
+        if plan.task == "regression" and col_type == "numeric":
             xs = pd.to_numeric(x, errors="coerce")
             ok = xs.notna()
             if ok.sum() >= 30 and xs[ok].std() > 0:
                 score = abs(np.corrcoef(xs[ok], pd.to_numeric(y[ok]))[0, 1])
                 if score >= LEAK:
                     out.append(col)
-        elif plan.task == "classification" and kind == "categorical" and x.nunique() <= len(x) / 5:
+        elif (
+            plan.task == "classification"
+            and col_type == "categorical"
+            and x.nunique() <= len(x) / 5
+        ):
             purity = pd.crosstab(x.fillna(""), y).max(axis=1).sum() / len(y)
             if purity >= LEAK and y.nunique() > 1:
                 out.append(col)

@@ -110,7 +110,7 @@ def column_stats(df, columns: list[str], target: str) -> dict[str, ColumnStats]:
 
 
 def prepare(path: Path, sep: str, p: TabularData, seed: int, out: Path) -> dict:
-    """prepare.run's work in Spark SQL: returns schema.json's content, writes the splits into `out`."""
+    """prepare.run's work in Spark SQL: returns columns.json's content, writes the splits into `out`."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -121,12 +121,12 @@ def prepare(path: Path, sep: str, p: TabularData, seed: int, out: Path) -> dict:
     columns = [c for c in df.columns if c != "line"]
     stats = column_stats(df, columns, target)
     roles = decide(stats, read_sample(path, sep), p, p.source)
-    task, kinds = roles.task, roles.kinds
+    task, types = roles.task, roles.types
     missing = stats[target].missing if target in stats else 0
     df = df.filter(F.col(f"`{target}`").isNotNull()).select(
         *[
             F.col(f"`{c}`").cast("double").alias(c) if k == "numeric" else F.col(f"`{c}`")
-            for c, k in kinds.items()
+            for c, k in types.items()
         ],
         "line",
     )
@@ -156,7 +156,7 @@ def prepare(path: Path, sep: str, p: TabularData, seed: int, out: Path) -> dict:
     unseen = [
         F.col(f"`{c}`").isNotNull()
         & (F.max((F.col("_split") == 0).cast("int")).over(Window.partitionBy(f"`{c}`")) == 0)
-        for c, k in kinds.items()
+        for c, k in types.items()
         if k == "categorical" and c != target
     ]
     if unseen:
@@ -170,7 +170,7 @@ def prepare(path: Path, sep: str, p: TabularData, seed: int, out: Path) -> dict:
         part = df.filter(F.col("_split") == code).drop("_split")
         write_parts(part, rows[code], out / f"{name}.parquet", "parquet")
     df.unpersist()
-    schema = describe(p, seed, dict(kinds), classes, rows, roles, int(missing))
+    schema = describe(p, seed, dict(types), classes, rows, roles, int(missing))
     return schema, roles
 
 

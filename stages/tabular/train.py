@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, TensorDataset, get_worker_info
 
 from stages.core import layout
 from stages.core.cli import log
-from stages.core.documents import Columns
+from stages.core.documents import Columns, Feature
 from stages.core.files import write_timing
 from stages.core.job import Job, train
 from stages.core.schema import Params
@@ -154,21 +154,21 @@ class RowGroups(IterableDataset):
     batched = True
 
 
-def fit_preprocessor(path: Path, features: list[dict] | dict) -> Preprocessor:
+def fit_preprocessor(path: Path, features: list[Feature] | dict) -> Preprocessor:
     """Preprocessor.fit, one column in memory at a time (it fits each column on its own),
     merged in the order of its continuous block: numbers, dates, texts; then categories.
-    `features`: schema.json's list, or {column: kind}."""
+    `features`: columns.json's list, or {column: type}."""
     if isinstance(features, dict):
-        features = [{"name": c, "type": k} for c, k in features.items()]
-    kinds, formats = feature_plan(features)
-    parts = {c: Preprocessor.fit(read_split(path, [c]), {c: k}, formats) for c, k in kinds.items()}
+        features = [Feature(name=c, type=k) for c, k in features.items()]
+    types, formats = feature_plan(features)
+    parts = {c: Preprocessor.fit(read_split(path, [c]), {c: k}, formats) for c, k in types.items()}
     pre = Preprocessor(
-        [c for c, k in kinds.items() if k == "numeric"],
-        [c for c, k in kinds.items() if k == "categorical"],
-        dates={c: formats[c] for c, k in kinds.items() if k == "datetime"},
+        [c for c, k in types.items() if k == "numeric"],
+        [c for c, k in types.items() if k == "categorical"],
+        dates={c: formats[c] for c, k in types.items() if k == "datetime"},
     )
-    for kind in ("numeric", "datetime", "text", "categorical"):
-        for c in (c for c, k in kinds.items() if k == kind):
+    for col_type in ("numeric", "datetime", "text", "categorical"):
+        for c in (c for c, k in types.items() if k == col_type):
             pre.medians += parts[c].medians
             pre.means += parts[c].means
             pre.stds += parts[c].stds
@@ -197,7 +197,7 @@ def job(params: Params) -> Job:
     n_out = len(schema.classes) if schema.task == "classification" else 1
     classify = schema.task == "classification"
     arch = {
-        "kind": "net",
+        "name": "net",
         "n_in": pre.n_features,
         "n_numeric": len(pre.numeric),
         "hidden": list(p.hidden),

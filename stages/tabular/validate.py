@@ -153,15 +153,15 @@ def target_expectations(schema: Columns) -> list[dict]:
     return exps
 
 
-def stored_kinds(old: dict) -> dict[str, str]:
-    """{column: kind} of a stored suite, from its type checks (older suites: numeric or
+def stored_types(old: dict) -> dict[str, str]:
+    """{column: type} of a stored suite, from its type checks (older suites: numeric or
     categorical)."""
     out = {}
     for e in old["expectations"]:
         if e["type"] == "expect_column_values_to_be_in_type_list":
             numeric = "float64" in e["kwargs"]["type_list"]
-            kind = e.get("meta", {}).get("kind") or ("numeric" if numeric else "categorical")
-            out[e["kwargs"]["column"]] = kind
+            col_type = e.get("meta", {}).get("type") or ("numeric" if numeric else "categorical")
+            out[e["kwargs"]["column"]] = col_type
     return out
 
 
@@ -173,7 +173,7 @@ def merge_suite(old: dict, fresh: dict, schema: Columns) -> tuple[dict, list[str
     """The stored suite with only the changed columns' expectations rebuilt from `fresh`
     (columns added, dropped or retyped, or a new target): the user's edits to the others
     survive. Returns it and what changed (none: the stored suite as it is)."""
-    before = stored_kinds(old)
+    before = stored_types(old)
     now = {f.name: f.type for f in schema.features}
     target = schema.target
     old_targets = {

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.core import layout
 from stages.core.card import Card, read_card
 from stages.core.inference import open_session
 from stages.core.params import load_params
@@ -35,7 +36,7 @@ def tabular_steps(read, pre, tsession, bs: int, tcard: Card, work: Path, rounds:
         {
             "read + type the CSV": read,
             "GX validation": lambda: run_suite(suite, {"input": df}),
-            "open the session": lambda: open_session(ROOT / "models/tabular/model.onnx"),
+            "open the session": lambda: open_session(ROOT / layout.model_onnx("tabular")),
             "preprocess": lambda: pre.transform(df),
             "session.run": lambda: run_batches(tsession, x, bs),
             "scores (softmax)": lambda: scores(out, tcard),
@@ -108,12 +109,12 @@ def batch(quick: bool, scratch: Path) -> dict:
         params, {"tabular.infer.source": str(csv), "image.infer.source": str(ROOT / ip.source)}
     )
     ip = params.image.infer
-    tcard, icard = read_card("models/tabular/model.json"), read_card("models/image/model.json")
+    tcard, icard = read_card(layout.card("tabular")), read_card(layout.card("image"))
     # Without spinning, as infer_tabular's: the bare loops' sessions stay open between samples, and
     # spinning ones keep a core busy after each run, which took a third of that core from
     # whichever contender came next (infer_tabular, with its validation worker, 132 → 161 ms).
     tsession, isession = (
-        open_session(ROOT / f"models/{t}/model.onnx", spinning=False) for t in ("tabular", "image")
+        open_session(ROOT / layout.model_onnx(t), spinning=False) for t in ("tabular", "image")
     )
     pre, bs = (
         Preprocessor.from_dict(tcard.preprocessing),

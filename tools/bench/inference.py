@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.core import layout
 from stages.core.inference import open_session, physical_cores
 from tools.bench.repo import (
     model_inputs,
@@ -27,9 +28,9 @@ def inference(quick: bool, scratch: Path) -> dict:
         xs = model_inputs(task, big)  # the test splits have at least 64 rows / images
         model = torch_model(task)
         sessions = {
-            "default": open_session(f"models/{task}/model.onnx"),
-            "no spinning": open_session(f"models/{task}/model.onnx", spinning=False),
-            "1 thread": open_session(f"models/{task}/model.onnx", threads=1),
+            "default": open_session(layout.model_onnx(task)),
+            "no spinning": open_session(layout.model_onnx(task), spinning=False),
+            "1 thread": open_session(layout.model_onnx(task), threads=1),
         }
         name = sessions["default"].get_inputs()[0].name
         for batch in (1, big):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from stages.core import layout
 from tools.bench.repo import set_keys
 from tools.bench.timing import Row
 
@@ -66,7 +67,7 @@ def labels(quick: bool, scratch: Path) -> dict:
         # Train first: it decodes the images into .cache/, which labels then reads as well.
         train = stage_seconds(work, "train", task)
         found = stage_seconds(work, "labels", task)
-        summary = yaml.safe_load((work / f"metrics/{task}/label_issues.json").read_text())
+        summary = yaml.safe_load((work / layout.label_issue_counts(task)).read_text())
         details[task] = {"train_s": round(train, 2), "labels_s": round(found, 2), **summary}
         ratio = found / train
         rows.append(

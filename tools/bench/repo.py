@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stages.core import layout
 from stages.core.card import read_card
 from stages.core.params import load_params
 
@@ -37,7 +38,7 @@ def model_inputs(task: str, n: int) -> np.ndarray:
     from stages.image.data import preprocess
     from stages.tabular.data import Preprocessor
 
-    card = read_card(f"models/{task}/model.json")
+    card = read_card(layout.card(task))
     if task == "tabular":
         df = pd.read_parquet("data/prepared/tabular/test.parquet").head(n)
         return Preprocessor.from_dict(card.preprocessing).transform(df)
@@ -56,14 +57,14 @@ def torch_model(task: str):
         from stages.core.onnx_export import load_model
 
         return load_model(
-            f"models/{task}/model.pt", importlib.import_module(f"stages.{task}.model").build_model
+            layout.model_pt(task), importlib.import_module(f"stages.{task}.model").build_model
         )[0]
     from stages.detect import yolo
 
     yolo.configure()  # before importing ultralytics
     from ultralytics.nn.tasks import load_checkpoint
 
-    model = load_checkpoint("models/detect/model.pt")[0]
+    model = load_checkpoint(str(layout.model_pt("detect")))[0]
     return model.fuse(verbose=False).eval()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages.core import layout
 from stages.core.card import read_card, write_card
 from tools.bench.timing import Row, alternate, percentile
 
@@ -23,11 +24,11 @@ def bare_models(dst: Path) -> Path:
     """models/tabular and models/image copied to dst, their cards without `trust`."""
     for task in ("tabular", "image"):
         (dst / task).mkdir(parents=True)
-        card = read_card(f"models/{task}/model.json")
+        card = read_card(layout.card(task))
         if card.trust is None:
-            raise RuntimeError(f"models/{task}/model.json has no trust: re-export it")
+            raise RuntimeError(f"{layout.card(task)} has no trust: re-export it")
         shutil.copy(f"models/{task}/{card.onnx.file}", dst / task)
-        write_card(dst / task / "model.json", card.model_copy(update={"trust": None}))
+        write_card(dst / task / layout.CARD_FILE, card.model_copy(update={"trust": None}))
     return dst
 
 
@@ -42,11 +43,11 @@ def trust(quick: bool, scratch: Path) -> dict:
     cfg = load_settings()
     row = json.loads(
         pd.read_parquet("data/prepared/tabular/test.parquet")
-        .drop(columns=read_json("models/tabular/model.json")["target"])
+        .drop(columns=read_json(layout.card("tabular"))["target"])
         .head(1)
         .to_json(orient="records")
     )
-    digit = split_images(read_json("data/prepared/image/schema.json"))[0][0].read_bytes()
+    digit = split_images(read_json(layout.columns("image")))[0][0].read_bytes()
     n = 20 if quick else 300
     procs, clients = [], {}
     try:

@@ -1,4 +1,4 @@
-"""Detection labels, torch-free: YOLO, COCO and Pascal VOC read into one YOLO layout, and
+"""Box formats, torch-free: YOLO, COCO and Pascal VOC labels read into one YOLO layout, and
 the per-image and per-box tables that validation checks.
 
 Boxes are YOLO-style throughout: class id and normalised centre x, y, width, height.
