@@ -18,7 +18,7 @@ from stages.image.model import SmallCNN, build_model
 @pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "efficientnet_b0"])
 def test_the_map_is_the_class_score_spread_over_the_image(arch):
     torch.manual_seed(0)
-    model = build_model({"kind": arch, "num_classes": 4}).eval()
+    model = build_model({"name": arch, "num_classes": 4}).eval()
     pool, why = cam_layers(model)
     assert pool is not None, why
     wrapped = WithCam(model, None, pool).eval()
@@ -30,7 +30,7 @@ def test_the_map_is_the_class_score_spread_over_the_image(arch):
 
 
 def test_mobilenet_has_no_map_and_says_why():
-    pool, why = cam_layers(build_model({"kind": "mobilenet_v3_small", "num_classes": 4}))
+    pool, why = cam_layers(build_model({"name": "mobilenet_v3_small", "num_classes": 4}))
     assert pool is None and "more than one linear layer" in why
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.core import layout
 from tools.bench.timing import Row, alternate, percentile
 
 HIDDEN = [128, 128]  # tabular.train.hidden's default
@@ -30,7 +31,7 @@ def wide_model(columns: int, folder: Path, export) -> Path:
     folder.mkdir(parents=True)
     torch.manual_seed(0)
     model = MLP(columns, HIDDEN, 3, 0.0).eval()
-    export_onnx(model, torch.zeros(2, columns), folder / "model.onnx")
+    export_onnx(model, torch.zeros(2, columns), folder / layout.MODEL_ONNX_FILE)
     names = [f"c{i}" for i in range(columns)]
     rng = np.random.default_rng(0)
     card = {
@@ -38,7 +39,7 @@ def wide_model(columns: int, folder: Path, export) -> Path:
         "kind": "classification",
         "classes": ["a", "b", "c"],
         "onnx": {
-            "file": "model.onnx",
+            "file": layout.MODEL_ONNX_FILE,
             "sha256": "",
             "input": "input",
             "output": "output",
@@ -61,7 +62,7 @@ def wide_model(columns: int, folder: Path, export) -> Path:
             "background": rng.normal(size=(export.background_rows, columns)).tolist(),
         },
     }
-    (folder / "model.json").write_text(json.dumps(card))
+    (folder / layout.CARD_FILE).write_text(json.dumps(card))
     return folder
 
 
@@ -73,7 +74,7 @@ def served(folder: Path):
     from stages.core.inference import open_session, physical_cores
     from stages.tabular.serving import Rows
 
-    card = read_card(folder / "model.json")
+    card = read_card(folder / layout.CARD_FILE)
     cfg = load_settings()
     session = open_session(folder / card.onnx.file, threads=max(1, physical_cores() // cfg.workers))
 
@@ -103,8 +104,8 @@ def explain(quick: bool, scratch: Path) -> dict:
     n = 10 if quick else 200
     rows, details = [], {}
     cases = [(c, wide_model(c, scratch / f"c{c}", export)) for c in TARGETS_MS]
-    penguins = Path("models/tabular")
-    card = penguins / "model.json"
+    penguins = layout.model_dir("tabular")
+    card = layout.card("tabular")
     if card.is_file() and "explain" in json.loads(card.read_text()):
         cases.insert(0, (None, penguins))
     for columns, folder in cases:
