@@ -7,6 +7,7 @@ JSON model cards.
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from stages.detect.boxes import load_for_detection, to_records
 from stages.image import infer as image
 from stages.image.data import load_rgb, top_k
 from stages.tabular.data import Preprocessor, scores, type_features
+from stages.tabular.explain import attributions
 from stages.tabular.serving import Rows, json_rows
 
 
@@ -107,8 +109,11 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict]:
-    """Rows → one dict per row: prediction (and probabilities), and `warnings`. JSON rows
+def predict_tabular(
+    model: Loaded, rows: list[dict] | pd.DataFrame, explain: bool = False
+) -> list[dict]:
+    """Rows → one dict per row: prediction (and probabilities), and `warnings`; with explain,
+    `base_value` and `attributions` too (docs/explain.md). JSON rows
     take the numpy fast path (stages/tabular/serving.py); a DataFrame, or a row it cannot
     take as it is (a value the model has not seen), the pandas path that `infer` uses, where
     Preprocessor.screen reads such a cell as missing and says so; both give identical answers."""
@@ -142,6 +147,9 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
         if model.card.trust is not None:  # prediction_set or interval, and ood
             vectors = ood_vectors(model.card, x, outs)
             preds = with_trust(model.card, preds, scores(outs[0], model.card), vectors)
+        if explain:
+            with model.limit:
+                preds = explained(model, x, preds)
     except StageError as e:
         raise BadInput(str(e)) from None
     model.monitor.observe(records)  # the monitor reads the features it knows
@@ -149,8 +157,37 @@ def predict_tabular(model: Loaded, rows: list[dict] | pd.DataFrame) -> list[dict
     return [{**p, "warnings": w} for p, w in zip(preds, warnings, strict=False)]
 
 
-def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
+def explained(model: Loaded, x: np.ndarray, preds: list[dict]) -> list[dict]:
+    """Predictions with `base_value` and `attributions` ({column: value}, summing with the
+    base value to the answer's probability, or its prediction; stages/tabular/explain.py)."""
     card = model.card
+    if card.explain is None:
+        raise BadInput(
+            "the served tabular model has no explanation background in its card (exported "
+            "before explanations existed): re-run `dvc repro export@tabular`"
+        )
+    classes = card.classes
+    predicted = (
+        np.array([classes.index(p["prediction"]) for p in preds])
+        if card.kind == "classification"
+        else None
+    )
+    base, phi = attributions(card, model.session, x, predicted)
+    names = card.explain["columns"]
+    return [
+        {**p, "base_value": float(b), "attributions": dict(zip(names, a.tolist(), strict=True))}
+        for p, b, a in zip(preds, base, phi, strict=True)
+    ]
+
+
+def predict_image(
+    model: Loaded, data: bytes, k: int, max_pixels: int, explain: bool = False
+) -> dict:
+    """One image → its classes (and trust, warnings); with explain, `heatmap_png` too: the
+    predicted class's activation map as a base64 grayscale PNG of the image's size."""
+    card = model.card
+    if explain and image.no_cam(card):
+        raise BadInput(f"no heatmap for this image model: {image.no_cam(card)}")
     im = open_image(
         data, max_pixels
     )  # checked first; then the very bytes go through infer's loader
@@ -163,7 +200,7 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
     }
     warnings = model.checked([seen])[0]
     with model.limit:
-        probs, feats = image.predict_outputs(card, model.session, rgb[None])
+        probs, feats, cams = image.predict_with_cams(card, model.session, rgb[None])
     model.monitor.observe([seen])
     classes = card.classes
     trusted = with_trust(card, [{}], probs, feats)[0]  # prediction_set and ood
@@ -177,7 +214,18 @@ def predict_image(model: Loaded, data: bytes, k: int, max_pixels: int) -> dict:
         "top_k": [{"class": classes[int(i)], "probability": float(probs[i])} for i in order],
         "top_k_text": top_k(probs[None], classes, k)[0],
         "warnings": warnings,
+        **(
+            {"heatmap_png": png_base64(image.heatmap(cams[0], im.width, im.height))}
+            if explain
+            else {}
+        ),
     }
+
+
+def png_base64(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def predict_detect(

@@ -216,15 +216,27 @@ Upload = Annotated[UploadFile, File(description="an image PIL can read")]
 Threshold = Annotated[float | None, Query(ge=0, le=1, description="default: the model card's")]
 
 
+EXPLAIN_TABULAR = (
+    "also answer `base_value` and `attributions` ({column: value}) per row: each column's "
+    "share of the answer's probability (or prediction), which they sum to (docs/explain.md)"
+)
+EXPLAIN_IMAGE = (
+    "also answer `heatmap_png`: the predicted class's activation map, a base64 grayscale PNG "
+    "the size of the image (0 = no evidence, 255 = the most; docs/explain.md)"
+)
+
+
 @predict.post(
     "/predict/tabular",
     summary="Predict rows (JSON) with the tabular model; `warnings` per row name "
     "values outside the validated range (serve.strict: a 422)",
 )
-async def tabular(s: State, request: Request) -> dict:
+async def tabular(
+    s: State, request: Request, explain: Annotated[bool, Query(description=EXPLAIN_TABULAR)] = False
+) -> dict:
     rows = await tabular_rows(request, s.tabular_model)
     m = model(s, "tabular", request)
-    preds = await run_in_threadpool(predict_tabular, m, rows)
+    preds = await run_in_threadpool(predict_tabular, m, rows, explain)
     s.repo.mirror("tabular", m, lambda c: predict_tabular(c, rows), row_labels, preds)
     return {"model_version": m.version, "predictions": preds}
 
@@ -245,11 +257,12 @@ def image(
     top_k: Annotated[
         int | None, Query(ge=1, le=100, description="default: image.infer.top_k")
     ] = None,
+    explain: Annotated[bool, Query(description=EXPLAIN_IMAGE)] = False,
 ) -> dict:
     m = model(s, "image", request)
     k = min(top_k or s.cfg.top_k, len(m.card.classes))
     data = read_upload(file, s.cfg)
-    found = predict_image(m, data, k, s.cfg.max_pixels)
+    found = predict_image(m, data, k, s.cfg.max_pixels, explain)
     s.repo.mirror(
         "image", m, lambda c: predict_image(c, data, k, s.cfg.max_pixels), image_labels, found
     )

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from app.errors import BadInput
+from app.explain_view import HEAT, WHY, bars, overlay, top_contributions
 from app.label_issues import show as show_label_issues
 from app.predict import Current, Loaded, predict_detect, predict_image, predict_tabular
 from app.settings import Settings
@@ -25,6 +26,7 @@ from stages.core.cli import StageError
 from stages.core.images import image_extensions
 from stages.core.trust import describe
 from stages.detect.boxes import draw_boxes
+from stages.image.infer import no_cam
 from stages.tabular.data import read_csv
 
 HEADLINE = ("accuracy", "f1_macro", "roc_auc", "rmse", "mae", "r2", "mAP50", "mAP50-95")
@@ -86,6 +88,14 @@ def _error(e: Exception | str):
     return gr.Error(text if text.endswith((".", "?", "!")) else text + ".")
 
 
+def _answer(predict, *args, **kw):
+    """predict(...), its BadInput shown as the UI's error."""
+    try:
+        return predict(*args, **kw)
+    except BadInput as e:
+        raise _error(e) from None
+
+
 def _need_file(path: str | None, what: str) -> str:
     if not path:
         raise _error(f"No file arrived: choose {what}")
@@ -114,6 +124,12 @@ def tabular_form(model: Loaded, *values) -> tuple[dict | float, str]:
             pred["warnings"], pred
         )
     return pred["prediction"], warnings_markdown(pred["warnings"], pred)
+
+
+def tabular_why(model: Loaded, *values) -> pd.DataFrame:
+    """One row from the form → its top contributions, for a bar chart (docs/explain.md)."""
+    row = dict(zip([f.name for f in model.card.features], values, strict=False))
+    return top_contributions(_answer(predict_tabular, model, [row], explain=True)[0])
 
 
 def looks_like_text(path: str) -> bool:
@@ -151,13 +167,17 @@ def tabular_csv(model: Loaded, path: str | None, max_rows: int) -> str:
 
 def image_one(model: Loaded, path: str | None, k: int, max_pixels: int) -> tuple[dict, str]:
     _need_file(path, "an image file")
-    try:
-        result = predict_image(model, Path(path).read_bytes(), k, max_pixels)
-    except BadInput as e:
-        raise _error(e) from None
+    result = _answer(predict_image, model, Path(path).read_bytes(), k, max_pixels)
     return {r["class"]: r["probability"] for r in result["top_k"]}, warnings_markdown(
         result["warnings"], result
     )
+
+
+def image_why(model: Loaded, path: str | None, max_pixels: int):
+    """The image with its predicted class's activation map laid over it (docs/explain.md)."""
+    _need_file(path, "an image file")
+    result = _answer(predict_image, model, Path(path).read_bytes(), 1, max_pixels, explain=True)
+    return overlay(path, result["heatmap_png"])
 
 
 def image_zip(model: Loaded, path: str | None, k: int, max_pixels: int) -> str:
@@ -313,6 +333,9 @@ def plots(task: str, metrics_dir: Path = Path("metrics")) -> dict:
             .reset_index()
             .rename(columns={"actual": "actual \\ predicted"})
         )
+    importance = folder / "plots" / "importance.json"  # tabular: stages/tabular/explain.py
+    if importance.is_file():
+        out["importance"] = pd.DataFrame(json.loads(importance.read_text()))[["column", "drop"]]
     pr = folder / "plots" / "pr.json"
     if pr.is_file():
         out["pr"] = pd.DataFrame(json.loads(pr.read_text()))[["recall", "precision"]]
@@ -415,6 +438,9 @@ def tabular_tab(m: Loaded, cfg: Settings) -> None:
         )
         note = gr.Markdown(elem_id="tab-warnings")
     go.click(lambda *v: tabular_form(m, *v), inputs, [out, note], api_name="tabular_form")
+    if m.card.explain:
+        why = gr.BarPlot(**bars("column", "contribution", WHY, "tab-why"))
+        go.click(lambda *v: tabular_why(m, *v), inputs, why, api_name="tabular_explain")
     examples = tabular_examples(m.card)
     if examples:
         gr.Examples(
@@ -445,6 +471,9 @@ def image_tab(m: Loaded, cfg: Settings) -> None:
         return image_one(m, p, k, max_pixels)
 
     img.upload(classify, img, [label, img_note], api_name="image_one")
+    if not no_cam(m.card):
+        why = gr.Image(label=HEAT, elem_id="img-why", type="pil", height=240)
+        img.upload(lambda p: image_why(m, p, max_pixels), img, why, api_name="image_explain")
     examples = image_examples(m.card)
     if examples:
         gr.Examples(
@@ -525,6 +554,9 @@ def models_tab(models: dict[str, Loaded], missing: dict[str, str]) -> None:
                     elem_id=f"models-{task}-pr",
                     height=240,
                 )
+            if "importance" in data:
+                label = f"{task}: column importance (test score drop when shuffled)"
+                gr.BarPlot(data["importance"], **bars("column", "drop", label, "models-importance"))
             if "curves" in data:
                 gr.LinePlot(
                     data["curves"],

@@ -75,6 +75,9 @@ def tensors(card: Card) -> tuple[list[dict], list[dict]]:
             ("ood_flagged", "BOOL", [-1]),
             ("ood_p_value", "FP64", [-1]),
         ]
+    if card.task == "tabular" and card.explain:  # computed only when asked for
+        m = len(card.explain["columns"])
+        outputs += [("attributions", "FP32", [-1, m]), ("base_value", "FP64", [-1])]
     return inputs, [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs]
 
 
@@ -155,13 +158,47 @@ def column(name: str, tensor: Input) -> list:
     return [None if x != x else x for x in v.tolist()]
 
 
-def tabular_outputs(m: Loaded, rows: list[dict]) -> Outputs:
-    preds = predict_tabular(m, rows)
+EXPLAINED = ("attributions", "base_value")
+
+
+def asks_why(request: dict) -> bool:
+    """Whether the request names an explanation among its outputs (they cost model runs)."""
+    return any(
+        isinstance(o, dict) and o.get("name") in EXPLAINED for o in request.get("outputs") or []
+    )
+
+
+def metadata_parameters(card: Card) -> dict:
+    """The model metadata's `parameters`: the column order of `attributions` (tabular)."""
+    if card.task != "tabular" or not card.explain:
+        return {}
+    return {"parameters": {"attribution_columns": card.explain["columns"]}}
+
+
+def attribution_tensors(preds: list[dict]) -> Outputs:
+    """attributions [N, columns] (the order of the metadata's parameters
+    attribution_columns) and base_value [N], when the request asked for them."""
+    if not preds or "attributions" not in preds[0]:
+        return {}
+    n, m = len(preds), len(preds[0]["attributions"])
+    return {
+        "attributions": Tensor("FP32", [list(p["attributions"].values()) for p in preds], [n, m]),
+        "base_value": Tensor("FP64", [p["base_value"] for p in preds], [n]),
+    }
+
+
+def tabular_outputs(m: Loaded, rows: list[dict], explain: bool = False) -> Outputs:
+    preds = predict_tabular(m, rows, explain)
     n = len(preds)
     warnings = Tensor("BYTES", ["; ".join(p["warnings"]) for p in preds], [n])
     if m.card.kind != "classification":
         prediction = Tensor("FP64", [p["prediction"] for p in preds], [n])
-        return {"prediction": prediction, "warnings": warnings, **trust_tensors(preds)}
+        return {
+            "prediction": prediction,
+            "warnings": warnings,
+            **trust_tensors(preds),
+            **attribution_tensors(preds),
+        }
     classes = m.card.classes
     probs = [[p[f"p_{c}"] for c in classes] for p in preds]
     return {
@@ -169,6 +206,7 @@ def tabular_outputs(m: Loaded, rows: list[dict]) -> Outputs:
         "probabilities": Tensor("FP32", probs, [n, len(classes)], {"classes": classes}),
         "warnings": warnings,
         **trust_tensors(preds),
+        **attribution_tensors(preds),
     }
 
 
@@ -231,10 +269,12 @@ def detect_outputs(m: Loaded, data: list[bytes], parameters: dict, max_pixels: i
     }
 
 
-def run_model(m: Loaded, task: str, inputs: dict[str, Input], parameters: dict, s: Served):
-    """The task's outputs for the request's inputs."""
+def run_model(
+    m: Loaded, task: str, inputs: dict[str, Input], parameters: dict, s: Served, why=False
+):
+    """The task's outputs for the request's inputs (why: the explanations too)."""
     if task == "tabular":
-        return tabular_outputs(m, tabular_rows(m, inputs, s.tabular_model))
+        return tabular_outputs(m, tabular_rows(m, inputs, s.tabular_model), why)
     if task == "image":
         return image_outputs(m, images(inputs), s.cfg.max_rows, s.cfg.max_pixels)
     return detect_outputs(m, images(inputs), parameters, s.cfg.max_pixels)
@@ -309,6 +349,7 @@ def metadata(name: Name, m: Model) -> dict:
         "platform": "onnxruntime_onnx",
         "inputs": inputs,
         "outputs": outputs,
+        **metadata_parameters(m.card),
     }
 
 
@@ -322,7 +363,7 @@ async def infer(name: Name, m: Model, s: State, request: Request) -> Response:
     inputs = read_inputs(req, tail)
     request.state.model_version = m.version
     parameters = req.get("parameters") or {}
-    results = await run_in_threadpool(run_model, m, name, inputs, parameters, s)
+    results = await run_in_threadpool(run_model, m, name, inputs, parameters, s, asks_why(req))
     again = lambda c: run_model(c, name, inputs, parameters, s)  # noqa: E731
     s.repo.mirror(name, m, again, labels, results)
     return respond(req, name, m.version, results)

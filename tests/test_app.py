@@ -64,6 +64,20 @@ def test_health_ready_info_and_openapi(client):
     )
 
 
+def test_tabular_explain_adds_attributions_that_sum_to_the_answer(client, served_repo):
+    row = a_row(served_repo)
+    rows = [row, {**row, "sex": None, "bill_length_mm": None}]
+    plain = client.post("/predict/tabular", json={"rows": rows}).json()["predictions"]
+    assert "attributions" not in plain[0]  # only when asked: it costs model runs
+    r = client.post("/predict/tabular?explain=true", json={"rows": rows})
+    assert r.status_code == 200, r.text
+    for p, q in zip(r.json()["predictions"], plain, strict=True):
+        assert set(p["attributions"]) == set(row)  # keyed by the request's columns
+        assert abs(p["base_value"] + sum(p["attributions"].values()) - p["probability"]) < 1e-6
+        assert p["prediction"] == q["prediction"] and p["probability"] == q["probability"]
+    assert client.post("/predict/tabular?explain=maybe", json={"rows": rows}).status_code == 422
+
+
 def test_tabular_predictions_and_schema_checks(client, served_repo):
     row = a_row(served_repo)
     ok = client.post(

@@ -24,6 +24,7 @@ SECTIONS = {
     "labels",
     "numerics",
     "tabular_cost",
+    "explain",
     "ensemble",
 }
 
@@ -74,6 +75,10 @@ def test_quick_bench_writes_every_section(tmp_path, served_repo):
     assert sum(name == "batch" for name, _ in targets) == 2
     assert sum(name == "training" and "amp" in what for name, what in targets) >= 2
     assert ("validation", "GX suite vs the 1M rows/s target") in targets
+    assert {w for n, w in targets if n == "explain"} == {
+        "20 columns (sampled): added p50",
+        "60 columns (sampled): added p50",
+    }
     assert result["targets"]["total"] == len(
         [r for s in result["sections"].values() for r in s["rows"] if r["holds"] is not None]
     )

@@ -72,6 +72,7 @@ def test_report_between_two_commits(baseline):
     assert re.search(r"\| tabular\.train\.lr \| 0\.01 \| 0\.03 \|", text), text
     assert re.search(r"\| metrics\.json: test\.accuracy \| [0-9.]+ \| [0-9.]+ \|", text), text
     assert "passed:" in text and "onnxruntime p50 latency" in text
+    assert "### Column importance" in text  # evaluate's permutation importance
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert "report/tabular_training.png" in links and "report/tabular_confusion.png" in links
     for link in links:

@@ -149,12 +149,15 @@ def test_tritonclient_tabular(triton, binary, served_repo):
     assert [i["name"] for i in meta["inputs"]] == [f["name"] for f in card["features"]]
     assert {i["name"]: i["datatype"] for i in meta["inputs"]}["island"] == "BYTES"
     trust = {"prediction_set", "ood_flagged", "ood_p_value"}
-    assert {o["name"] for o in meta["outputs"]} == {"label", "probabilities", "warnings", *trust}
+    why = {"attributions", "base_value"}  # computed only when asked for (docs/explain.md)
+    outputs = {"label", "probabilities", "warnings", *trust, *why}
+    assert {o["name"] for o in meta["outputs"]} == outputs
+    assert meta["parameters"]["attribution_columns"] == card["explain"]["columns"]
     version = meta["versions"][0]
     assert c.is_model_ready("tabular", model_version=version)
     outs = [
         th.InferRequestedOutput(n, binary_data=binary)
-        for n in ("label", "probabilities", "warnings", *sorted(trust))
+        for n in ("label", "probabilities", "warnings", *sorted(trust), *sorted(why))
     ]
     r = c.infer("tabular", tabular_inputs(th, binary), outputs=outs, model_version=version)
     labels = [v.decode() if isinstance(v, bytes) else v for v in r.as_numpy("label")]
@@ -164,6 +167,11 @@ def test_tritonclient_tabular(triton, binary, served_repo):
     assert all(label in s for label, s in zip(labels, sets, strict=True))
     assert r.as_numpy("ood_flagged").dtype == bool and r.as_numpy("ood_p_value").shape == (2,)
     assert np.allclose(r.as_numpy("probabilities").sum(axis=1), 1, atol=1e-5)
+    # The answer's probability = base_value + the row's attributions (FP32 [N, columns]).
+    attr = r.as_numpy("attributions")
+    assert attr.dtype == np.float32 and attr.shape == (2, len(card["explain"]["columns"]))
+    top = r.as_numpy("probabilities").max(axis=1)
+    assert np.allclose(r.as_numpy("base_value") + attr.sum(axis=1), top, atol=1e-5)
     assert r.get_response()["model_version"] == version
     # As over REST (issue 37): an unseen category is answered with a warning naming it, a
     # raw row's other CSV columns (the target) are accepted; an Infinity names field and row.

@@ -35,7 +35,8 @@ def test_metrics_and_card_carry_trust(served_repo, models):
         t = models[task].card.trust
         assert t["alpha"] == 0.1 and t["temperature"] > 0
         names = [o.name for o in models[task].session.get_outputs()]
-        assert names == ["output", "features"]
+        # image: and the class activation map of the predicted class (stages/image/cam.py)
+        assert names == ["output", "features", *(["cam"] if task == "image" else [])]
         assert (served_repo / f"metrics/{task}/plots/reliability.json").is_file()
 
 
@@ -61,6 +62,26 @@ def png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array.astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_the_served_heatmap_is_a_grayscale_png_of_the_images_size(models):
+    import base64
+    import dataclasses
+
+    from app.predict import BadInput, predict_image
+
+    data = png(np.random.default_rng(0).integers(0, 256, (30, 40, 3)))  # 40 wide, 30 high
+    r = predict_image(models["image"], data, 3, 10**7, explain=True)
+    heat = Image.open(io.BytesIO(base64.b64decode(r["heatmap_png"])))
+    assert heat.mode == "L" and heat.size == (40, 30)
+    assert np.asarray(heat).max() in (0, 255)  # scaled to its own maximum (0: no evidence)
+    assert "heatmap_png" not in predict_image(models["image"], data, 3, 10**7)
+    card = models["image"].card.model_copy(
+        update={"explain": {"cam": None, "why_no_cam": "two linear layers"}}
+    )
+    other = dataclasses.replace(models["image"], card=card)  # as a mobilenet_v3_small's card
+    with pytest.raises(BadInput, match="no heatmap.*two linear layers"):
+        predict_image(other, data, 1, 10**7, explain=True)
 
 
 def test_noise_and_flat_images_are_flagged(models):

@@ -175,6 +175,21 @@ def label_issues_md(task: str, top: int = 10) -> str:
     return text + ("\n" + table(list(issues.columns), rows) + "\n" if rows else "")
 
 
+def importance_md(task: str, top: int = 10) -> str:
+    """The columns that matter most on the test split (evaluate's permutation importance,
+    docs/explain.md), or "" where the task has none."""
+    path = layout.metrics_dir(task) / layout.IMPORTANCE.name
+    if not path.exists():
+        return ""
+    rows = [[c, v["mean"], v["std"]] for c, v in list(read_json(path).items())[:top]]
+    return (
+        "### Column importance\n\nThe drop in the test split's headline score (accuracy, or "
+        "R²) when a column is shuffled: mean and std over the shuffles.\n\n"
+        + table(["column", "drop", "std"], rows)
+        + "\n"
+    )
+
+
 def served_md(card: Card) -> str:
     """The served model's members (tabular: network and gradient boosting; the card's
     `ensemble`): weight, test scores alone, and why; "" for a model of one member."""
@@ -233,6 +248,7 @@ def build_report(
                 f"expectations met over {', '.join(v['tables'])} (`{v['suite_file']}`).\n"
             )
         parts.append(label_issues_md(task))
+        parts.append(importance_md(task))
         onnx, card_path = layout.model_onnx(task), layout.card(task)
         if onnx.exists() and card_path.exists():
             card = read_card(card_path)

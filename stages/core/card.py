@@ -62,6 +62,9 @@ class Card(Document):
     reference: dict | None = None  # training-data statistics for input checks and drift
     postprocessing: str | dict | None = None
     trust: dict | None = None  # conformal sets and OOD (stages/core/trust.py)
+    # tabular: columns, background, how attributions are estimated (stages/tabular/explain.py);
+    # image: the graph's `cam` output, or why it has none (stages/image/cam.py)
+    explain: dict | None = None
     ensemble: dict | None = None  # tabular: the served members, weights and why (boost stage)
     registry: dict | None = None  # the registered version it came from (tools/registry.py)
 

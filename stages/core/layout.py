@@ -35,6 +35,8 @@ PREDICTIONS = {
 }
 # Not a DVC output: boxes drawn on the first detect.infer.render images.
 RENDERED = Path("data/predictions/detect_rendered")
+# Not a DVC output either: image infer's class activation maps (image.infer.heatmaps).
+HEATMAPS = Path("data/predictions/image_heatmaps")
 
 
 def prepared(task: str) -> Path:
@@ -113,6 +115,10 @@ def plots(task: str) -> Path:
 # Not a DVC output (dvc.yaml lists it under its top-level `metrics`): tabular evaluate's
 # wall times, train stage and HGB fit, which differ run to run.
 COST = Path("metrics/tabular/cost.json")
+# Also written by tabular evaluate, beside metrics.json, and no stage output for the same
+# reason as COST's neighbour: evaluate is one foreach over the tasks and only tabular has it.
+# Permutation importance per column (stages/tabular/explain.py); seeded, so it reproduces.
+IMPORTANCE = Path("metrics/tabular/importance.json")
 
 
 def label_issues(task: str) -> Path:

@@ -134,6 +134,7 @@ class TabularEvaluate(Section):
     cv_folds: Annotated[int, Field(ge=2)]
     alpha: Fraction  # conformal miscoverage (stages/core/trust.py)
     ood_threshold: Fraction  # OOD p-value at or below which a row is flagged
+    importance_repeats: Positive  # permutation importance: shuffles per column
 
 
 class TabularBoost(Section):
@@ -150,12 +151,18 @@ class TabularBoost(Section):
 class TabularExport(Section):
     parity_atol: Annotated[float, Field(gt=0)]
     torchscript: bool
+    background_rows: Positive  # explanations: training rows in the card
+    exact_columns: Annotated[int, Field(ge=0, le=16)]  # exact Shapley up to this many columns
+    permutations: Annotated[
+        int, Field(ge=2)
+    ]  # samples (order, background row) beyond exact_columns
 
 
 class TabularInfer(Section):
     source: str
     batch_size: Positive
     output: str
+    explain: bool  # also write attr_<column> columns
 
 
 class Tabular(Section):
@@ -233,6 +240,7 @@ class ImageInfer(Section):
     source: str
     batch_size: Positive
     top_k: Positive
+    heatmaps: bool  # also write class activation maps (layout.HEATMAPS)
 
 
 class Image(Section):

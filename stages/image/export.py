@@ -22,6 +22,7 @@ from stages.core.onnx_export import (
     load_model,
 )
 from stages.core.schema import Params
+from stages.image.cam import WithCam, cam_layers
 from stages.image.data import load_rgb, preprocess, split_images
 from stages.image.model import build_model
 from stages.image.trust import fit_trust
@@ -53,10 +54,17 @@ def run(params: Params, out_dir: Path = layout.model_dir("image")) -> Card:
     paths, _ = split_images(schema)
     x_test = preprocess(paths, schema)
     onnx_path = out_dir / layout.MODEL_ONNX_FILE
-    # The graph: (logits / temperature, penultimate features): calibrated, with what OOD reads.
+    # The graph: (logits / temperature, penultimate features, and where it can the class
+    # activation map of the predicted class): calibrated, with what OOD reads, and why.
     trust = fit_trust(params, model, schema)
-    model = WithFeatures(model, trust["temperature"])
-    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path, ("output", "features"))
+    pool, why_not = cam_layers(model)
+    model = (
+        WithCam(model, trust["temperature"], pool)
+        if pool
+        else WithFeatures(model, trust["temperature"])
+    )
+    names = ("output", "features", "cam") if pool else ("output", "features")
+    export_onnx(model, torch.from_numpy(x_test[:2]), onnx_path, names)
     parity = check_parity(
         FirstOutput(model), onnx_path, x_test, p.parity_atol, True, p.min_top1_agreement
     )
@@ -78,6 +86,11 @@ def run(params: Params, out_dir: Path = layout.model_dir("image")) -> Card:
         "postprocessing": "softmax over output (the logits / trust.temperature, in the graph)",
         "reference": image_reference(schema, size),
         "trust": trust,
+        # stages/image/cam.py; served as `heatmap_png` (app/predict.py)
+        "explain": {
+            "cam": "cam" if pool else None,
+            **({"why_no_cam": why_not} if not pool else {}),
+        },
     }
     card = write_card(out_dir / layout.card("image").name, card)
     log(

@@ -33,6 +33,7 @@ from stages.core.schema import Params
 from stages.tabular.boost import BOOST_TIME, Served, load_served
 from stages.tabular.data import Preprocessor, read_split, split_chunks
 from stages.tabular.ensemble import combine
+from stages.tabular.explain import importance_report
 from stages.tabular.train import TRAIN_TIME
 from stages.tabular.trust import trust_report
 
@@ -58,6 +59,7 @@ def run(params: Params, out_dir: Path = layout.metrics_dir("tabular")) -> dict:
         served, y_test, combine(members, served.ensemble["weights"], served.classify)
     )
     trusted, trust_plots = trust_report(params, served)  # stages/core/trust.py
+    importance_report(params, served.outputs, served.meta, served.pre, out_dir)
     metrics, plots = {**metrics, **trusted}, {**plots, **trust_plots}
     base_metrics = {}
     if hgb is not None:

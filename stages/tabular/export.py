@@ -27,6 +27,7 @@ from stages.core.onnx_export import (
 from stages.core.schema import Params
 from stages.tabular.boost import Served, load_served
 from stages.tabular.data import sample_split, split_chunks
+from stages.tabular.explain import card_section
 from stages.tabular.trust import fit_trust
 
 TRAIN = layout.prepared("tabular") / "train.parquet"
@@ -111,6 +112,7 @@ def run(params: Params, out_dir: Path = layout.model_dir("tabular")) -> Card:
         if schema.task == "classification"
         else "output * target_scaling.std + target_scaling.mean",
         "trust": trust,
+        "explain": card_section(pre, TRAIN, params.tabular.export),  # stages/tabular/explain.py
         "ensemble": served.ensemble,
     }
     card = write_card(out_dir / layout.card("tabular").name, card)

@@ -28,6 +28,7 @@ from stages.core.inference import open_session, run_all
 from stages.core.schema import Params
 from stages.core.trust import apply, ood_vectors, with_trust
 from stages.tabular.data import Preprocessor, feature_chunks, scores, scores_table
+from stages.tabular.explain import attribution_columns
 
 CHUNK_ROWS = 1_000_000
 
@@ -145,7 +146,10 @@ class Writer:
     def __init__(self, path: Path, card: Card):
         self.path, self.card, self.out = path, card, None
 
-    def write(self, predicted: np.ndarray, lines: np.ndarray, feats=None, warnings=None) -> None:
+    def write(
+        self, predicted: np.ndarray, lines: np.ndarray, feats=None, warnings=None, also=()
+    ) -> None:
+        """also: more (name, arrow array) columns, after the others (attributions)."""
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
@@ -155,6 +159,7 @@ class Writer:
         extra = trust_columns(self.card, predicted, feats, csv)
         texts = ["; ".join(w) for w in warnings or [[]] * len(predicted)]
         extra.append(("warnings", pa.array([csv_field(t) for t in texts] if csv else texts)))
+        extra += list(also)
         names += [n for n, _ in extra]
         if classes:  # as scores_table: the first most probable class, and its probability
             best = predicted.argmax(axis=1)
@@ -271,6 +276,10 @@ def run(
     suite_file = card.validation.suite_file
     suite = for_inference(load_suite(suite_file))
     if params.tabular.data.engine == "spark":
+        if p.explain:
+            raise StageError(
+                "tabular.infer.explain is not available with tabular.data.engine: spark"
+            )
         from stages.tabular.spark import infer as spark_infer
 
         with atomic_dir(out) as tmp:
@@ -307,8 +316,13 @@ def run(
                             # GX's report names every broken value, so it speaks first below.
                             failed = e
                             break
+                        also = (
+                            attribution_columns(card, session, df, predicted, source)
+                            if p.explain
+                            else []
+                        )
                         seconds += time.perf_counter() - start
-                        writer.write(predicted, df.index.to_numpy(), feats, warned)
+                        writer.write(predicted, df.index.to_numpy(), feats, warned, also)
                         rows += len(df)
                         count_warnings(counts, warned)
                 finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from tools.bench.batch import batch
 from tools.bench.edge import edge
 from tools.bench.ensemble import ensemble
+from tools.bench.explain import explain
 from tools.bench.inference import inference
 from tools.bench.labels import labels
 from tools.bench.large import large
@@ -32,6 +33,7 @@ SECTIONS = {
     "validation": validation,
     "pipeline": pipeline,
     "trust": trust,
+    "explain": explain,
     "edge": edge,
     "labels": labels,
     "numerics": numerics,
