@@ -168,7 +168,7 @@ def explained(model: Loaded, x: np.ndarray, preds: list[dict]) -> list[dict]:
         )
     classes = card.classes
     predicted = (
-        np.array([classes.index(p["prediction"]) for p in preds])
+        np.array([classes.index(pred["prediction"]) for pred in preds])
         if card.kind == "classification"
         else None
     )

@@ -154,22 +154,22 @@ async def tabular_rows(request: Request, request_model) -> list[dict]:
 
 
 def tabular_openapi(app, request_model) -> None:
-    """Put the request model's schema into /openapi.json as /predict/tabular's body."""
+    """Put the request model's spec into /openapi.json as /predict/tabular's body."""
     base = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = base()
+        spec = base()
         body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
         schemas.update(body.pop("$defs", {}), TabularRequest=body)
         ref = {"$ref": "#/components/schemas/TabularRequest"}
-        schema["paths"]["/predict/tabular"]["post"]["requestBody"] = {
+        spec["paths"]["/predict/tabular"]["post"]["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": ref}},
+            "content": {"application/json": {"spec": ref}},
         }
-        return schema
+        return spec
 
     app.openapi = openapi
 
@@ -242,7 +242,7 @@ async def tabular(
 
 
 def row_labels(preds: list[dict]) -> list:
-    return [p["prediction"] for p in preds]
+    return [pred["prediction"] for pred in preds]
 
 
 def image_labels(answer: dict) -> list:

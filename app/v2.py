@@ -102,19 +102,19 @@ def trust_tensors(preds: list[dict]) -> Outputs:
     n, big = len(preds), float(np.finfo(np.float64).max)
     out = {}
     if "prediction_set" in preds[0]:
-        sets = [json.dumps(p["prediction_set"]) for p in preds]
+        sets = [json.dumps(pred["prediction_set"]) for pred in preds]
         out["prediction_set"] = Tensor("BYTES", sets, [n])
     else:
         bounds = [
             [
-                -big if p["interval"][0] is None else p["interval"][0],
-                big if p["interval"][1] is None else p["interval"][1],
+                -big if pred["interval"][0] is None else pred["interval"][0],
+                big if pred["interval"][1] is None else pred["interval"][1],
             ]
-            for p in preds
+            for pred in preds
         ]
         out["interval"] = Tensor("FP64", bounds, [n, 2])
-    out["ood_flagged"] = Tensor("BOOL", [p["ood"]["flagged"] for p in preds], [n])
-    out["ood_p_value"] = Tensor("FP64", [p["ood"]["p_value"] for p in preds], [n])
+    out["ood_flagged"] = Tensor("BOOL", [pred["ood"]["flagged"] for pred in preds], [n])
+    out["ood_p_value"] = Tensor("FP64", [pred["ood"]["p_value"] for pred in preds], [n])
     return out
 
 
@@ -182,17 +182,19 @@ def attribution_tensors(preds: list[dict]) -> Outputs:
         return {}
     n, m = len(preds), len(preds[0]["attributions"])
     return {
-        "attributions": Tensor("FP32", [list(p["attributions"].values()) for p in preds], [n, m]),
-        "base_value": Tensor("FP64", [p["base_value"] for p in preds], [n]),
+        "attributions": Tensor(
+            "FP32", [list(pred["attributions"].values()) for pred in preds], [n, m]
+        ),
+        "base_value": Tensor("FP64", [pred["base_value"] for pred in preds], [n]),
     }
 
 
 def tabular_outputs(m: Loaded, rows: list[dict], explain: bool = False) -> Outputs:
     preds = predict_tabular(m, rows, explain)
     n = len(preds)
-    warnings = Tensor("BYTES", ["; ".join(p["warnings"]) for p in preds], [n])
+    warnings = Tensor("BYTES", ["; ".join(pred["warnings"]) for pred in preds], [n])
     if m.card.kind != "classification":
-        prediction = Tensor("FP64", [p["prediction"] for p in preds], [n])
+        prediction = Tensor("FP64", [pred["prediction"] for pred in preds], [n])
         return {
             "prediction": prediction,
             "warnings": warnings,
@@ -200,9 +202,9 @@ def tabular_outputs(m: Loaded, rows: list[dict], explain: bool = False) -> Outpu
             **attribution_tensors(preds),
         }
     classes = m.card.classes
-    probs = [[p[f"p_{c}"] for c in classes] for p in preds]
+    probs = [[pred[f"p_{c}"] for c in classes] for pred in preds]
     return {
-        "label": Tensor("BYTES", [p["prediction"] for p in preds], [n]),
+        "label": Tensor("BYTES", [pred["prediction"] for pred in preds], [n]),
         "probabilities": Tensor("FP32", probs, [n, len(classes)], {"classes": classes}),
         "warnings": warnings,
         **trust_tensors(preds),
