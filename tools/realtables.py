@@ -126,16 +126,21 @@ def run_table(
 
 
 def summary(name: str, m: dict) -> dict:
+    """One table's line: the served model's score (`served`), each member's where evaluate
+    wrote them (metrics.json `members`), the HGB baseline's, and the stages' times."""
     score = "accuracy" if "accuracy" in m["test"] else "r2"
-    cost = m.get("cost", {})
+    cost, members = m.get("cost", {}), m.get("members", {})
     return {
         "table": name,
         "score": score,
-        "network": round(m["test"][score], 4),
+        "served": round(m["test"][score], 4),
+        **{k: round(members[k][score], 4) for k in ("network", "boosting") if k in members},
+        "weights": members.get("weights"),
         "hgb": round(m["baseline_hgb"][score], 4),
         "margin": round(m["test"][score] - m["baseline_hgb"][score], 4),
         # The stage's own record where it keeps one; else the subprocess as timed here.
         "train_s": cost.get("train_seconds") or m["stage_seconds"]["train"],
+        "boost_s": m["stage_seconds"].get("boost"),
         "hgb_fit_s": cost.get("hgb_fit_seconds"),
         "evaluate_s": m["stage_seconds"]["evaluate"],
         **{k: m["train"].get(k) for k in ("rows", "batch_size", "epochs")},

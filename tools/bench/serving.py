@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stages.core import layout
 from stages.core.files import read_json
 from tools.bench.repo import (
     ROOT,
@@ -104,7 +105,7 @@ def serving(quick: bool, scratch: Path) -> dict:
     x_row = Preprocessor.from_dict(tab.card.preprocessing).transform(
         type_features(pd.DataFrame(row), tab.card.features, "request")
     )
-    digit = split_images(read_json("data/prepared/image/schema.json"))[0][0].read_bytes()
+    digit = split_images(read_json(layout.columns("image")))[0][0].read_bytes()
     x_img = preprocess([io.BytesIO(digit)], img.card.preprocessing)
     k = min(cfg.top_k, len(img.card.classes))
     n = 20 if quick else 300
