@@ -153,6 +153,17 @@ async def tabular_rows(request: Request, request_model) -> list[dict]:
     return [r if isinstance(r, dict) else r.model_dump() for r in parsed.rows]
 
 
+def explainable(rows: list, cfg: Settings) -> None:
+    """Explanations for at most serve.explain_max_rows rows: each explained row costs up to
+    2^M x the background in model rows (docs/explain.md), so 10,000 of them would hold a
+    worker for minutes."""
+    if len(rows) > cfg.explain_max_rows:
+        raise BadInput(
+            f"explain: at most {cfg.explain_max_rows} rows per request (serve.explain_max_rows), "
+            f"this one has {len(rows)}; send fewer rows or leave explain off"
+        )
+
+
 def tabular_openapi(app, request_model) -> None:
     """Put the request model's spec into /openapi.json as /predict/tabular's body."""
     base = app.openapi
@@ -167,7 +178,7 @@ def tabular_openapi(app, request_model) -> None:
         ref = {"$ref": "#/components/schemas/TabularRequest"}
         spec["paths"]["/predict/tabular"]["post"]["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"spec": ref}},
+            "content": {"application/json": {"schema": ref}},
         }
         return spec
 
@@ -235,6 +246,8 @@ async def tabular(
     s: State, request: Request, explain: Annotated[bool, Query(description=EXPLAIN_TABULAR)] = False
 ) -> dict:
     rows = await tabular_rows(request, s.tabular_model)
+    if explain:
+        explainable(rows, s.cfg)
     m = model(s, "tabular", request)
     preds = await run_in_threadpool(predict_tabular, m, rows, explain)
     s.repo.mirror("tabular", m, lambda c: predict_tabular(c, rows), row_labels, preds)

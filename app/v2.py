@@ -19,8 +19,15 @@ from pydantic import ValidationError
 from app.auth import api_key, caller
 from app.errors import BadInput
 from app.predict import Loaded, predict_detect, predict_image, predict_tabular
-from app.routes import Served, sentences, served
-from app.v2_tensors import Input, output, read_inputs, split_body, wanted_outputs
+from app.routes import Served, explainable, sentences, served
+from app.v2_tensors import (
+    Input,
+    output,
+    parameters_of,
+    read_inputs,
+    split_body,
+    wanted_outputs,
+)
 from stages.core.card import Card
 from stages.core.params import TASKS
 
@@ -163,8 +170,9 @@ EXPLAINED = ("attributions", "base_value")
 
 def asks_why(request: dict) -> bool:
     """Whether the request names an explanation among its outputs (they cost model runs)."""
-    return any(
-        isinstance(o, dict) and o.get("name") in EXPLAINED for o in request.get("outputs") or []
+    asked = request.get("outputs")  # not a list: wanted_outputs answers a 422
+    return isinstance(asked, list) and any(
+        isinstance(o, dict) and o.get("name") in EXPLAINED for o in asked
     )
 
 
@@ -276,7 +284,10 @@ def run_model(
 ):
     """The task's outputs for the request's inputs (why: the explanations too)."""
     if task == "tabular":
-        return tabular_outputs(m, tabular_rows(m, inputs, s.tabular_model), why)
+        rows = tabular_rows(m, inputs, s.tabular_model)
+        if why:
+            explainable(rows, s.cfg)
+        return tabular_outputs(m, rows, why)
     if task == "image":
         return image_outputs(m, images(inputs), s.cfg.max_rows, s.cfg.max_pixels)
     return detect_outputs(m, images(inputs), parameters, s.cfg.max_pixels)
@@ -364,7 +375,7 @@ async def infer(name: Name, m: Model, s: State, request: Request) -> Response:
     req, tail = split_body(await request.body(), header)
     inputs = read_inputs(req, tail)
     request.state.model_version = m.version
-    parameters = req.get("parameters") or {}
+    parameters = parameters_of(req, "the request")
     results = await run_in_threadpool(run_model, m, name, inputs, parameters, s, asks_why(req))
     again = lambda c: run_model(c, name, inputs, parameters, s)  # noqa: E731
     s.repo.mirror(name, m, again, labels, results)

@@ -72,6 +72,17 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     return request, tail
 
 
+def parameters_of(part: dict, where: str) -> dict:
+    """A request's, an input's or an output's `parameters` (absent: {}); anything but an
+    object is the client's mistake, named."""
+    found = part.get("parameters")
+    if found is None:
+        return {}
+    if not isinstance(found, dict):
+        raise TensorError(f"{where}: `parameters` must be an object, not {type(found).__name__}")
+    return found
+
+
 def decode_bytes(raw: bytes, name: str) -> list[bytes]:
     out, at = [], 0
     while at < len(raw):
@@ -115,7 +126,7 @@ def read_inputs(request: dict, tail: bytes) -> dict[str, Input]:
             )
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise TensorError(f"input {name}: `shape` must be a list of non-negative integers")
-        size = (t.get("parameters") or {}).get("binary_data_size")
+        size = parameters_of(t, f"input {name}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or at + size > len(tail):
                 raise TensorError(
@@ -191,14 +202,16 @@ def output(
 
 def wanted_outputs(request: dict, names: list[str]) -> dict[str, bool]:
     """{output name: binary?} as the request asks (all outputs when it names none)."""
-    default = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    default = bool(parameters_of(request, "the request").get("binary_data_output", False))
     asked = request.get("outputs")
     if not asked:
         return dict.fromkeys(names, default)
+    if not isinstance(asked, list):
+        raise TensorError("`outputs` must be a list of {name, parameters} objects")
     out = {}
     for o in asked:
         name = o.get("name") if isinstance(o, dict) else None
         if name not in names:
             raise TensorError(f"output {name!r} is not one of {', '.join(names)}")
-        out[name] = bool((o.get("parameters") or {}).get("binary_data", default))
+        out[name] = bool(parameters_of(o, f"output {name}").get("binary_data", default))
     return out

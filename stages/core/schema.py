@@ -349,6 +349,7 @@ class Serve(Section):
     max_upload_mb: Annotated[float, Field(gt=0)]
     max_pixels: Positive
     max_rows: Positive
+    explain_max_rows: Positive  # explained rows cost 2^M x background (or samples x M) model rows
     cors_origins: list[str]
     workers: Positive
     concurrency: Positive

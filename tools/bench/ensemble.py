@@ -62,7 +62,8 @@ def ensemble(quick: bool, scratch: Path) -> dict:
 
     import pandas as pd
 
-    from app.predict import load_models, predict_tabular
+    from app.predict import predict_tabular
+    from app.repository import load_models
     from app.settings import load_settings
     from stages.core.inference import open_session, physical_cores, softmax
 
