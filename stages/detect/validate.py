@@ -15,10 +15,10 @@ from stages.core import layout
 from stages.core.cli import log
 from stages.core.expectations import check, load_suite, save_suite, suite_path
 from stages.core.files import read_json
-from stages.core.schema import Params
+from stages.core.schema import DetectValidate, Params
 
 
-def suites(names: list[str], v: dict) -> list[dict]:
+def suites(names: list[str], v: DetectValidate) -> list[dict]:
     """Two suites: one over the per-image table, one over the per-box table."""
     between = "expect_column_values_to_be_between"
     images = [
@@ -34,19 +34,19 @@ def suites(names: list[str], v: dict) -> list[dict]:
         },
         {
             "type": "expect_column_values_to_be_in_set",
-            "kwargs": {"column": "has_label", "value_set": [True], "mostly": v["min_labelled"]},
+            "kwargs": {"column": "has_label", "value_set": [True], "mostly": v.min_labelled},
             "meta": {
                 "why": "images without labels are backgrounds; too many means a broken layout"
             },
         },
         {
             "type": between,
-            "kwargs": {"column": "width", "min_value": v["min_size"], "max_value": v["max_size"]},
+            "kwargs": {"column": "width", "min_value": v.min_size, "max_value": v.max_size},
             "meta": {},
         },
         {
             "type": between,
-            "kwargs": {"column": "height", "min_value": v["min_size"], "max_value": v["max_size"]},
+            "kwargs": {"column": "height", "min_value": v.min_size, "max_value": v.max_size},
             "meta": {},
         },
     ]

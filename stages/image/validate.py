@@ -14,10 +14,10 @@ from stages.core import layout
 from stages.core.cli import log
 from stages.core.expectations import SPLITS, check, load_suite, save_suite, suite_path
 from stages.core.files import read_json
-from stages.core.schema import Params
+from stages.core.schema import ImageValidate, Params
 
 
-def suite(classes: list[str], v: dict) -> dict:
+def suite(classes: list[str], v: ImageValidate) -> dict:
     """Expectations over the per-image table that `prepare` writes (one row per file)."""
     between = "expect_column_values_to_be_between"
     exps = [
@@ -28,17 +28,17 @@ def suite(classes: list[str], v: dict) -> dict:
         },
         {
             "type": "expect_column_values_to_be_in_set",
-            "kwargs": {"column": "mode", "value_set": v["modes"]},
+            "kwargs": {"column": "mode", "value_set": v.modes},
             "meta": {},
         },
         {
             "type": between,
-            "kwargs": {"column": "width", "min_value": v["min_size"], "max_value": v["max_size"]},
+            "kwargs": {"column": "width", "min_value": v.min_size, "max_value": v.max_size},
             "meta": {},
         },
         {
             "type": between,
-            "kwargs": {"column": "height", "min_value": v["min_size"], "max_value": v["max_size"]},
+            "kwargs": {"column": "height", "min_value": v.min_size, "max_value": v.max_size},
             "meta": {},
         },
         {
@@ -48,7 +48,7 @@ def suite(classes: list[str], v: dict) -> dict:
         },
         {
             "type": between,
-            "kwargs": {"column": "class_count", "min_value": v["min_per_class"]},
+            "kwargs": {"column": "class_count", "min_value": v.min_per_class},
             "meta": {"why": "a minimum number of images per class"},
         },
         {
