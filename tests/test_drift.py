@@ -107,6 +107,17 @@ def test_card_reference_comes_from_training_and_the_suite(served_repo, tab):
 
 
 @pytest.mark.slow
+def close(a, b, tol: float = 1e-9) -> bool:
+    """a == b, numbers to within tol, through nested dicts and lists."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def test_fast_path_is_exactly_infer_on_the_test_split(served_repo, tab):
     from app.predict import predict_tabular
     from stages.core.inference import run_batches
@@ -133,14 +144,18 @@ def test_fast_path_is_exactly_infer_on_the_test_split(served_repo, tab):
     for row, want in zip(
         rows[:8], expected, strict=False
     ):  # batch 1, as the app sees most requests
-        assert fast.decode(run_batches(tab.session, fast.transform([row]), 1)) == [want]
+        # onnxruntime's kernels for one row (gemv, the tree ensemble's row loop) add in
+        # another order than for a batch: the same answer to the last few bits.
+        (got,) = fast.decode(run_batches(tab.session, fast.transform([row]), 1))
+        assert close(got, want), (got, want)
     # The app: JSON rows (fast path) and a DataFrame (pandas path) answer alike.
     assert predict_tabular(tab, rows) == predict_tabular(tab, pd.DataFrame(rows))
-    # What the fast path cannot type goes the pandas way, which names the problem.
+    # What the fast path cannot type goes the pandas way: an unseen category is answered as
+    # unknown, with a warning naming it (issue 37).
     assert fast.transform([{**rows[0], "island": "Atlantis"}]) is None
     assert fast.transform([{**rows[0], "body_mass_g": "heavy"}]) is None
-    with pytest.raises(Exception, match="Atlantis"):
-        predict_tabular(tab, [{**rows[0], "island": "Atlantis"}])
+    (answer,) = predict_tabular(tab, [{**rows[0], "island": "Atlantis"}])
+    assert any("Atlantis" in w for w in answer["warnings"]), answer
 
 
 def app_client(repo, tmp_path, **serve):
