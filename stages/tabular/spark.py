@@ -125,7 +125,8 @@ def prepare(path: Path, sep: str, p: TabularData, seed: int, out: Path) -> dict:
     missing = stats[target].missing if target in stats else 0
     df = df.filter(F.col(f"`{target}`").isNotNull()).select(
         *[
-            F.col(f"`{c}`").cast("double").alias(c) if k == "numeric" else F.col(f"`{c}`")
+            # try_cast: a word in a number column is missing, as pandas reads it (roles.py)
+            F.col(f"`{c}`").try_cast("double").alias(c) if k == "numeric" else F.col(f"`{c}`")
             for c, k in types.items()
         ],
         "line",
