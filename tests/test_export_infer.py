@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_TABULAR, copy_repo, run_python, set_params, stage
+from conftest import TINY_TABULAR, card_of, copy_repo, run_python, set_params, stage
 
 from stages.core.cli import StageError
 from stages.core.inference import open_session, physical_cores, run_batches
@@ -153,7 +153,7 @@ def test_prediction_files_hold_what_was_predicted(tmp_path, classes):
     from stages.tabular.data import scores, scores_table
     from stages.tabular.infer import Writer
 
-    card = {"kind": "classification", "classes": classes}
+    card = card_of(kind="classification", classes=classes)
     predicted = scores(
         np.random.default_rng(0).normal(0, 8, (5000, len(classes))).astype(np.float32), card
     )
@@ -168,13 +168,16 @@ def test_prediction_files_hold_what_was_predicted(tmp_path, classes):
     with open(tmp_path / "p.csv", newline="") as f:
         header, *rows = list(csv.reader(f))
     parquet = pd.read_parquet(tmp_path / "p.parquet")
-    assert header == list(parquet.columns) == ["line", *table.columns]
+    # every batch file has a warnings column (issue 37): empty here, nothing was unseen
+    assert header == list(parquet.columns) == ["line", *table.columns, "warnings"]
+    assert {r[-1] for r in rows} == {""} and set(parquet["warnings"]) == {""}
     assert [int(r[0]) for r in rows] == lines.tolist() == parquet["line"].tolist()
     assert [r[1] for r in rows] == table["prediction"].tolist() == parquet["prediction"].tolist()
     probs = table.drop(columns="prediction").to_numpy()
-    assert [r[2:] for r in rows] == [[f"{v:.6f}" for v in row] for row in probs]
+    assert [r[2:-1] for r in rows] == [[f"{v:.6f}" for v in row] for row in probs]
     assert np.array_equal(
-        parquet.drop(columns=["line", "prediction"]).to_numpy(), probs.astype(np.float32)
+        parquet.drop(columns=["line", "prediction", "warnings"]).to_numpy(),
+        probs.astype(np.float32),
     )
     quoted = [*header, *table["prediction"]]  # only text with a comma, quote or newline is quoted
     assert (tmp_path / "p.csv").read_text().count('"') == 2 * sum(
@@ -186,7 +189,7 @@ def test_regression_predictions_are_written_at_float32_precision(tmp_path):
     from stages.tabular.data import scores, scores_table
     from stages.tabular.infer import Writer
 
-    card = {"kind": "regression", "target_scaling": {"mean": 1e4, "std": 3e3}}
+    card = card_of(kind="regression", target_scaling={"mean": 1e4, "std": 3e3})
     predicted = scores(np.random.default_rng(1).normal(0, 5, (1000, 1)).astype(np.float32), card)
     table = scores_table(predicted, card)
     for suffix in ("csv", "parquet"):
@@ -194,9 +197,9 @@ def test_regression_predictions_are_written_at_float32_precision(tmp_path):
         writer.write(predicted, np.arange(2, 1002))
         writer.close()
     back = pd.read_csv(tmp_path / "r.csv")
-    assert list(back.columns) == ["line", "prediction"] and back["line"].tolist() == list(
-        range(2, 1002)
-    )
+    assert list(back.columns) == ["line", "prediction", "warnings"] and back[
+        "line"
+    ].tolist() == list(range(2, 1002))
     want = table["prediction"].to_numpy().astype(np.float32)
     assert np.array_equal(back["prediction"].to_numpy().astype(np.float32), want)
     assert np.array_equal(pd.read_parquet(tmp_path / "r.parquet")["prediction"].to_numpy(), want)
