@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, params_with
+from conftest import ROOT, card_of, params_with
 
 from app.label_issues import image_items, show, tabular_rows
 from stages.core.cli import StageError
@@ -81,7 +81,7 @@ def test_tabular_finds_flipped_penguins(tmp_path, monkeypatch):
         show(
             gr,
             "tabular",
-            {"data": {"source": str(tmp_path / "penguins.csv")}},
+            card_of(data={"source": str(tmp_path / "penguins.csv"), "rows": {"train": 344}}),
             tmp_path / "metrics",
         )
     kinds = [type(b).__name__ for b in ui.blocks.values()]
