@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import TINY_TABULAR, copy_repo, set_params, stage
+from conftest import TINY_TABULAR, copy_repo, params_with, set_params, stage
 
 from stages.core.cli import StageError
 from stages.core.inference import softmax
@@ -32,13 +32,13 @@ def test_learned_nothing_at_or_below_the_floor(capsys):
     assert "image.train.pretrained" in text and "image.train.epochs" in text
     assert f"warning: {text}" in capsys.readouterr().err
     fail_if_untrained(
-        [], "image", {"image": {"evaluate": {"fail_if_untrained": True}}}
+        [], "image", params_with({"image.evaluate.fail_if_untrained": True})
     )  # nothing to fail on
-    fail_if_untrained([text], "image", {"image": {"evaluate": {"fail_if_untrained": False}}})
+    fail_if_untrained([text], "image", params_with({"image.evaluate.fail_if_untrained": False}))
     with pytest.raises(
         StageError, match=r"learned nothing.*\(image\.evaluate\.fail_if_untrained is true\)$"
     ):
-        fail_if_untrained([text], "image", {"image": {"evaluate": {"fail_if_untrained": True}}})
+        fail_if_untrained([text], "image", params_with({"image.evaluate.fail_if_untrained": True}))
 
 
 @pytest.mark.slow
