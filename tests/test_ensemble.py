@@ -24,7 +24,7 @@ from stages.tabular.ensemble import (
     select,
     val_problem,
 )
-from stages.tabular.graph import merge
+from stages.tabular.graph import boosting_graph, merge
 from stages.tabular.model import build_model
 
 ONNX = {"file": "model.onnx", "sha256": "", "input": "input", "output": "output", "input_shape": []}
@@ -101,6 +101,32 @@ def test_one_graph_serves_the_weighted_members_at_batch_1_and_n(tmp_path: Path, 
         out, feats = run_all(session, x, batch)
         assert out.shape == (300, n_out) and feats.shape == (300, 8)
         np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("classify", [False, True])
+def test_boosting_graph_takes_scikit_learns_branch_at_every_threshold(classify):
+    """Features whose distinct values are neighbouring float32 numbers: scikit-learn splits
+    half-way (a float64 between them), which ONNX's float32 thresholds cannot hold. The
+    graph must answer exactly as scikit-learn on the training rows themselves."""
+    rng = np.random.default_rng(0)
+    # 60 values per column, each also as the next float32 above it: 120 distinct values,
+    # under scikit-learn's 255 bins, so every split sits half-way between two of them
+    base = rng.choice(rng.normal(size=60).astype(np.float32), size=(2000, 4))
+    up = np.nextafter(base, np.float32(np.inf))
+    x = np.where(rng.random(base.shape) < 0.5, base, up)
+    y = x[:, 0] + x[:, 1] ** 2
+    y = (y > np.median(y)).astype(int) if classify else y
+    boosting = fit_boosting(x, y, None, None, classify, BOOST, 0)
+    session = open_session_of(boosting_graph(boosting, 4, 17))
+    got = session.run(None, {"input": x})[-1 if classify else 0]
+    want = boosting.predict_proba(x) if classify else boosting.predict(x)
+    np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-5)
+
+
+def open_session_of(graph: onnx.ModelProto):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ CACHED = {
         for t in ("tabular", "image", "detect")
         for f in ("model.pt", "model.onnx", "model.json")
     ),
+    "models/tabular/boosting.joblib",  # boost@tabular's model (ensemble.json is in git)
     "data/predictions/tabular.csv",
     "data/predictions/image.csv",
     "data/predictions/detect.json",

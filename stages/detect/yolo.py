@@ -73,15 +73,24 @@ def no_faster_coco_eval(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def warnings_only():
-    """Ultralytics' info lines off for a while (its warnings stay)."""
-    from ultralytics.utils import LOGGER
+    """Ultralytics' info lines and progress bars off for a while: its warnings stay, and so
+    does the one line that says how much of a fine-tuning's weights were transferred
+    ("Transferred 349/355 items from pretrained weights"), which a user starting from their
+    own .pt needs. A filter, not the logger's level: a level above INFO would drop that line
+    before any filter sees it. The bars follow ultralytics.utils.VERBOSE (read per bar)."""
+    import ultralytics.utils as utils
 
-    level = LOGGER.level
-    LOGGER.setLevel(logging.WARNING)
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "Transferred" in record.getMessage()
+
+    verbose = utils.VERBOSE
+    utils.LOGGER.addFilter(keep)
+    utils.VERBOSE = False
     try:
         yield
     finally:
-        LOGGER.setLevel(level)
+        utils.LOGGER.removeFilter(keep)
+        utils.VERBOSE = verbose
 
 
 def dataset_view(names: list[str], prepared: Path = layout.prepared("detect")) -> Path:
