@@ -123,6 +123,22 @@ def test_boosting_graph_takes_scikit_learns_branch_at_every_threshold(classify):
     np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("classes", [2, 3])
+def test_boosting_graph_keeps_small_probabilities(classes):
+    """A confident classifier's smallest probabilities (1e-8 and below) as scikit-learn gives
+    them, to float32's relative precision: the served output is their log."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3000, 5)).astype(np.float32)
+    y = np.minimum((x[:, 0] * 3 > 0).astype(int) + (x[:, 1] > 1), classes - 1)
+    boosting = fit_boosting(
+        x, y, None, None, True, SimpleNamespace(**{**vars(BOOST), "max_iter": 300}), 0
+    )
+    got = open_session_of(boosting_graph(boosting, 5, 17)).run(None, {"input": x})[-1]
+    want = boosting.predict_proba(x)
+    assert want.min() < 1e-7  # confident enough to test the tails
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-30)
+
+
 def open_session_of(graph: onnx.ModelProto):
     import onnxruntime as ort
 

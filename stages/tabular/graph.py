@@ -25,18 +25,43 @@ PREFIX = "boosting_"
 
 def boosting_graph(boosting, n_features: int, opset: int) -> onnx.ModelProto:
     """skl2onnx's graph of the fitted HistGradientBoosting: input `input` (float32), outputs
-    probabilities without ZipMap (classifier) or `variable` (regressor)."""
+    (label, probabilities) without ZipMap (classifier) or `variable` (regressor)."""
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
 
     _ints_not_bools()
-    options = {id(boosting): {"zipmap": False}} if hasattr(boosting, "classes_") else None
-    return convert_sklearn(
+    classify = hasattr(boosting, "classes_")
+    graph = convert_sklearn(
         boosting,
         initial_types=[("input", FloatTensorType([None, n_features]))],
         target_opset={"": opset, "ai.onnx.ml": 3},
-        options=options,
+        options={id(boosting): {"zipmap": False, "raw_scores": True}} if classify else None,
     )
+    return _probabilities(graph, binary=len(boosting.classes_) == 2) if classify else graph
+
+
+def _probabilities(graph: onnx.ModelProto, binary: bool) -> onnx.ModelProto:
+    """The classifier's raw scores turned into scikit-learn's predict_proba by a Softmax.
+
+    Not TreeEnsembleClassifier's own LOGISTIC transform: onnxruntime computes it as 1 - p in
+    float32, so a binary model's small probabilities come out in steps of 6e-8 (1.2e-7 where
+    scikit-learn says 6.5e-8), and the served graph's log-probabilities then differ by up to
+    0.4. Softmax is exact there. A binary model's raw scores are (-s, s) for the positive
+    score s, and softmax(-s/2, s/2) = (1 - sigmoid(s), sigmoid(s)); a multiclass model's
+    probabilities are the softmax of its scores."""
+    g = graph.graph
+    raw = g.output[-1].name  # (label, scores)
+    for node in g.node:
+        node.output[:] = [raw + "_raw" if o == raw else o for o in node.output]
+    scale = numpy_helper.from_array(np.array(0.5 if binary else 1.0, np.float32), raw + "_scale")
+    g.initializer.append(scale)
+    g.node.extend(
+        [
+            helper.make_node("Mul", [raw + "_raw", scale.name], [raw + "_scaled"]),
+            helper.make_node("Softmax", [raw + "_scaled"], [raw], axis=-1),
+        ]
+    )
+    return graph
 
 
 def _ints_not_bools() -> None:
