@@ -35,7 +35,8 @@ CACHED = {
         for t in ("tabular", "image", "detect")
         for f in ("model.pt", "model.onnx", "model.json")
     ),
-    "models/tabular/boosting.joblib",  # boost@tabular's model (ensemble.json is in git)
+    "models/tabular/boosting.joblib",  # boost@tabular's model and served weights
+    "models/tabular/ensemble.json",
     "data/predictions/tabular.csv",
     "data/predictions/image.csv",
     "data/predictions/detect.json",
