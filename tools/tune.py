@@ -234,7 +234,9 @@ def tune(spec_path: str, trials: int | None = None, jobs: int | None = None, pol
 
     spec = load_spec(spec_path)
     task, name = spec["task"], Path(spec_path).stem
-    trials, jobs = trials or spec.get("trials", 12), jobs or spec.get("jobs", 2)
+    trials = trials or spec.get("trials", 12)
+    # no more workers than trials: a worker with nothing to run only idles, then exits
+    jobs = min(jobs or spec.get("jobs", 2), trials)
     study, storage, db = open_study(spec, name)
     study.set_user_attr("task", task)
     # Trials an interrupted run left running: wait for their experiments if DVC still has them.
