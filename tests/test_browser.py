@@ -27,6 +27,7 @@ import yaml
 from conftest import ROOT, serving
 
 from stages.core import layout
+from stages.core.card import read_card
 from stages.core.params import TASKS
 
 pytestmark = pytest.mark.slow
@@ -209,8 +210,9 @@ def right_answer(page, prefix: str, repo: Path) -> None:
 
     from app.ui import DETECT_COLUMNS, image_examples
 
-    card = json.loads((repo / layout.card(prefix)).read_text())
-    first = Path(image_examples({"data": {"source": str(repo / card["data"]["source"])}})[0])
+    card = read_card(repo / layout.card(prefix))
+    source = card.data.model_copy(update={"source": str(repo / card.data.source)})
+    first = Path(image_examples(card.model_copy(update={"data": source}))[0])
     if prefix == "image":
         assert top_label(page, "img-out") == first.parent.name, first
         return
