@@ -40,19 +40,6 @@ def copy_repo(dst: Path) -> Path:
     return repo_copy(dst)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Work units for pytest-xdist (pyproject.toml: -n 2 --dist loadgroup): a module's tests
-    on one worker, so that its module fixtures are built once; test_tune and test_registry
-    together (both read the session's tuned_repo, a 6-trial study); each real-data table on
-    its own and last, to fill whichever worker is free at the end."""
-    for item in items:
-        module = item.module.__name__
-        if module != "test_real":
-            group = "tuned_repo" if module in ("test_tune", "test_registry") else module
-            item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.module.__name__ == "test_real")  # stable: else as collected
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A committed git + DVC copy of this repository with tiny training params."""
