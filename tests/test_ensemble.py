@@ -104,7 +104,7 @@ def test_one_graph_serves_the_weighted_members_at_batch_1_and_n(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("classify", [False, True])
-def test_boosting_graph_takes_scikit_learns_branch_at_every_threshold(classify):
+def test_boosting_graph_takes_scikit_learns_branch_at_every_threshold(classify, tmp_path):
     """Features whose distinct values are neighbouring float32 numbers: scikit-learn splits
     half-way (a float64 between them), which ONNX's float32 thresholds cannot hold. The
     graph must answer exactly as scikit-learn on the training rows themselves."""
@@ -117,14 +117,14 @@ def test_boosting_graph_takes_scikit_learns_branch_at_every_threshold(classify):
     y = x[:, 0] + x[:, 1] ** 2
     y = (y > np.median(y)).astype(int) if classify else y
     boosting = fit_boosting(x, y, None, None, classify, BOOST, 0)
-    session = open_session_of(boosting_graph(boosting, 4, 17))
+    session = session_of(boosting_graph(boosting, 4, 17), tmp_path)
     got = session.run(None, {"input": x})[-1 if classify else 0]
     want = boosting.predict_proba(x) if classify else boosting.predict(x)
     np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("classes", [2, 3])
-def test_boosting_graph_keeps_small_probabilities(classes):
+def test_boosting_graph_keeps_small_probabilities(classes, tmp_path):
     """A confident classifier's smallest probabilities (1e-8 and below) as scikit-learn gives
     them, to float32's relative precision: the served output is their log."""
     rng = np.random.default_rng(2)
@@ -133,16 +133,16 @@ def test_boosting_graph_keeps_small_probabilities(classes):
     boosting = fit_boosting(
         x, y, None, None, True, SimpleNamespace(**{**vars(BOOST), "max_iter": 300}), 0
     )
-    got = open_session_of(boosting_graph(boosting, 5, 17)).run(None, {"input": x})[-1]
+    got = session_of(boosting_graph(boosting, 5, 17), tmp_path).run(None, {"input": x})[-1]
     want = boosting.predict_proba(x)
     assert want.min() < 1e-7  # confident enough to test the tails
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-30)
 
 
-def open_session_of(graph: onnx.ModelProto):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+def session_of(graph: onnx.ModelProto, folder: Path):
+    """The graph saved and opened as serving opens a model.onnx."""
+    onnx.save(graph, str(folder / "boosting.onnx"))
+    return open_session(folder / "boosting.onnx", threads=1)
 
 
 @pytest.mark.slow

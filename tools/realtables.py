@@ -307,7 +307,7 @@ def table_result(name: str, repo: Path, rows: int | None, sets: dict) -> dict:
         score = "accuracy" if "accuracy" in metrics["test"] else "r2"
         result.update(
             score=score,
-            network=round(metrics["test"][score], 4),
+            served_score=round(metrics["test"][score], 4),  # the served model's (members mixed)
             hgb=round(metrics.get("baseline_hgb", {}).get(score, float("nan")), 4),
             served=served_calls(repo, csv),
         )
